@@ -1,0 +1,5 @@
+//! One file per command group; each parses its flags and calls the library.
+
+pub mod data;
+pub mod eval;
+pub mod tokenizer;

@@ -1,0 +1,1 @@
+//! The sequence plan of one sample. See DESIGN.md (module map).

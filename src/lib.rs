@@ -1,0 +1,21 @@
+//! TokenAR: multi-subject image generation with an autoregressive token model.
+//!
+//! The data flow and the module map are described in `DESIGN.md`; each TokenAR idea has one
+//! home: `model::index_embedding`, `model::instruct_tokens`, and the ITD sequence plan in
+//! `layout`.
+
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod imageio;
+pub mod layout;
+pub mod model;
+pub mod nn;
+pub mod sample;
+pub mod text;
+pub mod tokenizer;
+pub mod train;
+pub mod util;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,41 @@
+//! The `tokenar` command line: parses flags, calls the library, draws progress.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "tokenar", version, about = "TokenAR: multi-subject image generation with an autoregressive token model")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The VQ image tokenizer: train it, or round-trip an image through it.
+    #[command(subcommand)]
+    Tokenizer(cli::tokenizer::TokenizerCmd),
+    /// Datasets: validate, generate the synthetic benchmark, encode to a code cache.
+    #[command(subcommand)]
+    Data(cli::data::DataCmd),
+    /// Score generated images against a dataset (PSNR, SSIM, LPIPS, FID, CLIP-I, DINO, ...).
+    Eval(cli::eval::EvalArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Tokenizer(c) => cli::tokenizer::run(c),
+        Command::Data(c) => cli::data::run(c),
+        Command::Eval(a) => cli::eval::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

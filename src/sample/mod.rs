@@ -1,0 +1,25 @@
+//! Sampling: CFG, temperature / top-k / top-p, seeded draws, and the ITD decoding strategies.
+//!
+//! The sampler drives any model through [`TokenModel`]: the model has already prefilled its
+//! condition; the sampler feeds tokens and reads logits.
+
+use crate::error::Result;
+use candle_core::Tensor;
+
+/// A model session the sampler drives. The condition (references, background, text, instruct
+/// tokens) has been prefilled; what remains is the generated part of the sequence.
+///
+/// With classifier-free guidance the session holds `2 * n` rows laid out `[cond; uncond]`
+/// (row `i` and row `n + i` belong to sample `i`); the sampler feeds both the same token.
+pub trait TokenModel {
+    /// Rows in the model batch (`2 * samples` with CFG, `samples` without).
+    fn rows(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// Generated tokens fed so far (0 right after prefill).
+    fn generated_len(&self) -> usize;
+    /// Append `tokens` (rows, T) u32 to every row and return logits (rows, T, vocab) f32:
+    /// entry `[:, t]` predicts the token that follows `tokens[:, t]`.
+    fn feed(&mut self, tokens: &Tensor) -> Result<Tensor>;
+    /// Forget generated tokens beyond the first `len` (KV-cache rollback).
+    fn truncate(&mut self, len: usize) -> Result<()>;
+}

@@ -1,0 +1,89 @@
+//! Small shared helpers: atomic file writes, seeded RNGs, device selection.
+
+use crate::error::{Error, IoContext, Result};
+use rand::SeedableRng;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The RNG used everywhere a random draw is made. Always built from an explicit seed.
+pub type Rng = rand_chacha::ChaCha8Rng;
+
+pub fn rng(seed: u64) -> Rng {
+    Rng::seed_from_u64(seed)
+}
+
+/// The temporary path used while writing `path` (same folder, so the rename is atomic).
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".to_string());
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Write a file atomically: the content goes to a temporary file in the same folder, which is
+/// flushed and then renamed over `path`. A crash never leaves a half-written `path`.
+pub fn atomic_write_with<F>(path: impl AsRef<Path>, write: F) -> Result<()>
+where
+    F: FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+{
+    let path = path.as_ref();
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).with_path(parent)?;
+        }
+    }
+    let tmp = temp_path(path);
+    let result = (|| {
+        let file = std::fs::File::create(&tmp).with_path(&tmp)?;
+        let mut w = std::io::BufWriter::new(file);
+        write(&mut w)?;
+        w.flush().with_path(&tmp)?;
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        file.sync_all().with_path(&tmp)?;
+        std::fs::rename(&tmp, path).with_path(path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn atomic_write(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let p = path.as_ref().to_path_buf();
+    atomic_write_with(path, |w| w.write_all(bytes).with_path(&p))
+}
+
+/// The compute device: CUDA device 0 when built with the `cuda` feature and `prefer_gpu` is set
+/// and a GPU is present, the CPU otherwise.
+pub fn device(prefer_gpu: bool) -> Result<candle_core::Device> {
+    if prefer_gpu && candle_core::utils::cuda_is_available() {
+        Ok(candle_core::Device::new_cuda(0)?)
+    } else {
+        Ok(candle_core::Device::Cpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let dir = std::env::temp_dir().join(format!("tokenar-util-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.txt");
+        atomic_write(&p, b"one").unwrap();
+        atomic_write(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        // A failing writer leaves the old content in place.
+        let r = atomic_write_with(&p, |_| Err(Error::invalid("x", "y")));
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,346 @@
+//! Checkpoint files: reading `.safetensors` and PyTorch `.pt`/`.pth`/`.bin` (the zip-pickle
+//! format, read without executing any pickle code), writing safetensors atomically with
+//! metadata, and loading a tensor map into a model's `VarMap` with clear errors.
+//!
+//! Every model in this crate is built once against a `VarMap` whose variable names are the
+//! reference checkpoint keys; loading a checkpoint is then "set each variable from the file",
+//! which is where missing keys, shape mismatches and unknown keys are reported.
+
+pub mod torch_zip;
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The tensors of one checkpoint file plus its string metadata (safetensors header
+/// `__metadata__`; empty for `.pt`).
+#[derive(Debug, Clone)]
+pub struct TensorFile {
+    pub path: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The entries under which training scripts commonly nest the state dict of a `.pt` file,
+/// tried in this order before the top level.
+pub const PT_STATE_KEYS: [&str; 4] = ["model", "module", "state_dict", "ema"];
+
+impl TensorFile {
+    /// Read a checkpoint by extension: `.safetensors`, or a torch zip file (`.pt`, `.pth`,
+    /// `.bin`, `.ckpt`). For torch files the state dict is looked for under
+    /// [`PT_STATE_KEYS`], then at the top level.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(Error::bad_file(path, "checkpoint file not found"));
+        }
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        match ext.as_str() {
+            "safetensors" => Self::load_safetensors(path, device),
+            "pt" | "pth" | "bin" | "ckpt" => Self::load_torch(path, device),
+            other => Err(Error::bad_file(
+                path,
+                format!("unknown checkpoint extension `{other}` (expected .safetensors, .pt, .pth, .bin or .ckpt)"),
+            )),
+        }
+    }
+
+    fn load_safetensors(path: &Path, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+        let metadata = meta
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| Error::bad_file(path, format!("cannot read tensors: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+            metadata,
+        })
+    }
+
+    fn load_torch(path: &Path, device: &Device) -> Result<Self> {
+        let mut last_err = None;
+        for key in PT_STATE_KEYS.iter().map(|k| Some(*k)).chain([None]) {
+            match candle_core::pickle::read_all_with_key(path, key) {
+                Ok(list) if !list.is_empty() => {
+                    let mut tensors = HashMap::new();
+                    for (name, t) in list {
+                        tensors.insert(name, t.to_device(device)?);
+                    }
+                    return Ok(Self {
+                        path: path.to_path_buf(),
+                        tensors,
+                        metadata: BTreeMap::new(),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(Error::bad_file(
+            path,
+            match last_err {
+                Some(e) => format!("no tensors found in this PyTorch checkpoint ({e})"),
+                None => "no tensors found in this PyTorch checkpoint".to_string(),
+            },
+        ))
+    }
+
+    /// A tensor that must exist with the given shape (buffers, extra parameters).
+    pub fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(key).ok_or_else(|| Error::MissingKey {
+            path: self.path.clone(),
+            key: key.to_string(),
+            expected: shape.to_vec(),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                key: key.to_string(),
+                expected: shape.to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        Ok(t.clone())
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    /// Keep only the keys starting with `prefix`, with the prefix removed.
+    pub fn strip_prefix(&self, prefix: &str) -> Self {
+        Self {
+            path: self.path.clone(),
+            tensors: self
+                .tensors
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone())))
+                .collect(),
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+/// Write tensors and string metadata to a safetensors file, atomically.
+pub fn save_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &HashMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let path = path.as_ref();
+    // safetensors wants contiguous CPU data.
+    let mut cpu: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        cpu.push((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
+    }
+    cpu.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let bytes = safetensors::tensor::serialize(
+        cpu.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(meta),
+    )
+    .map_err(|e| Error::bad_file(path, format!("cannot serialise tensors: {e}")))?;
+    crate::util::atomic_write(path, &bytes)
+}
+
+/// The tensors of a `VarMap` by name.
+pub fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+}
+
+/// How strictly [`load_into_varmap`] treats differences between file and model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Model variables that may be absent from the file: they keep their fresh initialisation
+    /// and are reported in [`LoadReport::fresh`]. An entry matches a name equal to it or
+    /// starting with it (a prefix).
+    pub allow_missing: Vec<String>,
+    /// File keys that are expected and ignored (buffers such as `quantize.codebook_used`);
+    /// same matching as `allow_missing`.
+    pub ignore: Vec<String>,
+    /// Fail on file keys the model does not use (after `ignore`).
+    pub strict_unexpected: bool,
+}
+
+/// What [`load_into_varmap`] did.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub loaded: Vec<String>,
+    /// Variables absent from the file, left freshly initialised.
+    pub fresh: Vec<String>,
+    /// File keys the model did not use (non-strict mode).
+    pub unused: Vec<String>,
+}
+
+fn matches_any(name: &str, patterns: &[String]) -> bool {
+    patterns.iter().any(|p| name == p || name.starts_with(p.as_str()))
+}
+
+/// Set every variable of `varmap` from `file`, converting dtype and device. A missing key
+/// (not allowed by `opts`) or a shape mismatch is an error naming the key and both shapes.
+pub fn load_into_varmap(varmap: &VarMap, file: &TensorFile, opts: &LoadOptions) -> Result<LoadReport> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut report = LoadReport::default();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    // Check everything first so that a failed load leaves the model untouched.
+    for name in &names {
+        let var = &data[*name];
+        match file.tensors.get(*name) {
+            None if matches_any(name, &opts.allow_missing) => {}
+            None => {
+                return Err(Error::MissingKey {
+                    path: file.path.clone(),
+                    key: (*name).clone(),
+                    expected: var.dims().to_vec(),
+                })
+            }
+            Some(t) if t.dims() != var.dims() => {
+                return Err(Error::ShapeMismatch {
+                    path: file.path.clone(),
+                    key: (*name).clone(),
+                    expected: var.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let mut unused: Vec<String> = file
+        .tensors
+        .keys()
+        .filter(|k| !data.contains_key(*k) && !matches_any(k, &opts.ignore))
+        .cloned()
+        .collect();
+    unused.sort();
+    if opts.strict_unexpected && !unused.is_empty() {
+        return Err(Error::UnexpectedKeys {
+            path: file.path.clone(),
+            keys: unused,
+        });
+    }
+    for name in names {
+        let var = &data[name];
+        match file.tensors.get(name) {
+            Some(t) => {
+                let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
+                var.set(&t)?;
+                report.loaded.push(name.clone());
+            }
+            None => report.fresh.push(name.clone()),
+        }
+    }
+    report.unused = unused;
+    Ok(report)
+}
+
+/// Convert every tensor to `dtype` (e.g. to f32 on CPU after reading a bf16 checkpoint).
+pub fn to_dtype(tensors: &HashMap<String, Tensor>, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarBuilder;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tokenar-weights-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn model(vm: &VarMap) {
+        let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
+        vb.get((2, 3), "a.weight").unwrap();
+        vb.get(4, "b.bias").unwrap();
+    }
+
+    #[test]
+    fn safetensors_round_trip_with_metadata() {
+        let d = tmpdir("st");
+        let p = d.join("x.safetensors");
+        let mut t = HashMap::new();
+        t.insert("a.weight".to_string(), Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap());
+        let mut m = BTreeMap::new();
+        m.insert("family".to_string(), "tokenar".to_string());
+        save_safetensors(&p, &t, &m).unwrap();
+        let f = TensorFile::load(&p, &Device::Cpu).unwrap();
+        assert_eq!(f.metadata, m);
+        assert_eq!(f.get("a.weight", &[2, 3]).unwrap().to_vec2::<f32>().unwrap()[1], vec![3., 4., 5.]);
+        let e = f.get("a.weight", &[3, 2]).unwrap_err().to_string();
+        assert!(e.contains("a.weight") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn torch_zip_file_loads_under_model_key() {
+        let d = tmpdir("pt");
+        let p = d.join("x.pt");
+        let a = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let b = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu).unwrap();
+        torch_zip::write_checkpoint(&p, Some("model"), &[("a.weight", &a), ("b.bias", &b)]).unwrap();
+        let f = TensorFile::load(&p, &Device::Cpu).unwrap();
+        assert_eq!(f.tensors.len(), 2);
+        assert_eq!(f.tensors["a.weight"].to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+
+        let vm = VarMap::new();
+        model(&vm);
+        let r = load_into_varmap(&vm, &f, &LoadOptions::default()).unwrap();
+        assert_eq!(r.loaded.len(), 2);
+        let got = varmap_tensors(&vm)["b.bias"].to_vec1::<f32>().unwrap();
+        assert_eq!(got, vec![1., 2., 3., 4.]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn load_errors_name_key_and_shapes() {
+        let d = tmpdir("err");
+        let p = d.join("bad.safetensors");
+        let mut t = HashMap::new();
+        t.insert("a.weight".to_string(), Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap());
+        t.insert("b.bias".to_string(), Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap());
+        t.insert("extra".to_string(), Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap());
+        save_safetensors(&p, &t, &BTreeMap::new()).unwrap();
+        let f = TensorFile::load(&p, &Device::Cpu).unwrap();
+        let vm = VarMap::new();
+        model(&vm);
+        let e = load_into_varmap(&vm, &f, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("a.weight") && e.contains("[3, 2]") && e.contains("[2, 3]"), "{e}");
+
+        let mut good = f.clone();
+        good.tensors.insert("a.weight".into(), Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap());
+        let strict = LoadOptions { strict_unexpected: true, ..Default::default() };
+        let e = load_into_varmap(&vm, &good, &strict).unwrap_err().to_string();
+        assert!(e.contains("extra"), "{e}");
+        let ok = LoadOptions { strict_unexpected: true, ignore: vec!["extra".into()], ..Default::default() };
+        load_into_varmap(&vm, &good, &ok).unwrap();
+
+        good.tensors.remove("b.bias");
+        let e = load_into_varmap(&vm, &good, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("missing key `b.bias`"), "{e}");
+        let lenient = LoadOptions { allow_missing: vec!["b.".into()], ..Default::default() };
+        let r = load_into_varmap(&vm, &good, &lenient).unwrap();
+        assert_eq!(r.fresh, vec!["b.bias".to_string()]);
+        assert_eq!(r.unused, vec!["extra".to_string()]);
+
+        let missing = TensorFile::load(d.join("nope.pt"), &Device::Cpu).unwrap_err().to_string();
+        assert!(missing.contains("nope.pt"), "{missing}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

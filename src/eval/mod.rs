@@ -12,7 +12,7 @@ pub mod pixel;
 pub mod report;
 pub mod run;
 pub mod stats;
-mod samples;
+pub mod samples;
 #[cfg(test)]
 mod tests;
 

@@ -20,8 +20,9 @@ pub fn read_json(path: impl AsRef<Path>) -> Result<EvalResult> {
     serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(path, format!("not an evaluation result: {e}")))
 }
 
-fn fmt_value(v: f64) -> String {
-    if v.abs() >= 100.0 { format!("{v:.1}") } else if v.abs() >= 1.0 { format!("{v:.2}") } else { format!("{v:.4}") }
+/// Decimals for a value of this magnitude (the interval is printed with the mean's decimals).
+fn decimals(v: f64) -> usize {
+    if v.abs() >= 100.0 { 1 } else if v.abs() >= 1.0 { 2 } else { 4 }
 }
 
 /// Markdown table: one row per run, one column per metric (union over runs, in first-seen
@@ -63,9 +64,10 @@ pub fn markdown_table(runs: &[EvalResult], select: Option<&[String]>) -> String 
             out += &match value(r, c) {
                 None => " - |".to_string(),
                 Some((m, ci)) => {
+                    let d = decimals(m);
                     let text = match ci {
-                        Some(h) => format!("{} ± {}", fmt_value(m), fmt_value(h)),
-                        None => fmt_value(m),
+                        Some(h) => format!("{m:.d$} ± {h:.d$}"),
+                        None => format!("{m:.d$}"),
                     };
                     if runs.len() > 1 && best == Some(m) { format!(" **{text}** |") } else { format!(" {text} |") }
                 }
@@ -84,7 +86,8 @@ pub fn markdown_table(runs: &[EvalResult], select: Option<&[String]>) -> String 
 }
 
 /// The `k` best and `k` worst rows by `column` (best first, then worst with the worst last).
-/// Rows without a value are left out; when there are fewer than 2k rows the two lists share none.
+/// Rows without a value are left out; with fewer than 2k rows they are split about evenly and
+/// the two lists share none.
 pub fn best_and_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<(Vec<&'a Row>, Vec<&'a Row>)> {
     let col = r
         .columns
@@ -97,7 +100,7 @@ pub fn best_and_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<(
     if !col.higher_is_better {
         rows.reverse();
     }
-    let kb = k.min(rows.len());
+    let kb = k.min(rows.len().div_ceil(2));
     let kw = k.min(rows.len() - kb);
     let best = rows[..kb].iter().map(|r| r.0).collect();
     let worst = rows[rows.len() - kw..].iter().map(|r| r.0).collect();

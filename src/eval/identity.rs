@@ -36,7 +36,7 @@ pub struct IdentityScore {
     pub swapped: bool,
     /// Nearest reference per subject (`None` on a tie).
     pub nearest: Vec<Option<usize>>,
-    /// distances[i][j] = distance of subject i's region to reference j.
+    /// `distances[i][j]` = distance of subject i's region to reference j.
     pub distances: Vec<Vec<f64>>,
 }
 

@@ -39,6 +39,33 @@ pub struct SampleData<'a> {
     pub mask: Option<&'a GrayImage>,
     pub refs: &'a [RgbImage],
     pub subjects: &'a [Subject],
+    /// Planar copies and the SSIM map, computed once per sample for all pixel metrics.
+    pixel_cache: std::cell::OnceCell<(Planar, Planar, Vec<f64>)>,
+}
+
+impl<'a> SampleData<'a> {
+    pub fn new(
+        sample: &'a EvalSample,
+        pred: &'a RgbImage,
+        target: Option<&'a RgbImage>,
+        mask: Option<&'a GrayImage>,
+        refs: &'a [RgbImage],
+        subjects: &'a [Subject],
+    ) -> Self {
+        SampleData { sample, pred, target, mask, refs, subjects, pixel_cache: std::cell::OnceCell::new() }
+    }
+
+    /// Prediction and target as planar [0, 1] images and their SSIM map (`None` without a
+    /// target), computed on first use.
+    pub fn planar_and_ssim(&self) -> Result<Option<&(Planar, Planar, Vec<f64>)>> {
+        let Some(target) = self.target else { return Ok(None) };
+        if self.pixel_cache.get().is_none() {
+            let (p, t) = (Planar::from_rgb(self.pred), Planar::from_rgb(target));
+            let map = pixel::ssim_map(&p, &t)?;
+            let _ = self.pixel_cache.set((p, t, map));
+        }
+        Ok(self.pixel_cache.get())
+    }
 }
 
 /// A metric with one value per sample for each of its columns (`None` = not applicable).
@@ -163,15 +190,14 @@ impl SampleMetric for PixelMetric {
     }
 
     fn score(&self, d: &SampleData) -> Result<Vec<Option<f64>>> {
-        let Some(target) = d.target else { return Ok(vec![None; 3]) };
+        let Some((p, t, map)) = d.planar_and_ssim()? else { return Ok(vec![None; 3]) };
         let region = match (self, d.mask) {
             (PixelMetric::Whole, _) => Region::All,
             (PixelMetric::Background, Some(m)) => Region::Outside(m),
             (PixelMetric::Subject, Some(m)) => Region::Inside(m),
             (_, None) => return Ok(vec![None; 3]),
         };
-        let s = pixel::pixel_scores(&Planar::from_rgb(d.pred), &Planar::from_rgb(target), &[region])?;
-        Ok(match s[0] {
+        Ok(match pixel::region_scores(p, t, map, region)? {
             Some(s) => vec![Some(s.psnr), Some(s.ssim), Some(s.mse)],
             None => vec![None; 3],
         })

@@ -142,24 +142,25 @@ fn reflect(i: isize, n: usize) -> usize {
 
 /// Separable Gaussian filter of one plane with reflect padding; output has the input's size.
 fn blur(plane: &[f64], h: usize, w: usize, win: &[f64]) -> Vec<f64> {
-    let r = (win.len() / 2) as isize;
+    let r = win.len() / 2;
     let mut tmp = vec![0.0; h * w];
+    let mut padded = vec![0.0; w + 2 * r];
     for y in 0..h {
         let row = &plane[y * w..(y + 1) * w];
-        for x in 0..w {
-            let mut s = 0.0;
-            for (k, g) in win.iter().enumerate() {
-                s += g * row[reflect(x as isize + k as isize - r, w)];
-            }
-            tmp[y * w + x] = s;
+        for (i, p) in padded.iter_mut().enumerate() {
+            *p = row[reflect(i as isize - r as isize, w)];
+        }
+        for (x, t) in tmp[y * w..(y + 1) * w].iter_mut().enumerate() {
+            *t = win.iter().zip(&padded[x..x + win.len()]).map(|(g, v)| g * v).sum();
         }
     }
     let mut out = vec![0.0; h * w];
     for y in 0..h {
+        let dst = &mut out[y * w..(y + 1) * w];
         for (k, g) in win.iter().enumerate() {
-            let src = reflect(y as isize + k as isize - r, h) * w;
-            for x in 0..w {
-                out[y * w + x] += g * tmp[src + x];
+            let src = reflect(y as isize + k as isize - r as isize, h) * w;
+            for (o, v) in dst.iter_mut().zip(&tmp[src..src + w]) {
+                *o += g * v;
             }
         }
     }
@@ -207,19 +208,17 @@ pub struct PixelScores {
     pub ssim: f64,
 }
 
-/// The three scores for each region; `None` for an empty region.
-pub fn pixel_scores(pred: &Planar, target: &Planar, regions: &[Region]) -> Result<Vec<Option<PixelScores>>> {
-    let map = ssim_map(pred, target)?;
+/// The three scores of one region from a precomputed [`ssim_map`]; `None` for an empty region.
+pub fn region_scores(pred: &Planar, target: &Planar, map: &[f64], region: Region) -> Result<Option<PixelScores>> {
+    check_same(pred, target)?;
+    if map.len() != pred.data.len() {
+        return Err(Error::invalid("SSIM map", format!("{} values for {} pixels", map.len(), pred.data.len())));
+    }
+    let wts = region.weights(pred.h, pred.w)?;
     let hw = pred.h * pred.w;
-    regions
-        .iter()
-        .map(|r| {
-            let wts = r.weights(pred.h, pred.w)?;
-            let m = region_mean(|i| (pred.data[i] - target.data[i]).powi(2), pred.c, hw, &wts);
-            let s = region_mean(|i| map[i], pred.c, hw, &wts);
-            Ok(m.zip(s).map(|(m, s)| PixelScores { mse: m, psnr: psnr_from_mse(m), ssim: s }))
-        })
-        .collect()
+    let m = region_mean(|i| (pred.data[i] - target.data[i]).powi(2), pred.c, hw, &wts);
+    let s = region_mean(|i| map[i], pred.c, hw, &wts);
+    Ok(m.zip(s).map(|(m, s)| PixelScores { mse: m, psnr: psnr_from_mse(m), ssim: s }))
 }
 
 #[cfg(test)]

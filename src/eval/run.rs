@@ -105,7 +105,7 @@ fn score_sample(
             Ok(Subject { mask: resize_mask(imageio::load_mask(m, None)?, dims), reference: imageio::load_rgb(r, None)? })
         })
         .collect::<Result<Vec<_>>>()?;
-    let d = SampleData { sample: s, pred: &pred, target: target.as_ref(), mask: mask.as_ref(), refs: &refs, subjects: &subjects };
+    let d = SampleData::new(s, &pred, target.as_ref(), mask.as_ref(), &refs, &subjects);
     for m in metrics {
         match m {
             Metric::Sample(m) => {

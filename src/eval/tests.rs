@@ -37,6 +37,10 @@ fn pixel_metrics_match_torchmetrics_and_opencv() {
             close(&format!("mse{suffix}"), pixel::mse(&p, &t, region).unwrap().unwrap(), get(&format!("mse{suffix}")));
             close(&format!("psnr{suffix}"), pixel::psnr(&p, &t, region).unwrap().unwrap(), get(&format!("psnr{suffix}")));
             close(&format!("ssim{suffix}"), pixel::ssim(&p, &t, region).unwrap().unwrap(), get(&format!("ssim{suffix}")));
+            let map = pixel::ssim_map(&p, &t).unwrap();
+            let all = pixel::region_scores(&p, &t, &map, region).unwrap().unwrap();
+            close("region ssim", all.ssim, get(&format!("ssim{suffix}")));
+            close("region psnr", all.psnr, get(&format!("psnr{suffix}")));
         }
         // Canny: the grey conversion and both edge maps are exactly OpenCV's.
         assert_eq!(edges::rgb_to_grey(&pred_img), png_grey(&format!("{name}_pred_grey.png")), "{name} grey");

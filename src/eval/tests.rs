@@ -39,8 +39,8 @@ fn pixel_metrics_match_torchmetrics_and_opencv() {
             close(&format!("ssim{suffix}"), pixel::ssim(&p, &t, region).unwrap().unwrap(), get(&format!("ssim{suffix}")));
             let map = pixel::ssim_map(&p, &t).unwrap();
             let all = pixel::region_scores(&p, &t, &map, region).unwrap().unwrap();
-            close("region ssim", all.ssim, get(&format!("ssim{suffix}")));
-            close("region psnr", all.psnr, get(&format!("psnr{suffix}")));
+            close("ssim (shared map)", all.ssim, get(&format!("ssim{suffix}")));
+            close("psnr (shared map)", all.psnr, get(&format!("psnr{suffix}")));
         }
         // Canny: the grey conversion and both edge maps are exactly OpenCV's.
         assert_eq!(edges::rgb_to_grey(&pred_img), png_grey(&format!("{name}_pred_grey.png")), "{name} grey");

@@ -22,7 +22,7 @@ pub fn read_json(path: impl AsRef<Path>) -> Result<EvalResult> {
 
 /// Decimals for a value of this magnitude (the interval is printed with the mean's decimals).
 fn decimals(v: f64) -> usize {
-    if v.abs() >= 100.0 { 1 } else if v.abs() >= 1.0 { 2 } else { 4 }
+    if v.abs() >= 100.0 { 1 } else if v.abs() >= 10.0 { 2 } else { 4 }
 }
 
 /// Markdown table: one row per run, one column per metric (union over runs, in first-seen

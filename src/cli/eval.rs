@@ -120,11 +120,11 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     };
     let specs = metric::builtin_metrics();
     let ctx = metric::MetricContext { weights_dir: a.weights, device: candle_core::Device::Cpu };
-    let (metrics, skipped) = metric::build_metrics(&specs, a.metrics.as_deref(), &ctx)?;
-    for s in &skipped {
+    let built = metric::build_metrics(&specs, a.metrics.as_deref(), &ctx)?;
+    for s in &built.skipped {
         eprintln!("skipping metric `{}`: {}", s.metric, s.reason);
     }
-    if metrics.is_empty() {
+    if built.metrics.is_empty() {
         bail!("no metric could be built");
     }
     let name = a.name.unwrap_or_else(|| pred.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()));
@@ -134,7 +134,7 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
-    let result = run::evaluate_dir(&pred, &dataset, &metrics, skipped, &specs, &opts, Some(&progress))?;
+    let result = run::evaluate_dir(&pred, &dataset, &built, &specs, &opts, Some(&progress))?;
     bar.finish_and_clear();
     let out = a.out.unwrap_or_else(|| pred.join("eval"));
     write_outputs(&result, &out, &a.grid)

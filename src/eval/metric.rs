@@ -133,9 +133,15 @@ pub fn builtin_metrics() -> Vec<MetricSpec> {
     ]
 }
 
+/// The metrics that were built, and those skipped with the reason.
+pub struct BuiltMetrics {
+    pub metrics: Vec<Metric>,
+    pub skipped: Vec<Skipped>,
+}
+
 /// Build the metrics named in `select` (all when `None`), in registry order. An unknown name is
-/// an error; a constructor that fails is reported in the second list and skipped.
-pub fn build_metrics(specs: &[MetricSpec], select: Option<&[String]>, ctx: &MetricContext) -> Result<(Vec<Metric>, Vec<Skipped>)> {
+/// an error; a constructor that fails is reported in `skipped` and left out.
+pub fn build_metrics(specs: &[MetricSpec], select: Option<&[String]>, ctx: &MetricContext) -> Result<BuiltMetrics> {
     if let Some(sel) = select {
         for s in sel {
             if !specs.iter().any(|m| m.name == s) {
@@ -158,7 +164,7 @@ pub fn build_metrics(specs: &[MetricSpec], select: Option<&[String]>, ctx: &Metr
             Err(e) => skipped.push(Skipped { metric: spec.name.to_string(), reason: e.to_string() }),
         }
     }
-    Ok((metrics, skipped))
+    Ok(BuiltMetrics { metrics, skipped })
 }
 
 /// The score function of the set metric producing `column`, looked up in the registry.

@@ -2,7 +2,7 @@
 //! sharding (`index % n == i`) and merging shard results into the unsharded result.
 
 use super::identity::Subject;
-use super::metric::{set_score_fn, Column, Metric, MetricSpec, SampleData, Skipped};
+use super::metric::{set_score_fn, BuiltMetrics, Column, Metric, MetricSpec, SampleData, Skipped};
 use super::samples::EvalSample;
 use super::stats::{summarize, Summary};
 use crate::error::{Error, Result};
@@ -129,8 +129,7 @@ fn score_sample(
 pub fn evaluate(
     dataset: &Path,
     samples: &[EvalSample],
-    metrics: &[Metric],
-    skipped: Vec<Skipped>,
+    built: &BuiltMetrics,
     specs: &[MetricSpec],
     opts: &EvalOptions,
     produce: &mut dyn FnMut(&EvalSample) -> Result<RgbImage>,
@@ -140,6 +139,7 @@ pub fn evaluate(
     if n == 0 || i >= n {
         return Err(Error::invalid("shard", format!("{i}/{n}: need 0 <= i < n")));
     }
+    let metrics = &built.metrics;
     let mine: Vec<&EvalSample> = samples.iter().filter(|s| s.index % n == i).collect();
     let mut rows = Vec::with_capacity(mine.len());
     let mut set_features = BTreeMap::new();
@@ -179,7 +179,7 @@ pub fn evaluate(
         dataset_samples: samples.len(),
         shard: (n > 1).then_some((i, n)),
         columns,
-        skipped,
+        skipped: built.skipped.clone(),
         rows,
         ci: CI_METHOD.into(),
         aggregates: BTreeMap::new(),
@@ -194,15 +194,14 @@ pub fn evaluate(
 pub fn evaluate_dir(
     pred_dir: &Path,
     dataset: &Path,
-    metrics: &[Metric],
-    skipped: Vec<Skipped>,
+    built: &BuiltMetrics,
     specs: &[MetricSpec],
     opts: &EvalOptions,
     progress: Option<&dyn Fn(usize, usize)>,
 ) -> Result<EvalResult> {
     let samples = super::samples::list_samples(dataset)?;
     let mut produce = |s: &EvalSample| imageio::load_rgb(pred_dir.join(format!("{}.png", s.id)), None);
-    let mut r = evaluate(dataset, &samples, metrics, skipped, specs, opts, &mut produce, progress)?;
+    let mut r = evaluate(dataset, &samples, built, specs, opts, &mut produce, progress)?;
     r.pred_dir = Some(pred_dir.display().to_string());
     Ok(r)
 }

@@ -145,9 +145,9 @@ mod pipeline {
     fn eval(data: &Path, pred: &Path, shard: (usize, usize)) -> run::EvalResult {
         let specs = specs();
         let ctx = MetricContext { weights_dir: Some(PathBuf::from("w")), device: candle_core::Device::Cpu };
-        let (metrics, skipped) = metric::build_metrics(&specs, None, &ctx).unwrap();
+        let built = metric::build_metrics(&specs, None, &ctx).unwrap();
         let opts = run::EvalOptions { name: "gt-or-swapped".into(), size: None, shard };
-        run::evaluate_dir(pred, data, &metrics, skipped, &specs, &opts, None).unwrap()
+        run::evaluate_dir(pred, data, &built, &specs, &opts, None).unwrap()
     }
 
     #[test]
@@ -183,7 +183,7 @@ mod pipeline {
         let img = report::best_worst_grid(&best, &worst, &mut |row| run::sample_panels(&samples[row.index], &pred, None)).unwrap();
         assert!(img.width() > 3 * 64 && img.height() > 4 * 64);
 
-        let table = report::markdown_table(&[r.clone()], Some(&["psnr".into(), "id_acc".into(), "meancol".into()]));
+        let table = report::markdown_table(std::slice::from_ref(&r), Some(&["psnr".into(), "id_acc".into(), "meancol".into()]));
         assert!(table.starts_with("| Method | PSNR↑ | ID acc↑ | MeanCol↓ |"), "{table}");
         assert!(table.contains("| gt-or-swapped | ") && table.contains("0.6000 ± "), "{table}");
         assert!(table.contains("`needsweights` skipped"), "{table}");
@@ -228,7 +228,7 @@ mod pipeline {
         let (_tmp, data, _pred) = build("closure");
         let specs = metric::builtin_metrics();
         let ctx = MetricContext { weights_dir: None, device: candle_core::Device::Cpu };
-        let (metrics, skipped) = metric::build_metrics(&specs, Some(&["pixel".into(), "identity".into()]), &ctx).unwrap();
+        let built = metric::build_metrics(&specs, Some(&["pixel".into(), "identity".into()]), &ctx).unwrap();
         let samples = samples::list_samples(&data).unwrap();
         let mut calls = 0;
         let mut perfect = |s: &samples::EvalSample| {
@@ -236,14 +236,14 @@ mod pipeline {
             crate::imageio::load_rgb(s.target.as_ref().unwrap(), None)
         };
         let opts = run::EvalOptions { name: "oracle".into(), ..Default::default() };
-        let oracle = run::evaluate(&data, &samples, &metrics, skipped.clone(), &specs, &opts, &mut perfect, None).unwrap();
+        let oracle = run::evaluate(&data, &samples, &built, &specs, &opts, &mut perfect, None).unwrap();
         assert_eq!(calls, 6);
         assert_eq!(oracle.failed(), 0);
         assert_eq!(oracle.aggregates["psnr"].mean, 100.0);
         assert_eq!(oracle.aggregates["id_acc"].mean, 1.0);
         let mut grey = |_: &samples::EvalSample| Ok(RgbImage::from_pixel(64, 64, Rgb([128, 128, 128])));
         let opts = run::EvalOptions { name: "grey".into(), ..Default::default() };
-        let grey = run::evaluate(&data, &samples, &metrics, skipped, &specs, &opts, &mut grey, None).unwrap();
+        let grey = run::evaluate(&data, &samples, &built, &specs, &opts, &mut grey, None).unwrap();
         let t = report::markdown_table(&[oracle, grey], None);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[2].starts_with("| oracle | **100.0 ± 0.0** | **1.0000 ± 0.0000** | **0.0000 ± 0.0000** |"), "{t}");
@@ -256,8 +256,8 @@ mod pipeline {
         let ctx = MetricContext { weights_dir: None, device: candle_core::Device::Cpu };
         let e = metric::build_metrics(&specs(), Some(&["nope".to_string()]), &ctx).err().unwrap().to_string();
         assert!(e.contains("nope") && e.contains("pixel"), "{e}");
-        let (metrics, _) = metric::build_metrics(&specs(), Some(&["edges".to_string()]), &ctx).unwrap();
-        assert_eq!(metrics.len(), 1);
+        let built = metric::build_metrics(&specs(), Some(&["edges".to_string()]), &ctx).unwrap();
+        assert_eq!((built.metrics.len(), built.skipped.len()), (1, 0));
         let empty = std::env::temp_dir().join(format!("tokenar-eval-empty-{}", std::process::id()));
         std::fs::create_dir_all(&empty).unwrap();
         let e = samples::list_samples(&empty).unwrap_err().to_string();

@@ -19,10 +19,7 @@ pub mod metric;
 pub mod pixel;
 pub mod report;
 pub mod run;
-pub mod stats;
 pub mod samples;
+pub mod stats;
 #[cfg(test)]
 mod tests;
-
-
-

@@ -1,8 +1,186 @@
-use clap::Args;
+//! `tokenar eval`: score predictions against a dataset; `eval merge` joins shard results;
+//! `eval table` lays several runs out as one markdown table; `eval metrics` lists the registry.
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+use tokenar::eval::{metric, report, run, samples};
 
 #[derive(Args)]
-pub struct EvalArgs {}
+#[command(args_conflicts_with_subcommands = true)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    cmd: Option<EvalCmd>,
+    #[command(flatten)]
+    score: ScoreArgs,
+}
 
-pub fn run(_args: EvalArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tokenar eval: no metrics are built in yet")
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Merge shard result JSONs of one run into one result (aggregates recomputed).
+    Merge {
+        /// Shard results (`results.shard-*.json`).
+        #[arg(required = true)]
+        parts: Vec<PathBuf>,
+        /// Output folder for results.json, table.md and best_worst.png.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        grid: GridArgs,
+    },
+    /// One markdown table from several results (rows = runs, columns = metrics).
+    Table {
+        #[arg(required = true)]
+        results: Vec<PathBuf>,
+        /// Columns to show, in order (e.g. psnr,ssim,f1,id_acc).
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
+        /// Write the table here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List the metrics in the registry.
+    Metrics,
+}
+
+#[derive(Args)]
+struct GridArgs {
+    /// Column that ranks samples for the best/worst grid (default: first of psnr, id_acc, f1).
+    #[arg(long)]
+    rank_by: Option<String>,
+    /// Number of best and of worst samples in the grid.
+    #[arg(long, default_value_t = 4)]
+    grid_k: usize,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// Folder with one `<sample_id>.png` per sample.
+    #[arg(long)]
+    pred: Option<PathBuf>,
+    /// Dataset folder (`sample_<int>/` with real.png, mask.png, ref/, meta.json).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Output folder (default: `<pred>/eval`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run name shown in tables (default: the prediction folder's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Evaluate shard i of n (0-based): samples with index % n == i.
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
+    /// Metrics to run (default: all); see `tokenar eval metrics`.
+    #[arg(long, value_delimiter = ',')]
+    metrics: Option<Vec<String>>,
+    /// Folder with network weight files (LPIPS, Inception, CLIP, DINO).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Evaluate at size x size (default: the target's size).
+    #[arg(long)]
+    size: Option<u32>,
+    #[command(flatten)]
+    grid: GridArgs,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s.split_once('/').ok_or_else(|| format!("`{s}`: expected i/n, e.g. 0/4"))?;
+    let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| format!("`{i}` is not a number"))?, n.trim().parse().map_err(|_| format!("`{n}` is not a number"))?);
+    if n == 0 || i >= n {
+        return Err(format!("`{s}`: need 0 <= i < n"));
+    }
+    Ok((i, n))
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        Some(EvalCmd::Merge { parts, out, grid }) => merge(&parts, &out, &grid),
+        Some(EvalCmd::Table { results, columns, out }) => {
+            let runs = results.iter().map(report::read_json).collect::<Result<Vec<_>, _>>()?;
+            let table = report::markdown_table(&runs, columns.as_deref());
+            match out {
+                Some(p) => tokenar::util::atomic_write(&p, table.as_bytes())?,
+                None => println!("{table}"),
+            }
+            Ok(())
+        }
+        Some(EvalCmd::Metrics) => {
+            for m in metric::builtin_metrics() {
+                println!("{:<12} {}", m.name, m.about);
+            }
+            Ok(())
+        }
+        None => score(args.score),
+    }
+}
+
+fn score(a: ScoreArgs) -> anyhow::Result<()> {
+    let (Some(pred), Some(dataset)) = (a.pred, a.dataset) else {
+        bail!("tokenar eval needs --pred DIR and --dataset DIR (or a subcommand: merge, table, metrics)");
+    };
+    let specs = metric::builtin_metrics();
+    let ctx = metric::MetricContext { weights_dir: a.weights, device: candle_core::Device::Cpu };
+    let built = metric::build_metrics(&specs, a.metrics.as_deref(), &ctx)?;
+    for s in &built.skipped {
+        eprintln!("skipping metric `{}`: {}", s.metric, s.reason);
+    }
+    if built.metrics.is_empty() {
+        bail!("no metric could be built");
+    }
+    let name = a.name.unwrap_or_else(|| pred.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()));
+    let opts = run::EvalOptions { name, size: a.size, shard: a.shard.unwrap_or((0, 1)) };
+    let bar = indicatif::ProgressBar::new(0);
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let result = run::evaluate_dir(&pred, &dataset, &built, &specs, &opts, Some(&progress))?;
+    bar.finish_and_clear();
+    let out = a.out.unwrap_or_else(|| pred.join("eval"));
+    write_outputs(&result, &out, &a.grid)
+}
+
+fn merge(parts: &[PathBuf], out: &Path, grid: &GridArgs) -> anyhow::Result<()> {
+    let runs = parts.iter().map(report::read_json).collect::<Result<Vec<_>, _>>()?;
+    let merged = run::merge(&runs, &metric::builtin_metrics())?;
+    if merged.shard.is_some() {
+        eprintln!("note: the shards cover {} of {} samples", merged.rows.len(), merged.dataset_samples);
+    }
+    write_outputs(&merged, out, grid)
+}
+
+fn write_outputs(r: &run::EvalResult, out: &Path, grid: &GridArgs) -> anyhow::Result<()> {
+    let file = match r.shard {
+        Some((i, n)) => format!("results.shard-{i}-of-{n}.json"),
+        None => "results.json".to_string(),
+    };
+    report::write_json(out.join(&file), r)?;
+    let table = report::markdown_table(std::slice::from_ref(r), None);
+    println!("{table}");
+    if r.failed() > 0 {
+        eprintln!("{} samples failed (see `error` in {file}); first: {}", r.failed(),
+            r.rows.iter().find_map(|row| row.error.as_deref()).unwrap_or(""));
+    }
+    if r.shard.is_some() {
+        return Ok(());
+    }
+    tokenar::util::atomic_write(out.join("table.md"), table.as_bytes())?;
+    let rank = grid.rank_by.clone().or_else(|| {
+        ["psnr", "id_acc", "f1"].iter().find(|c| r.aggregates.contains_key(**c)).map(|c| c.to_string())
+    });
+    if let (Some(rank), Some(pred_dir)) = (rank, &r.pred_dir) {
+        let samples = samples::list_samples(Path::new(&r.dataset))?;
+        let (best, worst) = report::best_and_worst(r, &rank, grid.grid_k)?;
+        let size = r.size;
+        let img = report::best_worst_grid(&best, &worst, &mut |row| {
+            let s = samples.get(row.index).filter(|s| s.id == row.id).ok_or_else(|| {
+                tokenar::Error::invalid("dataset", format!("sample {} is no longer at index {}", row.id, row.index))
+            })?;
+            run::sample_panels(s, Path::new(pred_dir), size)
+        })
+        .context("drawing the best/worst grid")?;
+        tokenar::imageio::save_rgb(out.join("best_worst.png"), &img)?;
+    }
+    eprintln!("wrote {}", out.display());
+    Ok(())
 }

@@ -1,0 +1,140 @@
+//! Reports: result JSON (read/write), a markdown table laid out like the paper's tables (rows
+//! = runs, columns = metrics, `mean ± half width of the 95% interval`), and a PNG grid of the
+//! best and worst samples by one metric.
+
+use super::metric::Column;
+use super::run::{EvalResult, Row};
+use crate::error::{Error, IoContext, Result};
+use image::{Rgb, RgbImage};
+use std::path::Path;
+
+pub fn write_json(path: impl AsRef<Path>, r: &EvalResult) -> Result<()> {
+    let path = path.as_ref();
+    let text = serde_json::to_string_pretty(r).map_err(|e| Error::bad_file(path, format!("cannot encode JSON: {e}")))?;
+    crate::util::atomic_write(path, text.as_bytes())
+}
+
+pub fn read_json(path: impl AsRef<Path>) -> Result<EvalResult> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).with_path(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(path, format!("not an evaluation result: {e}")))
+}
+
+/// Decimals for a value of this magnitude (the interval is printed with the mean's decimals).
+fn decimals(v: f64) -> usize {
+    if v.abs() >= 100.0 { 1 } else if v.abs() >= 10.0 { 2 } else { 4 }
+}
+
+/// Markdown table: one row per run, one column per metric (union over runs, in first-seen
+/// order; `select` restricts and orders them). Cells are `mean ± ci95`; set metrics show
+/// their single score; `-` where a run lacks the metric. The best run per column is bold.
+pub fn markdown_table(runs: &[EvalResult], select: Option<&[String]>) -> String {
+    let mut cols: Vec<Column> = Vec::new();
+    for r in runs {
+        for c in &r.columns {
+            if !cols.iter().any(|k| k.name == c.name) {
+                cols.push(c.clone());
+            }
+        }
+    }
+    if let Some(sel) = select {
+        cols = sel.iter().filter_map(|s| cols.iter().find(|c| &c.name == s).cloned()).collect();
+    }
+    let value = |r: &EvalResult, c: &Column| -> Option<(f64, Option<f64>)> {
+        r.set_scores.get(&c.name).map(|v| (*v, None)).or_else(|| r.aggregates.get(&c.name).map(|s| (s.mean, s.ci95)))
+    };
+    let mut out = String::from("| Method |");
+    for c in &cols {
+        out += &format!(" {}{} |", c.label, if c.higher_is_better { "↑" } else { "↓" });
+    }
+    out += "\n|---|";
+    out += &"---:|".repeat(cols.len());
+    out += "\n";
+    for r in runs {
+        out += &format!("| {} |", r.name);
+        for c in &cols {
+            let best = runs
+                .iter()
+                .filter_map(|o| value(o, c).map(|v| v.0))
+                .fold(None, |b: Option<f64>, v| Some(match b {
+                    None => v,
+                    Some(b) if c.higher_is_better => b.max(v),
+                    Some(b) => b.min(v),
+                }));
+            out += &match value(r, c) {
+                None => " - |".to_string(),
+                Some((m, ci)) => {
+                    let d = decimals(m);
+                    let text = match ci {
+                        Some(h) => format!("{m:.d$} ± {h:.d$}"),
+                        None => format!("{m:.d$}"),
+                    };
+                    if runs.len() > 1 && best == Some(m) { format!(" **{text}** |") } else { format!(" {text} |") }
+                }
+            };
+        }
+        out += "\n";
+    }
+    let n: Vec<String> = runs.iter().map(|r| format!("{}: {} samples", r.name, r.rows.len() - r.failed())).collect();
+    out += &format!("\n± = half width of the {}. {}.\n", super::run::CI_METHOD, n.join(", "));
+    for r in runs {
+        for s in &r.skipped {
+            out += &format!("\n{}: metric `{}` skipped: {}", r.name, s.metric, s.reason);
+        }
+    }
+    out
+}
+
+/// The `k` best and `k` worst rows by `column` (best first, then worst with the worst last).
+/// Rows without a value are left out; with fewer than 2k rows they are split about evenly and
+/// the two lists share none.
+pub fn best_and_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<(Vec<&'a Row>, Vec<&'a Row>)> {
+    let col = r
+        .columns
+        .iter()
+        .find(|c| c.name == column)
+        .ok_or_else(|| Error::invalid("rank metric", format!("`{column}` is not a per-sample column of this result")))?;
+    let mut rows: Vec<(&Row, f64)> =
+        r.rows.iter().filter_map(|row| row.values.get(column).copied().flatten().map(|v| (row, v))).collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.index.cmp(&b.0.index)));
+    if !col.higher_is_better {
+        rows.reverse();
+    }
+    let kb = k.min(rows.len().div_ceil(2));
+    let kw = k.min(rows.len() - kb);
+    let best = rows[..kb].iter().map(|r| r.0).collect();
+    let worst = rows[rows.len() - kw..].iter().map(|r| r.0).collect();
+    Ok((best, worst))
+}
+
+/// One image: a row of panels per sample (e.g. target | prediction | mask), the best samples
+/// on top, a red bar, then the worst. `load(row)` returns the panels of a sample.
+pub fn best_worst_grid(
+    best: &[&Row],
+    worst: &[&Row],
+    load: &mut dyn FnMut(&Row) -> Result<Vec<RgbImage>>,
+) -> Result<RgbImage> {
+    let mut strips = Vec::new();
+    for rows in [best, worst] {
+        let mut panels = Vec::new();
+        let mut cols = 1;
+        for row in rows {
+            let p = load(row)?;
+            cols = cols.max(p.len());
+            panels.extend(p);
+        }
+        strips.push(crate::imageio::grid(&panels, cols, 2));
+    }
+    let w = strips.iter().map(|s| s.width()).max().unwrap_or(1);
+    let bar = 4;
+    let h = strips.iter().map(|s| s.height()).sum::<u32>() + bar;
+    let mut out = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    image::imageops::replace(&mut out, &strips[0], 0, 0);
+    for y in strips[0].height()..strips[0].height() + bar {
+        for x in 0..w {
+            out.put_pixel(x, y, Rgb([200, 30, 30]));
+        }
+    }
+    image::imageops::replace(&mut out, &strips[1], 0, (strips[0].height() + bar) as i64);
+    Ok(out)
+}

@@ -10,7 +10,7 @@ use super::vocab::{WordVocab, PAD_ID};
 use super::{Padding, TextEncoder};
 use crate::error::{Error, Result};
 use crate::nn::{softmax_last_dim, LayerNorm};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 use std::collections::BTreeMap;
 

@@ -2,15 +2,14 @@
 //!
 //! A model folder holds `config.json`, `tokenizer.json` and either `model.safetensors` or
 //! shards `model-0000x-of-0000y.safetensors` (listed by `model.safetensors.index.json` when
-//! present). The encoder is candle's `T5EncoderModel`; the padding convention is ours.
+//! present). The encoder is candle's `T5EncoderModel`; rows are placed as [`Padding`] says.
 //!
 //! The reference code runs T5 on a right-padded batch with an attention mask. candle's T5
 //! encoder takes no mask, so each prompt is encoded on its own, unpadded: for the valid
 //! tokens this is exactly what the masked batch computes (T5's relative position bias only
-//! sees distances between valid tokens either way). Padded rows are then zero and masked,
-//! for both conventions. (LlamaGen zeroes them explicitly; the EditAR/TokenAR code keeps
-//! T5's outputs at pad positions in its right-padded features, which the model then attends
-//! to; zero rows are used here for both so that the two conventions differ only by a shift.)
+//! sees distances between valid tokens either way). Padded rows are then zero and masked
+//! for both conventions: LlamaGen zeroes them explicitly; for a checkpoint trained on other
+//! values in its padded rows, the difference is confined to those (masked) rows.
 
 use super::{pad_features, Padding, TextEncoder, DEFAULT_MAX_LEN};
 use crate::error::{Error, Result};

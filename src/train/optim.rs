@@ -43,6 +43,58 @@ pub struct AdamW {
     step: u64,
 }
 
+/// The per-step constants of one update.
+struct Coefs {
+    decay: f64,
+    b1: f64,
+    b2: f64,
+    step: f64,
+    inv_bc2: f64,
+    eps: f64,
+}
+
+/// One slot's update with tensor ops (any device and dtype; state kept in f32).
+fn update_tensor(s: &mut Slot, g: &Tensor, k: &Coefs) -> Result<()> {
+    let dtype = s.var.dtype();
+    let g = g.to_dtype(DType::F32)?;
+    let mut theta = s.var.as_tensor().to_dtype(DType::F32)?;
+    if s.decay {
+        theta = theta.affine(k.decay, 0.0)?;
+    }
+    s.m = (s.m.affine(k.b1, 0.0)? + g.affine(1.0 - k.b1, 0.0)?)?;
+    s.v = (s.v.affine(k.b2, 0.0)? + g.sqr()?.affine(1.0 - k.b2, 0.0)?)?;
+    let denom = s.v.affine(k.inv_bc2, 0.0)?.sqrt()?.affine(1.0, k.eps)?;
+    let theta = (theta - s.m.affine(k.step, 0.0)?.div(&denom)?)?;
+    s.var.set(&theta.to_dtype(dtype)?)?;
+    Ok(())
+}
+
+/// The same update as [`update_tensor`] in one pass over f32 CPU memory (the element-wise
+/// tensor ops would each allocate and traverse the whole parameter).
+fn update_cpu(s: &mut Slot, g: &Tensor, k: &Coefs) -> Result<()> {
+    let shape = s.var.shape().clone();
+    let dev = s.var.device().clone();
+    let mut theta = s.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+    let g = g.flatten_all()?.to_vec1::<f32>()?;
+    let mut m = s.m.flatten_all()?.to_vec1::<f32>()?;
+    let mut v = s.v.flatten_all()?.to_vec1::<f32>()?;
+    let decay = if s.decay { k.decay as f32 } else { 1.0 };
+    let (b1, b2, c1, c2) = (k.b1 as f32, k.b2 as f32, (1.0 - k.b1) as f32, (1.0 - k.b2) as f32);
+    let (step, inv_bc2, eps) = (k.step as f32, k.inv_bc2 as f32, k.eps as f32);
+    for i in 0..theta.len() {
+        let gi = g[i];
+        let mi = b1 * m[i] + c1 * gi;
+        let vi = b2 * v[i] + c2 * (gi * gi);
+        theta[i] = theta[i] * decay - step * mi / ((vi * inv_bc2).sqrt() + eps);
+        m[i] = mi;
+        v[i] = vi;
+    }
+    s.m = Tensor::from_vec(m, shape.clone(), &dev)?;
+    s.v = Tensor::from_vec(v, shape.clone(), &dev)?;
+    s.var.set(&Tensor::from_vec(theta, shape, &dev)?)?;
+    Ok(())
+}
+
 /// Key prefixes of the optimiser state inside a checkpoint.
 pub const M_PREFIX: &str = "optim.m.";
 pub const V_PREFIX: &str = "optim.v.";
@@ -99,22 +151,22 @@ impl AdamW {
         self.step += 1;
         let p = self.params.clone();
         let t = self.step as i32;
-        let bc1 = 1.0 - p.beta1.powi(t);
-        let bc2 = 1.0 - p.beta2.powi(t);
+        let k = Coefs {
+            decay: 1.0 - p.lr * p.weight_decay,
+            b1: p.beta1,
+            b2: p.beta2,
+            // lr / (1 - b1^t) and 1 / (1 - b2^t): the bias corrections folded into two factors.
+            step: p.lr / (1.0 - p.beta1.powi(t)),
+            inv_bc2: 1.0 / (1.0 - p.beta2.powi(t)),
+            eps: p.eps,
+        };
         for s in &mut self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else { continue };
-            let dtype = s.var.dtype();
-            let g = g.to_dtype(DType::F32)?;
-            let mut theta = s.var.as_tensor().to_dtype(DType::F32)?;
-            if s.decay && p.weight_decay != 0.0 {
-                theta = (theta * (1.0 - p.lr * p.weight_decay))?;
+            if s.var.device().is_cpu() && s.var.dtype() == DType::F32 && g.dtype() == DType::F32 {
+                update_cpu(s, g, &k)?;
+            } else {
+                update_tensor(s, g, &k)?;
             }
-            s.m = ((&s.m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
-            s.v = ((&s.v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let mhat = (&s.m / bc1)?;
-            let denom = ((&s.v / bc2)?.sqrt()? + p.eps)?;
-            let theta = (theta - (mhat.div(&denom)? * p.lr)?)?;
-            s.var.set(&theta.to_dtype(dtype)?)?;
         }
         Ok(())
     }
@@ -239,6 +291,46 @@ impl LrSchedule {
                 let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
                 min_lr + (self.base_lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn fused_cpu_update_matches_tensor_update() {
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+        let slot = |decay: bool| Slot {
+            name: "w".into(),
+            var: Var::from_tensor(&init).unwrap(),
+            m: init.zeros_like().unwrap(),
+            v: init.zeros_like().unwrap(),
+            decay,
+        };
+        for decay in [true, false] {
+            let (mut a, mut b) = (slot(decay), slot(decay));
+            for t in 1..=3 {
+                let g = Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+                let k = Coefs {
+                    decay: 1.0 - 1e-2 * 0.05,
+                    b1: 0.9,
+                    b2: 0.95,
+                    step: 1e-2 / (1.0 - 0.9f64.powi(t)),
+                    inv_bc2: 1.0 / (1.0 - 0.95f64.powi(t)),
+                    eps: 1e-8,
+                };
+                update_cpu(&mut a, &g, &k).unwrap();
+                update_tensor(&mut b, &g, &k).unwrap();
+            }
+            for (x, y) in [(a.var.as_tensor(), b.var.as_tensor()), (&a.m, &b.m), (&a.v, &b.v)] {
+                let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-6, "difference {d}");
+            }
+            assert_ne!(a.var.as_tensor().to_vec2::<f32>().unwrap(), init.to_vec2::<f32>().unwrap());
         }
     }
 }

@@ -31,14 +31,25 @@ pub struct TrainState {
 impl TrainState {
     /// Build the optimiser over every variable of `models` (build the models first).
     pub fn new(models: Vec<(String, VarMap)>, params: AdamWParams, seed: u64) -> Result<Self> {
+        Self::new_with_frozen(models, params, seed, &[])
+    }
+
+    /// As [`TrainState::new`], but variables whose key `<group>/<name>` equals or starts with
+    /// one of `frozen` are left out of the optimiser (buffers such as an unconditional
+    /// embedding, or parts kept fixed): they are never updated, take no part in the gradient
+    /// norm, and are still saved and restored with the model.
+    pub fn new_with_frozen(models: Vec<(String, VarMap)>, params: AdamWParams, seed: u64, frozen: &[String]) -> Result<Self> {
         let mut vars = Vec::new();
         for (group, vm) in &models {
             for (name, var) in crate::nn::named_vars(vm) {
-                vars.push((group_key(group, &name), var));
+                let key = group_key(group, &name);
+                if !frozen.iter().any(|f| key == *f || key.starts_with(f.as_str())) {
+                    vars.push((key, var));
+                }
             }
         }
         if vars.is_empty() {
-            return Err(Error::invalid("training state", "the models have no variables"));
+            return Err(Error::invalid("training state", "no trainable variables (all frozen, or models empty)"));
         }
         let optim = AdamW::new(vars, params)?;
         Ok(Self { models, optim, rng: crate::util::rng(seed), step: 0 })

@@ -311,3 +311,27 @@ fn rng_state_roundtrip() {
     assert_eq!(r.random::<u64>(), back.random::<u64>());
     assert!(RngState { seed: "zz".into(), stream: 0, word_pos: "0".into() }.restore().is_err());
 }
+
+#[test]
+fn frozen_variables_are_saved_but_not_trained() {
+    let dir = temp_dir("frozen");
+    let m = Mlp::new(5);
+    let params = AdamWParams { lr: 1e-2, ..AdamWParams::default() };
+    let frozen = vec!["mlp/fc2.".to_string()];
+    let mut st = TrainState::new_with_frozen(vec![("mlp".to_string(), m.vm.clone())], params.clone(), 1, &frozen).unwrap();
+    assert_eq!(st.optim.vars().len(), 2);
+    let before = m.values();
+    let cfg = loop_cfg(3, 1e-2, Some(&dir), 3);
+    run_loop(&cfg, &mut st, |_, rng| m.step(rng), &mut NoHooks).unwrap();
+    let after = m.values();
+    // Sorted names: fc1.bias, fc1.weight, fc2.bias, fc2.weight.
+    assert_ne!(before[0], after[0]);
+    assert_ne!(before[1], after[1]);
+    assert_eq!(before[2..], after[2..]);
+    // The frozen variables are in the checkpoint and restored into a fresh model.
+    let other = Mlp::new(6);
+    let mut st2 = TrainState::new_with_frozen(vec![("mlp".to_string(), other.vm.clone())], params, 1, &frozen).unwrap();
+    st2.restore(dir.join("ckpt-3.safetensors")).unwrap();
+    assert_eq!(other.values(), after);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -41,7 +41,7 @@ impl Default for BuiltinConfig {
 impl BuiltinConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid("text encoder config", msg));
-        if self.dim == 0 || self.n_head == 0 || self.dim % self.n_head != 0 {
+        if self.dim == 0 || self.n_head == 0 || !self.dim.is_multiple_of(self.n_head) {
             return bad(format!("dim {} must be a positive multiple of n_head {}", self.dim, self.n_head));
         }
         if self.max_len == 0 || self.mlp_ratio == 0 {

@@ -249,7 +249,7 @@ where
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
 
-        if cfg.log_every > 0 && (step % cfg.log_every == 0 || step == cfg.total_steps) {
+        if cfg.log_every > 0 && (step.is_multiple_of(cfg.log_every) || step == cfg.total_steps) {
             let secs = win_start.elapsed().as_secs_f64().max(1e-9);
             let rec = MetricsRecord {
                 step,
@@ -271,7 +271,7 @@ where
             (win_loss, win_steps, win_tokens, win_start) = (0.0, 0, 0, Instant::now());
         }
         if let Some(ckpt) = &ckpt {
-            if step % cfg.ckpt_every == 0 || step == cfg.total_steps {
+            if step.is_multiple_of(cfg.ckpt_every) || step == cfg.total_steps {
                 let path = state.save(ckpt, &cfg.metadata)?;
                 hooks.on_checkpoint(step, &path, state)?;
                 last_good_path = Some(path.clone());

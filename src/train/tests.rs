@@ -373,3 +373,29 @@ fn accumulation_equals_one_large_batch() {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 }
+
+#[test]
+fn adamw_matches_pytorch() {
+    // Expected values from torch.optim.AdamW(lr=0.1, betas=(0.9, 0.95), eps=1e-8) with two
+    // parameter groups (weight_decay 0.05 for the matrix, 0 for the vector), three steps.
+    let dev = Device::Cpu;
+    let w = Var::new(&[[0.5f32, -1.0], [2.0, 0.25]], &dev).unwrap();
+    let b = Var::new(&[0.3f32, -0.7], &dev).unwrap();
+    let params = AdamWParams { lr: 0.1, ..AdamWParams::default() };
+    let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], params).unwrap();
+    let gw = [[[0.1f32, -0.2], [0.0, 1.5]], [[-0.3, 0.2], [0.05, -1.0]], [[0.2, 0.2], [-0.1, 0.5]]];
+    let gb = [[1.0f32, -0.01], [0.5, 0.02], [-2.0, 0.0]];
+    for i in 0..3 {
+        let mut g = candle_core::backprop::GradStore::default();
+        g.insert(w.as_tensor(), Tensor::new(&gw[i], &dev).unwrap());
+        g.insert(b.as_tensor(), Tensor::new(&gb[i], &dev).unwrap());
+        opt.step(&g).unwrap();
+    }
+    let got_w = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let got_b = b.as_tensor().to_vec1::<f32>().unwrap();
+    let want_w = [0.44035077f32, -0.93153059, 1.92783415, 0.10455732];
+    let want_b = [0.12641272f32, -0.66478956];
+    for (g, w) in got_w.iter().chain(&got_b).zip(want_w.iter().chain(&want_b)) {
+        assert!((g - w).abs() < 2e-6, "{g} vs {w}");
+    }
+}

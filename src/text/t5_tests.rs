@@ -223,3 +223,29 @@ fn t5_errors_name_the_file() {
     assert!(e.contains("do not match config.json"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn t5_matches_a_masked_batch_reference() {
+    // Expected rows from an independent PyTorch re-implementation of the Hugging Face T5
+    // encoder (relative buckets, T5 layer norm, gated-gelu, additive attention-mask bias), run
+    // on these weights as one right-padded batch of length 10 with an attention mask.
+    let dir = temp_dir("ref");
+    write_model(&dir, 1);
+    let mut opts = T5Options::new(Padding::Right);
+    opts.max_len = 10;
+    let enc = T5Encoder::load(&dir, opts, &Device::Cpu).unwrap();
+    let (f, _) = enc.encode(&prompts()).unwrap();
+    let cases: [((usize, usize), [f32; 8]); 4] = [
+        ((0, 0), [0.696353, 0.034786, 0.818271, -1.2269, -0.250481, -2.122663, -0.095982, 0.895322]),
+        ((0, 8), [-0.982839, -0.886014, 0.314994, -0.726074, -0.582473, -1.986842, -0.341556, 1.197087]),
+        ((1, 1), [-1.451707, -1.418877, 0.516168, -0.200828, 0.61023, -0.331651, 0.945362, 1.592485]),
+        ((2, 0), [-1.276813, -1.947293, 0.090224, 0.951547, -0.97939, 0.696221, -0.300558, 0.342392]),
+    ];
+    for ((b, r), want) in cases {
+        let got = f.i((b, r)).unwrap().to_vec1::<f32>().unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 2e-5, "prompt {b} row {r}: {got:?} vs {want:?}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

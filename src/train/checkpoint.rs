@@ -89,7 +89,8 @@ impl Checkpointer {
         self.dir.join(format!("ckpt-{step}.safetensors"))
     }
 
-    /// Write `ckpt-<step>.safetensors` atomically, then delete all but the newest `keep_last`.
+    /// Write `ckpt-<step>.safetensors` atomically, then delete all but the newest `keep_last`
+    /// (and any of a later step, see `prune`).
     pub fn save(
         &self,
         step: u64,
@@ -121,7 +122,7 @@ impl Checkpointer {
         meta.insert(GROUPS_KEY.to_string(), serde_json::Value::from(groups).to_string());
         let path = self.path_for(step);
         crate::weights::save_safetensors(&path, &tensors, &meta)?;
-        self.prune()?;
+        self.prune(step)?;
         Ok(path)
     }
 
@@ -143,13 +144,14 @@ impl Checkpointer {
         Ok(out)
     }
 
-    fn prune(&self) -> Result<()> {
-        if self.keep_last == 0 {
-            return Ok(());
-        }
+    /// After saving `step`: files of later steps belong to an abandoned run (or are
+    /// incomplete) and are deleted, so that `latest()` follows this run; of the rest, all but
+    /// the newest `keep_last` are deleted.
+    fn prune(&self, step: u64) -> Result<()> {
         let all = self.list()?;
-        let n = all.len().saturating_sub(self.keep_last);
-        for (_, p) in &all[..n] {
+        let (older, newer): (Vec<_>, Vec<_>) = all.into_iter().partition(|(s, _)| *s <= step);
+        let n = if self.keep_last == 0 { 0 } else { older.len().saturating_sub(self.keep_last) };
+        for (_, p) in older[..n].iter().chain(&newer) {
             std::fs::remove_file(p).with_path(p)?;
         }
         Ok(())

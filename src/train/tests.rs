@@ -248,6 +248,10 @@ fn keep_last_m_and_latest_skips_truncated_files() {
     assert_eq!(ck.latest().unwrap().unwrap().0, 5);
     let r = st.restore(dir.join("ckpt-5.safetensors")).unwrap();
     assert_eq!(r.metadata.get("config").map(String::as_str), Some("{\"dim\": 3}"));
+    // Saving step 5 again with keep_last 1 removes the later (broken) file and the older one.
+    Checkpointer::new(&dir, 1).and_then(|c| st.save(&c, &BTreeMap::new())).unwrap();
+    let steps: Vec<u64> = ck.list().unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, vec![5]);
     // Reserved metadata prefixes are refused.
     let bad = BTreeMap::from([("train.step".to_string(), "1".to_string())]);
     assert!(st.save(&ck, &bad).is_err());

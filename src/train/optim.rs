@@ -249,7 +249,12 @@ pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
     let mut sq = 0f64;
     for (_, v) in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            sq += if g.device().is_cpu() && g.dtype() == DType::F32 {
+                // One pass, accumulated in f64 (the tensor path allocates the squares).
+                g.flatten_all()?.to_vec1::<f32>()?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
+            } else {
+                g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
+            };
         }
     }
     Ok(sq.sqrt())

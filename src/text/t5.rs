@@ -19,6 +19,9 @@ use candle_transformers::models::t5::{Config, T5EncoderModel};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
+/// Most prompts encoded in one forward pass.
+pub const MAX_BATCH: usize = 32;
+
 /// How a [`T5Encoder`] is run.
 #[derive(Clone, Debug)]
 pub struct T5Options {
@@ -151,11 +154,14 @@ impl T5Encoder {
             return Ok(Tensor::zeros((0, self.dim()), DType::F32, &self.device)?);
         }
         let n = ids.len();
-        let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+        Ok(self.forward_ids(&Tensor::from_vec(ids, (1, n), &self.device)?)?.squeeze(0)?)
+    }
+
+    /// `last_hidden_state` f32 for unpadded ids `(B, n)`.
+    fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
         // The encoder holds no cache; a clone shares the weights and lets `encode` take `&self`.
         let mut model = self.model.clone();
-        let h = model.forward_dt(&ids, Some(self.opts.dtype))?;
-        Ok(h.squeeze(0)?.to_dtype(DType::F32)?)
+        Ok(model.forward_dt(ids, Some(self.opts.dtype))?.to_dtype(DType::F32)?)
     }
 }
 
@@ -168,8 +174,31 @@ impl TextEncoder for T5Encoder {
         self.opts.max_len
     }
 
+    /// Prompts with the same number of tokens run together as one unpadded batch (chunks of
+    /// at most [`MAX_BATCH`]); each prompt's rows are what it gets alone.
     fn encode(&self, prompts: &[String]) -> Result<(Tensor, Tensor)> {
-        let rows = prompts.iter().map(|p| self.encode_one(p)).collect::<Result<Vec<_>>>()?;
+        let ids = prompts.iter().map(|p| self.token_ids(p)).collect::<Result<Vec<_>>>()?;
+        let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, v) in ids.iter().enumerate() {
+            by_len.entry(v.len()).or_default().push(i);
+        }
+        let mut rows: Vec<Option<Tensor>> = vec![None; prompts.len()];
+        for (len, members) in by_len {
+            for chunk in members.chunks(MAX_BATCH) {
+                if len == 0 {
+                    for &i in chunk {
+                        rows[i] = Some(Tensor::zeros((0, self.dim()), DType::F32, &self.device)?);
+                    }
+                    continue;
+                }
+                let flat: Vec<u32> = chunk.iter().flat_map(|&i| ids[i].iter().copied()).collect();
+                let h = self.forward_ids(&Tensor::from_vec(flat, (chunk.len(), len), &self.device)?)?;
+                for (j, &i) in chunk.iter().enumerate() {
+                    rows[i] = Some(h.get(j)?);
+                }
+            }
+        }
+        let rows: Vec<Tensor> = rows.into_iter().flatten().collect();
         pad_features(&rows, self.opts.max_len, self.dim(), self.opts.padding, &self.device)
     }
 }

@@ -169,6 +169,15 @@ fn t5_left_and_right_padding_agree_after_shift() {
     // A prompt's features do not depend on the other prompts of the batch.
     let (alone, _) = right.encode(&prompts()[1..2]).unwrap();
     assert_eq!(alone.i(0).unwrap().to_vec2::<f32>().unwrap(), fr.i(1).unwrap().to_vec2::<f32>().unwrap());
+    // Prompts of equal length share a forward pass; each still gets its own features.
+    let same = vec!["a dog".to_string(), "the cat".to_string(), "left mug".to_string()];
+    let (together, _) = right.encode(&same).unwrap();
+    for (b, p) in same.iter().enumerate() {
+        let alone = right.encode_one(p).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let t = together.i((b, 0..3)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(alone.iter().zip(&t).all(|(x, y)| (x - y).abs() < 1e-5), "{p}");
+    }
+    assert_ne!(together.i(0).unwrap().to_vec2::<f32>().unwrap(), together.i(1).unwrap().to_vec2::<f32>().unwrap());
     // The two tokens of "mug </s>" see each other: features differ from a lone "</s>".
     let mug = fr.i((1, 1)).unwrap().to_vec1::<f32>().unwrap();
     let eos = right.encode_one("").unwrap().i(0).unwrap().to_vec1::<f32>().unwrap();

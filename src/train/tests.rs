@@ -397,7 +397,7 @@ fn adamw_matches_pytorch() {
     }
     let got_w = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let got_b = b.as_tensor().to_vec1::<f32>().unwrap();
-    let want_w = [0.44035077f32, -0.93153059, 1.92783415, 0.10455732];
+    let want_w = [0.440_350_77f32, -0.931_530_6, 1.927_834_2, 0.104_557_32];
     let want_b = [0.12641272f32, -0.66478956];
     for (g, w) in got_w.iter().chain(&got_b).zip(want_w.iter().chain(&want_b)) {
         assert!((g - w).abs() < 2e-6, "{g} vs {w}");

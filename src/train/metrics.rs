@@ -1,0 +1,177 @@
+//! Training metrics: a JSONL log (one object per logged step) and a loss-curve PNG drawn with
+//! the `image` crate (axes, tick marks, optional log-scale y axis).
+
+use crate::error::{Error, IoContext, Result};
+use image::{Rgb, RgbImage};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MetricsRecord {
+    pub step: u64,
+    /// Mean loss over the steps since the previous record.
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    /// Global gradient norm (before clipping) of the last step.
+    pub grad_norm: f64,
+    /// Seconds since the start of this run of the loop.
+    pub elapsed_s: f64,
+    /// Wall-clock time, seconds since the Unix epoch.
+    pub unix_time: f64,
+}
+
+/// Append-only JSONL metrics file. Resumed runs keep appending; readers keep the last record
+/// of each step.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_path(parent)?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_path(&path)?;
+        Ok(Self { path, file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn append(&mut self, rec: &MetricsRecord) -> Result<()> {
+        let mut line = serde_json::to_string(rec).map_err(|e| Error::invalid("metrics record", e.to_string()))?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).with_path(&self.path)?;
+        self.file.flush().with_path(&self.path)
+    }
+
+    /// All records, sorted by step, the last one written winning for a repeated step.
+    pub fn read(path: impl AsRef<Path>) -> Result<Vec<MetricsRecord>> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).with_path(path)?;
+        let mut by_step = std::collections::BTreeMap::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let rec: MetricsRecord = serde_json::from_str(line)
+                .map_err(|e| Error::bad_file(path, format!("line {}: {e}", i + 1)))?;
+            by_step.insert(rec.step, rec);
+        }
+        Ok(by_step.into_values().collect())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PlotOptions {
+    pub width: u32,
+    pub height: u32,
+    pub log_y: bool,
+}
+
+impl Default for PlotOptions {
+    fn default() -> Self {
+        Self { width: 640, height: 400, log_y: false }
+    }
+}
+
+const MARGIN: i64 = 40;
+const AXIS: Rgb<u8> = Rgb([40, 40, 40]);
+const GRID: Rgb<u8> = Rgb([225, 225, 225]);
+const LINE: Rgb<u8> = Rgb([31, 119, 180]);
+
+fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
+    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
+        img.put_pixel(x as u32, y as u32, c);
+    }
+}
+
+/// Bresenham line, `thick` pixels wide (vertically).
+fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb<u8>, thick: i64) {
+    let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
+    let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
+    let (mut x, mut y, mut err) = (x0, y0, dx + dy);
+    loop {
+        for t in 0..thick {
+            put(img, x, y + t, c);
+        }
+        if x == x1 && y == y1 {
+            break;
+        }
+        let e2 = 2 * err;
+        if e2 >= dy {
+            err += dy;
+            x += sx;
+        }
+        if e2 <= dx {
+            err += dx;
+            y += sy;
+        }
+    }
+}
+
+/// Draw the loss curve `points` = (step, loss) into a PNG at `path` (atomic write). Points
+/// with a non-finite loss (or a non-positive one on a log axis) are skipped.
+pub fn plot_losses(points: &[(f64, f64)], path: impl AsRef<Path>, opts: &PlotOptions) -> Result<()> {
+    let path = path.as_ref();
+    if opts.width < 2 * MARGIN as u32 + 10 || opts.height < 2 * MARGIN as u32 + 10 {
+        return Err(Error::invalid("plot size", format!("{}x{} is too small", opts.width, opts.height)));
+    }
+    let ty = |v: f64| if opts.log_y { v.log10() } else { v };
+    let pts: Vec<(f64, f64)> = points
+        .iter()
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!opts.log_y || *y > 0.0))
+        .map(|&(x, y)| (x, ty(y)))
+        .collect();
+    if pts.is_empty() {
+        return Err(Error::invalid("loss curve", "no finite points to plot"));
+    }
+    let (w, h) = (opts.width as i64, opts.height as i64);
+    let mut img = RgbImage::from_pixel(opts.width, opts.height, Rgb([255, 255, 255]));
+    let min = |f: fn(&(f64, f64)) -> f64| pts.iter().map(f).fold(f64::INFINITY, f64::min);
+    let max = |f: fn(&(f64, f64)) -> f64| pts.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
+    let (x0, x1, mut y0, mut y1) = (min(|p| p.0), max(|p| p.0), min(|p| p.1), max(|p| p.1));
+    if y1 - y0 < 1e-12 {
+        y0 -= 0.5;
+        y1 += 0.5;
+    }
+    let xspan = (x1 - x0).max(1e-12);
+    let (pw, ph) = ((w - 2 * MARGIN) as f64, (h - 2 * MARGIN) as f64);
+    let to_px = |(x, y): (f64, f64)| -> (i64, i64) {
+        let px = MARGIN as f64 + (x - x0) / xspan * pw;
+        let py = (h - MARGIN) as f64 - (y - y0) / (y1 - y0) * ph;
+        (px.round() as i64, py.round() as i64)
+    };
+    // Grid lines and ticks at tenths (decades on a log axis when the range spans them).
+    for i in 0..=10 {
+        let gx = MARGIN + (i * (w - 2 * MARGIN)) / 10;
+        let gy = MARGIN + (i * (h - 2 * MARGIN)) / 10;
+        line(&mut img, (gx, MARGIN), (gx, h - MARGIN), GRID, 1);
+        line(&mut img, (MARGIN, gy), (w - MARGIN, gy), GRID, 1);
+        line(&mut img, (gx, h - MARGIN), (gx, h - MARGIN + 5), AXIS, 1);
+        line(&mut img, (MARGIN - 5, gy), (MARGIN, gy), AXIS, 1);
+    }
+    if opts.log_y {
+        let mut d = y0.ceil();
+        while d <= y1 {
+            let (_, py) = to_px((x0, d));
+            line(&mut img, (MARGIN - 10, py), (w - MARGIN, py), Rgb([180, 180, 180]), 1);
+            d += 1.0;
+        }
+    }
+    line(&mut img, (MARGIN, h - MARGIN), (w - MARGIN, h - MARGIN), AXIS, 2);
+    line(&mut img, (MARGIN, MARGIN), (MARGIN, h - MARGIN), AXIS, 1);
+    line(&mut img, (MARGIN + 1, MARGIN), (MARGIN + 1, h - MARGIN), AXIS, 1);
+    let px: Vec<(i64, i64)> = pts.iter().map(|&p| to_px(p)).collect();
+    if px.len() == 1 {
+        line(&mut img, (px[0].0 - 2, px[0].1), (px[0].0 + 2, px[0].1), LINE, 2);
+    }
+    for pair in px.windows(2) {
+        line(&mut img, pair[0], pair[1], LINE, 2);
+    }
+    crate::imageio::save_rgb(path, &img)
+}

@@ -1,6 +1,6 @@
 //! KV cache and the decoding session the sampler drives ([`TokenModel`]).
 
-use super::gpt::{AttnInputs, Ctx, TokenAr};
+use super::gpt::{AttnInputs, Ctx, Packed, TokenAr};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::sample::TokenModel;
@@ -55,6 +55,7 @@ pub struct Session<'m> {
     sin: Tensor,
     keypad: Option<Tensor>,
     fed: usize,
+    packed: Packed,
 }
 
 impl<'m> Session<'m> {
@@ -64,7 +65,8 @@ impl<'m> Session<'m> {
         let caches = (0..n_layer)
             .map(|_| LayerCache::new(rows, n_head, cap, hd, model.device()))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { model, layout, rows, caches, cos, sin, keypad, fed: 0 })
+        let packed = model.pack()?;
+        Ok(Self { model, layout, rows, caches, cos, sin, keypad, fed: 0, packed })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -86,7 +88,11 @@ impl<'m> Session<'m> {
         let sin = self.sin.narrow(0, start, t)?;
         let att = AttnInputs { cos: &cos, sin: &sin, mask: mask.as_ref() };
         let mut ctx = Ctx { differentiable: false, rng: None };
-        self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx)
+        self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, Some(&self.packed))
+    }
+
+    pub(crate) fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.model.head(h, &self.packed)
     }
 
     pub(crate) fn prefill(&mut self, x: Tensor) -> Result<Tensor> {
@@ -122,7 +128,7 @@ impl TokenModel for Session<'_> {
         let x = self.model.embed_tokens(tokens)?;
         let h = self.step(x, start)?;
         self.fed += t;
-        self.model.head(&h, false)
+        self.head(&h)
     }
 
     fn truncate(&mut self, len: usize) -> Result<()> {

@@ -94,9 +94,23 @@ fn bench(name: &str, cfg: &GptConfig, n_refs: usize, decode_steps: usize) -> tok
     Ok(())
 }
 
+/// f32 matmul throughput right now (the machine may be shared: compare the rows above with
+/// the anchors only after scaling by this figure against ~90-100 GFLOP/s for an idle machine).
+fn calibrate() -> tokenar::Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (1024, 1024), &Device::Cpu)?;
+    let _ = a.matmul(&a)?;
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        let _ = a.matmul(&a)?;
+    }
+    Ok(3.0 * 2.0 * 1024f64.powi(3) / t0.elapsed().as_secs_f64() / 1e9)
+}
+
 fn main() -> tokenar::Result<()> {
+    println!("calibration: f32 matmul 1024^3 at {:.1} GFLOP/s", calibrate()?);
     let small = GptConfig { dropouts: Dropouts::default(), ..GptConfig::preset("small")? };
     bench("anchor 256-dim 4-layer t2i (PyTorch: 5602 prefill tok/s, 585 decode tok/s)", &anchor(), 0, 255)?;
     bench("small preset (2 refs, ITD)", &small, 2, 256)?;
+    println!("calibration: f32 matmul 1024^3 at {:.1} GFLOP/s", calibrate()?);
     Ok(())
 }

@@ -21,7 +21,7 @@ const STD: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
 /// One batch of conditions. All rows share the number of references.
 ///
-/// - `refs`: (B, n_refs, h*w) u32 codes (for a scheme with padded slots, `n_refs` must equal
+/// - `refs`: (B, n_refs, h*w) u32 codes (n_refs may be 0, e.g. for t2i or EditAR) (for a scheme with padded slots, `n_refs` must equal
 ///   the slot count: see [`Condition::pad_refs`]);
 /// - `background`: (B, h*w) u32 codes (ignored by configurations without a background);
 /// - `text`: (B, caption_len, caption_dim) f32 features, `text_mask`: (B, caption_len), 1 = token;
@@ -134,7 +134,6 @@ fn matmul_last(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
 /// Built by [`TokenAr::start`] from the current variables, so they never go stale.
 pub(crate) struct Packed {
     blocks: Vec<PackedBlock>,
-    output: Tensor,
 }
 
 struct PackedBlock {
@@ -144,8 +143,26 @@ struct PackedBlock {
     w2: Tensor,
 }
 
+/// A contiguous transpose of a 2D weight. On the CPU in f32 a blocked loop (candle's strided
+/// copy is an order of magnitude slower for this).
 fn transposed(w: &Tensor) -> Result<Tensor> {
-    Ok(w.t()?.contiguous()?)
+    let (r, c) = w.dims2()?;
+    if !w.device().is_cpu() || w.dtype() != DType::F32 {
+        return Ok(w.t()?.contiguous()?);
+    }
+    let src = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut dst = vec![0f32; r * c];
+    const B: usize = 32;
+    for i0 in (0..r).step_by(B) {
+        for j0 in (0..c).step_by(B) {
+            for i in i0..(i0 + B).min(r) {
+                for j in j0..(j0 + B).min(c) {
+                    dst[j * r + i] = src[i * c + j];
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(dst, (c, r), w.device())?)
 }
 
 struct Norm {
@@ -500,9 +517,13 @@ impl TokenAr {
         Ok(x)
     }
 
-    /// Final norm and output head (inference path, packed weights).
-    pub(crate) fn head(&self, h: &Tensor, packed: &Packed) -> Result<Tensor> {
-        matmul_last(&self.norm.forward(h, false)?, &packed.output)
+    /// Final norm and output head on the inference path, computed as `output @ h^T` (fast for
+    /// the few rows of a decoding step without a transposed copy of the large head).
+    pub(crate) fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let hn = self.norm.forward(h, false)?.reshape((b * t, d))?;
+        let y = self.output.matmul(&hn.t()?)?.t()?.contiguous()?;
+        Ok(y.reshape((b, t, self.cfg.vocab_size))?)
     }
 
     /// Pre-transposed copies of the current weights for decoding.
@@ -519,7 +540,7 @@ impl TokenAr {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Packed { blocks, output: transposed(&self.output)? })
+        Ok(Packed { blocks })
     }
 
     pub(crate) fn embed_tokens(&self, tokens: &Tensor) -> Result<Tensor> {

@@ -92,7 +92,7 @@ impl<'m> Session<'m> {
     }
 
     pub(crate) fn head(&self, h: &Tensor) -> Result<Tensor> {
-        self.model.head(h, &self.packed)
+        self.model.head(h)
     }
 
     pub(crate) fn prefill(&mut self, x: Tensor) -> Result<Tensor> {

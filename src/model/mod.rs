@@ -2,6 +2,7 @@
 //! additions, each in one named place: [`index_embedding`], [`instruct_tokens`], and ITD in the
 //! [`layout`](crate::layout). Checkpoint IO in [`load`](mod@load).
 
+pub mod condition;
 pub mod config;
 pub mod gpt;
 pub mod index_embedding;
@@ -11,7 +12,8 @@ pub mod load;
 pub mod rope;
 
 pub use config::{Dropouts, Family, GptConfig};
-pub use gpt::{Condition, TokenAr, TrainOutput, BUFFERS};
+pub use condition::Condition;
+pub use gpt::{TokenAr, TrainOutput, BUFFERS};
 pub use kv_cache::Session;
 pub use load::{build, init_weights, load, save, ADDITIONS, CONFIG_KEY};
 

@@ -63,7 +63,8 @@ mod rand_distr_free {
     }
 }
 
-/// Load a checkpoint. This project's safetensors carry their config; a reference checkpoint
+/// Load a checkpoint. This project's safetensors carry their config (which takes precedence
+/// over `preset`); a reference checkpoint
 /// (.pt/.pth/.bin, or safetensors without config) needs `preset`. Parameters that TokenAR adds
 /// (`ADDITIONS`) may be absent (e.g. a LlamaGen checkpoint loaded into a TokenAR config): they
 /// are freshly initialised and listed in the report's `fresh`. Any other missing key, a shape

@@ -292,3 +292,22 @@ impl CloneForTest for TensorFile {
         TensorFile { path: self.path.clone(), tensors: self.tensors.clone(), metadata: self.metadata.clone() }
     }
 }
+
+#[test]
+fn kv_cache_decoding_equals_full_forward_llamagen_and_editar() {
+    let reference = Scheme::Reference { pad_to: None, quirk_index: false };
+    let t2i = GptConfig {
+        family: Family::LlamaGen,
+        max_refs: 0,
+        background: false,
+        n_instruct: 0,
+        index_embedding: false,
+        itd: false,
+        img_uncond: false,
+        align_dim: None,
+        ..tiny(reference)
+    };
+    check_cache_matches_full(&t2i, 0);
+    let editar = GptConfig { family: Family::EditAr, background: true, img_uncond: true, ..t2i };
+    check_cache_matches_full(&editar, 0);
+}

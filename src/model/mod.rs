@@ -1,1 +1,21 @@
-//! See DESIGN.md (module map).
+//! The TokenAR transformer: the LlamaGen GPT (`gpt`, `rope`, `kv_cache`) with TokenAR's
+//! additions, each in one named place: [`index_embedding`], [`instruct_tokens`], and ITD in the
+//! [`layout`](crate::layout). Checkpoint IO in [`load`](mod@load).
+
+pub mod condition;
+pub mod config;
+pub mod gpt;
+pub mod index_embedding;
+pub mod instruct_tokens;
+pub mod kv_cache;
+pub mod load;
+pub mod rope;
+
+pub use config::{Dropouts, Family, GptConfig};
+pub use condition::Condition;
+pub use gpt::{TokenAr, TrainOutput, BUFFERS};
+pub use kv_cache::Session;
+pub use load::{build, init_weights, load, save, ADDITIONS, CONFIG_KEY};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,565 @@
+//! The LlamaGen GPT with TokenAR's additions. Variable names are the reference checkpoint keys.
+//!
+//! Two execution paths share every weight: the training path (`forward_train`) uses
+//! elementary-op compositions so that every parameter receives a gradient, with seeded
+//! dropout; the inference path (`start` + [`Session`]) uses candle's fused RMSNorm, softmax and
+//! RoPE kernels and a KV cache. A test checks that both give the same logits.
+
+use super::condition::Condition;
+use super::config::GptConfig;
+use super::index_embedding::IndexEmbedding;
+use super::instruct_tokens::InstructTokens;
+use super::kv_cache::{LayerCache, Session};
+use super::rope;
+use crate::error::{Error, Result};
+use crate::layout::{Layout, SegmentKind};
+use crate::util::Rng;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Init, VarBuilder};
+use rand::Rng as _;
+
+const STD: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+
+/// Training outputs: logits at the loss positions, their targets, and the final-norm features
+/// of the positions that predict the target image (for the distillation head).
+pub struct TrainOutput {
+    pub logits: Tensor,
+    pub targets: Tensor,
+    pub target_features: Tensor,
+}
+
+/// Per-forward switches: differentiable ops, and dropout with a seeded RNG.
+pub(crate) struct Ctx<'r> {
+    pub differentiable: bool,
+    pub rng: Option<&'r mut Rng>,
+}
+
+impl Ctx<'_> {
+    fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
+        let rng = match self.rng.as_deref_mut() {
+            Some(r) if p > 0.0 => r,
+            _ => return Ok(x.clone()),
+        };
+        let keep = 1.0 - p;
+        let n = x.elem_count();
+        let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}
+
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (din, dout) = (dims[dims.len() - 1], w.dim(0)?);
+    let n: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((n, din))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().unwrap_or(&mut 0) = dout;
+    Ok(y.reshape(out)?)
+}
+
+/// `x @ wt` for a pre-transposed (in, out) weight, over the last dimension of `x`.
+fn matmul_last(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (din, dout) = wt.dims2()?;
+    let n: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((n, din))?.matmul(wt)?;
+    let mut out = dims;
+    *out.last_mut().unwrap_or(&mut 0) = dout;
+    Ok(y.reshape(out)?)
+}
+
+/// Inference copies of the weights: pre-transposed to (in, out) and contiguous (candle's gemm
+/// is several times faster for a few rows this way), `w1` and `w3` fused into one matmul.
+/// Built by [`TokenAr::start`] from the current variables, so they never go stale.
+pub(crate) struct Packed {
+    blocks: Vec<PackedBlock>,
+}
+
+struct PackedBlock {
+    wqkv: Tensor,
+    wo: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+}
+
+/// A contiguous transpose of a 2D weight. On the CPU in f32 a blocked loop (candle's strided
+/// copy is an order of magnitude slower for this).
+fn transposed(w: &Tensor) -> Result<Tensor> {
+    let (r, c) = w.dims2()?;
+    if !w.device().is_cpu() || w.dtype() != DType::F32 {
+        return Ok(w.t()?.contiguous()?);
+    }
+    let src = w.flatten_all()?.to_vec1::<f32>()?;
+    let mut dst = vec![0f32; r * c];
+    const B: usize = 32;
+    for i0 in (0..r).step_by(B) {
+        for j0 in (0..c).step_by(B) {
+            for i in i0..(i0 + B).min(r) {
+                for j in j0..(j0 + B).min(c) {
+                    dst[j * r + i] = src[i * c + j];
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(dst, (c, r), w.device())?)
+}
+
+struct Norm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?, eps })
+    }
+    fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if differentiable {
+            crate::nn::RmsNorm { weight: self.weight.clone(), eps: self.eps }.forward(x)
+        } else {
+            Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)?)
+        }
+    }
+}
+
+struct Block {
+    wqkv: Tensor,
+    wo: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    w3: Tensor,
+    attention_norm: Norm,
+    ffn_norm: Norm,
+    n_head: usize,
+}
+
+/// Rotation tables and additive attention mask for one forward.
+pub(crate) struct AttnInputs<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Broadcastable to (B, H, S, L); `None`: no masking needed.
+    pub mask: Option<&'a Tensor>,
+}
+
+impl Block {
+    fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, f) = (cfg.dim, cfg.ffn_hidden());
+        let a = vb.pp("attention");
+        let ff = vb.pp("feed_forward");
+        Ok(Self {
+            wqkv: a.pp("wqkv").get_with_hints((3 * d, d), "weight", STD)?,
+            wo: a.pp("wo").get_with_hints((d, d), "weight", STD)?,
+            w1: ff.pp("w1").get_with_hints((f, d), "weight", STD)?,
+            w2: ff.pp("w2").get_with_hints((d, f), "weight", STD)?,
+            w3: ff.pp("w3").get_with_hints((f, d), "weight", STD)?,
+            attention_norm: Norm::new(d, cfg.norm_eps, vb.pp("attention_norm"))?,
+            ffn_norm: Norm::new(d, cfg.norm_eps, vb.pp("ffn_norm"))?,
+            n_head: cfg.n_head,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        att: &AttnInputs,
+        cache: Option<&mut LayerCache>,
+        ctx: &mut Ctx,
+        drop: &super::config::Dropouts,
+        packed: Option<&PackedBlock>,
+    ) -> Result<Tensor> {
+        let (b, s, d) = x.dims3()?;
+        let (h, hd) = (self.n_head, d / self.n_head);
+        let xn = self.attention_norm.forward(x, ctx.differentiable)?;
+        let qkv = match packed {
+            Some(p) => matmul_last(&xn, &p.wqkv)?,
+            None => linear(&xn, &self.wqkv)?,
+        };
+        let qkv = qkv.reshape((b, s, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = rope::apply(&qkv.get(0)?, att.cos, att.sin, ctx.differentiable)?;
+        let q = (q * scale)?;
+        let k = rope::apply(&qkv.get(1)?, att.cos, att.sin, ctx.differentiable)?;
+        let v = qkv.get(2)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v)?,
+            None => (k, v),
+        };
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(m) = att.mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = if ctx.differentiable {
+            crate::nn::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = ctx.dropout(&probs, drop.attn)?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        let y = match packed {
+            Some(p) => matmul_last(&y, &p.wo)?,
+            None => ctx.dropout(&linear(&y, &self.wo)?, drop.resid)?,
+        };
+        let hres = (x + y)?;
+        let hn = self.ffn_norm.forward(&hres, ctx.differentiable)?;
+        let f = match packed {
+            Some(p) => {
+                let g13 = matmul_last(&hn, &p.w13)?;
+                let fh = p.w2.dim(0)?;
+                let last = g13.rank() - 1;
+                let g = (candle_nn::ops::silu(&g13.narrow(last, 0, fh)?)? * g13.narrow(last, fh, fh)?)?;
+                matmul_last(&g, &p.w2)?
+            }
+            None => {
+                let g = (candle_nn::ops::silu(&linear(&hn, &self.w1)?)? * linear(&hn, &self.w3)?)?;
+                let g = ctx.dropout(&g, drop.ffn)?;
+                ctx.dropout(&linear(&g, &self.w2)?, drop.resid)?
+            }
+        };
+        Ok((hres + f)?)
+    }
+}
+
+/// The TokenAR GPT (LlamaGen backbone plus index embedding, instruct tokens, ITD layout).
+pub struct TokenAr {
+    cfg: GptConfig,
+    tok_embeddings: Tensor,
+    cap_fc1: Tensor,
+    cap_fc2: Tensor,
+    uncond_embedding: Tensor,
+    layers: Vec<Block>,
+    norm: Norm,
+    output: Tensor,
+    index_embedding: Option<IndexEmbedding>,
+    instruct: Option<InstructTokens>,
+    img_uncond: Option<Tensor>,
+    alignment: Option<(Tensor, Tensor)>,
+    device: Device,
+}
+
+/// Variables that are buffers in the reference code (never trained; detached where used).
+pub const BUFFERS: [&str; 2] = ["cls_embedding.uncond_embedding", "img_uncond_embedding"];
+
+impl TokenAr {
+    /// Build the model; variables are created through `vb` under the reference key names.
+    /// With a `VarMap`, [`init_weights`](super::init_weights) gives a seeded initialisation.
+    pub fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.dim;
+        let cap = vb.pp("cls_embedding");
+        let buf_init = Init::Randn { mean: 0.0, stdev: 1.0 / (cfg.caption_dim as f64).sqrt() };
+        let layers = (0..cfg.n_layer)
+            .map(|i| Block::new(cfg, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let img_uncond = if cfg.img_uncond {
+            let init = Init::Randn { mean: 0.0, stdev: 1.0 / (d as f64).sqrt() };
+            Some(vb.get_with_hints((cfg.cond_slots() * cfg.image_tokens(), d), "img_uncond_embedding", init)?)
+        } else {
+            None
+        };
+        let alignment = match cfg.align_dim {
+            Some(a) => {
+                let al = vb.pp("alignment");
+                Some((al.get_with_hints((a, d, 2, 2), "weight", STD)?, al.get_with_hints(a, "bias", Init::Const(0.0))?))
+            }
+            None => None,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            tok_embeddings: vb.pp("tok_embeddings").get_with_hints((cfg.vocab_size, d), "weight", STD)?,
+            cap_fc1: cap.pp("cap_proj").pp("fc1").get_with_hints((d, cfg.caption_dim), "weight", STD)?,
+            cap_fc2: cap.pp("cap_proj").pp("fc2").get_with_hints((d, d), "weight", STD)?,
+            uncond_embedding: cap.get_with_hints((cfg.caption_len, cfg.caption_dim), "uncond_embedding", buf_init)?,
+            layers,
+            norm: Norm::new(d, cfg.norm_eps, vb.pp("norm"))?,
+            // LlamaGen zero-initialises the output head.
+            output: vb.pp("output").get_with_hints((cfg.vocab_size, d), "weight", Init::Const(0.0))?,
+            index_embedding: if cfg.index_embedding {
+                Some(IndexEmbedding::new(cfg.max_refs + 1, d, vb.pp("ref_index_embeddings"))?)
+            } else {
+                None
+            },
+            instruct: if cfg.n_instruct > 0 {
+                Some(InstructTokens::new(cfg.n_instruct, d, vb.pp("instruct_token_embeddings"))?)
+            } else {
+                None
+            },
+            img_uncond,
+            alignment,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The layout of `cond`'s sequence (validates the shapes of `cond`).
+    pub fn layout_for(&self, cond: &Condition) -> Result<Layout> {
+        let (b, n, hw) = cond.refs.dims3()?;
+        let want_hw = self.cfg.image_tokens();
+        if hw != want_hw && n > 0 {
+            return Err(Error::invalid("condition", format!("reference codes have {hw} tokens, the model's grid {:?} needs {want_hw}", self.cfg.grid)));
+        }
+        let layout = Layout::new(&self.cfg.layout_spec(n))?;
+        if layout.ref_slots() != n {
+            return Err(Error::invalid(
+                "condition",
+                format!("the scheme needs {} reference slots but {n} were given; pad them with Condition::pad_refs", layout.ref_slots()),
+            ));
+        }
+        if self.cfg.background && cond.background.dims() != [b, want_hw] {
+            return Err(Error::invalid("condition", format!("background codes have shape {:?}, expected [{b}, {want_hw}]", cond.background.dims())));
+        }
+        let (tb, tl, tc) = cond.text.dims3()?;
+        if (tb, tl, tc) != (b, self.cfg.caption_len, self.cfg.caption_dim) {
+            return Err(Error::invalid(
+                "condition",
+                format!("text features have shape {:?}, expected [{b}, {}, {}]", cond.text.dims(), self.cfg.caption_len, self.cfg.caption_dim),
+            ));
+        }
+        for (what, v) in [("drop_text", &cond.drop_text), ("drop_image", &cond.drop_image)] {
+            if !v.is_empty() && v.len() != b {
+                return Err(Error::invalid("condition", format!("{what} has {} flags for {b} rows", v.len())));
+            }
+        }
+        Ok(layout)
+    }
+
+    /// Per-row blend: rows flagged in `drop` take `null` (broadcast), others keep `x`.
+    fn blend_rows(x: &Tensor, null: &Tensor, drop: &[bool]) -> Result<Tensor> {
+        if !drop.iter().any(|d| *d) {
+            return Ok(x.clone());
+        }
+        let b = x.dim(0)?;
+        let keep: Vec<f32> = drop.iter().map(|d| if *d { 0.0 } else { 1.0 }).collect();
+        let keep = Tensor::from_vec(keep, (b, 1, 1), x.device())?.to_dtype(x.dtype())?;
+        let dropk = (1.0 - &keep)?;
+        Ok((x.broadcast_mul(&keep)? + null.unsqueeze(0)?.broadcast_mul(&dropk)?)?)
+    }
+
+    /// Embeddings of the prefix (conditions, text, instruct): (B, prefix_len, dim).
+    fn embed_prefix(&self, cond: &Condition, layout: &Layout) -> Result<Tensor> {
+        let b = cond.batch()?;
+        let hw = self.cfg.image_tokens();
+        let d = self.cfg.dim;
+        let mut parts: Vec<Tensor> = Vec::new();
+        // Condition images in layout order, with their img_uncond rows and index ids.
+        let mut codes = Vec::new();
+        let mut null_rows: Vec<u32> = Vec::new();
+        let mut ids = Vec::new();
+        for seg in layout.segments().iter().filter(|s| s.kind.is_image_condition()) {
+            let (c, slot) = match seg.kind {
+                SegmentKind::Ref(i) => (cond.refs.narrow(1, i, 1)?.squeeze(1)?, i),
+                _ => (cond.background.clone(), self.cfg.cond_slots() - 1),
+            };
+            codes.push(c);
+            null_rows.extend((slot * hw..(slot + 1) * hw).map(|r| r as u32));
+            ids.extend_from_slice(&layout.index_ids()[seg.start..seg.start + seg.len]);
+        }
+        if !codes.is_empty() {
+            let codes = Tensor::cat(&codes, 1)?;
+            let n = codes.dim(1)?;
+            let mut x = self.tok_embeddings.index_select(&codes.to_dtype(DType::U32)?.flatten_all()?, 0)?.reshape((b, n, d))?;
+            if cond.drop_image.iter().any(|f| *f) {
+                let null = self.img_uncond.as_ref().ok_or_else(|| {
+                    Error::invalid("condition", "image dropout needs a model with img_uncond_embedding")
+                })?;
+                let rows = Tensor::from_vec(null_rows, n, &self.device)?;
+                x = Self::blend_rows(&x, &null.detach().index_select(&rows, 0)?, &cond.drop_image)?;
+            }
+            if let Some(ie) = &self.index_embedding {
+                x = ie.add(&x, &ids)?;
+            }
+            parts.push(x);
+        }
+        // Text: padded rows zeroed (LlamaGen), then the caption projection.
+        let mut text = Self::blend_rows(&cond.text, &self.uncond_embedding.detach(), &cond.drop_text)?;
+        if let Some(m) = &cond.text_mask {
+            text = text.broadcast_mul(&m.to_dtype(text.dtype())?.unsqueeze(2)?)?;
+        }
+        let t = linear(&linear(&text, &self.cap_fc1)?.gelu()?, &self.cap_fc2)?;
+        parts.push(t);
+        if let Some(it) = &self.instruct {
+            parts.push(it.forward(b)?);
+        }
+        let x = Tensor::cat(&parts, 1)?;
+        debug_assert_eq!(x.dim(1).ok(), Some(layout.prefix_len()));
+        Ok(x)
+    }
+
+    /// The generated token sequence (B, generated_len): ITD copies of the reference slots,
+    /// then the target.
+    pub fn generated_tokens(&self, cond: &Condition, target: &Tensor, layout: &Layout) -> Result<Tensor> {
+        let b = cond.batch()?;
+        if target.dims() != [b, self.cfg.image_tokens()] {
+            return Err(Error::invalid("target", format!("codes have shape {:?}, expected [{b}, {}]", target.dims(), self.cfg.image_tokens())));
+        }
+        let target = target.to_dtype(DType::U32)?;
+        if self.cfg.itd && layout.ref_slots() > 0 {
+            let refs = cond.refs.to_dtype(DType::U32)?.reshape((b, ()))?;
+            Ok(Tensor::cat(&[refs, target], 1)?)
+        } else {
+            Ok(target)
+        }
+    }
+
+    /// Key-padding mask for the caption (B, 1, 1, len): 0 where attended, -1e9 at padded text.
+    /// A finite value keeps fully-padded rows finite; those positions are never attended by
+    /// any other query, so their outputs do not matter.
+    pub(crate) fn key_padding(&self, cond: &Condition, layout: &Layout, len: usize) -> Result<Option<Tensor>> {
+        let Some(m) = &cond.text_mask else { return Ok(None) };
+        let m = m.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        if m.iter().all(|r| r.iter().all(|v| *v > 0.5)) {
+            return Ok(None);
+        }
+        let text = layout.segment(SegmentKind::Text).map(|s| s.start).unwrap_or(0);
+        let b = m.len();
+        let mut out = vec![0f32; b * len];
+        for (r, row) in m.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                if *v <= 0.5 && text + j < len {
+                    out[r * len + text + j] = -1e9;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (b, 1, 1, len), &self.device)?))
+    }
+
+    /// Additive causal mask (1, 1, s, offset + s) for `s` queries after `offset` cached keys.
+    pub(crate) fn causal(&self, s: usize, offset: usize) -> Result<Tensor> {
+        let l = offset + s;
+        let v: Vec<f32> = (0..s)
+            .flat_map(|i| (0..l).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        Ok(Tensor::from_vec(v, (1, 1, s, l), &self.device)?)
+    }
+
+    pub(crate) fn run_blocks(
+        &self,
+        mut x: Tensor,
+        att: &AttnInputs,
+        caches: Option<&mut [LayerCache]>,
+        ctx: &mut Ctx,
+        packed: Option<&Packed>,
+    ) -> Result<Tensor> {
+        let drop = self.cfg.dropouts;
+        let mut caches = caches.map(|c| c.iter_mut());
+        for (i, blk) in self.layers.iter().enumerate() {
+            let cache = caches.as_mut().and_then(|c| c.next());
+            let p = packed.map(|p| &p.blocks[i]);
+            x = blk.forward(&x, att, cache, ctx, &drop, p)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and output head on the inference path, computed as `output @ h^T` (fast for
+    /// the few rows of a decoding step without a transposed copy of the large head).
+    pub(crate) fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let hn = self.norm.forward(h, false)?.reshape((b * t, d))?;
+        let y = self.output.matmul(&hn.t()?)?.t()?.contiguous()?;
+        Ok(y.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Pre-transposed copies of the current weights for decoding.
+    pub(crate) fn pack(&self) -> Result<Packed> {
+        let blocks = self
+            .layers
+            .iter()
+            .map(|b| {
+                Ok(PackedBlock {
+                    wqkv: transposed(&b.wqkv)?,
+                    wo: transposed(&b.wo)?,
+                    w13: Tensor::cat(&[transposed(&b.w1)?, transposed(&b.w3)?], 1)?,
+                    w2: transposed(&b.w2)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Packed { blocks })
+    }
+
+    pub(crate) fn embed_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let e = self.tok_embeddings.index_select(&tokens.to_dtype(DType::U32)?.flatten_all()?, 0)?;
+        Ok(e.reshape((b, t, self.cfg.dim))?)
+    }
+
+    /// Teacher-forced forward; see [`TrainOutput`]. `train` enables dropout (drawn from `rng`).
+    pub fn forward_train_full(&self, cond: &Condition, target: &Tensor, train: bool, rng: &mut Rng) -> Result<TrainOutput> {
+        let layout = self.layout_for(cond)?;
+        let gen = self.generated_tokens(cond, target, &layout)?;
+        let prefix = self.embed_prefix(cond, &layout)?;
+        let g = layout.generated_len();
+        let x = Tensor::cat(&[prefix, self.embed_tokens(&gen.narrow(1, 0, g - 1)?)?], 1)?;
+        let s = layout.input_len();
+        let mut ctx = Ctx { differentiable: true, rng: if train { Some(rng) } else { None } };
+        let x = ctx.dropout(&x, self.cfg.dropouts.token)?;
+        let (cos, sin) = rope::tables(&layout.rope_cells()[..s], self.cfg.head_dim(), self.cfg.rope_base, &self.device)?;
+        let mut mask = self.causal(s, 0)?;
+        if let Some(kp) = self.key_padding(cond, &layout, s)? {
+            mask = mask.broadcast_add(&kp)?;
+        }
+        let h = self.run_blocks(x, &AttnInputs { cos: &cos, sin: &sin, mask: Some(&mask) }, None, &mut ctx, None)?;
+        let r = layout.loss_range();
+        let hn = self.norm.forward(&h.narrow(1, r.start, r.len())?, true)?;
+        let logits = linear(&hn, &self.output)?;
+        let hw = self.cfg.image_tokens();
+        let target_features = hn.narrow(1, r.len() - hw, hw)?;
+        Ok(TrainOutput { logits, targets: gen, target_features })
+    }
+
+    /// Teacher-forced forward: logits at the loss positions (B, n_loss, V) and their targets
+    /// (B, n_loss) u32; loss = cross_entropy(logits, targets).
+    pub fn forward_train(&self, cond: &Condition, target: &Tensor, train: bool, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+        let o = self.forward_train_full(cond, target, train, rng)?;
+        Ok((o.logits, o.targets))
+    }
+
+    /// The distillation head (`alignment`, Conv2d k=2 s=2) on target features (B, h*w, dim):
+    /// returns (B, h*w/4, align_dim).
+    pub fn align(&self, target_features: &Tensor) -> Result<Tensor> {
+        let (w, bias) = self.alignment.as_ref().ok_or_else(|| Error::invalid("alignment", "this configuration has no alignment head"))?;
+        let (b, _, d) = target_features.dims3()?;
+        let (gh, gw) = self.cfg.grid;
+        let x = target_features.transpose(1, 2)?.reshape((b, d, gh, gw))?.contiguous()?;
+        let y = x.conv2d(w, 0, 2, 1, 1)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
+        Ok(y.flatten_from(2)?.transpose(1, 2)?)
+    }
+
+    /// The text features of a dropped caption, (b, caption_len, caption_dim).
+    pub fn uncond_text(&self, b: usize) -> Result<Tensor> {
+        let (l, c) = self.uncond_embedding.dims2()?;
+        Ok(self.uncond_embedding.unsqueeze(0)?.broadcast_as((b, l, c))?.contiguous()?)
+    }
+
+    /// Prefill the conditions (with CFG: rows `[cond; uncond]`, the uncond rows using the
+    /// uncond text embedding) and return the decoding session and the logits (rows, V) of the
+    /// first generated token.
+    pub fn start(&self, cond: &Condition, cfg_guidance: bool) -> Result<(Session<'_>, Tensor)> {
+        let layout = self.layout_for(cond)?;
+        let cond = if cfg_guidance { cond.with_uncond_rows()? } else { cond.clone() };
+        let rows = cond.batch()?;
+        let (cos, sin) = rope::tables(layout.rope_cells(), self.cfg.head_dim(), self.cfg.rope_base, &self.device)?;
+        let keypad = self.key_padding(&cond, &layout, layout.total_len())?;
+        let x = self.embed_prefix(&cond, &layout)?;
+        let mut session = Session::new(self, layout, rows, cos, sin, keypad)?;
+        let h = session.prefill(x)?;
+        let p = h.dim(1)?;
+        let logits = session.head(&h.narrow(1, p - 1, 1)?)?.squeeze(1)?;
+        Ok((session, logits))
+    }
+
+    /// Every variable name that is a buffer in the reference code (not trained).
+    pub fn is_buffer(name: &str) -> bool {
+        BUFFERS.contains(&name)
+    }
+
+    pub(crate) fn dims(&self) -> (usize, usize, usize) {
+        (self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim())
+    }
+}

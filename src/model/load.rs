@@ -1,0 +1,105 @@
+//! Checkpoints: LlamaGen / EditAR / TokenAR torch files and this project's safetensors
+//! (config as JSON in the metadata), plus seeded initialisation.
+
+use super::config::GptConfig;
+use super::gpt::{TokenAr, BUFFERS};
+use crate::error::{Error, Result};
+use crate::weights::{self, LoadOptions, LoadReport, TensorFile};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Metadata key holding the [`GptConfig`] JSON in this project's checkpoints.
+pub const CONFIG_KEY: &str = "tokenar.gpt_config";
+
+/// Parameters that TokenAR adds to LlamaGen: absent from a LlamaGen (or EditAR) checkpoint,
+/// they are freshly initialised and reported in [`LoadReport::fresh`].
+pub const ADDITIONS: [&str; 4] = ["ref_index_embeddings.", "instruct_token_embeddings.", "alignment.", "img_uncond_embedding"];
+
+/// Non-parameter entries some reference checkpoints carry; ignored.
+const IGNORED: [&str; 2] = ["freqs_cis", "causal_mask"];
+
+/// Build a fresh model with a `VarMap` (seeded with [`init_weights`]).
+pub fn build(cfg: &GptConfig, device: &Device, seed: u64) -> Result<(TokenAr, VarMap)> {
+    let varmap = VarMap::new();
+    let model = TokenAr::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    init_weights(&varmap, seed)?;
+    Ok((model, varmap))
+}
+
+/// Re-initialise every variable from `seed` with LlamaGen's rules: norms 1, `output` 0,
+/// biases 0, buffers N(0, 1/width), everything else N(0, 0.02). Variables are visited in name
+/// order, so the result depends on the seed only.
+pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
+    use rand_distr_free::normal;
+    let mut rng = crate::util::rng(seed);
+    for (name, var) in crate::nn::named_vars(varmap) {
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let width = *dims.last().unwrap_or(&1) as f32;
+        let v: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name == "output.weight" || name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if BUFFERS.contains(&name.as_str()) {
+            (0..n).map(|_| normal(&mut rng) / width.sqrt()).collect()
+        } else {
+            (0..n).map(|_| normal(&mut rng) * 0.02).collect()
+        };
+        let t = Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// A standard normal draw (Box-Muller) from the project RNG.
+mod rand_distr_free {
+    use rand::Rng as _;
+    pub fn normal(rng: &mut crate::util::Rng) -> f32 {
+        let u1: f64 = rng.random::<f64>().max(1e-300);
+        let u2: f64 = rng.random::<f64>();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}
+
+/// Load a checkpoint. This project's safetensors carry their config (which takes precedence
+/// over `preset`); a reference checkpoint
+/// (.pt/.pth/.bin, or safetensors without config) needs `preset`. Parameters that TokenAR adds
+/// (`ADDITIONS`) may be absent (e.g. a LlamaGen checkpoint loaded into a TokenAR config): they
+/// are freshly initialised and listed in the report's `fresh`. Any other missing key, a shape
+/// mismatch, or an unknown key is an error naming it.
+pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
+    let file = TensorFile::load(path, device)?;
+    let cfg = match (file.metadata.get(CONFIG_KEY), preset) {
+        (Some(json), _) => serde_json::from_str::<GptConfig>(json)
+            .map_err(|e| Error::bad_file(path, format!("bad model config in metadata: {e}")))?,
+        (None, Some(p)) => GptConfig::preset(p)?,
+        (None, None) => {
+            return Err(Error::bad_file(path, "no model config in the file; name a preset (e.g. XL, tokenar-xl)"))
+        }
+    };
+    load_with_config(&file, &cfg, device)
+}
+
+/// Load `file` into a model built from `cfg` (see [`load`]).
+pub fn load_with_config(file: &TensorFile, cfg: &GptConfig, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
+    let (model, varmap) = build(cfg, device, 0)?;
+    let opts = LoadOptions {
+        allow_missing: ADDITIONS.iter().map(|s| s.to_string()).collect(),
+        ignore: IGNORED.iter().map(|s| s.to_string()).collect(),
+        strict_unexpected: true,
+    };
+    let report = weights::load_into_varmap(&varmap, file, &opts)?;
+    Ok((model, varmap, report))
+}
+
+/// Save as safetensors with the config JSON in the metadata (atomic write).
+pub fn save(path: &Path, model: &TokenAr, varmap: &VarMap) -> Result<()> {
+    let json = serde_json::to_string(model.config())
+        .map_err(|e| Error::invalid("model config", e.to_string()))?;
+    let mut meta = BTreeMap::new();
+    meta.insert(CONFIG_KEY.to_string(), json);
+    meta.insert("format".to_string(), "tokenar-gpt".to_string());
+    weights::save_safetensors(path, &weights::varmap_tensors(varmap), &meta)
+}

@@ -1,0 +1,313 @@
+use super::*;
+use crate::layout::Scheme;
+use crate::sample::TokenModel;
+use crate::weights::{torch_zip, TensorFile};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::Rng as _;
+
+/// A small configuration with every addition switched on.
+fn tiny(scheme: Scheme) -> GptConfig {
+    GptConfig {
+        family: Family::Native,
+        vocab_size: 64,
+        n_layer: 2,
+        n_head: 2,
+        dim: 32,
+        ffn_multiple_of: 16,
+        rope_base: 10000.0,
+        norm_eps: 1e-5,
+        caption_dim: 12,
+        caption_len: 5,
+        max_refs: 3,
+        background: true,
+        n_instruct: 3,
+        index_embedding: true,
+        itd: true,
+        scheme,
+        grid: (2, 4),
+        img_uncond: true,
+        align_dim: Some(6),
+        dropouts: Dropouts::default(),
+    }
+}
+
+fn rand_codes(rng: &mut crate::util::Rng, shape: &[usize], vocab: usize) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab as u32)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn condition(cfg: &GptConfig, b: usize, n_refs: usize, seed: u64) -> (Condition, Tensor) {
+    let mut rng = crate::util::rng(seed);
+    let hw = cfg.image_tokens();
+    let refs = rand_codes(&mut rng, &[b, n_refs, hw], cfg.vocab_size);
+    let bg = rand_codes(&mut rng, &[b, hw], cfg.vocab_size);
+    let target = rand_codes(&mut rng, &[b, hw], cfg.vocab_size);
+    let text = Tensor::randn(0f32, 1.0, (b, cfg.caption_len, cfg.caption_dim), &Device::Cpu).unwrap();
+    // Row 0: two padded (left) caption positions; other rows full.
+    let mut mask = vec![1f32; b * cfg.caption_len];
+    mask[0] = 0.0;
+    mask[1] = 0.0;
+    let mask = Tensor::from_vec(mask, (b, cfg.caption_len), &Device::Cpu).unwrap();
+    (Condition::new(refs, bg, text, Some(mask)), target)
+}
+
+/// Build with a non-zero output head (LlamaGen initialises it to zero).
+fn model(cfg: &GptConfig, seed: u64) -> (TokenAr, candle_nn::VarMap) {
+    let (m, vm) = build(cfg, &Device::Cpu, seed).unwrap();
+    let data = vm.data().lock().unwrap();
+    let out = &data["output.weight"];
+    out.set(&Tensor::randn(0f32, 0.5, out.dims(), &Device::Cpu).unwrap()).unwrap();
+    drop(data);
+    (m, vm)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Decoding with the KV cache gives the logits of one full (training-path) forward pass.
+fn check_cache_matches_full(cfg: &GptConfig, n_refs: usize) {
+    let (m, _vm) = model(cfg, 1);
+    let (cond, target) = condition(cfg, 2, n_refs, 2);
+    let mut rng = crate::util::rng(0);
+    let (full, gen) = m.forward_train(&cond, &target, false, &mut rng).unwrap();
+    let g = gen.dim(1).unwrap();
+    assert_eq!(full.dims(), &[2, g, cfg.vocab_size]);
+
+    for cfg_guidance in [false, true] {
+        let (mut s, first) = m.start(&cond, cfg_guidance).unwrap();
+        let rows = s.rows();
+        assert_eq!(rows, if cfg_guidance { 4 } else { 2 });
+        let feed_rows = |t: &Tensor| if cfg_guidance { Tensor::cat(&[t, t], 0).unwrap() } else { t.clone() };
+        let mut steps = vec![first.unsqueeze(1).unwrap()];
+        // One token at a time for the first half, then a chunk of several.
+        let half = (g - 1) / 2;
+        for t in 0..half {
+            steps.push(s.feed(&feed_rows(&gen.narrow(1, t, 1).unwrap())).unwrap());
+        }
+        steps.push(s.feed(&feed_rows(&gen.narrow(1, half, g - 1 - half).unwrap())).unwrap());
+        assert_eq!(s.generated_len(), g - 1);
+        let dec = Tensor::cat(&steps, 1).unwrap().narrow(0, 0, 2).unwrap();
+        let d = max_diff(&dec, &full);
+        assert!(d <= 1e-4, "cache vs full: {d} (cfg {cfg_guidance})");
+        if cfg_guidance {
+            // The unconditional rows really differ (uncond text embedding).
+            let u = Tensor::cat(&steps, 1).unwrap().narrow(0, 2, 2).unwrap();
+            assert!(max_diff(&u, &full) > 1e-3);
+        }
+        // Rollback: truncate and feed again gives the same logits.
+        s.truncate(1).unwrap();
+        let again = s.feed(&feed_rows(&gen.narrow(1, 1, 1).unwrap())).unwrap();
+        let d = max_diff(&again.narrow(0, 0, 2).unwrap(), &full.narrow(1, 2, 1).unwrap());
+        assert!(d <= 1e-4, "after truncate: {d}");
+        assert!(s.feed(&feed_rows(&gen)).is_err(), "feeding past the layout must fail");
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward_tiles() {
+    check_cache_matches_full(&tiny(Scheme::Tiles), 2);
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward_reference_scheme() {
+    let cfg = tiny(Scheme::Reference { pad_to: Some(3), quirk_index: true });
+    check_cache_matches_full(&cfg, 3);
+}
+
+#[test]
+fn every_trainable_variable_gets_a_gradient() {
+    let cfg = tiny(Scheme::Tiles);
+    let (m, vm) = model(&cfg, 3);
+    let (mut cond, target) = condition(&cfg, 3, 3, 4);
+    // Row 1 drops its text, row 2 its images (CFG dropout); row 0 keeps both.
+    cond.drop_text = vec![false, true, false];
+    cond.drop_image = vec![false, false, true];
+    let mut rng = crate::util::rng(5);
+    let out = m.forward_train_full(&cond, &target, true, &mut rng).unwrap();
+    let (b, n, v) = out.logits.dims3().unwrap();
+    // ITD: loss over the 3 reference copies and the target.
+    assert_eq!(n, 4 * cfg.image_tokens());
+    let ce = candle_nn::loss::cross_entropy(&out.logits.reshape((b * n, v)).unwrap(), &out.targets.flatten_all().unwrap()).unwrap();
+    let align = m.align(&out.target_features).unwrap();
+    assert_eq!(align.dims(), &[3, 2, 6]);
+    let loss = (ce + align.sqr().unwrap().mean_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let vars: Vec<(String, Var)> = crate::nn::named_vars(&vm).into_iter().filter(|(k, _)| !TokenAr::is_buffer(k)).collect();
+    assert!(vars.len() > 15);
+    let missing = crate::nn::vars_without_grad(&vars, &grads).unwrap();
+    assert!(missing.is_empty(), "no gradient: {missing:?}");
+    // Buffers are detached.
+    for name in BUFFERS {
+        let data = vm.data().lock().unwrap();
+        assert!(grads.get(data[name].as_tensor()).is_none(), "{name} got a gradient");
+    }
+}
+
+#[test]
+fn dropout_is_seeded_and_only_in_training() {
+    let cfg = tiny(Scheme::Tiles);
+    let (m, _vm) = model(&cfg, 3);
+    let (cond, target) = condition(&cfg, 1, 1, 4);
+    let run = |train, seed| m.forward_train(&cond, &target, train, &mut crate::util::rng(seed)).unwrap().0;
+    assert_eq!(max_diff(&run(true, 7), &run(true, 7)), 0.0);
+    assert!(max_diff(&run(true, 7), &run(true, 8)) > 0.0);
+    assert_eq!(max_diff(&run(false, 7), &run(false, 8)), 0.0);
+}
+
+#[test]
+fn index_embedding_distinguishes_reference_order() {
+    let base = tiny(Scheme::Tiles);
+    let (m, _) = model(&base, 9);
+    let (cond, target) = condition(&base, 1, 2, 10);
+    let mut rng = crate::util::rng(0);
+    let (l, _) = m.forward_train(&cond, &target, false, &mut rng).unwrap();
+    // Swapping the two references changes the prediction only through the index embedding.
+    let swapped = Tensor::cat(&[cond.refs.narrow(1, 1, 1).unwrap(), cond.refs.narrow(1, 0, 1).unwrap()], 1).unwrap();
+    let cond2 = Condition { refs: swapped, ..cond.clone() };
+    let mut cfg_off = base.clone();
+    cfg_off.itd = false;
+    let (m_off, _) = model(&cfg_off, 9);
+    let (a, _) = m_off.forward_train(&cond, &target, false, &mut rng).unwrap();
+    let (b, _) = m_off.forward_train(&cond2, &target, false, &mut rng).unwrap();
+    assert!(max_diff(&a, &b) > 1e-4);
+    assert_eq!(l.dim(1).unwrap(), 3 * base.image_tokens());
+    assert_eq!(a.dim(1).unwrap(), base.image_tokens());
+}
+
+#[test]
+fn padded_scheme_requires_its_slots() {
+    let cfg = tiny(Scheme::Reference { pad_to: Some(3), quirk_index: true });
+    let (m, _) = model(&cfg, 1);
+    let (cond, _) = condition(&cfg, 1, 2, 2);
+    let err = m.start(&cond, false).err().expect("2 refs for 3 slots must fail").to_string();
+    assert!(err.contains("3 reference slots"), "{err}");
+    let grey = Tensor::from_vec(vec![5u32; cfg.image_tokens()], cfg.image_tokens(), &Device::Cpu).unwrap();
+    let padded = cond.pad_refs(3, &grey).unwrap();
+    assert_eq!(padded.refs.dims(), &[1, 3, cfg.image_tokens()]);
+    assert!(m.start(&padded, false).is_ok());
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("tokenar-model-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn checkpoint_round_trips_reproduce_logits() {
+    let cfg = tiny(Scheme::Reference { pad_to: Some(3), quirk_index: true });
+    let (m, vm) = model(&cfg, 11);
+    let (cond, target) = condition(&cfg, 1, 3, 12);
+    let mut rng = crate::util::rng(0);
+    let (want, _) = m.forward_train(&cond, &target, false, &mut rng).unwrap();
+
+    // As a torch checkpoint under "model" with the reference key names.
+    let tensors = crate::weights::varmap_tensors(&vm);
+    let mut named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    named.sort_by_key(|(k, _)| *k);
+    for key in ["tok_embeddings.weight", "layers.1.attention.wqkv.weight", "ref_index_embeddings.weight", "instruct_token_embeddings.weight", "cls_embedding.cap_proj.fc1.weight", "alignment.weight"] {
+        assert!(tensors.contains_key(key), "{key}");
+    }
+    assert_eq!(tensors["instruct_token_embeddings.weight"].dims(), &[1, 3 * 32]);
+    let pt = tmp("ref.pt");
+    torch_zip::write_checkpoint(&pt, Some("model"), &named).unwrap();
+    let file = TensorFile::load(&pt, &Device::Cpu).unwrap();
+    let (m2, vm2, report) = load::load_with_config(&file, &cfg, &Device::Cpu).unwrap();
+    assert!(report.fresh.is_empty() && report.unused.is_empty(), "{report:?}");
+    let (got, _) = m2.forward_train(&cond, &target, false, &mut rng).unwrap();
+    assert!(max_diff(&got, &want) <= 1e-6);
+
+    // As this project's safetensors: the config travels in the metadata.
+    let st = tmp("own.safetensors");
+    save(&st, &m2, &vm2).unwrap();
+    let (m3, _, report) = load(&st, None, &Device::Cpu).unwrap();
+    assert!(report.fresh.is_empty());
+    assert_eq!(m3.config(), &cfg);
+    let (got, _) = m3.forward_train(&cond, &target, false, &mut rng).unwrap();
+    assert!(max_diff(&got, &want) <= 1e-6);
+    // And the decoding path agrees after loading.
+    let (_, first) = m3.start(&cond, false).unwrap();
+    assert!(max_diff(&first, &want.narrow(1, 0, 1).unwrap().squeeze(1).unwrap()) <= 1e-4);
+}
+
+#[test]
+fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
+    let full = tiny(Scheme::Tiles);
+    let plain = GptConfig {
+        family: Family::LlamaGen,
+        max_refs: 0,
+        background: false,
+        n_instruct: 0,
+        index_embedding: false,
+        itd: false,
+        img_uncond: false,
+        align_dim: None,
+        ..full.clone()
+    };
+    let (_, vm) = model(&plain, 1);
+    let tensors = crate::weights::varmap_tensors(&vm);
+    assert!(tensors.keys().all(|k| k == "tok_embeddings.weight" || k.starts_with("layers.") || k.starts_with("cls_embedding.") || k == "norm.weight" || k == "output.weight"));
+    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let pt = tmp("llamagen.pt");
+    torch_zip::write_checkpoint(&pt, Some("model"), &named).unwrap();
+    let file = TensorFile::load(&pt, &Device::Cpu).unwrap();
+    let (m, vm2, report) = load::load_with_config(&file, &full, &Device::Cpu).unwrap();
+    let mut fresh = report.fresh.clone();
+    fresh.sort();
+    assert_eq!(
+        fresh,
+        vec!["alignment.bias", "alignment.weight", "img_uncond_embedding", "instruct_token_embeddings.weight", "ref_index_embeddings.weight"]
+    );
+    assert_eq!(report.loaded.len(), tensors.len());
+    // The shared weights were loaded.
+    let a = vm2.data().lock().unwrap()["layers.0.attention.wqkv.weight"].as_tensor().clone();
+    assert_eq!(max_diff(&a, &tensors["layers.0.attention.wqkv.weight"]), 0.0);
+    let (cond, target) = condition(&full, 1, 2, 3);
+    assert!(m.forward_train(&cond, &target, false, &mut crate::util::rng(0)).is_ok());
+
+    // Mismatches are errors that name the key.
+    let mut bad = file.clone_for_test();
+    bad.tensors.insert("norm.weight".into(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
+    let e = load::load_with_config(&bad, &full, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("norm.weight") && e.contains("[7]"), "{e}");
+    let mut extra = file.clone_for_test();
+    extra.tensors.insert("mystery.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+    let e = load::load_with_config(&extra, &full, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("mystery.weight"), "{e}");
+    let mut missing = file.clone_for_test();
+    missing.tensors.remove("layers.1.feed_forward.w2.weight");
+    let e = load::load_with_config(&missing, &full, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("layers.1.feed_forward.w2.weight"), "{e}");
+    // A file without config needs a preset.
+    assert!(load(&pt, None, &Device::Cpu).is_err());
+}
+
+trait CloneForTest {
+    fn clone_for_test(&self) -> TensorFile;
+}
+impl CloneForTest for TensorFile {
+    fn clone_for_test(&self) -> TensorFile {
+        TensorFile { path: self.path.clone(), tensors: self.tensors.clone(), metadata: self.metadata.clone() }
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward_llamagen_and_editar() {
+    let reference = Scheme::Reference { pad_to: None, quirk_index: false };
+    let t2i = GptConfig {
+        family: Family::LlamaGen,
+        max_refs: 0,
+        background: false,
+        n_instruct: 0,
+        index_embedding: false,
+        itd: false,
+        img_uncond: false,
+        align_dim: None,
+        ..tiny(reference)
+    };
+    check_cache_matches_full(&t2i, 0);
+    let editar = GptConfig { family: Family::EditAr, background: true, img_uncond: true, ..t2i };
+    check_cache_matches_full(&editar, 0);
+}

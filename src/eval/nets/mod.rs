@@ -12,7 +12,7 @@
 // pub mod dino;
 pub mod fid;
 // pub mod inception;
-// pub mod lpips;
+pub mod lpips;
 pub mod preprocess;
 
 use std::collections::HashMap;
@@ -27,7 +27,7 @@ use crate::{Error, Result};
 // pub use dino::{DinoConfig, DinoEncoder, DinoV2Encoder};
 pub use fid::{fid_from_features, GaussianStats};
 // pub use inception::{FidInception, InceptionConfig};
-// pub use lpips::{Lpips, LpipsConfig, LpipsNet};
+pub use lpips::{Lpips, LpipsConfig, LpipsNet};
 
 /// A network that maps images to one embedding vector each (CLIP-I, DINO, Inception pool3).
 pub trait ImageEmbedder {
@@ -214,5 +214,51 @@ mod tests {
         assert!((cross - 0.5).abs() < 1e-6, "{cross}");
         assert!(mean_pairwise_cosine(&e, &Tensor::zeros((1, 3), DType::F32, &Device::Cpu)?).is_err());
         Ok(())
+    }
+}
+
+/// The PyTorch reference fixtures of `tests/fixtures/eval_nets` (see make_fixtures.py there).
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::path::PathBuf;
+
+    use candle_core::{Device, Tensor};
+
+    use crate::weights::TensorFile;
+    use crate::Result;
+
+    pub fn path(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval_nets").join(name)
+    }
+
+    pub fn input(key: &str) -> Result<Tensor> {
+        let f = TensorFile::load(path("inputs.safetensors"), &Device::Cpu)?;
+        f.tensors.get(key).cloned().ok_or_else(|| crate::Error::invalid("fixture", key.to_string()))
+    }
+
+    pub fn expected(key: &str) -> Vec<f32> {
+        let text = std::fs::read_to_string(path("expected.json")).expect("expected.json");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        fn flat(v: &serde_json::Value, out: &mut Vec<f32>) {
+            match v {
+                serde_json::Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
+                serde_json::Value::Number(n) => out.push(n.as_f64().unwrap_or(f64::NAN) as f32),
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        flat(&v[key], &mut out);
+        assert!(!out.is_empty(), "no expected values for {key}");
+        out
+    }
+
+    /// Max abs difference relative to the largest expected magnitude.
+    pub fn assert_close(got: &Tensor, key: &str, tol: f32) {
+        let got = got.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("tensor");
+        let want = expected(key);
+        assert_eq!(got.len(), want.len(), "{key}: length");
+        let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+        let err = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(err <= tol * scale, "{key}: max abs error {err} (scale {scale}); got {:?} want {:?}", &got[..got.len().min(6)], &want[..want.len().min(6)]);
     }
 }

@@ -9,7 +9,7 @@
 //! and do their own resizing and normalisation.
 
 // pub mod clip;
-// pub mod dino;
+pub mod dino;
 pub mod fid;
 // pub mod inception;
 pub mod lpips;
@@ -24,7 +24,7 @@ use crate::weights::TensorFile;
 use crate::{Error, Result};
 
 // pub use clip::{ClipImageEncoder, ClipVisionSettings};
-// pub use dino::{DinoConfig, DinoEncoder, DinoV2Encoder};
+pub use dino::{DinoConfig, DinoEncoder, DinoV2Encoder};
 pub use fid::{fid_from_features, GaussianStats};
 // pub use inception::{FidInception, InceptionConfig};
 pub use lpips::{Lpips, LpipsConfig, LpipsNet};
@@ -89,6 +89,20 @@ pub fn subject_fidelity(
         total += mean_pairwise_cosine(&net.embed(gen)?, &net.embed(refs)?)?;
     }
     Ok(100.0 * total / subjects.len() as f64)
+}
+
+/// `{prefix}weight` (out, in) and `{prefix}bias` (out) as a linear layer.
+pub(crate) fn linear(f: &TensorFile, prefix: &str, din: usize, dout: usize) -> Result<candle_nn::Linear> {
+    let w = f.get(&format!("{prefix}weight"), &[dout, din])?.to_dtype(DType::F32)?;
+    let b = f.get(&format!("{prefix}bias"), &[dout])?.to_dtype(DType::F32)?;
+    Ok(candle_nn::Linear::new(w, Some(b)))
+}
+
+/// `{prefix}weight`, `{prefix}bias` (d) as a LayerNorm (frozen networks: the fused op).
+pub(crate) fn layer_norm(f: &TensorFile, prefix: &str, d: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
+    let w = f.get(&format!("{prefix}weight"), &[d])?.to_dtype(DType::F32)?;
+    let b = f.get(&format!("{prefix}bias"), &[d])?.to_dtype(DType::F32)?;
+    Ok(candle_nn::LayerNorm::new(w, b, eps))
 }
 
 /// Plain conv2d with a per-axis padding (candle pads both axes alike, so unequal padding is

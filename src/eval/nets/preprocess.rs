@@ -117,14 +117,15 @@ pub fn resize_shorter(x: &Tensor, size: usize, mode: Resample) -> Result<Tensor>
     resize(x, oh, ow, mode)
 }
 
-/// Centre crop to (size, size) as torchvision `CenterCrop` does (offset rounded).
+/// Centre crop to (size, size) as torchvision `CenterCrop` does (offset rounded half to
+/// even, as Python's `round`).
 pub fn center_crop(x: &Tensor, size: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if h < size || w < size {
         return Err(Error::invalid("center crop", format!("image {h}x{w} is smaller than {size}")));
     }
-    let top = ((h - size) as f64 / 2.0).round() as usize;
-    let left = ((w - size) as f64 / 2.0).round() as usize;
+    let top = ((h - size) as f64 / 2.0).round_ties_even() as usize;
+    let left = ((w - size) as f64 / 2.0).round_ties_even() as usize;
     Ok(x.narrow(2, top, size)?.narrow(3, left, size)?)
 }
 

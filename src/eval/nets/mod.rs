@@ -8,7 +8,7 @@
 //! that metric and run the others. All networks take images as (B, 3, H, W) f32 in [-1, 1]
 //! and do their own resizing and normalisation.
 
-// pub mod clip;
+pub mod clip;
 pub mod dino;
 pub mod fid;
 // pub mod inception;
@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::weights::TensorFile;
 use crate::{Error, Result};
 
-// pub use clip::{ClipImageEncoder, ClipVisionSettings};
+pub use clip::{ClipImageEncoder, ClipVisionSettings};
 pub use dino::{DinoConfig, DinoEncoder, DinoV2Encoder};
 pub use fid::{fid_from_features, GaussianStats};
 // pub use inception::{FidInception, InceptionConfig};

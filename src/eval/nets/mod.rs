@@ -11,7 +11,7 @@
 pub mod clip;
 pub mod dino;
 pub mod fid;
-// pub mod inception;
+pub mod inception;
 pub mod lpips;
 pub mod preprocess;
 
@@ -26,7 +26,7 @@ use crate::{Error, Result};
 pub use clip::{ClipImageEncoder, ClipVisionSettings};
 pub use dino::{DinoConfig, DinoEncoder, DinoV2Encoder};
 pub use fid::{fid_from_features, GaussianStats};
-// pub use inception::{FidInception, InceptionConfig};
+pub use inception::{FidInception, InceptionConfig};
 pub use lpips::{Lpips, LpipsConfig, LpipsNet};
 
 /// A network that maps images to one embedding vector each (CLIP-I, DINO, Inception pool3).

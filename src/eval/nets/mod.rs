@@ -241,38 +241,116 @@ pub(crate) mod fixtures {
     use crate::weights::TensorFile;
     use crate::Result;
 
+    /// A directory written by make_fixtures.py.
+    pub struct Set {
+        pub dir: PathBuf,
+    }
+
+    impl Set {
+        pub fn path(&self, name: &str) -> PathBuf {
+            self.dir.join(name)
+        }
+
+        pub fn input(&self, key: &str) -> Result<Tensor> {
+            let f = TensorFile::load(self.path("inputs.safetensors"), &Device::Cpu)?;
+            f.tensors.get(key).cloned().ok_or_else(|| crate::Error::invalid("fixture", key.to_string()))
+        }
+
+        pub fn expected(&self, key: &str) -> Vec<f32> {
+            let text = std::fs::read_to_string(self.path("expected.json")).expect("expected.json");
+            let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+            fn flat(v: &serde_json::Value, out: &mut Vec<f32>) {
+                match v {
+                    serde_json::Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
+                    serde_json::Value::Number(n) => out.push(n.as_f64().unwrap_or(f64::NAN) as f32),
+                    _ => {}
+                }
+            }
+            let mut out = Vec::new();
+            flat(&v[key], &mut out);
+            assert!(!out.is_empty(), "no expected values for {key}");
+            out
+        }
+
+        /// Max abs difference relative to the largest expected magnitude; returns it.
+        pub fn assert_close(&self, got: &Tensor, key: &str, tol: f32) -> f32 {
+            let got = got.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("tensor");
+            let want = self.expected(key);
+            assert_eq!(got.len(), want.len(), "{key}: length");
+            let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+            let err = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+            assert!(
+                err <= tol * scale,
+                "{key}: max abs error {err} (scale {scale}); got {:?} want {:?}",
+                &got[..got.len().min(6)],
+                &want[..want.len().min(6)]
+            );
+            err / scale
+        }
+    }
+
+    pub fn tiny() -> Set {
+        Set { dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval_nets") }
+    }
+
     pub fn path(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval_nets").join(name)
+        tiny().path(name)
     }
 
     pub fn input(key: &str) -> Result<Tensor> {
-        let f = TensorFile::load(path("inputs.safetensors"), &Device::Cpu)?;
-        f.tensors.get(key).cloned().ok_or_else(|| crate::Error::invalid("fixture", key.to_string()))
+        tiny().input(key)
     }
 
-    pub fn expected(key: &str) -> Vec<f32> {
-        let text = std::fs::read_to_string(path("expected.json")).expect("expected.json");
-        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-        fn flat(v: &serde_json::Value, out: &mut Vec<f32>) {
-            match v {
-                serde_json::Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
-                serde_json::Value::Number(n) => out.push(n.as_f64().unwrap_or(f64::NAN) as f32),
-                _ => {}
-            }
-        }
-        let mut out = Vec::new();
-        flat(&v[key], &mut out);
-        assert!(!out.is_empty(), "no expected values for {key}");
-        out
-    }
-
-    /// Max abs difference relative to the largest expected magnitude.
     pub fn assert_close(got: &Tensor, key: &str, tol: f32) {
-        let got = got.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("tensor");
-        let want = expected(key);
-        assert_eq!(got.len(), want.len(), "{key}: length");
-        let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
-        let err = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
-        assert!(err <= tol * scale, "{key}: max abs error {err} (scale {scale}); got {:?} want {:?}", &got[..got.len().min(6)], &want[..want.len().min(6)]);
+        tiny().assert_close(got, key, tol);
+    }
+}
+
+/// Full-size networks (random weights) against PyTorch, with timings; needs the files of
+/// `make_fixtures.py --full DIR` and `TOKENAR_EVALNETS_FULL=DIR`.
+#[cfg(test)]
+mod full_size {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn full_size_networks_match_pytorch() -> Result<()> {
+        let Some(dir) = std::env::var_os("TOKENAR_EVALNETS_FULL") else {
+            eprintln!("TOKENAR_EVALNETS_FULL is not set; skipping");
+            return Ok(());
+        };
+        let set = fixtures::Set { dir: dir.into() };
+        let dev = Device::Cpu;
+        let t = Instant::now();
+        let m = Lpips::load(LpipsConfig::squeeze(), &set.path("lpips_squeeze.safetensors"), None, &dev)?;
+        let d = m.distance(&set.input("lpips_in0")?, &set.input("lpips_in1")?)?;
+        let e = set.assert_close(&d, "lpips_squeeze", 1e-4);
+        eprintln!("LPIPS squeeze 2 pairs 64x64: rel err {e:.2e}, load+run {:.2?}", t.elapsed());
+        let m = FidInception::load(InceptionConfig::fid(), &set.path("fid_inception.safetensors"), &dev)?;
+        let x = set.input("inception_in")?;
+        let t = Instant::now();
+        let f = m.features(&x)?;
+        eprintln!("Inception 2 images -> 299: {:.2?}", t.elapsed());
+        let e = set.assert_close(&f, "inception_pool3", 1e-3);
+        eprintln!("Inception pool3 ({} dims): rel err {e:.2e}", f.dim(1)?);
+        let m = DinoEncoder::load(DinoConfig::vit_s16(), &set.path("dino_vit.safetensors"), &dev)?;
+        let x = set.input("dino_in")?;
+        let t = Instant::now();
+        let f = m.embed(&x)?;
+        eprintln!("DINO ViT-S/16 2 images: {:.2?}", t.elapsed());
+        let e = set.assert_close(&f, "dino_cls", 1e-3);
+        eprintln!("DINO CLS: rel err {e:.2e}");
+        // FID at the real feature size: 200 samples of 2048-d features
+        let mut rng = crate::util::rng(5);
+        let mut feats = |n: usize, shift: f64| -> Vec<Vec<f64>> {
+            (0..n).map(|_| (0..2048).map(|_| rand::Rng::random::<f64>(&mut rng) + shift).collect()).collect()
+        };
+        let (a, b) = (feats(200, 0.0), feats(200, 0.1));
+        let t = Instant::now();
+        let v = fid_from_features(&a, &b)?;
+        eprintln!("FID 200 x 2048-d vs 200 x 2048-d: {v:.4} in {:.2?}", t.elapsed());
+        Ok(())
     }
 }

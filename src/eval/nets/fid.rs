@@ -3,8 +3,8 @@
 //!
 //! FID = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), covariances with n - 1.
 //! tr sqrt(S1 S2) is the sum of square roots of the eigenvalues of S1 S2, which are those of
-//! the symmetric PSD matrix sqrt(S1) S2 sqrt(S1); eigenvalues come from a cyclic Jacobi
-//! eigen-solver. When one set has fewer samples than dimensions (the usual case: a few
+//! the symmetric PSD matrix sqrt(S1) S2 sqrt(S1); eigenvalues come from
+//! [`super::eigen::sym_eigen`]. When one set has fewer samples than dimensions (the usual case: a few
 //! hundred images, 2048-d features) the same eigenvalues are found from an n x n matrix:
 //! with S1 = X1^T X1 / (n1 - 1) (X1 centred), eig(S1 S2) = eig(X1 S2 X1^T) / (n1 - 1)
 //! plus zeros. Tiny negative eigenvalues from rounding (the imaginary-part fallback of
@@ -14,6 +14,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use super::eigen::sym_eigen;
 use crate::weights::{save_safetensors, TensorFile};
 use crate::{Error, Result};
 
@@ -218,70 +219,6 @@ fn symmetrise(m: &mut [f64], n: usize) {
     }
 }
 
-/// Eigenvalues (and optionally eigenvectors as the columns of a row-major (n, n) matrix) of
-/// a symmetric matrix, by cyclic Jacobi rotations.
-pub fn sym_eigen(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<f64>, Vec<f64>)> {
-    if a.len() != n * n {
-        return Err(Error::invalid("matrix", format!("expected {n}x{n} values, got {}", a.len())));
-    }
-    if a.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Numerical("eigen-decomposition: matrix is not finite".into()));
-    }
-    let mut a = a.to_vec();
-    symmetrise(&mut a, n);
-    let mut v = if vectors {
-        let mut v = vec![0f64; n * n];
-        (0..n).for_each(|i| v[i * n + i] = 1.0);
-        v
-    } else {
-        Vec::new()
-    };
-    let norm: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
-    for _sweep in 0..100 {
-        let off: f64 = (0..n)
-            .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
-            .map(|(i, j)| a[i * n + j] * a[i * n + j])
-            .sum();
-        if off.sqrt() <= 1e-15 * norm || off == 0.0 {
-            break;
-        }
-        for p in 0..n {
-            for q in p + 1..n {
-                let apq = a[p * n + q];
-                if apq.abs() <= 1e-300 {
-                    continue;
-                }
-                let (app, aqq) = (a[p * n + p], a[q * n + q]);
-                let theta = (aqq - app) / (2.0 * apq);
-                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let t = if theta == 0.0 { 1.0 } else { t };
-                let c = 1.0 / (t * t + 1.0).sqrt();
-                let s = t * c;
-                for k in 0..n {
-                    let (akp, akq) = (a[k * n + p], a[k * n + q]);
-                    a[k * n + p] = c * akp - s * akq;
-                    a[k * n + q] = s * akp + c * akq;
-                }
-                for k in 0..n {
-                    let (apk, aqk) = (a[p * n + k], a[q * n + k]);
-                    a[p * n + k] = c * apk - s * aqk;
-                    a[q * n + k] = s * apk + c * aqk;
-                }
-                a[p * n + q] = 0.0;
-                a[q * n + p] = 0.0;
-                if vectors {
-                    for k in 0..n {
-                        let (vkp, vkq) = (v[k * n + p], v[k * n + q]);
-                        v[k * n + p] = c * vkp - s * vkq;
-                        v[k * n + q] = s * vkp + c * vkq;
-                    }
-                }
-            }
-        }
-    }
-    Ok(((0..n).map(|i| a[i * n + i]).collect(), v))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,7 +265,7 @@ mod tests {
     #[test]
     fn fid_of_a_set_with_itself_is_zero() -> Result<()> {
         // fewer samples than dims (n x n path) and more (d x d path)
-        for (n, d) in [(10, 16), (40, 5)] {
+        for (n, d) in [(10, 16), (40, 5), (90, 40)] {
             let a = sample(n, &vec![0.3; d], &vec![1.5; d], 7);
             let f = fid_from_features(&a, &a)?;
             assert!(f.abs() < 1e-8, "n={n} d={d}: FID {f}");
@@ -374,6 +311,12 @@ mod tests {
         let bset: Vec<Vec<f64>> = sample(9, &b, &vec![2.0; d], 12);
         let bset: Vec<Vec<f64>> = bset.iter().map(|r| r.iter().zip(&shift).map(|(x, s)| x + s).collect()).collect();
         let fast = fid_from_features(&a, &bset)?;
+        // and at a size where the stats path uses the tridiagonal solver
+        let big_a = sample(20, &vec![0.0; 48], &vec![1.0; 48], 21);
+        let big_b = sample(30, &vec![0.5; 48], &vec![1.5; 48], 22);
+        let f1 = fid_from_features(&big_a, &big_b)?;
+        let f2 = GaussianStats::from_features(&big_a)?.frechet_distance(&GaussianStats::from_features(&big_b)?)?;
+        assert!((f1 - f2).abs() < 1e-6 * f1.abs().max(1.0), "{f1} vs {f2}");
         let slow = GaussianStats::from_features(&a)?.frechet_distance(&GaussianStats::from_features(&bset)?)?;
         assert!((fast - slow).abs() < 1e-8 * slow.abs().max(1.0), "{fast} vs {slow}");
         // the same set moved by a constant: FID = |shift|^2 exactly

@@ -10,6 +10,7 @@
 
 pub mod clip;
 pub mod dino;
+pub mod eigen;
 pub mod fid;
 pub mod inception;
 pub mod lpips;
@@ -351,6 +352,11 @@ mod full_size {
         let t = Instant::now();
         let v = fid_from_features(&a, &b)?;
         eprintln!("FID 200 x 2048-d vs 200 x 2048-d: {v:.4} in {:.2?}", t.elapsed());
+        let (sa, sb) = (GaussianStats::from_features(&a)?, GaussianStats::from_features(&b)?);
+        let t = Instant::now();
+        let w = sa.frechet_distance(&sb)?;
+        eprintln!("FID from 2048-d statistics only: {w:.4} in {:.2?}", t.elapsed());
+        assert!((v - w).abs() < 1e-4 * v.abs().max(1.0), "{v} vs {w}");
         Ok(())
     }
 }

@@ -83,10 +83,13 @@ pub(crate) fn jacobi(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<f64>, Ve
 
 /// Householder reduction to tridiagonal form (tred2), then implicit QL (tql2).
 pub(crate) fn tridiagonal_ql(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<f64>, Vec<f64>)> {
+    // The algorithm walks down columns; `v` is kept column-major (element (r, c) at
+    // c * n + r) so that those walks are contiguous. The input is symmetric, so it reads
+    // the same either way.
     let mut v = symmetrised(a, n);
     let mut d = vec![0f64; n];
     let mut e = vec![0f64; n];
-    let ix = |r: usize, c: usize| r * n + c;
+    let ix = |r: usize, c: usize| c * n + r;
     // ---- tred2
     for j in 0..n {
         d[j] = v[ix(n - 1, j)];
@@ -246,7 +249,18 @@ pub(crate) fn tridiagonal_ql(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<
         d[l] += f;
         e[l] = 0.0;
     }
-    Ok((d, if vectors { v } else { Vec::new() }))
+    let vectors_row_major = if vectors {
+        let mut t = vec![0f64; n * n];
+        for r in 0..n {
+            for c in 0..n {
+                t[r * n + c] = v[ix(r, c)];
+            }
+        }
+        t
+    } else {
+        Vec::new()
+    };
+    Ok((d, vectors_row_major))
 }
 
 #[cfg(test)]

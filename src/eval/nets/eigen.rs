@@ -313,3 +313,20 @@ mod tests {
         Ok(())
     }
 }
+
+/// Timing of the large-matrix solver; `TOKENAR_EIGEN_N=2048 cargo test --lib eigen_timing -- --ignored --nocapture`.
+#[cfg(test)]
+#[test]
+#[ignore]
+fn eigen_timing() -> Result<()> {
+    let n: usize = std::env::var("TOKENAR_EIGEN_N").ok().and_then(|s| s.parse().ok()).unwrap_or(512);
+    let mut rng = crate::util::rng(1);
+    let b: Vec<f64> = (0..n * n).map(|_| rand::Rng::random::<f64>(&mut rng) - 0.5).collect();
+    let a: Vec<f64> = (0..n * n).map(|k| b[k] + b[(k % n) * n + k / n]).collect();
+    for vectors in [false, true] {
+        let t = std::time::Instant::now();
+        let (vals, _) = tridiagonal_ql(&a, n, vectors)?;
+        eprintln!("n={n} vectors={vectors}: {:.2?} (trace {:.6})", t.elapsed(), vals.iter().sum::<f64>());
+    }
+    Ok(())
+}

@@ -298,8 +298,13 @@ mod tests {
         let x = input("inception_in")?;
         assert_close(&m.features(&x)?, "inception_pool3", 1e-4);
         // FID of a feature set with itself is 0
-        let f = m.features_f64(&Tensor::cat(&[&x, &x.flip(&[3])?, &(&x * 0.5)?], 0)?)?;
+        let set = Tensor::cat(&[&x, &x.flip(&[3])?, &(&x * 0.5)?], 0)?;
+        let f = m.features_f64(&set)?;
         assert!(fid_from_features(&f, &f)?.abs() < 1e-6);
+        // batching does not change the features
+        let batched = crate::eval::nets::embed_in_batches(&m, &set, 4)?;
+        let diff = (batched - m.features(&set)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
         Ok(())
     }
 

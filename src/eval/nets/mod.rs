@@ -53,6 +53,20 @@ pub(crate) fn var_builder(tensors: HashMap<String, Tensor>, device: &Device) -> 
     Ok(candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device))
 }
 
+/// Embeddings of a large image set, `batch` images at a time (bounds the activation memory,
+/// e.g. for Inception at 299x299).
+pub fn embed_in_batches(net: &dyn ImageEmbedder, images: &Tensor, batch: usize) -> Result<Tensor> {
+    let n = images.dim(0)?;
+    if batch == 0 || n == 0 {
+        return Err(Error::invalid(net.name(), format!("cannot embed {n} images in batches of {batch}")));
+    }
+    let parts = (0..n)
+        .step_by(batch)
+        .map(|s| net.embed(&images.narrow(0, s, batch.min(n - s))?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
 /// Rows divided by their L2 norm.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;

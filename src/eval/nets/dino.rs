@@ -87,7 +87,7 @@ impl DinoEncoder {
 
     fn from_file(cfg: DinoConfig, f: &TensorFile) -> Result<Self> {
         let (d, p) = (cfg.dim, cfg.patch);
-        if cfg.heads == 0 || d % cfg.heads != 0 || p == 0 || cfg.crop % p != 0 || cfg.crop > cfg.resize {
+        if cfg.heads == 0 || d % cfg.heads != 0 || p == 0 || !cfg.crop.is_multiple_of(p) || cfg.crop > cfg.resize {
             return Err(Error::invalid("DINO config", format!("{cfg:?}")));
         }
         let np = (cfg.crop / p) * (cfg.crop / p);

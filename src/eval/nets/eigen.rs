@@ -97,9 +97,7 @@ pub(crate) fn tridiagonal_ql(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<
     for i in (1..n).rev() {
         let mut scale = 0.0;
         let mut h = 0.0;
-        for k in 0..i {
-            scale += d[k].abs();
-        }
+        scale += d[..i].iter().map(|x| x.abs()).sum::<f64>();
         if scale == 0.0 {
             e[i] = d[i - 1];
             for j in 0..i {
@@ -108,9 +106,9 @@ pub(crate) fn tridiagonal_ql(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<
                 v[ix(j, i)] = 0.0;
             }
         } else {
-            for k in 0..i {
-                d[k] /= scale;
-                h += d[k] * d[k];
+            for dk in d[..i].iter_mut() {
+                *dk /= scale;
+                h += *dk * *dk;
             }
             let mut f = d[i - 1];
             let mut g = if f > 0.0 { -h.sqrt() } else { h.sqrt() };

@@ -149,33 +149,41 @@ pub(crate) fn tridiagonal_ql(a: &[f64], n: usize, vectors: bool) -> Result<(Vec<
         }
         d[i] = h;
     }
-    for i in 0..n.saturating_sub(1) {
-        v[ix(n - 1, i)] = v[ix(i, i)];
-        v[ix(i, i)] = 1.0;
-        let h = d[i + 1];
-        if h != 0.0 {
+    // Accumulate the transformations (only needed for eigenvectors); the diagonal of the
+    // tridiagonal form is left on the diagonal of `v`.
+    if vectors {
+        for i in 0..n.saturating_sub(1) {
+            v[ix(n - 1, i)] = v[ix(i, i)];
+            v[ix(i, i)] = 1.0;
+            let h = d[i + 1];
+            if h != 0.0 {
+                for k in 0..=i {
+                    d[k] = v[ix(k, i + 1)] / h;
+                }
+                for j in 0..=i {
+                    let mut g = 0.0;
+                    for k in 0..=i {
+                        g += v[ix(k, i + 1)] * v[ix(k, j)];
+                    }
+                    for k in 0..=i {
+                        v[ix(k, j)] -= g * d[k];
+                    }
+                }
+            }
             for k in 0..=i {
-                d[k] = v[ix(k, i + 1)] / h;
-            }
-            for j in 0..=i {
-                let mut g = 0.0;
-                for k in 0..=i {
-                    g += v[ix(k, i + 1)] * v[ix(k, j)];
-                }
-                for k in 0..=i {
-                    v[ix(k, j)] -= g * d[k];
-                }
+                v[ix(k, i + 1)] = 0.0;
             }
         }
-        for k in 0..=i {
-            v[ix(k, i + 1)] = 0.0;
+        for j in 0..n {
+            d[j] = v[ix(n - 1, j)];
+            v[ix(n - 1, j)] = 0.0;
+        }
+        v[ix(n - 1, n - 1)] = 1.0;
+    } else {
+        for j in 0..n {
+            d[j] = v[ix(j, j)];
         }
     }
-    for j in 0..n {
-        d[j] = v[ix(n - 1, j)];
-        v[ix(n - 1, j)] = 0.0;
-    }
-    v[ix(n - 1, n - 1)] = 1.0;
     e[0] = 0.0;
     // ---- tql2
     for i in 1..n {

@@ -78,7 +78,8 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
             bar.finish_and_clear();
             eprintln!("wrote {n} samples to {} in {:.1} s", out.display(), t0.elapsed().as_secs_f64());
             if !no_contact {
-                let ds = data::Dataset::open(&out, &OpenOptions::default())?;
+                let max_refs = opts.subjects.1.max(data::format::DEFAULT_MAX_REFS);
+                let ds = data::Dataset::open(&out, &OpenOptions { max_refs, ..OpenOptions::default() })?;
                 let sheet = data::sheet::contact_sheet(&ds, 8, size)?;
                 tokenar::imageio::save_rgb(out.join("contact.png"), &sheet)?;
             }

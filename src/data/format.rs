@@ -17,6 +17,10 @@ pub struct Meta {
     /// Relation name, e.g. "left_of"; empty for a single subject.
     #[serde(default)]
     pub relation: String,
+    /// With three or more subjects: the relation of subject i to subject i + 1, in order
+    /// (`relation` is the first of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relations: Vec<String>,
     #[serde(default)]
     pub prompt: String,
     #[serde(default)]

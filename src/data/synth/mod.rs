@@ -164,7 +164,7 @@ pub fn render_sample(seed: u64, size: u32, subjects: (usize, usize)) -> SynthSam
     // Draw a layout until every subject stays at least 40% visible and unrelated subjects do
     // not collide; after many tries accept the last one (it is still a valid sample).
     let mut attempt = 0;
-    let (rels, poses, target, owner) = loop {
+    let (rels, target, owner) = loop {
         attempt += 1;
         let rels: Vec<usize> = (1..n).map(|_| rng.random_range(0..RELATIONS.len())).collect();
         let mut poses = relations::layout(&rels, n, &mut rng);
@@ -183,10 +183,9 @@ pub fn render_sample(seed: u64, size: u32, subjects: (usize, usize)) -> SynthSam
             vis * 10 >= full[i] * 4 && vis > 0
         });
         if (far_ok && visible_ok) || attempt >= 20 {
-            break (rels, poses, target, owner);
+            break (rels, target, owner);
         }
     };
-    let _: &Vec<Pose> = &poses;
     let mask = GrayImage::from_fn(size, size, |x, y| Luma([if owner[(y * size + x) as usize] > 0 { 255 } else { 0 }]));
     let mut background = target.clone();
     for (px, &o) in background.pixels_mut().zip(owner.iter()) {
@@ -221,6 +220,7 @@ pub fn render_sample(seed: u64, size: u32, subjects: (usize, usize)) -> SynthSam
         subject_masks,
         meta: Meta {
             relation: rels.first().map(|&r| RELATIONS[r].0.to_string()).unwrap_or_default(),
+            relations: if rels.len() > 1 { rels.iter().map(|&r| RELATIONS[r].0.to_string()).collect() } else { Vec::new() },
             prompt,
             subjects: subjects_meta,
         },

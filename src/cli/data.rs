@@ -87,15 +87,15 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
         }
         DataCmd::Check { path, max_refs, allow_missing_target } => {
             let opts = OpenOptions { max_refs, allow_missing_target, decode: true };
-            let ds = data::Dataset::open_quiet(&path, &opts)?;
-            for (id, reason) in &ds.skipped {
+            let report = data::check(&path, &opts)?;
+            for (id, reason) in &report.bad {
                 println!("BAD {id}: {reason}");
             }
-            println!("{} samples: {} good, {} bad", ds.samples.len() + ds.skipped.len(), ds.samples.len(), ds.skipped.len());
-            if ds.skipped.is_empty() {
+            println!("{} samples: {} good, {} bad", report.total, report.good, report.bad.len());
+            if report.is_ok() {
                 Ok(())
             } else {
-                anyhow::bail!("{} bad sample(s) in {}", ds.skipped.len(), path.display())
+                anyhow::bail!("{} bad sample(s) in {}", report.bad.len(), path.display())
             }
         }
         DataCmd::Sheet { path, out, rows, size } => {

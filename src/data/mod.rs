@@ -11,3 +11,6 @@ pub mod synth;
 
 pub use format::{Dataset, LoadedSample, Meta, OpenOptions, Sample, SubjectMeta};
 pub use check::{check, CheckReport};
+
+#[cfg(test)]
+mod tests;

@@ -86,6 +86,6 @@ mod tests {
         assert!(inside(4, 0.0, -0.95), "star point up");
         assert!(!inside(4, 0.0, 0.95), "no star point down");
         assert!(!inside(1, 0.0, 0.0), "ring has a hole");
-        assert!(inside(5, -0.45, -0.3) && !inside(5, 0.0, -0.6), "heart lobes and notch");
+        assert!(inside(5, -0.45, -0.75) && !inside(5, 0.0, -0.75), "heart lobes and notch");
     }
 }

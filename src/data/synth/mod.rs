@@ -343,3 +343,6 @@ fn write_one(out: &Path, opts: &SynthOptions, i: usize) -> Result<()> {
         },
     )
 }
+
+#[cfg(test)]
+mod tests;

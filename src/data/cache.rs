@@ -277,11 +277,26 @@ pub fn encode_dataset(
     out: &Path,
     size: u32,
     encode_images: ImageEncoder,
-    mut encode_text: Option<TextEncoder>,
+    encode_text: Option<TextEncoder>,
     batch: usize,
     progress: Option<&dyn Fn(usize, usize)>,
 ) -> Result<()> {
-    let mut w = CacheWriter::create_or_resume(out, size, DEFAULT_SHARD_SAMPLES)?;
+    encode_dataset_sharded(ds, out, size, encode_images, encode_text, batch, DEFAULT_SHARD_SAMPLES, progress)
+}
+
+/// As [`encode_dataset`] with `shard_samples` samples per shard (the unit of resumption).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_dataset_sharded(
+    ds: &Dataset,
+    out: &Path,
+    size: u32,
+    encode_images: ImageEncoder,
+    mut encode_text: Option<TextEncoder>,
+    batch: usize,
+    shard_samples: usize,
+    progress: Option<&dyn Fn(usize, usize)>,
+) -> Result<()> {
+    let mut w = CacheWriter::create_or_resume(out, size, shard_samples)?;
     let done = w.done_ids();
     let todo: Vec<_> = ds.samples.iter().filter(|s| !done.contains(&s.id)).collect();
     let total = ds.samples.len();
@@ -341,4 +356,110 @@ pub fn encode_dataset(
         eprintln!("warning: skipped {skipped} sample(s) whose images could not be loaded (listed in {INDEX})");
     }
     w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synth::{generate, SynthOptions};
+    use crate::data::OpenOptions;
+
+    /// A stand-in tokenizer: the mean colour of each 8x8 block, 4 levels per channel.
+    fn block_codes(x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let m = x.reshape((b, c, h / 8, 8, w / 8, 8))?.mean(5)?.mean(3)?; // (b, c, h/8, w/8)
+        let q = ((m + 1.0)? * 1.999)?.floor()?.clamp(0.0, 3.0)?;
+        let code = ((q.narrow(1, 0, 1)? * 16.0)? + (q.narrow(1, 1, 1)? * 4.0)? + q.narrow(1, 2, 1)?)?;
+        Ok(code.squeeze(1)?.to_dtype(DType::U32)?)
+    }
+
+    /// A stand-in text encoder: L = 4 positions of D = 2 features from the words' lengths.
+    fn words(prompts: &[String]) -> Result<(Tensor, Tensor)> {
+        let mut f = Vec::new();
+        let mut m = Vec::new();
+        for p in prompts {
+            let w: Vec<&str> = p.split(' ').collect();
+            for i in 0..4 {
+                let len = w.get(i).map_or(0.0, |s| s.len() as f32);
+                f.extend([len, i as f32]);
+                m.push(u8::from(i < w.len()));
+            }
+        }
+        let b = prompts.len();
+        Ok((Tensor::from_vec(f, (b, 4, 2), &Device::Cpu)?, Tensor::from_vec(m, (b, 4), &Device::Cpu)?))
+    }
+
+    fn expected(ds: &Dataset, i: usize) -> (Vec<Vec<u32>>, Vec<u32>, Vec<u32>) {
+        let l = ds.samples[i].load(32).unwrap();
+        let enc = |img: &RgbImage| {
+            let t = rgb_to_tensor(img, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            block_codes(&t).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()
+        };
+        (l.refs.iter().map(enc).collect(), enc(&l.background), enc(l.target.as_ref().unwrap()))
+    }
+    use image::RgbImage;
+
+    #[test]
+    fn cache_round_trips_and_resumes() {
+        let root = std::env::temp_dir().join(format!("tokenar-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        generate(&data, &SynthOptions { n: 7, seed: 2, size: 32, subjects: (1, 3), ..Default::default() }, None).unwrap();
+        let ds = Dataset::open(&data, &OpenOptions::default()).unwrap();
+        // A sample broken after opening is recorded as skipped, not fatal.
+        std::fs::write(data.join("sample_5/background.png"), b"broken").unwrap();
+
+        // First run fails at the fourth batch: two shards of two samples were written.
+        let out = root.join("cache");
+        let mut calls = 0;
+        let mut failing = |x: &Tensor| {
+            calls += 1;
+            if calls == 4 {
+                return Err(Error::invalid("test", "interrupted"));
+            }
+            block_codes(x)
+        };
+        let mut text = words;
+        let r = encode_dataset_sharded(&ds, &out, 32, &mut failing, Some(&mut text), 1, 2, None);
+        assert!(r.is_err());
+        let partial = CacheReader::open(&out).unwrap();
+        assert_eq!((partial.len(), partial.is_complete()), (2, false));
+
+        // The rerun encodes only what is missing.
+        let mut encoded = 0;
+        let mut counting = |x: &Tensor| {
+            encoded += x.dim(0)?;
+            block_codes(x)
+        };
+        let last = std::cell::Cell::new((0, 0));
+        encode_dataset_sharded(&ds, &out, 32, &mut counting, Some(&mut text), 2, 2, Some(&|d, t| last.set((d, t)))).unwrap();
+        assert_eq!(last.get(), (7, 7));
+        let rest: usize = ds.samples[2..].iter().filter(|s| s.id != "sample_5").map(|s| s.refs.len() + 2).sum();
+        assert_eq!(encoded, rest);
+
+        let cache = CacheReader::open(&out).unwrap();
+        assert!(cache.is_complete());
+        assert_eq!(cache.len(), 6);
+        assert_eq!(cache.skipped().len(), 1);
+        assert!(cache.skipped()[0].0 == "sample_5" && cache.skipped()[0].1.contains("background.png"));
+        let by_id: HashMap<String, usize> = ds.samples.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
+        // Read in an order that jumps between shards.
+        for i in [5, 0, 3, 1, 4, 2] {
+            let c = cache.get(i).unwrap();
+            let k = by_id[&c.id];
+            let (refs, bg, target) = expected(&ds, k);
+            assert_eq!((c.refs, c.background, c.target), (refs, bg, target), "{}", c.id);
+            assert_eq!(c.grid, (4, 4));
+            assert_eq!(c.prompt, ds.samples[k].prompt);
+            let (t, m) = c.text.unwrap();
+            let (want_t, want_m) = words(std::slice::from_ref(&c.prompt)).unwrap();
+            assert_eq!(t.to_vec2::<f32>().unwrap(), want_t.get(0).unwrap().to_vec2::<f32>().unwrap());
+            assert_eq!(m, want_m.get(0).unwrap().to_vec1::<u8>().unwrap());
+        }
+        assert!(cache.get(6).is_err());
+        // Resuming at another image size is refused.
+        let mut enc = block_codes;
+        assert!(encode_dataset(&ds, &out, 64, &mut enc, None, 2, None).is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

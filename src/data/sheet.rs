@@ -1,20 +1,23 @@
 //! Contact sheets: one row per sample with its references, background, mask and target, for
 //! looking at a dataset at a glance.
 
-use super::format::Dataset;
+use super::format::{Dataset, LoadedSample};
 use crate::error::Result;
 use crate::imageio::{grid, mask_to_rgb};
 use image::{Rgb, RgbImage};
 
-/// A grid of the first `rows` samples of `ds` at `size` px: references (padded with grey to the
-/// largest reference count among them), background, mask (black when absent), target.
+/// A grid of the first `rows` samples of `ds` that load at `size` px (samples that fail to
+/// load are left out): references (padded with grey to the largest reference count among
+/// them), background, mask (black when absent), target.
 pub fn contact_sheet(ds: &Dataset, rows: usize, size: u32) -> Result<RgbImage> {
-    let samples = &ds.samples[..rows.min(ds.samples.len())];
-    let max_refs = samples.iter().map(|s| s.refs.len()).max().unwrap_or(0);
+    if size == 0 {
+        return Err(crate::Error::invalid("image size", "must be at least 1 pixel"));
+    }
+    let loaded: Vec<LoadedSample> = ds.samples.iter().filter_map(|s| s.load(size).ok()).take(rows).collect();
+    let max_refs = loaded.iter().map(|l| l.refs.len()).max().unwrap_or(0);
     let blank = RgbImage::from_pixel(size, size, Rgb([128, 128, 128]));
     let mut cells = Vec::new();
-    for s in samples {
-        let l = s.load(size)?;
+    for l in loaded {
         let nrefs = l.refs.len();
         cells.extend(l.refs);
         cells.extend(std::iter::repeat_n(blank.clone(), max_refs - nrefs));

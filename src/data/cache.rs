@@ -232,16 +232,19 @@ impl CacheReader {
             Error::invalid("cache sample index", format!("{i} (the cache holds {})", self.len()))
         })?;
         let grid = self.index.grid.unwrap_or((0, 0));
+        let shard_file = self.index.shards.get(e.shard).ok_or_else(|| {
+            Error::bad_file(self.dir.join(INDEX), format!("sample {} refers to missing shard {}", e.id, e.shard))
+        })?;
+        let shard = self.dir.join(shard_file);
         let mut guard = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if guard.as_ref().map(|(k, _)| *k) != Some(e.shard) {
-            let path = self.dir.join(&self.index.shards[e.shard]);
+            let path = shard.clone();
             let bytes = std::fs::read(&path).with_path(&path)?;
             let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
                 .map_err(|err| Error::bad_file(&path, format!("cannot read shard: {err}")))?;
             *guard = Some((e.shard, t));
         }
         let (_, t) = guard.as_ref().ok_or_else(|| Error::invalid("cache", "shard not loaded"))?;
-        let shard = self.dir.join(&self.index.shards[e.shard]);
         let get = |k: &str| t.get(k).ok_or_else(|| Error::bad_file(&shard, format!("missing tensor `{k}`")));
         let codes = get("codes")?;
         let row = |r: usize| -> Result<Vec<u32>> { Ok(codes.get(r)?.to_vec1::<u32>()?) };

@@ -154,7 +154,8 @@ pub fn prompt(cats: &[usize], rels: &[usize]) -> String {
 /// Render one sample from its seed. Deterministic: the same arguments give the same pixels.
 pub fn render_sample(seed: u64, size: u32, subjects: (usize, usize)) -> SynthSample {
     let mut rng = rng(seed);
-    let n = rng.random_range(subjects.0..=subjects.1.max(subjects.0));
+    let lo = subjects.0.clamp(1, 4);
+    let n = rng.random_range(lo..=subjects.1.clamp(lo, 4));
     let mut cats: Vec<usize> = (0..CATEGORIES.len()).collect();
     cats.shuffle(&mut rng);
     cats.truncate(n);

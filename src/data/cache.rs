@@ -1,0 +1,468 @@
+//! The code cache: a dataset run once through the image tokenizer (and the text encoder when
+//! there is one), stored as safetensors shards plus `index.json`, so training reads codes
+//! instead of decoding images. Writing is resumable: shards are written whole and atomically,
+//! and the index lists only finished shards, so a rerun skips the samples already stored.
+//!
+//! Shard `shard_<k>.safetensors` holds `codes` (images x h*w, u32), and with text `text`
+//! (samples x L x D, f32) and `text_mask` (samples x L, u8). The index maps each sample to
+//! its rows.
+
+use super::format::Dataset;
+use crate::error::{Error, IoContext, Result};
+use crate::imageio::rgb_to_tensor;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub const INDEX: &str = "index.json";
+/// Samples per shard unless the writer is told otherwise.
+pub const DEFAULT_SHARD_SAMPLES: usize = 1024;
+
+/// One sample as codes: every image a row-major (h, w) grid of token ids.
+#[derive(Debug, Clone)]
+pub struct CachedSample {
+    pub id: String,
+    pub refs: Vec<Vec<u32>>,
+    pub background: Vec<u32>,
+    /// Empty when the sample has no target.
+    pub target: Vec<u32>,
+    /// (h, w) of every code grid.
+    pub grid: (usize, usize),
+    pub prompt: String,
+    /// Text features (L x D) and the mask of valid positions (L, 1 = token, 0 = padding).
+    pub text: Option<(Tensor, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Entry {
+    id: String,
+    shard: usize,
+    refs: Vec<usize>,
+    background: usize,
+    target: Option<usize>,
+    prompt: String,
+    text: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Index {
+    version: u32,
+    /// Image size the codes were computed at.
+    size: u32,
+    grid: Option<(usize, usize)>,
+    shards: Vec<String>,
+    samples: Vec<Entry>,
+    /// Samples that could not be loaded, with the reason.
+    skipped: Vec<(String, String)>,
+    complete: bool,
+}
+
+fn shard_name(k: usize) -> String {
+    format!("shard_{k:05}.safetensors")
+}
+
+/// Appends samples and writes a shard every `shard_samples` samples.
+pub struct CacheWriter {
+    dir: PathBuf,
+    index: Index,
+    shard_samples: usize,
+    pending: Vec<CachedSample>,
+}
+
+impl CacheWriter {
+    /// Create a cache at `dir`, or resume the one there (its image size must match).
+    pub fn create_or_resume(dir: &Path, size: u32, shard_samples: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_path(dir)?;
+        let index_path = dir.join(INDEX);
+        let index = if index_path.is_file() {
+            let idx = read_index(&index_path)?;
+            if idx.size != size {
+                return Err(Error::bad_file(
+                    &index_path,
+                    format!("cache was written at {} px, asked to resume at {size} px", idx.size),
+                ));
+            }
+            idx
+        } else {
+            Index { version: 1, size, grid: None, shards: vec![], samples: vec![], skipped: vec![], complete: false }
+        };
+        Ok(Self { dir: dir.to_path_buf(), index, shard_samples: shard_samples.max(1), pending: Vec::new() })
+    }
+
+    /// Ids already stored (or recorded as skipped) by an earlier run.
+    pub fn done_ids(&self) -> HashSet<String> {
+        self.index
+            .samples
+            .iter()
+            .map(|e| e.id.clone())
+            .chain(self.index.skipped.iter().map(|s| s.0.clone()))
+            .collect()
+    }
+
+    pub fn skip(&mut self, id: &str, reason: &str) {
+        self.index.skipped.push((id.to_string(), reason.to_string()));
+    }
+
+    pub fn push(&mut self, s: CachedSample) -> Result<()> {
+        match self.index.grid {
+            Some(g) if g != s.grid => {
+                return Err(Error::invalid("code grid", format!("sample {} has {:?}, the cache {:?}", s.id, s.grid, g)))
+            }
+            _ => self.index.grid = Some(s.grid),
+        }
+        let n = s.grid.0 * s.grid.1;
+        if s.refs.iter().chain([&s.background]).any(|c| c.len() != n) || !(s.target.is_empty() || s.target.len() == n) {
+            return Err(Error::invalid("codes", format!("sample {}: a code list is not {n} long", s.id)));
+        }
+        self.pending.push(s);
+        if self.pending.len() >= self.shard_samples {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write the pending samples as one shard and record it in the index.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return self.write_index();
+        }
+        let k = self.index.shards.len();
+        let n = self.index.grid.map_or(0, |g| g.0 * g.1);
+        let mut codes: Vec<u32> = Vec::new();
+        let mut texts = Vec::new();
+        let mut masks: Vec<u8> = Vec::new();
+        let mut rows = 0usize;
+        let mut take = |c: &[u32], codes: &mut Vec<u32>| {
+            codes.extend_from_slice(c);
+            rows += 1;
+            rows - 1
+        };
+        let mut entries = Vec::new();
+        for s in self.pending.drain(..) {
+            let refs = s.refs.iter().map(|c| take(c, &mut codes)).collect();
+            let background = take(&s.background, &mut codes);
+            let target = (!s.target.is_empty()).then(|| take(&s.target, &mut codes));
+            let text = match &s.text {
+                Some((t, m)) => {
+                    texts.push(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.unsqueeze(0)?);
+                    masks.extend_from_slice(m);
+                    Some(texts.len() - 1)
+                }
+                None => None,
+            };
+            entries.push(Entry { id: s.id, shard: k, refs, background, target, prompt: s.prompt, text });
+        }
+        let mut tensors = HashMap::new();
+        tensors.insert("codes".to_string(), Tensor::from_vec(codes, (rows, n), &Device::Cpu)?);
+        if !texts.is_empty() {
+            let text = Tensor::cat(&texts, 0)?;
+            let (b, l, _) = text.dims3()?;
+            if masks.len() != b * l {
+                return Err(Error::invalid("text mask", format!("{} values for {b} x {l} text positions", masks.len())));
+            }
+            tensors.insert("text_mask".to_string(), Tensor::from_vec(masks, (b, l), &Device::Cpu)?);
+            tensors.insert("text".to_string(), text);
+        }
+        crate::weights::save_safetensors(self.dir.join(shard_name(k)), &tensors, &BTreeMap::new())?;
+        self.index.shards.push(shard_name(k));
+        self.index.samples.extend(entries);
+        self.write_index()
+    }
+
+    fn write_index(&self) -> Result<()> {
+        let text = serde_json::to_string(&self.index).map_err(|e| Error::invalid("cache index", e.to_string()))?;
+        crate::util::atomic_write(self.dir.join(INDEX), text.as_bytes())
+    }
+
+    /// Flush and mark the cache complete.
+    pub fn finish(mut self) -> Result<()> {
+        self.flush()?;
+        self.index.complete = true;
+        self.write_index()
+    }
+}
+
+fn read_index(path: &Path) -> Result<Index> {
+    let text = std::fs::read_to_string(path).with_path(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid cache index: {e}")))
+}
+
+/// Reads a cache; shards are loaded on demand, one kept in memory at a time.
+pub struct CacheReader {
+    dir: PathBuf,
+    index: Index,
+    loaded: Mutex<Option<(usize, HashMap<String, Tensor>)>>,
+}
+
+impl CacheReader {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = read_index(&dir.join(INDEX))?;
+        Ok(Self { dir: dir.to_path_buf(), index, loaded: Mutex::new(None) })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.samples.is_empty()
+    }
+
+    /// Whether the writer finished (false after an interrupted run).
+    pub fn is_complete(&self) -> bool {
+        self.index.complete
+    }
+
+    pub fn size(&self) -> u32 {
+        self.index.size
+    }
+
+    pub fn skipped(&self) -> &[(String, String)] {
+        &self.index.skipped
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.index.samples.iter().map(|e| e.id.as_str())
+    }
+
+    pub fn get(&self, i: usize) -> Result<CachedSample> {
+        let e = self.index.samples.get(i).ok_or_else(|| {
+            Error::invalid("cache sample index", format!("{i} (the cache holds {})", self.len()))
+        })?;
+        let grid = self.index.grid.unwrap_or((0, 0));
+        let shard_file = self.index.shards.get(e.shard).ok_or_else(|| {
+            Error::bad_file(self.dir.join(INDEX), format!("sample {} refers to missing shard {}", e.id, e.shard))
+        })?;
+        let shard = self.dir.join(shard_file);
+        let mut guard = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().map(|(k, _)| *k) != Some(e.shard) {
+            let path = shard.clone();
+            let bytes = std::fs::read(&path).with_path(&path)?;
+            let t = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+                .map_err(|err| Error::bad_file(&path, format!("cannot read shard: {err}")))?;
+            *guard = Some((e.shard, t));
+        }
+        let (_, t) = guard.as_ref().ok_or_else(|| Error::invalid("cache", "shard not loaded"))?;
+        let get = |k: &str| t.get(k).ok_or_else(|| Error::bad_file(&shard, format!("missing tensor `{k}`")));
+        let codes = get("codes")?;
+        let row = |r: usize| -> Result<Vec<u32>> { Ok(codes.get(r)?.to_vec1::<u32>()?) };
+        let text = match e.text {
+            Some(r) => {
+                let mask = get("text_mask")?.get(r)?.to_vec1::<u8>()?;
+                Some((get("text")?.get(r)?, mask))
+            }
+            None => None,
+        };
+        Ok(CachedSample {
+            id: e.id.clone(),
+            refs: e.refs.iter().map(|&r| row(r)).collect::<Result<_>>()?,
+            background: row(e.background)?,
+            target: e.target.map(row).transpose()?.unwrap_or_default(),
+            grid,
+            prompt: e.prompt.clone(),
+            text,
+        })
+    }
+}
+
+/// The image encoder: (B, 3, H, W) in [-1, 1] -> (B, h, w) u32 codes.
+pub type ImageEncoder<'a> = &'a mut dyn FnMut(&Tensor) -> Result<Tensor>;
+/// The text encoder: prompts -> ((B, L, D) features, (B, L) mask of valid positions).
+pub type TextEncoder<'a> = &'a mut dyn FnMut(&[String]) -> Result<(Tensor, Tensor)>;
+
+/// Encode every sample of `ds` at `size` px into a cache at `out`, `batch` samples per call of
+/// the encoders. Resumes a cache already at `out`. Samples whose images cannot be loaded are
+/// recorded as skipped (with a warning). `progress` gets (samples done, total).
+pub fn encode_dataset(
+    ds: &Dataset,
+    out: &Path,
+    size: u32,
+    encode_images: ImageEncoder,
+    encode_text: Option<TextEncoder>,
+    batch: usize,
+    progress: Option<&dyn Fn(usize, usize)>,
+) -> Result<()> {
+    encode_dataset_sharded(ds, out, size, encode_images, encode_text, batch, DEFAULT_SHARD_SAMPLES, progress)
+}
+
+/// As [`encode_dataset`] with `shard_samples` samples per shard (the unit of resumption).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_dataset_sharded(
+    ds: &Dataset,
+    out: &Path,
+    size: u32,
+    encode_images: ImageEncoder,
+    mut encode_text: Option<TextEncoder>,
+    batch: usize,
+    shard_samples: usize,
+    progress: Option<&dyn Fn(usize, usize)>,
+) -> Result<()> {
+    let mut w = CacheWriter::create_or_resume(out, size, shard_samples)?;
+    let done = w.done_ids();
+    let todo: Vec<_> = ds.samples.iter().filter(|s| !done.contains(&s.id)).collect();
+    let total = ds.samples.len();
+    let mut finished = total - todo.len();
+    let mut skipped = 0;
+    for chunk in todo.chunks(batch.max(1)) {
+        let mut loaded = Vec::new();
+        for s in chunk {
+            match s.load(size) {
+                Ok(l) => loaded.push((s, l)),
+                Err(e) => {
+                    skipped += 1;
+                    w.skip(&s.id, &e.to_string());
+                }
+            }
+        }
+        if !loaded.is_empty() {
+            let mut images = Vec::new();
+            for (_, l) in &loaded {
+                for img in l.refs.iter().chain([&l.background]).chain(l.target.iter()) {
+                    images.push(rgb_to_tensor(img, &Device::Cpu)?);
+                }
+            }
+            let codes = encode_images(&Tensor::stack(&images, 0)?)?;
+            let (b, h, gw) = codes.dims3()?;
+            if b != images.len() {
+                return Err(Error::invalid("image encoder output", format!("{b} code grids for {} images", images.len())));
+            }
+            let codes = codes.to_dtype(DType::U32)?.flatten_from(1)?.to_vec2::<u32>()?;
+            let text = match encode_text.as_mut() {
+                Some(f) => {
+                    let prompts: Vec<String> = loaded.iter().map(|(_, l)| l.prompt.clone()).collect();
+                    let (t, m) = f(&prompts)?;
+                    Some((t, m.to_dtype(DType::U8)?))
+                }
+                None => None,
+            };
+            let mut rows = codes.into_iter();
+            for (k, (s, l)) in loaded.iter().enumerate() {
+                let mut next = || rows.next().unwrap_or_default();
+                let refs = (0..l.refs.len()).map(|_| next()).collect();
+                let background = next();
+                let target = if l.target.is_some() { next() } else { Vec::new() };
+                let text = match &text {
+                    Some((t, m)) => Some((t.get(k)?, m.get(k)?.to_vec1::<u8>()?)),
+                    None => None,
+                };
+                w.push(CachedSample { id: s.id.clone(), refs, background, target, grid: (h, gw), prompt: l.prompt.clone(), text })?;
+            }
+        }
+        finished += chunk.len();
+        if let Some(p) = progress {
+            p(finished, total);
+        }
+    }
+    if skipped > 0 {
+        eprintln!("warning: skipped {skipped} sample(s) whose images could not be loaded (listed in {INDEX})");
+    }
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synth::{generate, SynthOptions};
+    use crate::data::OpenOptions;
+
+    /// A stand-in tokenizer: the mean colour of each 8x8 block, 4 levels per channel.
+    fn block_codes(x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let m = x.reshape((b, c, h / 8, 8, w / 8, 8))?.mean(5)?.mean(3)?; // (b, c, h/8, w/8)
+        let q = ((m + 1.0)? * 1.999)?.floor()?.clamp(0.0, 3.0)?;
+        let code = ((q.narrow(1, 0, 1)? * 16.0)? + (q.narrow(1, 1, 1)? * 4.0)? + q.narrow(1, 2, 1)?)?;
+        Ok(code.squeeze(1)?.to_dtype(DType::U32)?)
+    }
+
+    /// A stand-in text encoder: L = 4 positions of D = 2 features from the words' lengths.
+    fn words(prompts: &[String]) -> Result<(Tensor, Tensor)> {
+        let mut f = Vec::new();
+        let mut m = Vec::new();
+        for p in prompts {
+            let w: Vec<&str> = p.split(' ').collect();
+            for i in 0..4 {
+                let len = w.get(i).map_or(0.0, |s| s.len() as f32);
+                f.extend([len, i as f32]);
+                m.push(u8::from(i < w.len()));
+            }
+        }
+        let b = prompts.len();
+        Ok((Tensor::from_vec(f, (b, 4, 2), &Device::Cpu)?, Tensor::from_vec(m, (b, 4), &Device::Cpu)?))
+    }
+
+    fn expected(ds: &Dataset, i: usize) -> (Vec<Vec<u32>>, Vec<u32>, Vec<u32>) {
+        let l = ds.samples[i].load(32).unwrap();
+        let enc = |img: &RgbImage| {
+            let t = rgb_to_tensor(img, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            block_codes(&t).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()
+        };
+        (l.refs.iter().map(enc).collect(), enc(&l.background), enc(l.target.as_ref().unwrap()))
+    }
+    use image::RgbImage;
+
+    #[test]
+    fn cache_round_trips_and_resumes() {
+        let root = std::env::temp_dir().join(format!("tokenar-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        generate(&data, &SynthOptions { n: 7, seed: 2, size: 32, subjects: (1, 3), ..Default::default() }, None).unwrap();
+        let ds = Dataset::open(&data, &OpenOptions::default()).unwrap();
+        // A sample broken after opening is recorded as skipped, not fatal.
+        std::fs::write(data.join("sample_5/background.png"), b"broken").unwrap();
+
+        // First run fails at the fourth batch: two shards of two samples were written.
+        let out = root.join("cache");
+        let mut calls = 0;
+        let mut failing = |x: &Tensor| {
+            calls += 1;
+            if calls == 4 {
+                return Err(Error::invalid("test", "interrupted"));
+            }
+            block_codes(x)
+        };
+        let mut text = words;
+        let r = encode_dataset_sharded(&ds, &out, 32, &mut failing, Some(&mut text), 1, 2, None);
+        assert!(r.is_err());
+        let partial = CacheReader::open(&out).unwrap();
+        assert_eq!((partial.len(), partial.is_complete()), (2, false));
+
+        // The rerun encodes only what is missing.
+        let mut encoded = 0;
+        let mut counting = |x: &Tensor| {
+            encoded += x.dim(0)?;
+            block_codes(x)
+        };
+        let last = std::cell::Cell::new((0, 0));
+        encode_dataset_sharded(&ds, &out, 32, &mut counting, Some(&mut text), 2, 2, Some(&|d, t| last.set((d, t)))).unwrap();
+        assert_eq!(last.get(), (7, 7));
+        let rest: usize = ds.samples[2..].iter().filter(|s| s.id != "sample_5").map(|s| s.refs.len() + 2).sum();
+        assert_eq!(encoded, rest);
+
+        let cache = CacheReader::open(&out).unwrap();
+        assert!(cache.is_complete());
+        assert_eq!(cache.len(), 6);
+        assert_eq!(cache.skipped().len(), 1);
+        assert!(cache.skipped()[0].0 == "sample_5" && cache.skipped()[0].1.contains("background.png"));
+        let by_id: HashMap<String, usize> = ds.samples.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
+        // Read in an order that jumps between shards.
+        for i in [5, 0, 3, 1, 4, 2] {
+            let c = cache.get(i).unwrap();
+            let k = by_id[&c.id];
+            let (refs, bg, target) = expected(&ds, k);
+            assert_eq!((c.refs, c.background, c.target), (refs, bg, target), "{}", c.id);
+            assert_eq!(c.grid, (4, 4));
+            assert_eq!(c.prompt, ds.samples[k].prompt);
+            let (t, m) = c.text.unwrap();
+            let (want_t, want_m) = words(std::slice::from_ref(&c.prompt)).unwrap();
+            assert_eq!(t.to_vec2::<f32>().unwrap(), want_t.get(0).unwrap().to_vec2::<f32>().unwrap());
+            assert_eq!(m, want_m.get(0).unwrap().to_vec1::<u8>().unwrap());
+        }
+        assert!(cache.get(6).is_err());
+        // Resuming at another image size is refused.
+        let mut enc = block_codes;
+        assert!(encode_dataset(&ds, &out, 64, &mut enc, None, 2, None).is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,241 @@
+//! The in-memory form of a multi-subject sample, shared by both on-disk layouts (the
+//! InstructAR folder tree in `instructar.rs`, the JSONL manifest in `manifest.rs`).
+
+use crate::error::{Error, IoContext, Result};
+use crate::imageio;
+use image::{GrayImage, RgbImage};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The default maximum number of reference images per sample (TokenAR: 3 references plus one
+/// background slot).
+pub const DEFAULT_MAX_REFS: usize = 3;
+
+/// Optional per-sample annotation (`meta.json`): what identity metrics and reports read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Meta {
+    /// Relation name, e.g. "left_of"; empty for a single subject.
+    #[serde(default)]
+    pub relation: String,
+    /// With three or more subjects: the relation of subject i to subject i + 1, in order
+    /// (`relation` is the first of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relations: Vec<String>,
+    #[serde(default)]
+    pub prompt: String,
+    #[serde(default)]
+    pub subjects: Vec<SubjectMeta>,
+}
+
+/// One subject of a sample: its identity and where it is in the target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SubjectMeta {
+    /// Shape category named in the prompt ("star", "ring", ...).
+    pub category: String,
+    /// Body colour name and pattern colour name (equal for solid subjects).
+    #[serde(default)]
+    pub colors: Vec<String>,
+    /// Surface pattern ("solid", "stripes", "dots", "checker").
+    #[serde(default)]
+    pub pattern: String,
+    /// Stable identity id (category x colours x pattern); equal ids mean the same subject.
+    #[serde(default)]
+    pub identity: Option<u32>,
+    /// Visible extent in target pixels, x0, y0 inclusive, x1, y1 exclusive.
+    #[serde(rename = "box", default)]
+    pub bbox: Option<[u32; 4]>,
+    /// The subject's own visible mask, relative to the sample folder.
+    #[serde(default)]
+    pub mask: Option<String>,
+    /// Its reference image, relative to the sample folder.
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
+/// One sample: file paths plus the prompt. Nothing is decoded until [`Sample::load`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub id: String,
+    /// The sample's folder (InstructAR layout); `None` for manifest entries.
+    pub dir: Option<PathBuf>,
+    pub refs: Vec<PathBuf>,
+    pub background: PathBuf,
+    pub target: Option<PathBuf>,
+    pub mask: Option<PathBuf>,
+    pub prompt: String,
+    pub meta: Option<Meta>,
+}
+
+/// The decoded images of one sample, all `size` x `size`.
+#[derive(Debug, Clone)]
+pub struct LoadedSample {
+    pub refs: Vec<RgbImage>,
+    pub background: RgbImage,
+    pub target: Option<RgbImage>,
+    pub mask: Option<GrayImage>,
+    pub prompt: String,
+}
+
+impl Sample {
+    /// Decode all images (RGBA composited onto white) and resize them to `size` x `size`.
+    /// The mask is resized with nearest neighbour and binarised.
+    pub fn load(&self, size: u32) -> Result<LoadedSample> {
+        if size == 0 {
+            return Err(Error::invalid("image size", "must be at least 1 pixel"));
+        }
+        let refs = self
+            .refs
+            .iter()
+            .map(|p| imageio::load_rgb(p, Some(size)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LoadedSample {
+            refs,
+            background: imageio::load_rgb(&self.background, Some(size))?,
+            target: self.target.as_ref().map(|p| imageio::load_rgb(p, Some(size))).transpose()?,
+            mask: self.mask.as_ref().map(|p| imageio::load_mask(p, Some(size))).transpose()?,
+            prompt: self.prompt.clone(),
+        })
+    }
+}
+
+/// How a dataset is opened.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Samples with more references are bad ("more references than the configured maximum").
+    pub max_refs: usize,
+    /// Samples without a target (`real.png`) are bad unless this is set (inference sets).
+    pub allow_missing_target: bool,
+    /// Decode every image while opening, so unreadable or truncated files are caught up front
+    /// (what `check` does); otherwise only file presence and the prompt are checked.
+    pub decode: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            max_refs: DEFAULT_MAX_REFS,
+            allow_missing_target: false,
+            decode: false,
+        }
+    }
+}
+
+/// A dataset: the good samples in order, and the bad ones with the reason they were skipped.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub samples: Vec<Sample>,
+    /// (sample id, reason) for every sample that was skipped.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Dataset {
+    /// Open an InstructAR folder tree or a `.jsonl` manifest. Bad samples are skipped with a
+    /// warning on stderr and listed in `skipped`; only an unreadable root is an error.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
+        let ds = Self::open_quiet(path, opts)?;
+        if !ds.skipped.is_empty() {
+            eprintln!(
+                "warning: {}: skipped {} bad sample(s) of {} (first: {}: {}); run `tokenar data check` for all reasons",
+                path.display(),
+                ds.skipped.len(),
+                ds.skipped.len() + ds.samples.len(),
+                ds.skipped[0].0,
+                ds.skipped[0].1
+            );
+        }
+        Ok(ds)
+    }
+
+    /// As [`Dataset::open`] without the warning.
+    pub fn open_quiet(path: &Path, opts: &OpenOptions) -> Result<Self> {
+        if path.is_dir() {
+            super::instructar::open_dir(path, opts)
+        } else if path.extension().is_some_and(|e| e == "jsonl") {
+            super::manifest::open_manifest(path, opts)
+        } else if path.exists() {
+            Err(Error::bad_file(path, "not a dataset folder or a .jsonl manifest"))
+        } else {
+            Err(Error::bad_file(path, "dataset not found"))
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+}
+
+/// Check one sample's files; `Err(reason)` names what is wrong. Shared by both layouts.
+pub(crate) fn validate(sample: &Sample, opts: &OpenOptions) -> std::result::Result<(), String> {
+    if sample.prompt.trim().is_empty() {
+        return Err("empty prompt".to_string());
+    }
+    if sample.refs.is_empty() {
+        return Err("no reference images".to_string());
+    }
+    if sample.refs.len() > opts.max_refs {
+        return Err(format!(
+            "{} references, more than the configured maximum of {}",
+            sample.refs.len(),
+            opts.max_refs
+        ));
+    }
+    if sample.target.is_none() && !opts.allow_missing_target {
+        return Err("missing target image (real.png)".to_string());
+    }
+    let mut files: Vec<&Path> = sample.refs.iter().map(|p| p.as_path()).collect();
+    files.push(&sample.background);
+    files.extend(sample.target.as_deref());
+    for f in &files {
+        if !f.is_file() {
+            return Err(format!("missing file {}", f.display()));
+        }
+    }
+    if let Some(m) = &sample.mask {
+        if !m.is_file() {
+            return Err(format!("missing file {}", m.display()));
+        }
+    }
+    if !opts.decode {
+        return Ok(());
+    }
+    let mut bg_size = None;
+    for f in &files {
+        let img = imageio::open(f).map_err(|e| unreadable(&e))?;
+        if *f == sample.background.as_path() {
+            bg_size = Some((img.width(), img.height()));
+        }
+    }
+    if let Some(m) = &sample.mask {
+        let img = imageio::open(m).map_err(|e| unreadable(&e))?;
+        let ms = (img.width(), img.height());
+        if let Some(bs) = bg_size {
+            if ms != bs {
+                return Err(format!(
+                    "mask size mismatch: {} is {}x{} but the background is {}x{}",
+                    m.display(),
+                    ms.0,
+                    ms.1,
+                    bs.0,
+                    bs.1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unreadable(e: &Error) -> String {
+    format!("unreadable image: {e}")
+}
+
+/// Read a UTF-8 text file, trimmed.
+pub(crate) fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_path(path)?;
+    let s = String::from_utf8(bytes).map_err(|_| Error::bad_file(path, "not UTF-8 text"))?;
+    Ok(s.trim().to_string())
+}

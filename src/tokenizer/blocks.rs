@@ -7,11 +7,70 @@
 use super::config::VqConfig;
 use crate::error::Result;
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 
-fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    Ok(candle_nn::conv2d(c_in, c_out, k, cfg, vb)?)
+/// A 2-D convolution with PyTorch's parameter layout (`weight` (O, C, k, k), `bias` (O)),
+/// computed as im2col (shifted views of the padded input) followed by one matmul per image.
+/// candle's own conv2d backward goes through a direct (unblocked) conv_transpose2d on CPU,
+/// which made training about two orders of magnitude slower; here the backward is matmuls and
+/// copies.
+pub struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    k: usize,
+    stride: usize,
+    /// Zero padding (top, bottom, left, right).
+    pad: [usize; 4],
+}
+
+impl Conv {
+    pub fn new(c_in: usize, c_out: usize, k: usize, stride: usize, pad: [usize; 4], vb: VarBuilder) -> Result<Self> {
+        // The initialisation of candle_nn::conv2d (and PyTorch's bias bound).
+        let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let bound = 1.0 / ((c_in * k * k) as f64).sqrt();
+        let bias = vb.get_with_hints(c_out, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
+        Ok(Self { weight, bias, k, stride, pad })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (o, k, s) = (self.weight.dim(0)?, self.k, self.stride);
+        let [pt, pb, pl, pr] = self.pad;
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        if hp < k || wp < k {
+            return Err(crate::Error::invalid("conv input", format!("{h}x{w} is smaller than the kernel {k}")));
+        }
+        let (ho, wo) = ((hp - k) / s + 1, (wp - k) / s + 1);
+        let cols = if k == 1 && s == 1 && self.pad == [0; 4] {
+            x.reshape((b, c, h * w))?
+        } else {
+            // Pad so that each shifted view can be taken as `s * ho` rows then subsampled.
+            let extra_h = (k - 1 + s * ho).saturating_sub(hp);
+            let extra_w = (k - 1 + s * wo).saturating_sub(wp);
+            let xp = x.pad_with_zeros(2, pt, pb + extra_h)?.pad_with_zeros(3, pl, pr + extra_w)?;
+            let mut views = Vec::with_capacity(k * k);
+            for ky in 0..k {
+                for kx in 0..k {
+                    let v = xp.narrow(2, ky, s * ho)?.narrow(3, kx, s * wo)?;
+                    let v = if s > 1 {
+                        v.reshape((b, c, ho, s, wo, s))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((b, c, ho, wo))?
+                    } else {
+                        v
+                    };
+                    views.push(v);
+                }
+            }
+            // (b, c, k*k, ho, wo): the same (c, ky, kx) order as the flattened weight.
+            Tensor::stack(&views, 2)?.reshape((b, c * k * k, ho * wo))?
+        };
+        let wm = self.weight.reshape((o, c * k * k))?;
+        let y = wm.broadcast_matmul(&cols)?.broadcast_add(&self.bias.reshape((1, o, 1))?)?;
+        Ok(y.reshape((b, o, ho, wo))?)
+    }
+}
+
+fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv> {
+    Conv::new(c_in, c_out, k, stride, [padding; 4], vb)
 }
 
 fn norm(c: usize, cfg: &VqConfig, vb: VarBuilder) -> Result<GroupNorm> {
@@ -22,10 +81,10 @@ fn norm(c: usize, cfg: &VqConfig, vb: VarBuilder) -> Result<GroupNorm> {
 /// `nin_shortcut` when the channel count changes). Dropout is 0 in every LlamaGen config.
 struct ResBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    nin_shortcut: Option<Conv2d>,
+    conv2: Conv,
+    nin_shortcut: Option<Conv>,
 }
 
 impl ResBlock {
@@ -53,10 +112,10 @@ impl ResBlock {
 /// Single-head self-attention over all positions with 1x1 convs `q`, `k`, `v`, `proj_out`.
 struct AttnBlock {
     norm: GroupNorm,
-    q: Conv2d,
-    k: Conv2d,
-    v: Conv2d,
-    proj_out: Conv2d,
+    q: Conv,
+    k: Conv,
+    v: Conv,
+    proj_out: Conv,
 }
 
 impl AttnBlock {
@@ -89,7 +148,7 @@ impl AttnBlock {
 struct Level {
     res: Vec<ResBlock>,
     attn: Vec<AttnBlock>,
-    resample: Option<Conv2d>,
+    resample: Option<Conv>,
 }
 
 impl Level {
@@ -126,11 +185,11 @@ impl Mid {
 }
 
 pub struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     levels: Vec<Level>,
     mid: Mid,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Encoder {
@@ -150,7 +209,7 @@ impl Encoder {
                     attn.push(AttnBlock::new(c_in, cfg, vl.pp("attn").pp(j))?);
                 }
             }
-            let resample = if l != n - 1 { Some(conv(c_in, c_in, 3, 2, 0, vl.pp("downsample").pp("conv"))?) } else { None };
+            let resample = if l != n - 1 { Some(Conv::new(c_in, c_in, 3, 2, [0, 1, 0, 1], vl.pp("downsample").pp("conv"))?) } else { None };
             levels.push(Level { res, attn, resample });
         }
         Ok(Self {
@@ -169,7 +228,7 @@ impl Encoder {
             h = level.forward_blocks(h)?;
             if let Some(down) = &level.resample {
                 // LlamaGen pads (0, 1, 0, 1) (right and bottom only) before the stride-2 conv.
-                h = down.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+                h = down.forward(&h)?;
             }
         }
         let h = self.mid.forward(&h)?;
@@ -178,12 +237,12 @@ impl Encoder {
 }
 
 pub struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     mid: Mid,
     /// `levels[0]` is the lowest resolution (LlamaGen's `decoder.conv_blocks.0`).
     levels: Vec<Level>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl Decoder {

@@ -17,9 +17,9 @@ pub use quantize::usage;
 
 use crate::error::{Error, Result};
 use crate::weights::{self, LoadOptions, TensorFile};
-use blocks::{Decoder, Encoder};
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder, VarMap};
+use blocks::{Conv, Decoder, Encoder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use quantize::{QuantOut, Quantizer};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,8 +34,8 @@ pub struct Vq {
     cfg: VqConfig,
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Conv2d,
-    post_quant_conv: Conv2d,
+    quant_conv: Conv,
+    post_quant_conv: Conv,
     quantize: Quantizer,
 }
 
@@ -49,13 +49,12 @@ pub struct TrainOut {
 impl Vq {
     pub fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let one = Conv2dConfig::default();
         Ok(Self {
             cfg: cfg.clone(),
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
-            quant_conv: candle_nn::conv2d(cfg.z_channels, cfg.codebook_dim, 1, one, vb.pp("quant_conv"))?,
-            post_quant_conv: candle_nn::conv2d(cfg.codebook_dim, cfg.z_channels, 1, one, vb.pp("post_quant_conv"))?,
+            quant_conv: Conv::new(cfg.z_channels, cfg.codebook_dim, 1, 1, [0; 4], vb.pp("quant_conv"))?,
+            post_quant_conv: Conv::new(cfg.codebook_dim, cfg.z_channels, 1, 1, [0; 4], vb.pp("post_quant_conv"))?,
             quantize: Quantizer::new(cfg.codebook_size, cfg.codebook_dim, cfg.commit_beta, vb.pp("quantize"))?,
         })
     }

@@ -251,3 +251,24 @@ fn training_writes_checkpoint_log_png_and_resumes() {
     assert!(e.contains("nope"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn im2col_conv_matches_candle_conv2d() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 8), &dev).unwrap();
+    for (k, stride, pad) in [(3usize, 1usize, [1usize; 4]), (3, 2, [0, 1, 0, 1]), (1, 1, [0; 4])] {
+        let vm = VarMap::new();
+        let conv = blocks::Conv::new(3, 5, k, stride, pad, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let t = crate::weights::varmap_tensors(&vm);
+        let xp = x.pad_with_zeros(2, pad[0], pad[1]).unwrap().pad_with_zeros(3, pad[2], pad[3]).unwrap();
+        let want = xp
+            .conv2d(&t["weight"], 0, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&t["bias"].reshape((1, 5, 1, 1)).unwrap())
+            .unwrap();
+        let got = conv.forward(&x).unwrap();
+        assert_eq!(got.dims(), want.dims(), "k {k} stride {stride}");
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "k {k} stride {stride}: {d}");
+    }
+}

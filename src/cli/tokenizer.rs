@@ -38,7 +38,7 @@ pub enum TokenizerCmd {
         weights: PathBuf,
         #[arg(long)]
         preset: Option<String>,
-        /// Folder of images (searched recursively; mask.png files are skipped).
+        /// Folder of images (searched recursively; files named mask* are skipped).
         #[arg(long)]
         data: PathBuf,
         /// Evaluate at most this many images (evenly spread over the folder).
@@ -109,7 +109,7 @@ pub fn run(cmd: TokenizerCmd) -> anyhow::Result<()> {
         TokenizerCmd::Eval { weights, preset, data, limit, png } => {
             let device = tokenar::util::device(false)?;
             let (vq, _) = tokenizer::load(&weights, preset.as_deref(), &device)?;
-            let paths = dataset::list_images(&data, &["mask.png".to_string()])?;
+            let paths = dataset::list_images(&data, &["mask".to_string()])?;
             let imgs = dataset::load_images(&paths, vq.config().image_size as u32, limit)?;
             let r = dataset::evaluate(&vq, &imgs, 32, &device)?;
             println!(

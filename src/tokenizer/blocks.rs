@@ -10,10 +10,10 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::{GroupNorm, VarBuilder};
 
 /// A 2-D convolution with PyTorch's parameter layout (`weight` (O, C, k, k), `bias` (O)),
-/// computed as im2col (shifted views of the padded input) followed by one matmul per image.
-/// candle's own conv2d backward goes through a direct (unblocked) conv_transpose2d on CPU,
-/// which made training about two orders of magnitude slower; here the backward is matmuls and
-/// copies.
+/// computed as im2col (shifted views of the padded input) followed by one matmul per image,
+/// so that the backward is matmuls and copies. candle's own conv2d backward goes through a
+/// direct conv_transpose2d on CPU; measured on a (8, 16, 64, 64) input with a 3x3 16->16
+/// kernel, this forward + backward took about 0.6x the time of candle's.
 pub struct Conv {
     weight: Tensor,
     bias: Tensor,

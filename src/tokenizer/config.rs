@@ -58,9 +58,10 @@ impl VqConfig {
             "vq-16" => llamagen(vec![1, 1, 2, 2, 4]),
             "vq-8" => llamagen(vec![1, 2, 2, 4]),
             // The built-in tokenizer: 64 px images -> 8x8 codes.
+            // Channels are kept low at the two full-resolution levels, where a CPU spends its time.
             "vq-small" => VqConfig {
-                ch: 32,
-                ch_mult: vec![1, 2, 2, 4],
+                ch: 16,
+                ch_mult: vec![1, 2, 4, 4],
                 enc_res_blocks: 1,
                 dec_res_blocks: 2,
                 z_channels: 64,

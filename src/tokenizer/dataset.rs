@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 const IMAGE_EXTS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
-/// Every image file under `dir` (recursively, sorted), skipping files whose name is in
-/// `exclude` (e.g. `mask.png`, which is not a picture).
+/// Every image file under `dir` (recursively, sorted), skipping files whose name starts with
+/// an entry of `exclude` (e.g. `mask`: masks are not pictures).
 pub fn list_images(dir: &Path, exclude: &[String]) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
         return Err(Error::bad_file(dir, "not a folder of images"));
@@ -27,7 +27,7 @@ pub fn list_images(dir: &Path, exclude: &[String]) -> Result<Vec<PathBuf>> {
             }
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
-            if IMAGE_EXTS.contains(&ext.as_str()) && !exclude.contains(&name) {
+            if IMAGE_EXTS.contains(&ext.as_str()) && !exclude.iter().any(|e| name.starts_with(e.as_str())) {
                 out.push(p);
             }
         }

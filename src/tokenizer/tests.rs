@@ -272,3 +272,24 @@ fn im2col_conv_matches_candle_conv2d() {
         assert!(d < 1e-4, "k {k} stride {stride}: {d}");
     }
 }
+
+#[test]
+fn dead_codes_restart_at_batch_latents_only() {
+    let cfg = VqConfig::preset("vq-tiny").unwrap();
+    let (_, vm) = build(&cfg, &Device::Cpu).unwrap();
+    let before = crate::weights::varmap_tensors(&vm)["quantize.embedding.weight"].to_vec2::<f32>().unwrap();
+    let mut counts = vec![1u32; 16];
+    counts[3] = 0;
+    counts[7] = 0;
+    let z = Tensor::new(&[[1f32, 0., 0., 0.]], &Device::Cpu).unwrap();
+    let n = train::restart_dead_codes(&vm, &counts, &z, &mut crate::util::rng(0)).unwrap();
+    assert_eq!(n, 2);
+    let after = crate::weights::varmap_tensors(&vm)["quantize.embedding.weight"].to_vec2::<f32>().unwrap();
+    for i in 0..16 {
+        if i == 3 || i == 7 {
+            assert!((after[i][0] - 1.0).abs() < 0.01 && after[i][1].abs() < 0.01, "{:?}", after[i]);
+        } else {
+            assert_eq!(after[i], before[i]);
+        }
+    }
+}

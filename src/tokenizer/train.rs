@@ -193,7 +193,7 @@ pub struct TrainSummary {
     pub comparison_png: Option<PathBuf>,
 }
 
-fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
+pub(crate) fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
     if step < cfg.warmup_steps {
         return cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64;
     }
@@ -205,7 +205,7 @@ fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
 /// Replace codes unused in the last window by latent vectors of the current batch (the
 /// codebook is normalised on use, so a restarted code points where the encoder's outputs are).
 /// Returns how many codes were restarted.
-fn restart_dead_codes(varmap: &VarMap, counts: &[u32], z_flat: &Tensor, rng: &mut crate::util::Rng) -> Result<usize> {
+pub(crate) fn restart_dead_codes(varmap: &VarMap, counts: &[u32], z_flat: &Tensor, rng: &mut crate::util::Rng) -> Result<usize> {
     let dead: Vec<usize> = counts.iter().enumerate().filter(|(_, c)| **c == 0).map(|(i, _)| i).collect();
     if dead.is_empty() {
         return Ok(0);

@@ -215,7 +215,7 @@ fn training_writes_checkpoint_log_png_and_resumes() {
     }
     crate::imageio::save_rgb(data.join("mask.png"), &image::RgbImage::new(4, 4)).unwrap();
     let toml_text = format!(
-        "data_dir = {:?}\neval_dir = {:?}\nout_dir = {:?}\npreset = \"vq-tiny\"\nbatch_size = 4\nsteps = 3\nlog_every = 1\nckpt_every = 2\ndead_code_every = 2\nwarmup_steps = 1\n",
+        "data_dir = {:?}\neval_dir = {:?}\nout_dir = {:?}\npreset = \"vq-tiny\"\nbatch_size = 4\nsteps = 3\nlog_every = 1\nckpt_every = 2\ncrop_size = 8\ndead_code_every = 2\nwarmup_steps = 1\n",
         d.join("data"),
         d.join("data"),
         d.join("out")

@@ -72,6 +72,8 @@ pub struct TrainConfig {
     pub codebook_weight: f64,
     #[serde(default = "d_true")]
     pub flip: bool,
+    #[serde(default)]
+    pub crop_size: Option<usize>,
     #[serde(default = "d_dead")]
     pub dead_code_every: usize,
     #[serde(default = "d_seed")]
@@ -136,6 +138,11 @@ impl TrainConfig {
             m.image_size = s;
         }
         m.validate()?;
+        if let Some(c) = self.crop_size {
+            if c == 0 || c % m.downsample() != 0 {
+                return Err(Error::invalid("crop_size", format!("{c} is not a positive multiple of the downsampling {}", m.downsample())));
+            }
+        }
         Ok(m)
     }
 }
@@ -295,6 +302,13 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
         let imgs: Vec<_> = idx.iter().map(|&i| &train_imgs[i]).collect();
         let flips: Vec<bool> = idx.iter().map(|_| cfg.flip && rng.random::<bool>()).collect();
         let x = dataset::batch(&imgs, &flips, device)?;
+        let x = match cfg.crop_size {
+            Some(c) if c < size as usize => {
+                let (y0, x0) = (rng.random_range(0..=size as usize - c), rng.random_range(0..=size as usize - c));
+                x.narrow(2, y0, c)?.narrow(3, x0, c)?.contiguous()?
+            }
+            _ => x,
+        };
 
         let lr = lr_at(cfg, step);
         opt.set_learning_rate(lr);

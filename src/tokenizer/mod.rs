@@ -126,8 +126,10 @@ pub fn build(cfg: &VqConfig, device: &Device) -> Result<(Vq, VarMap)> {
 /// Load from .safetensors written by this project (config in metadata key "tokenar.vq") or from
 /// a LlamaGen .pt/.safetensors given a preset name; returns the model and its VarMap.
 ///
-/// With both a preset and a config in the file, the file's config wins only if no preset is
-/// given; a given preset must then match the file's config.
+/// When the file carries a config, that config is used; a preset given as well must describe
+/// the same tensors (else the file is rejected). Without a config in the file the preset is
+/// required. Loading is strict: a missing, misshapen or unknown key is an error naming it
+/// (LlamaGen's `quantize.codebook_used` buffer is ignored).
 pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(Vq, VarMap)> {
     let file = TensorFile::load(path, device)?;
     let from_meta = match file.metadata.get(META_CONFIG) {

@@ -293,3 +293,24 @@ fn dead_codes_restart_at_batch_latents_only() {
         }
     }
 }
+
+#[test]
+fn im2col_conv_gradients_match_candle_conv2d() {
+    let dev = Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap()).unwrap();
+    for (k, stride, pad) in [(3usize, 1usize, [1usize; 4]), (3, 2, [0, 1, 0, 1]), (1, 1, [0; 4])] {
+        let vm = VarMap::new();
+        let conv = blocks::Conv::new(3, 4, k, stride, pad, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let w = named_vars(&vm).into_iter().find(|(n, _)| n == "weight").unwrap().1;
+        let y = conv.forward(x.as_tensor()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, y.dims(), &dev).unwrap();
+        let g1 = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let xp = x.as_tensor().pad_with_zeros(2, pad[0], pad[1]).unwrap().pad_with_zeros(3, pad[2], pad[3]).unwrap();
+        let y2 = xp.conv2d(w.as_tensor(), 0, stride, 1, 1).unwrap();
+        let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [x.as_tensor(), w.as_tensor()] {
+            let d = (g1.get(t).unwrap() - g2.get(t).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-3, "k {k} stride {stride}: gradient differs by {d}");
+        }
+    }
+}

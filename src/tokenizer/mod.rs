@@ -1,1 +1,201 @@
-//! See DESIGN.md (module map).
+//! The image tokenizer: LlamaGen's VQ-VAE (encoder, `quant_conv`, L2-normalised codebook,
+//! `post_quant_conv`, decoder). Images are (B, 3, H, W) f32 in [-1, 1]; codes are (B, H/ds,
+//! W/ds) u32 grids.
+//!
+//! The variable names are LlamaGen's checkpoint keys, so `vq_ds16_*.pt` / `vq_ds8_c2i.pt` load
+//! into the `vq-16` / `vq-8` presets; this project's own checkpoints are safetensors carrying
+//! the config as JSON under the metadata key [`META_CONFIG`].
+
+pub mod blocks;
+pub mod config;
+pub mod dataset;
+pub mod quantize;
+pub mod train;
+
+pub use config::{VqConfig, PRESETS};
+pub use quantize::usage;
+
+use crate::error::{Error, Result};
+use crate::weights::{self, LoadOptions, TensorFile};
+use blocks::{Conv, Decoder, Encoder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use quantize::{QuantOut, Quantizer};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Metadata key holding the JSON [`VqConfig`] in this project's safetensors.
+pub const META_CONFIG: &str = "tokenar.vq";
+
+/// Buffers of LlamaGen checkpoints that are not parameters here.
+pub const IGNORED_KEYS: [&str; 1] = ["quantize.codebook_used"];
+
+pub struct Vq {
+    cfg: VqConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Conv,
+    post_quant_conv: Conv,
+    quantize: Quantizer,
+}
+
+/// Output of [`Vq::forward_train`].
+pub struct TrainOut {
+    /// Reconstruction (B, 3, H, W).
+    pub recon: Tensor,
+    pub quant: QuantOut,
+}
+
+impl Vq {
+    pub fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            encoder: Encoder::new(cfg, vb.pp("encoder"))?,
+            decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            quant_conv: Conv::new(cfg.z_channels, cfg.codebook_dim, 1, 1, [0; 4], vb.pp("quant_conv"))?,
+            post_quant_conv: Conv::new(cfg.codebook_dim, cfg.z_channels, 1, 1, [0; 4], vb.pp("post_quant_conv"))?,
+            quantize: Quantizer::new(cfg.codebook_size, cfg.codebook_dim, cfg.commit_beta, vb.pp("quantize"))?,
+        })
+    }
+
+    pub fn config(&self) -> &VqConfig {
+        &self.cfg
+    }
+
+    pub fn quantizer(&self) -> &Quantizer {
+        &self.quantize
+    }
+
+    fn check_images(&self, images: &Tensor) -> Result<()> {
+        let dims = images.dims();
+        let ds = self.cfg.downsample();
+        if dims.len() != 4 || dims[1] != 3 || dims[2] % ds != 0 || dims[3] % ds != 0 || dims[2] == 0 || dims[3] == 0 {
+            return Err(Error::invalid(
+                "images",
+                format!("expected shape (B, 3, H, W) with H and W positive multiples of {ds}, got {dims:?}"),
+            ));
+        }
+        if images.dtype() != DType::F32 {
+            return Err(Error::invalid("images", format!("expected f32, got {:?}", images.dtype())));
+        }
+        Ok(())
+    }
+
+    /// Pre-quantisation latent (B, codebook_dim, h, w).
+    fn latent(&self, images: &Tensor) -> Result<Tensor> {
+        self.check_images(images)?;
+        Ok(self.quant_conv.forward(&self.encoder.forward(images)?)?)
+    }
+
+    /// Images (B, 3, H, W) f32 in [-1, 1] -> codes (B, H/ds, W/ds) u32.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        self.quantize.encode(&self.latent(&images.detach())?)
+    }
+
+    /// Codes (B, h, w) u32 -> images (B, 3, h*ds, w*ds) f32 (roughly [-1, 1], not clamped).
+    pub fn decode(&self, codes: &Tensor) -> Result<Tensor> {
+        if codes.rank() != 3 || codes.dtype() != DType::U32 {
+            return Err(Error::invalid(
+                "codes",
+                format!("expected a (B, h, w) u32 tensor, got {:?} {:?}", codes.dims(), codes.dtype()),
+            ));
+        }
+        self.decode_latent(&self.quantize.lookup(codes)?)
+    }
+
+    fn decode_latent(&self, z_q: &Tensor) -> Result<Tensor> {
+        self.decoder.forward(&self.post_quant_conv.forward(z_q)?)
+    }
+
+    /// The differentiable path used in training: encode, quantise (straight-through), decode.
+    pub fn forward_train(&self, images: &Tensor) -> Result<TrainOut> {
+        let quant = self.quantize.forward_train(&self.latent(images)?)?;
+        let recon = self.decode_latent(&quant.z_q)?;
+        Ok(TrainOut { recon, quant })
+    }
+}
+
+/// Build a fresh model on `device` with its `VarMap` (random initialisation).
+pub fn build(cfg: &VqConfig, device: &Device) -> Result<(Vq, VarMap)> {
+    let varmap = VarMap::new();
+    let vq = Vq::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    Ok((vq, varmap))
+}
+
+/// Load from .safetensors written by this project (config in metadata key "tokenar.vq") or from
+/// a LlamaGen .pt/.safetensors given a preset name; returns the model and its VarMap.
+///
+/// When the file carries a config, that config is used; a preset given as well must describe
+/// the same tensors (else the file is rejected). Without a config in the file the preset is
+/// required. Loading is strict: a missing, misshapen or unknown key is an error naming it
+/// (LlamaGen's `quantize.codebook_used` buffer is ignored).
+pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(Vq, VarMap)> {
+    let file = TensorFile::load(path, device)?;
+    let from_meta = match file.metadata.get(META_CONFIG) {
+        Some(json) => Some(serde_json::from_str::<VqConfig>(json).map_err(|e| {
+            Error::bad_file(path, format!("metadata `{META_CONFIG}` is not a tokenizer config: {e}"))
+        })?),
+        None => None,
+    };
+    let cfg = match (preset, from_meta) {
+        (Some(p), Some(m)) => {
+            let pc = VqConfig::preset(p)?;
+            if !same_architecture(&pc, &m) {
+                return Err(Error::bad_file(path, format!("holds a tokenizer whose config differs from preset `{p}`: {m:?}")));
+            }
+            m
+        }
+        (Some(p), None) => VqConfig::preset(p)?,
+        (None, Some(m)) => m,
+        (None, None) => {
+            return Err(Error::bad_file(
+                path,
+                format!("has no `{META_CONFIG}` config in its metadata; name a preset ({})", PRESETS.join(", ")),
+            ))
+        }
+    };
+    let (vq, varmap) = build(&cfg, device)?;
+    let opts = LoadOptions {
+        ignore: IGNORED_KEYS.iter().map(|s| s.to_string()).collect(),
+        strict_unexpected: true,
+        ..Default::default()
+    };
+    weights::load_into_varmap(&varmap, &file, &opts)?;
+    Ok((vq, varmap))
+}
+
+/// Configs describing the same tensors (training-only fields may differ).
+fn same_architecture(a: &VqConfig, b: &VqConfig) -> bool {
+    a.ch == b.ch
+        && a.ch_mult == b.ch_mult
+        && a.enc_res_blocks == b.enc_res_blocks
+        && a.dec_res_blocks == b.dec_res_blocks
+        && a.z_channels == b.z_channels
+        && a.codebook_size == b.codebook_size
+        && a.codebook_dim == b.codebook_dim
+}
+
+/// Write the model's variables to safetensors (atomically) with the config in the metadata.
+pub fn save(path: &Path, cfg: &VqConfig, varmap: &VarMap) -> Result<()> {
+    save_with_meta(path, cfg, varmap, BTreeMap::new())
+}
+
+/// [`save`] with extra metadata entries (training state).
+pub fn save_with_meta(path: &Path, cfg: &VqConfig, varmap: &VarMap, mut meta: BTreeMap<String, String>) -> Result<()> {
+    let json = serde_json::to_string(cfg).map_err(|e| Error::invalid("tokenizer config", e.to_string()))?;
+    meta.insert(META_CONFIG.to_string(), json);
+    weights::save_safetensors(path, &weights::varmap_tensors(varmap), &meta)
+}
+
+/// Reconstruction PSNR in dB of images in [-1, 1], computed on [0, 1] with data range 1, per
+/// image and averaged (the reference metric definition).
+pub fn psnr(recon: &Tensor, target: &Tensor) -> Result<Vec<f64>> {
+    let to01 = |t: &Tensor| -> Result<Tensor> { Ok(((t.clamp(-1f32, 1f32)? + 1.0)? * 0.5)?) };
+    let b = target.dim(0)?;
+    let mse = (to01(recon)? - to01(target)?)?.sqr()?.reshape((b, ()))?.mean(1)?.to_vec1::<f32>()?;
+    Ok(mse.into_iter().map(|m| 10.0 * (1.0 / (m as f64).max(1e-10)).log10()).collect())
+}
+
+#[cfg(test)]
+mod tests;

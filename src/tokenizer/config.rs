@@ -1,0 +1,188 @@
+//! The VQ-VAE configuration and its presets.
+//!
+//! `vq-16` and `vq-8` are LlamaGen's tokenizers exactly (their checkpoints load into them);
+//! `vq-small` and `vq-tiny` keep the same module tree with fewer channels and codes, sized for
+//! 64 px images on a CPU.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Shape of a LlamaGen-style VQ-VAE. The field names are this project's; the module tree they
+/// build is LlamaGen's (`encoder.conv_blocks.{l}.res.{j}...`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VqConfig {
+    /// Base channel count; level `l` has `ch * ch_mult[l]` channels.
+    pub ch: usize,
+    /// Channel multiplier per resolution level; `len - 1` downsamplings by 2.
+    pub ch_mult: Vec<usize>,
+    /// Residual blocks per level in the encoder (LlamaGen: 2).
+    pub enc_res_blocks: usize,
+    /// Residual blocks per level in the decoder (LlamaGen: 3, i.e. its `num_res_blocks + 1`).
+    pub dec_res_blocks: usize,
+    /// Channels of the latent before `quant_conv` / after `post_quant_conv`.
+    pub z_channels: usize,
+    /// Number of codes.
+    pub codebook_size: usize,
+    /// Dimension of one code.
+    pub codebook_dim: usize,
+    /// GroupNorm groups (LlamaGen: 32); must divide every channel count.
+    pub norm_groups: usize,
+    /// GroupNorm epsilon (LlamaGen: 1e-6).
+    pub norm_eps: f64,
+    /// Commitment loss weight (LlamaGen: 0.25).
+    pub commit_beta: f64,
+    /// Image side the model is trained at by default (any multiple of `downsample()` works).
+    pub image_size: usize,
+}
+
+/// The names [`VqConfig::preset`] accepts.
+pub const PRESETS: [&str; 4] = ["vq-16", "vq-8", "vq-small", "vq-tiny"];
+
+impl VqConfig {
+    pub fn preset(name: &str) -> Result<Self> {
+        let llamagen = |ch_mult: Vec<usize>| VqConfig {
+            ch: 128,
+            ch_mult,
+            enc_res_blocks: 2,
+            dec_res_blocks: 3,
+            z_channels: 256,
+            codebook_size: 16384,
+            codebook_dim: 8,
+            norm_groups: 32,
+            norm_eps: 1e-6,
+            commit_beta: 0.25,
+            image_size: 256,
+        };
+        let cfg = match name {
+            "vq-16" => llamagen(vec![1, 1, 2, 2, 4]),
+            "vq-8" => llamagen(vec![1, 2, 2, 4]),
+            // The built-in tokenizer: 64 px images -> 8x8 codes.
+            // Channels are kept low at the two full-resolution levels, where a CPU spends its time.
+            "vq-small" => VqConfig {
+                ch: 16,
+                ch_mult: vec![1, 2, 4, 4],
+                enc_res_blocks: 1,
+                dec_res_blocks: 2,
+                z_channels: 64,
+                codebook_size: 1024,
+                codebook_dim: 8,
+                norm_groups: 8,
+                norm_eps: 1e-6,
+                commit_beta: 0.25,
+                image_size: 64,
+            },
+            // For tests: the smallest model with every kind of module.
+            "vq-tiny" => VqConfig {
+                ch: 8,
+                ch_mult: vec![1, 2],
+                enc_res_blocks: 1,
+                dec_res_blocks: 2,
+                z_channels: 8,
+                codebook_size: 16,
+                codebook_dim: 4,
+                norm_groups: 4,
+                norm_eps: 1e-6,
+                commit_beta: 0.25,
+                image_size: 16,
+            },
+            other => {
+                return Err(Error::invalid(
+                    "tokenizer preset",
+                    format!("unknown preset `{other}` (known: {})", PRESETS.join(", ")),
+                ))
+            }
+        };
+        Ok(cfg)
+    }
+
+    /// Spatial reduction factor: `2^(len(ch_mult) - 1)`.
+    pub fn downsample(&self) -> usize {
+        1usize << self.ch_mult.len().saturating_sub(1)
+    }
+
+    /// Check that the config builds a model.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::invalid("tokenizer config", msg));
+        if self.ch == 0 || self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
+            return bad(format!("ch {} and ch_mult {:?} must be non-empty and positive", self.ch, self.ch_mult));
+        }
+        if self.enc_res_blocks == 0 || self.dec_res_blocks == 0 {
+            return bad("enc_res_blocks and dec_res_blocks must be at least 1".into());
+        }
+        if self.z_channels == 0 || self.codebook_size < 2 || self.codebook_dim == 0 {
+            return bad("z_channels, codebook_size (>= 2) and codebook_dim must be positive".into());
+        }
+        if self.codebook_size > u32::MAX as usize {
+            return bad(format!("codebook_size {} does not fit u32 codes", self.codebook_size));
+        }
+        if self.norm_groups == 0 {
+            return bad("norm_groups must be positive".into());
+        }
+        for m in &self.ch_mult {
+            let c = self.ch * m;
+            if c % self.norm_groups != 0 {
+                return bad(format!("norm_groups {} does not divide channel count {c}", self.norm_groups));
+            }
+        }
+        if self.image_size % self.downsample() != 0 {
+            return bad(format!("image_size {} is not a multiple of the downsampling {}", self.image_size, self.downsample()));
+        }
+        Ok(())
+    }
+
+    /// Parameter count of the model this config builds, computed without allocating.
+    /// (`quantize.codebook_used` is a buffer of LlamaGen's, not a parameter, and not counted.)
+    pub fn num_params(&self) -> usize {
+        let conv = |i: usize, o: usize, k: usize| o * i * k * k + o;
+        let norm = |c: usize| 2 * c;
+        let res = |i: usize, o: usize| {
+            norm(i) + conv(i, o, 3) + norm(o) + conv(o, o, 3) + if i != o { conv(i, o, 1) } else { 0 }
+        };
+        let attn = |c: usize| norm(c) + 4 * conv(c, c, 1);
+        let levels = self.ch_mult.len();
+        let top = self.ch * self.ch_mult[levels - 1];
+        let mid = 2 * res(top, top) + attn(top);
+
+        // Encoder.
+        let mut n = conv(3, self.ch, 3);
+        let mut c_in = self.ch;
+        for (l, m) in self.ch_mult.iter().enumerate() {
+            let c_out = self.ch * m;
+            for _ in 0..self.enc_res_blocks {
+                n += res(c_in, c_out);
+                c_in = c_out;
+                if l == levels - 1 {
+                    n += attn(c_in);
+                }
+            }
+            if l != levels - 1 {
+                n += conv(c_in, c_in, 3);
+            }
+        }
+        n += mid + norm(c_in) + conv(c_in, self.z_channels, 3);
+
+        // Decoder.
+        n += conv(self.z_channels, top, 3) + mid;
+        let mut c_in = top;
+        for l in 0..levels {
+            let c_out = self.ch * self.ch_mult[levels - 1 - l];
+            for _ in 0..self.dec_res_blocks {
+                n += res(c_in, c_out);
+                c_in = c_out;
+                if l == 0 {
+                    n += attn(c_in);
+                }
+            }
+            if l != levels - 1 {
+                n += conv(c_in, c_in, 3);
+            }
+        }
+        n += norm(c_in) + conv(c_in, 3, 3);
+
+        // Quantiser and the 1x1 convs around it.
+        n + conv(self.z_channels, self.codebook_dim, 1)
+            + conv(self.codebook_dim, self.z_channels, 1)
+            + self.codebook_size * self.codebook_dim
+    }
+}

@@ -1,0 +1,316 @@
+use super::train::{TrainConfig, CHECKPOINT};
+use super::*;
+use crate::nn::{named_vars, vars_without_grad};
+use crate::weights::torch_zip;
+use candle_core::{Device, Tensor};
+
+fn tmpdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("tokenar-tok-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn images(b: usize, size: usize, seed: u64) -> Tensor {
+    Tensor::rand(-1f32, 1f32, (b, 3, size, size), &Device::Cpu)
+        .unwrap()
+        .affine(1.0, (seed as f64 * 1e-3).min(0.1))
+        .unwrap()
+        .clamp(-1f32, 1f32)
+        .unwrap()
+}
+
+fn param_count(varmap: &VarMap) -> usize {
+    named_vars(varmap).iter().map(|(_, v)| v.elem_count()).sum()
+}
+
+#[test]
+fn presets_shapes_and_param_counts() {
+    for name in ["vq-tiny", "vq-small"] {
+        let cfg = VqConfig::preset(name).unwrap();
+        let (vq, vm) = build(&cfg, &Device::Cpu).unwrap();
+        assert_eq!(param_count(&vm), cfg.num_params(), "{name}");
+        let s = cfg.image_size;
+        let x = images(2, s, 0);
+        let codes = vq.encode(&x).unwrap();
+        let g = s / cfg.downsample();
+        assert_eq!(codes.dims(), &[2, g, g], "{name}");
+        assert_eq!(codes.dtype(), DType::U32);
+        let y = vq.decode(&codes).unwrap();
+        assert_eq!(y.dims(), &[2, 3, s, s], "{name}");
+        // Non-square grids work too.
+        let x = images(1, s, 1).narrow(3, 0, s / 2).unwrap();
+        assert_eq!(vq.encode(&x).unwrap().dims(), &[1, g, g / 2]);
+    }
+    assert_eq!(VqConfig::preset("vq-small").unwrap().downsample(), 8);
+    let v16 = VqConfig::preset("vq-16").unwrap();
+    assert_eq!(v16.downsample(), 16);
+    assert_eq!(v16.image_size / v16.downsample(), 16);
+    assert_eq!(VqConfig::preset("vq-8").unwrap().downsample(), 8);
+    // LlamaGen reports 72M parameters for VQ-16.
+    let n16 = v16.num_params();
+    assert!((70_000_000..74_000_000).contains(&n16), "{n16}");
+    assert!(VqConfig::preset("vq-8").unwrap().num_params() < n16);
+    let e = VqConfig::preset("vq-99").unwrap_err().to_string();
+    assert!(e.contains("vq-99") && e.contains("vq-small"), "{e}");
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let cfg = VqConfig::preset("vq-tiny").unwrap();
+    let (vq, _) = build(&cfg, &Device::Cpu).unwrap();
+    let e = vq.encode(&images(1, 15, 0)).unwrap_err().to_string();
+    assert!(e.contains("multiples of 2"), "{e}");
+    let out_of_range = Tensor::new(&[[[16u32, 0], [0, 0]]], &Device::Cpu).unwrap();
+    let e = vq.decode(&out_of_range).unwrap_err().to_string();
+    assert!(e.contains("16") && e.contains("out of range"), "{e}");
+}
+
+#[test]
+fn quantizer_picks_nearest_normalised_code() {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let q = quantize::Quantizer::new(3, 2, 0.25, vb.pp("quantize")).unwrap();
+    // Codes before normalisation: (10, 0) -> (1, 0); (0, 0.1) -> (0, 1); (-3, -3) -> (-.71, -.71).
+    let table = Tensor::new(&[[10f32, 0.0], [0.0, 0.1], [-3.0, -3.0]], &Device::Cpu).unwrap();
+    named_vars(&vm)[0].1.set(&table).unwrap();
+    // Latents (B=1, dim=2, h=1, w=4): (0.2, 0.9), (5, 0.1), (-0.01, -0.02), (0.1, -5).
+    // Normalised, their nearest codes are 1, 0, 2, 2. In raw L2, (-0.01, -0.02) would be
+    // nearest the raw code (0, 0.1): only the normalised search gives 2 there.
+    let z = Tensor::new(&[0.2f32, 5.0, -0.01, 0.1, 0.9, 0.1, -0.02, -5.0], &Device::Cpu)
+        .unwrap()
+        .reshape((1, 2, 1, 4))
+        .unwrap();
+    let codes = q.encode(&z).unwrap();
+    assert_eq!(codes.flatten_all().unwrap().to_vec1::<u32>().unwrap(), vec![1, 0, 2, 2]);
+    let v = q.lookup(&codes).unwrap();
+    let got = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let r = std::f32::consts::FRAC_1_SQRT_2;
+    let want = [0.0, 1.0, -r, -r, 1.0, 0.0, -r, -r];
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{got:?}");
+    }
+    // The straight-through forward gives the same codes and code values.
+    let out = q.forward_train(&z).unwrap();
+    assert_eq!(out.codes.flatten_all().unwrap().to_vec1::<u32>().unwrap(), vec![1, 0, 2, 2]);
+    let st = out.z_q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (g, w) in st.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{st:?}");
+    }
+}
+
+/// Keys LlamaGen's module tree has for the tiny preset (two levels, attention at level 1 of
+/// the encoder and level 0 of the decoder).
+const LLAMAGEN_KEYS: [&str; 14] = [
+    "encoder.conv_in.weight",
+    "encoder.conv_blocks.0.res.0.norm1.weight",
+    "encoder.conv_blocks.0.downsample.conv.weight",
+    "encoder.conv_blocks.1.res.0.nin_shortcut.weight",
+    "encoder.conv_blocks.1.attn.0.q.weight",
+    "encoder.mid.1.proj_out.bias",
+    "encoder.norm_out.bias",
+    "decoder.conv_blocks.0.attn.1.norm.weight",
+    "decoder.conv_blocks.0.upsample.conv.weight",
+    "decoder.conv_blocks.1.res.0.nin_shortcut.bias",
+    "decoder.mid.2.conv2.weight",
+    "quant_conv.weight",
+    "post_quant_conv.bias",
+    "quantize.embedding.weight",
+];
+
+#[test]
+fn llamagen_checkpoint_loads_and_wrong_shape_fails() {
+    let d = tmpdir("pt");
+    let cfg = VqConfig::preset("vq-tiny").unwrap();
+    let (vq, vm) = build(&cfg, &Device::Cpu).unwrap();
+    let tensors = crate::weights::varmap_tensors(&vm);
+    for k in LLAMAGEN_KEYS {
+        assert!(tensors.contains_key(k), "missing {k}");
+    }
+    let used = Tensor::zeros(65536, DType::I64, &Device::Cpu).unwrap();
+    let mut list: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    list.push(("quantize.codebook_used", &used));
+    let pt = d.join("vq_tiny.pt");
+    torch_zip::write_checkpoint(&pt, Some("model"), &list).unwrap();
+    let (loaded, _) = load(&pt, Some("vq-tiny"), &Device::Cpu).unwrap();
+    let x = images(1, 16, 3);
+    let a = vq.decode(&vq.encode(&x).unwrap()).unwrap();
+    let b = loaded.decode(&loaded.encode(&x).unwrap()).unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-6, "{diff}");
+
+    // Without a preset a LlamaGen file cannot be loaded.
+    let e = load(&pt, None, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("preset"), "{e}");
+
+    // A wrong shape names the key and both shapes.
+    let bad = Tensor::zeros((8, 3, 1, 1), DType::F32, &Device::Cpu).unwrap();
+    let list2: Vec<(&str, &Tensor)> = list
+        .iter()
+        .map(|(k, t)| if *k == "encoder.conv_in.weight" { (*k, &bad) } else { (*k, *t) })
+        .collect();
+    let pt2 = d.join("bad.pt");
+    torch_zip::write_checkpoint(&pt2, Some("model"), &list2).unwrap();
+    let e = load(&pt2, Some("vq-tiny"), &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("encoder.conv_in.weight") && e.contains("[8, 3, 1, 1]") && e.contains("[8, 3, 3, 3]"), "{e}");
+
+    // A missing key is named too.
+    let list3: Vec<(&str, &Tensor)> = list.iter().filter(|(k, _)| *k != "quant_conv.bias").cloned().collect();
+    let pt3 = d.join("missing.pt");
+    torch_zip::write_checkpoint(&pt3, Some("model"), &list3).unwrap();
+    let e = load(&pt3, Some("vq-tiny"), &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("quant_conv.bias"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn own_safetensors_round_trip_with_config() {
+    let d = tmpdir("st");
+    let cfg = VqConfig::preset("vq-tiny").unwrap();
+    let (vq, vm) = build(&cfg, &Device::Cpu).unwrap();
+    let p = d.join("vq.safetensors");
+    save(&p, &cfg, &vm).unwrap();
+    let (back, _) = load(&p, None, &Device::Cpu).unwrap();
+    assert_eq!(back.config(), &cfg);
+    let x = images(2, 16, 4);
+    let a = vq.encode(&x).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    let b = back.encode(&x).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    assert_eq!(a, b);
+    let e = load(&p, Some("vq-small"), &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("vq-small"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn every_trainable_variable_gets_a_gradient() {
+    let cfg = VqConfig::preset("vq-tiny").unwrap();
+    let (vq, vm) = build(&cfg, &Device::Cpu).unwrap();
+    let x = images(2, 16, 5);
+    let out = vq.forward_train(&x).unwrap();
+    let loss = ((&out.recon - &x).unwrap().sqr().unwrap().mean_all().unwrap()
+        + (&out.quant.codebook_loss + &out.quant.commit_loss).unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = named_vars(&vm);
+    assert!(vars.len() > 50);
+    // Only used codes can receive a gradient; check the used rows are non-zero.
+    let missing: Vec<String> = vars_without_grad(&vars, &grads).unwrap();
+    assert!(missing.is_empty(), "no gradient: {missing:?}");
+    let emb = vars.iter().find(|(n, _)| n == "quantize.embedding.weight").unwrap();
+    let g = grads.get(emb.1.as_tensor()).unwrap().abs().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+    let used = out.quant.codes.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    for c in used {
+        assert!(g[c as usize] > 0.0, "code {c} used but no gradient");
+    }
+}
+
+#[test]
+fn training_writes_checkpoint_log_png_and_resumes() {
+    let d = tmpdir("train");
+    let data = d.join("data/sample_0");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..6u8 {
+        let img = image::RgbImage::from_fn(20, 20, |x, y| image::Rgb([x as u8 * 12, y as u8 * 12, i * 40]));
+        crate::imageio::save_rgb(data.join(format!("img{i}.png")), &img).unwrap();
+    }
+    crate::imageio::save_rgb(data.join("mask.png"), &image::RgbImage::new(4, 4)).unwrap();
+    let toml_text = format!(
+        "data_dir = {:?}\neval_dir = {:?}\nout_dir = {:?}\npreset = \"vq-tiny\"\nbatch_size = 4\nsteps = 3\nlog_every = 1\nckpt_every = 2\ncrop_size = 8\ndead_code_every = 2\nwarmup_steps = 1\n",
+        d.join("data"),
+        d.join("data"),
+        d.join("out")
+    );
+    let cfgp = d.join("t.toml");
+    std::fs::write(&cfgp, toml_text).unwrap();
+    let cfg = TrainConfig::load(&cfgp, &[]).unwrap();
+    let mut seen = Vec::new();
+    let s = train::train(&cfg, &Device::Cpu, &mut |i| seen.push(i.step)).unwrap();
+    assert_eq!(seen, vec![1, 2, 3]);
+    assert_eq!(s.steps_done, 3);
+    let e = s.eval.unwrap();
+    assert_eq!(e.images, 6);
+    assert!(e.psnr.is_finite() && e.usage > 0.0);
+    assert!(d.join("out").join(CHECKPOINT).exists());
+    assert!(d.join("out/recon-000002.png").exists() && d.join("out/recon-000003.png").exists());
+    let log = std::fs::read_to_string(d.join("out/metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4, "{log}");
+
+    // Resume: continues from step 3 up to 5.
+    let cfg2 = TrainConfig::load(&cfgp, &["steps=5".into()]).unwrap();
+    let mut seen = Vec::new();
+    train::train(&cfg2, &Device::Cpu, &mut |i| seen.push(i.step)).unwrap();
+    assert_eq!(seen, vec![4, 5]);
+    let (vq, _) = load(&d.join("out").join(CHECKPOINT), None, &Device::Cpu).unwrap();
+    assert_eq!(vq.config().codebook_size, 16);
+
+    // Overrides reach nested keys and unknown keys are rejected.
+    let c3 = TrainConfig::load(&cfgp, &["codebook_size=8".into(), "lr=0.01".into()]).unwrap();
+    assert_eq!(c3.model_config().unwrap().codebook_size, 8);
+    assert_eq!(c3.lr, 0.01);
+    let e = TrainConfig::load(&cfgp, &["nope=1".into()]).unwrap_err().to_string();
+    assert!(e.contains("nope"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn im2col_conv_matches_candle_conv2d() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 8), &dev).unwrap();
+    for (k, stride, pad) in [(3usize, 1usize, [1usize; 4]), (3, 2, [0, 1, 0, 1]), (1, 1, [0; 4])] {
+        let vm = VarMap::new();
+        let conv = blocks::Conv::new(3, 5, k, stride, pad, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let t = crate::weights::varmap_tensors(&vm);
+        let xp = x.pad_with_zeros(2, pad[0], pad[1]).unwrap().pad_with_zeros(3, pad[2], pad[3]).unwrap();
+        let want = xp
+            .conv2d(&t["weight"], 0, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&t["bias"].reshape((1, 5, 1, 1)).unwrap())
+            .unwrap();
+        let got = conv.forward(&x).unwrap();
+        assert_eq!(got.dims(), want.dims(), "k {k} stride {stride}");
+        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "k {k} stride {stride}: {d}");
+    }
+}
+
+#[test]
+fn dead_codes_restart_at_batch_latents_only() {
+    let cfg = VqConfig::preset("vq-tiny").unwrap();
+    let (_, vm) = build(&cfg, &Device::Cpu).unwrap();
+    let before = crate::weights::varmap_tensors(&vm)["quantize.embedding.weight"].to_vec2::<f32>().unwrap();
+    let mut counts = vec![1u32; 16];
+    counts[3] = 0;
+    counts[7] = 0;
+    let z = Tensor::new(&[[1f32, 0., 0., 0.]], &Device::Cpu).unwrap();
+    let n = train::restart_dead_codes(&vm, &counts, &z, &mut crate::util::rng(0)).unwrap();
+    assert_eq!(n, 2);
+    let after = crate::weights::varmap_tensors(&vm)["quantize.embedding.weight"].to_vec2::<f32>().unwrap();
+    for i in 0..16 {
+        if i == 3 || i == 7 {
+            assert!((after[i][0] - 1.0).abs() < 0.01 && after[i][1].abs() < 0.01, "{:?}", after[i]);
+        } else {
+            assert_eq!(after[i], before[i]);
+        }
+    }
+}
+
+#[test]
+fn im2col_conv_gradients_match_candle_conv2d() {
+    let dev = Device::Cpu;
+    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev).unwrap()).unwrap();
+    for (k, stride, pad) in [(3usize, 1usize, [1usize; 4]), (3, 2, [0, 1, 0, 1]), (1, 1, [0; 4])] {
+        let vm = VarMap::new();
+        let conv = blocks::Conv::new(3, 4, k, stride, pad, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+        let w = named_vars(&vm).into_iter().find(|(n, _)| n == "weight").unwrap().1;
+        let y = conv.forward(x.as_tensor()).unwrap();
+        let r = Tensor::randn(0f32, 1.0, y.dims(), &dev).unwrap();
+        let g1 = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let xp = x.as_tensor().pad_with_zeros(2, pad[0], pad[1]).unwrap().pad_with_zeros(3, pad[2], pad[3]).unwrap();
+        let y2 = xp.conv2d(w.as_tensor(), 0, stride, 1, 1).unwrap();
+        let g2 = (&y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [x.as_tensor(), w.as_tensor()] {
+            let d = (g1.get(t).unwrap() - g2.get(t).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-3, "k {k} stride {stride}: gradient differs by {d}");
+        }
+    }
+}

@@ -23,3 +23,11 @@ pub trait TokenModel {
     /// Forget generated tokens beyond the first `len` (KV-cache rollback).
     fn truncate(&mut self, len: usize) -> Result<()>;
 }
+
+mod decode;
+mod logits;
+#[cfg(test)]
+mod tests;
+
+pub use decode::{generate, DecodePlan, DecodeStats, Generated, ItdMode};
+pub use logits::{accept, cfg_combine, draw, residual, SampleOptions};

@@ -386,7 +386,8 @@ fn chi2_critical_1e3(df: usize) -> f64 {
 /// outcomes a and b; its non-centrality is lambda = N * 0.05^2 * (1/p_a + 1/p_b) >=
 /// N * 0.0025 * 4 = 120 (since p_a + p_b <= 1). With at most 80 degrees of freedom the
 /// critical value is 124.8 and the non-central chi-square(80, 120) exceeds it with
-/// probability 0.998 (scipy.stats.ncx2.sf(124.84, 80, 120)); fewer cells only raise the power.
+/// probability 0.9996 (scipy.stats.ncx2.sf(124.84, 80, 120)); fewer cells only raise the power.
+/// (Sanity: accepting with probability 0.9 p(x) instead of p(x) gives a statistic near 300.)
 #[test]
 fn exact_matches_naive_in_distribution() {
     let (vocab, samples, calls, l) = (4usize, 60usize, 200usize, 3usize);

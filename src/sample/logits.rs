@@ -86,8 +86,8 @@ impl SampleOptions {
         if self.top_k > 0 && self.top_k < v {
             // LlamaGen removes `logits < topk(logits, k)[-1]`: ties with the k-th value stay.
             let mut sorted = x.clone();
-            sorted.sort_unstable_by(|a, b| b.total_cmp(a));
-            let kth = sorted[self.top_k - 1];
+            let (_, &mut kth, _) =
+                sorted.select_nth_unstable_by(self.top_k - 1, |a, b| b.total_cmp(a));
             for l in x.iter_mut() {
                 if *l < kth {
                     *l = f32::NEG_INFINITY;
@@ -101,7 +101,7 @@ impl SampleOptions {
             // token is always kept). LlamaGen removes a token when the mass before it is
             // strictly above top_p, which differs only when a cumulative sum equals top_p
             // exactly.
-            let mut order: Vec<usize> = (0..v).collect();
+            let mut order: Vec<usize> = (0..v).filter(|&i| p[i] > 0.0).collect();
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
             let mut before = 0.0f64;
             for (rank, &i) in order.iter().enumerate() {

@@ -175,6 +175,45 @@ fn top_k_keeps_k_and_temperature_scales() {
 }
 
 #[test]
+fn top_k_keeps_ties_with_the_kth() {
+    let p = opts(1.0, 1.0, 2, 1.0).probs(&[1.0, 0.0, 1.0, 1.0]);
+    assert_eq!(p.iter().filter(|&&q| q > 0.0).count(), 3, "{p:?}");
+}
+
+#[test]
+fn edge_lengths_in_every_mode() {
+    // Every combination of draft and target length, with drafts that are often rejected
+    // (also at the last position): lengths, fed history and pass counts stay consistent.
+    for itd in ItdMode::ALL {
+        for l in [0usize, 1, 3] {
+            for n_target in [0usize, 1, 2] {
+                for seed in 0..6u64 {
+                    let known: Vec<Vec<u32>> =
+                        (0..2).map(|s| (0..l).map(|i| ((i + s + seed as usize) % 4) as u32).collect()).collect();
+                    let p = plan(known.clone(), n_target, itd);
+                    let mut fake = Fake::new(4, 2, true, 3.0);
+                    let g = run(&mut fake, &p, &opts(2.0, 1.0, 0, 1.0), seed);
+                    let ctx = format!("{itd} l={l} n_target={n_target} seed={seed}");
+                    assert_eq!(g.stats.forward_passes, fake.feeds, "{ctx}");
+                    for s in 0..2 {
+                        assert_eq!(g.target[s].len(), n_target, "{ctx}");
+                        assert_eq!(g.prefix[s].len(), p.known_len(), "{ctx}");
+                        let mut all = g.prefix[s].clone();
+                        all.extend(&g.target[s]);
+                        all.pop();
+                        if itd == ItdMode::Forced && n_target == 0 {
+                            all.clear(); // nothing follows the known tokens: nothing is fed
+                        }
+                        assert_eq!(fake.hist[s], all, "{ctx}");
+                        assert_eq!(fake.hist[2 + s], all, "{ctx}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn top_p_keeps_the_smallest_set_reaching_p() {
     let probs = [0.15f32, 0.5, 0.05, 0.3];
     let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();

@@ -30,7 +30,12 @@ pub enum ItdMode {
 }
 
 impl ItdMode {
-    pub const ALL: [ItdMode; 4] = [ItdMode::Off, ItdMode::Naive, ItdMode::Forced, ItdMode::Exact];
+    pub const ALL: [ItdMode; 4] = [
+        ItdMode::Off,
+        ItdMode::Naive,
+        ItdMode::Forced,
+        ItdMode::Exact,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -177,7 +182,10 @@ pub fn generate(
     if rows != n && rows != 2 * n {
         return Err(Error::invalid(
             "decode plan",
-            format!("{n} samples but the model holds {rows} rows (expected {n}, or {} with guidance)", 2 * n),
+            format!(
+                "{n} samples but the model holds {rows} rows (expected {n}, or {} with guidance)",
+                2 * n
+            ),
         ));
     }
     if rows == n && opts.cfg_scale != 1.0 {
@@ -394,9 +402,7 @@ impl Decoder<'_> {
                 } else {
                     match &out_logits {
                         Some(g) => self.position(g, q - fed - 1)?,
-                        None => {
-                            return Err(Error::invalid("decoder", "missing logits (internal)"))
-                        }
+                        None => return Err(Error::invalid("decoder", "missing logits (internal)")),
                     }
                 };
                 let mut col = Vec::with_capacity(self.samples);

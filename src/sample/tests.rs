@@ -63,7 +63,9 @@ impl Fake {
 
     fn first_logits(&self) -> Tensor {
         let rows = self.hist.len();
-        let flat: Vec<f32> = (0..rows).flat_map(|r| self.logits(r >= self.samples, &[])).collect();
+        let flat: Vec<f32> = (0..rows)
+            .flat_map(|r| self.logits(r >= self.samples, &[]))
+            .collect();
         Tensor::from_vec(flat, (rows, self.vocab), &Device::Cpu).unwrap()
     }
 
@@ -72,7 +74,10 @@ impl Fake {
         let c = self.logits(false, hist);
         let row = if self.cfg && opts.cfg_scale != 1.0 {
             let u = self.logits(true, hist);
-            u.iter().zip(&c).map(|(u, c)| u + (c - u) * opts.cfg_scale).collect()
+            u.iter()
+                .zip(&c)
+                .map(|(u, c)| u + (c - u) * opts.cfg_scale)
+                .collect()
         } else {
             c
         };
@@ -101,7 +106,11 @@ impl TokenModel for Fake {
                 flat.extend(self.logits(r >= self.samples, &self.hist[r]));
             }
         }
-        Ok(Tensor::from_vec(flat, (tokens.len(), t, self.vocab), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            flat,
+            (tokens.len(), t, self.vocab),
+            &Device::Cpu,
+        )?)
     }
     fn truncate(&mut self, len: usize) -> crate::Result<()> {
         for h in self.hist.iter_mut() {
@@ -128,7 +137,11 @@ fn run(fake: &mut Fake, plan: &DecodePlan, o: &SampleOptions, seed: u64) -> Gene
 }
 
 fn plan(known: Vec<Vec<u32>>, n_target: usize, itd: ItdMode) -> DecodePlan {
-    DecodePlan { known, n_target, itd }
+    DecodePlan {
+        known,
+        n_target,
+        itd,
+    }
 }
 
 #[test]
@@ -139,14 +152,25 @@ fn cfg_scale_one_is_the_conditional_logits() {
     let g1 = cfg_combine(&both, 1.0).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(g1, cond.to_vec2::<f32>().unwrap());
     let g2 = cfg_combine(&both, 2.5).unwrap().to_vec2::<f32>().unwrap();
-    let (c, u) = (cond.to_vec2::<f32>().unwrap(), uncond.to_vec2::<f32>().unwrap());
+    let (c, u) = (
+        cond.to_vec2::<f32>().unwrap(),
+        uncond.to_vec2::<f32>().unwrap(),
+    );
     for i in 0..2 {
         for j in 0..3 {
             let want = u[i][j] + (c[i][j] - u[i][j]) * 2.5;
-            assert!((g2[i][j] - want).abs() < 1e-6, "{i} {j}: {} vs {want}", g2[i][j]);
+            assert!(
+                (g2[i][j] - want).abs() < 1e-6,
+                "{i} {j}: {} vs {want}",
+                g2[i][j]
+            );
         }
     }
-    assert!(cfg_combine(&Tensor::zeros((3, 4), candle_core::DType::F32, &Device::Cpu).unwrap(), 2.0).is_err());
+    assert!(cfg_combine(
+        &Tensor::zeros((3, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        2.0
+    )
+    .is_err());
 }
 
 #[test]
@@ -188,8 +212,13 @@ fn edge_lengths_in_every_mode() {
         for l in [0usize, 1, 3] {
             for n_target in [0usize, 1, 2] {
                 for seed in 0..6u64 {
-                    let known: Vec<Vec<u32>> =
-                        (0..2).map(|s| (0..l).map(|i| ((i + s + seed as usize) % 4) as u32).collect()).collect();
+                    let known: Vec<Vec<u32>> = (0..2)
+                        .map(|s| {
+                            (0..l)
+                                .map(|i| ((i + s + seed as usize) % 4) as u32)
+                                .collect()
+                        })
+                        .collect();
                     let p = plan(known.clone(), n_target, itd);
                     let mut fake = Fake::new(4, 2, true, 3.0);
                     let g = run(&mut fake, &p, &opts(2.0, 1.0, 0, 1.0), seed);
@@ -230,10 +259,16 @@ fn top_p_keeps_the_smallest_set_reaching_p() {
     assert_eq!(kept(1.0), vec![0, 1, 2, 3]);
     // Renormalised over the kept set.
     let p = opts(1.0, 1.0, 0, 0.75).probs(&logits);
-    assert!((p[1] - 0.625).abs() < 1e-6 && (p[3] - 0.375).abs() < 1e-6, "{p:?}");
+    assert!(
+        (p[1] - 0.625).abs() < 1e-6 && (p[3] - 0.375).abs() < 1e-6,
+        "{p:?}"
+    );
     // Top-k applies before top-p: with k = 2 and p = 0.9 the third token is never considered.
     let p = opts(1.0, 1.0, 2, 0.9).probs(&logits);
-    assert_eq!((0..4).filter(|&i| p[i] > 0.0).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(
+        (0..4).filter(|&i| p[i] > 0.0).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
 }
 
 #[test]
@@ -250,7 +285,10 @@ fn draw_residual_and_bad_logits() {
         assert_eq!(draw(&residual(&p, 1), &mut r).unwrap(), 3);
     }
     let nan = opts(1.0, 1.0, 0, 1.0).probs(&[f32::NAN, f32::NEG_INFINITY]);
-    assert!(matches!(draw(&nan, &mut r), Err(crate::Error::Numerical(_))));
+    assert!(matches!(
+        draw(&nan, &mut r),
+        Err(crate::Error::Numerical(_))
+    ));
 }
 
 #[test]
@@ -265,7 +303,10 @@ fn options_and_modes_validate() {
         opts(1.0, 1.0, 0, 1.5),
         opts(1.0, 1.0, 0, f32::NAN),
     ] {
-        assert!(matches!(bad.validate(), Err(crate::Error::Invalid { .. })), "{bad:?}");
+        assert!(
+            matches!(bad.validate(), Err(crate::Error::Invalid { .. })),
+            "{bad:?}"
+        );
     }
     for m in ItdMode::ALL {
         assert_eq!(m.to_string().parse::<ItdMode>().unwrap(), m);
@@ -279,32 +320,71 @@ fn bad_plans_are_errors_not_panics() {
     let o = opts(2.0, 1.0, 0, 1.0);
     let cases: Vec<(Fake, DecodePlan, SampleOptions)> = vec![
         // known lengths differ across samples
-        (Fake::new(4, 2, true, 1.0), plan(vec![vec![1, 2], vec![1]], 2, ItdMode::Exact), o),
-        (Fake::new(4, 2, true, 1.0), plan(vec![vec![1, 2], vec![1]], 2, ItdMode::Naive), o),
+        (
+            Fake::new(4, 2, true, 1.0),
+            plan(vec![vec![1, 2], vec![1]], 2, ItdMode::Exact),
+            o,
+        ),
+        (
+            Fake::new(4, 2, true, 1.0),
+            plan(vec![vec![1, 2], vec![1]], 2, ItdMode::Naive),
+            o,
+        ),
         // a known token outside the vocabulary
-        (Fake::new(4, 1, true, 1.0), plan(vec![vec![1, 4]], 2, ItdMode::Forced), o),
+        (
+            Fake::new(4, 1, true, 1.0),
+            plan(vec![vec![1, 4]], 2, ItdMode::Forced),
+            o,
+        ),
         // no samples
         (Fake::new(4, 1, true, 1.0), plan(vec![], 2, ItdMode::Off), o),
         // rows do not match the samples
-        (Fake::new(4, 3, false, 1.0), DecodePlan::off(2, 2), opts(1.0, 1.0, 0, 1.0)),
+        (
+            Fake::new(4, 3, false, 1.0),
+            DecodePlan::off(2, 2),
+            opts(1.0, 1.0, 0, 1.0),
+        ),
         // guidance asked for but no uncond rows
         (Fake::new(4, 2, false, 1.0), DecodePlan::off(2, 2), o),
         // bad options
-        (Fake::new(4, 1, true, 1.0), DecodePlan::off(1, 2), opts(1.0, 1.0, 0, 0.0)),
+        (
+            Fake::new(4, 1, true, 1.0),
+            DecodePlan::off(1, 2),
+            opts(1.0, 1.0, 0, 0.0),
+        ),
     ];
     for (mut fake, p, o) in cases {
         let first = fake.first_logits();
         let r = generate(&mut fake, &first, &p, &o, &mut rng(0), None);
-        assert!(matches!(r, Err(crate::Error::Invalid { .. })), "{p:?} {o:?}: {r:?}");
+        assert!(
+            matches!(r, Err(crate::Error::Invalid { .. })),
+            "{p:?} {o:?}: {r:?}"
+        );
     }
     // Off ignores the content of `known`; unequal lengths are fine there.
     let mut fake = Fake::new(4, 2, true, 1.0);
-    let g = run(&mut fake, &plan(vec![vec![1, 2], vec![]], 3, ItdMode::Off), &o, 0);
-    assert_eq!(g.target.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 3]);
+    let g = run(
+        &mut fake,
+        &plan(vec![vec![1, 2], vec![]], 3, ItdMode::Off),
+        &o,
+        0,
+    );
+    assert_eq!(
+        g.target.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![3, 3]
+    );
     // First logits of the wrong width.
     let mut fake = Fake::new(4, 1, true, 1.0);
     let first = Tensor::zeros((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
-    assert!(generate(&mut fake, &first, &DecodePlan::off(1, 2), &o, &mut rng(0), None).is_err());
+    assert!(generate(
+        &mut fake,
+        &first,
+        &DecodePlan::off(1, 2),
+        &o,
+        &mut rng(0),
+        None
+    )
+    .is_err());
 }
 
 #[test]
@@ -329,7 +409,10 @@ fn same_seed_same_tokens_and_guidance_rows_agree() {
         assert_eq!(last.get(), (total, total), "{itd}");
         assert!(calls.get() >= 1);
         let c = run(&mut Fake::new(8, 3, true, 2.0), &p, &o, 12);
-        assert_ne!(a.target, c.target, "{itd}: another seed gave the same tokens");
+        assert_ne!(
+            a.target, c.target,
+            "{itd}: another seed gave the same tokens"
+        );
         // Both guidance rows of a sample were fed the same tokens, and they are the output.
         for s in 0..3 {
             assert_eq!(f1.hist[s], f1.hist[3 + s], "{itd}");
@@ -338,7 +421,10 @@ fn same_seed_same_tokens_and_guidance_rows_agree() {
             all.pop(); // the last token is never fed
             assert_eq!(f1.hist[s], all, "{itd}");
         }
-        assert_eq!(a.target.iter().map(Vec::len).collect::<Vec<_>>(), vec![6; 3]);
+        assert_eq!(
+            a.target.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![6; 3]
+        );
         assert_eq!(a.prefix[0].len(), p.known_len());
         assert_eq!(a.stats.forward_passes, f1.feeds);
     }
@@ -348,11 +434,24 @@ fn same_seed_same_tokens_and_guidance_rows_agree() {
 fn greedy_exact_equals_naive() {
     let known = vec![vec![1, 5, 2, 7, 0, 0], vec![0, 3, 3, 6, 6, 1]];
     let o = opts(2.0, 1.0, 1, 1.0);
-    let naive = run(&mut Fake::new(8, 2, true, 2.0), &plan(known.clone(), 5, ItdMode::Naive), &o, 1);
-    let exact = run(&mut Fake::new(8, 2, true, 2.0), &plan(known.clone(), 5, ItdMode::Exact), &o, 2);
+    let naive = run(
+        &mut Fake::new(8, 2, true, 2.0),
+        &plan(known.clone(), 5, ItdMode::Naive),
+        &o,
+        1,
+    );
+    let exact = run(
+        &mut Fake::new(8, 2, true, 2.0),
+        &plan(known.clone(), 5, ItdMode::Exact),
+        &o,
+        2,
+    );
     assert_eq!(naive.prefix, exact.prefix);
     assert_eq!(naive.target, exact.target);
-    assert!(exact.stats.draft_rejected > 0, "the draft should differ from the greedy path");
+    assert!(
+        exact.stats.draft_rejected > 0,
+        "the draft should differ from the greedy path"
+    );
     // With the greedy path itself as the draft everything is accepted in one pass.
     let greedy = plan(naive.prefix.clone(), 5, ItdMode::Exact);
     let mut fake = Fake::new(8, 2, true, 2.0);
@@ -367,7 +466,12 @@ fn greedy_exact_equals_naive() {
 fn forced_writes_exactly_the_known_tokens() {
     let known = vec![vec![1, 5, 2, 7], vec![0, 3, 3, 6]];
     let mut fake = Fake::new(8, 2, true, 2.0);
-    let g = run(&mut fake, &plan(known.clone(), 3, ItdMode::Forced), &opts(3.0, 1.0, 0, 1.0), 5);
+    let g = run(
+        &mut fake,
+        &plan(known.clone(), 3, ItdMode::Forced),
+        &opts(3.0, 1.0, 0, 1.0),
+        5,
+    );
     assert_eq!(g.prefix, known);
     for r in 0..4 {
         assert_eq!(fake.hist[r][..4], known[r % 2][..], "row {r}");
@@ -391,8 +495,18 @@ fn exact_needs_far_fewer_passes_when_the_draft_is_likely() {
     };
     // One sample per session so that each has its own favoured (reference) sequence.
     for k in &known {
-        let naive = run(&mut model(k), &plan(vec![k.clone()], 4, ItdMode::Naive), &o, 7);
-        let exact = run(&mut model(k), &plan(vec![k.clone()], 4, ItdMode::Exact), &o, 7);
+        let naive = run(
+            &mut model(k),
+            &plan(vec![k.clone()], 4, ItdMode::Naive),
+            &o,
+            7,
+        );
+        let exact = run(
+            &mut model(k),
+            &plan(vec![k.clone()], 4, ItdMode::Exact),
+            &o,
+            7,
+        );
         assert_eq!(naive.stats.forward_passes, l + 3);
         assert!(
             exact.stats.forward_passes * 5 < naive.stats.forward_passes,
@@ -401,7 +515,10 @@ fn exact_needs_far_fewer_passes_when_the_draft_is_likely() {
             naive.stats
         );
         assert_eq!(exact.stats.draft_accepted + exact.stats.draft_rejected, l);
-        assert_eq!(exact.stats.forward_passes, 1 + exact.stats.draft_rejected + 3);
+        assert_eq!(
+            exact.stats.forward_passes,
+            1 + exact.stats.draft_rejected + 3
+        );
     }
 }
 
@@ -438,8 +555,12 @@ fn exact_matches_naive_in_distribution() {
     let cells = vocab.pow(l as u32 + 1);
     let truth: Vec<f64> = (0..cells)
         .map(|c| {
-            let seq: Vec<u32> = (0..=l).map(|i| ((c / vocab.pow((l - i) as u32)) % vocab) as u32).collect();
-            (0..=l).map(|i| fake.probs(&o, &seq[..i])[seq[i] as usize] as f64).product()
+            let seq: Vec<u32> = (0..=l)
+                .map(|i| ((c / vocab.pow((l - i) as u32)) % vocab) as u32)
+                .collect();
+            (0..=l)
+                .map(|i| fake.probs(&o, &seq[..i])[seq[i] as usize] as f64)
+                .product()
         })
         .collect();
     assert!((truth.iter().sum::<f64>() - 1.0).abs() < 1e-5);
@@ -451,7 +572,10 @@ fn exact_matches_naive_in_distribution() {
             let g = run(&mut f, &plan(draft.clone(), 1, itd), &o, 1000 + call as u64);
             rejected += g.stats.draft_rejected;
             for s in 0..samples {
-                let c = g.prefix[s].iter().chain(&g.target[s]).fold(0, |a, &t| a * vocab + t as usize);
+                let c = g.prefix[s]
+                    .iter()
+                    .chain(&g.target[s])
+                    .fold(0, |a, &t| a * vocab + t as usize);
                 counts[c] += 1;
             }
         }
@@ -460,7 +584,10 @@ fn exact_matches_naive_in_distribution() {
         for (c, &p) in truth.iter().enumerate() {
             let e = p * n_total as f64;
             if p == 0.0 {
-                assert_eq!(counts[c], 0, "{itd}: outcome {c} of probability 0 was drawn");
+                assert_eq!(
+                    counts[c], 0,
+                    "{itd}: outcome {c} of probability 0 was drawn"
+                );
             } else if e < 5.0 {
                 pool_e += e;
                 pool_o += counts[c];
@@ -476,7 +603,13 @@ fn exact_matches_naive_in_distribution() {
         let df = df - 1;
         assert!(df >= 20 && df <= 80, "{df}");
         let crit = chi2_critical_1e3(df);
-        assert!(stat < crit, "{itd}: chi-square {stat:.1} >= {crit:.1} (df {df})");
+        assert!(
+            stat < crit,
+            "{itd}: chi-square {stat:.1} >= {crit:.1} (df {df})"
+        );
     }
-    assert!(rejected > n_total / 2, "the residual path must be exercised: {rejected} rejections");
+    assert!(
+        rejected > n_total / 2,
+        "the residual path must be exercised: {rejected} rejections"
+    );
 }

@@ -20,7 +20,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// What is done at the ITD positions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ItdMode {
     #[default]
     Off,

@@ -2,6 +2,11 @@
 //!
 //! The sampler drives any model through [`TokenModel`]: the model has already prefilled its
 //! condition; the sampler feeds tokens and reads logits.
+//!
+//! - [`SampleOptions`]: guidance scale, temperature, top-k, top-p, seed; its
+//!   [`SampleOptions::probs`] is the one place a position's distribution is computed.
+//! - [`generate`]: decodes a batch under a [`DecodePlan`] (target length, ITD draft and
+//!   [`ItdMode`]) and returns [`Generated`] tokens with [`DecodeStats`].
 
 use crate::error::Result;
 use candle_core::Tensor;

@@ -133,4 +133,10 @@ fn options_and_modes_validate() {
     }
     assert_eq!(" Exact ".parse::<ItdMode>().unwrap(), ItdMode::Exact);
     assert!("speculative".parse::<ItdMode>().is_err());
+    assert_eq!(serde_json::to_string(&ItdMode::Exact).unwrap(), "\"exact\"");
+    let o: SampleOptions = serde_json::from_str(
+        r#"{"cfg_scale": 3.0, "temperature": 1.0, "top_k": 1000, "top_p": 1.0, "seed": 0}"#,
+    )
+    .unwrap();
+    assert_eq!(o, SampleOptions::default());
 }

@@ -126,7 +126,9 @@ fn softmax(x: &[f32]) -> Vec<f32> {
     let mut p: Vec<f32> = if m == f32::INFINITY {
         x.iter().map(|&l| if l == m { 1.0 } else { 0.0 }).collect()
     } else {
-        x.iter().map(|&l| (l - m).exp()).collect()
+        x.iter()
+            .map(|&l| if l == f32::NEG_INFINITY { 0.0 } else { (l - m).exp() })
+            .collect()
     };
     normalise(&mut p);
     p
@@ -135,8 +137,9 @@ fn softmax(x: &[f32]) -> Vec<f32> {
 fn normalise(p: &mut [f32]) {
     let total: f64 = p.iter().map(|&q| q as f64).sum();
     if total > 0.0 {
+        let inv = 1.0 / total;
         for q in p.iter_mut() {
-            *q = (*q as f64 / total) as f32;
+            *q = (*q as f64 * inv) as f32;
         }
     }
 }

@@ -215,14 +215,18 @@ def check_cache(model, a, caption, cond_img, gen, steps=8):
 
 
 def timed(fn, warmup, repeat):
+    """Median wall time and median process CPU time (all threads) of `fn` over `repeat` runs.
+    `fn` may return its own (wall, cpu) pair to time only part of its work."""
     for _ in range(warmup):
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        w0, c0 = time.perf_counter(), time.process_time()
+        own = fn()
+        wall, cpu = own if own is not None else (time.perf_counter() - w0, time.process_time() - c0)
+        walls.append(wall)
+        cpus.append(cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main():
@@ -285,20 +289,21 @@ def main():
             model.setup_cache(2, a.prefix + a.decode)
             return model(model.embed(caption, cond_img), 0)[:, -1]
 
-        t_prefill = timed(prefill, a.warmup, a.repeat)
+        def prefill_only():
+            prefill()
+
+        t_prefill, c_prefill = timed(prefill_only, a.warmup, a.repeat)
 
         def decode():
             logits = prefill()
             tok = sample_cfg(logits, a.cfg, top_k, gen)
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             for i in range(a.decode - 1):
                 logits = model(model.embed(None, tok), a.prefix + i)[:, -1]
                 tok = sample_cfg(logits, a.cfg, top_k, gen)
-            return time.perf_counter() - t0
+            return time.perf_counter() - w0, time.process_time() - c0
 
-        for _ in range(a.warmup):
-            decode()
-        t_decode = statistics.median(decode() for _ in range(a.repeat))
+        t_decode, c_decode = timed(decode, a.warmup, a.repeat)
         model.drop_cache()
     steps = max(a.decode - 1, 1)
     result.update(
@@ -307,6 +312,9 @@ def main():
         decode_ms_per_step=1e3 * t_decode / steps,
         decode_tokens_per_s=2 * steps / t_decode,
         decode_steps_per_s=steps / t_decode,
+        # CPU seconds per wall second: about `threads` on an otherwise idle machine.
+        prefill_cpu_per_wall=c_prefill / t_prefill,
+        decode_cpu_per_wall=c_decode / t_decode,
     )
 
     if not a.skip_train:
@@ -330,12 +338,13 @@ def main():
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
 
-        t_train = timed(step, a.warmup, a.repeat)
+        t_train, c_train = timed(step, a.warmup, a.repeat)
         result.update(
             train_batch=b,
             train_seq=a.train_seq,
             train_step_ms=1e3 * t_train,
             train_tokens_per_s=b * a.train_seq / t_train,
+            train_cpu_per_wall=c_train / t_train,
         )
     result["loadavg_1m_end"] = os.getloadavg()[0]
     print(json.dumps(result))

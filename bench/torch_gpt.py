@@ -251,8 +251,8 @@ def main():
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--check", action="store_true", help="first check KV-cache decode against a full forward")
     a = p.parse_args()
-    if a.prefix < a.cap_len or a.train_seq <= a.cap_len or a.dim % a.heads:
-        p.error("need prefix >= cap-len, train-seq > cap-len and dim divisible by heads")
+    if a.prefix < a.cap_len or a.train_seq <= a.cap_len or a.dim % a.heads or a.decode < 1:
+        p.error("need prefix >= cap-len, train-seq > cap-len, decode >= 1, dim divisible by heads")
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -278,7 +278,7 @@ def main():
     }
 
     if a.check:
-        err = check_cache(model, a, caption, cond_img, gen)
+        err = check_cache(model, a, caption, cond_img, gen, steps=min(8, a.decode))
         result["cache_check_max_abs_err"] = err
         if not err < 1e-4:
             raise SystemExit(f"KV-cache decode differs from the full forward by {err}")

@@ -381,7 +381,7 @@ impl Decoder<'_> {
                 return Ok(pending);
             }
             let fed = if head.is_some() { pos - 1 } else { pos };
-            let mut seq: Vec<Vec<u32>> = (0..self.samples)
+            let seq: Vec<Vec<u32>> = (0..self.samples)
                 .map(|s| {
                     let mut v: Vec<u32> = head.as_ref().map(|h| vec![h[s]]).unwrap_or_default();
                     v.extend_from_slice(&draft[s][pos..]);
@@ -393,7 +393,6 @@ impl Decoder<'_> {
                 .collect();
             let t = seq[0].len();
             let out_logits = if t > 0 { Some(self.feed(&seq)?) } else { None };
-            seq.clear();
             // Verify positions pos..l, in order, all samples at each position.
             let mut rejected_at = None;
             for q in pos..l {

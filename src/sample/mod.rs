@@ -2,6 +2,11 @@
 //!
 //! The sampler drives any model through [`TokenModel`]: the model has already prefilled its
 //! condition; the sampler feeds tokens and reads logits.
+//!
+//! - [`SampleOptions`]: guidance scale, temperature, top-k, top-p, seed; its
+//!   [`SampleOptions::probs`] is the one place a position's distribution is computed.
+//! - [`generate`]: decodes a batch under a [`DecodePlan`] (target length, ITD draft and
+//!   [`ItdMode`]) and returns [`Generated`] tokens with [`DecodeStats`].
 
 use crate::error::Result;
 use candle_core::Tensor;
@@ -23,3 +28,11 @@ pub trait TokenModel {
     /// Forget generated tokens beyond the first `len` (KV-cache rollback).
     fn truncate(&mut self, len: usize) -> Result<()>;
 }
+
+mod decode;
+mod logits;
+#[cfg(test)]
+mod tests;
+
+pub use decode::{generate, DecodePlan, DecodeStats, Generated, ItdMode};
+pub use logits::{accept, cfg_combine, draw, residual, SampleOptions};

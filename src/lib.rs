@@ -11,6 +11,7 @@ pub mod imageio;
 pub mod layout;
 pub mod model;
 pub mod nn;
+pub mod pipeline;
 pub mod sample;
 pub mod text;
 pub mod tokenizer;

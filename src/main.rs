@@ -20,6 +20,12 @@ enum Command {
     /// Datasets: validate, generate the synthetic benchmark, encode to a code cache.
     #[command(subcommand)]
     Data(cli::data::DataCmd),
+    /// Train the TokenAR GPT on a code cache.
+    Train(cli::train::TrainArgs),
+    /// Generate an image from reference subjects, a background, a mask and a prompt.
+    Generate(cli::generate::GenerateArgs),
+    /// Describe a checkpoint or bundle (family, preset, parameters, additions).
+    Info(cli::info::InfoArgs),
     /// Score generated images against a dataset (PSNR, SSIM, LPIPS, FID, CLIP-I, DINO, ...).
     Eval(cli::eval::EvalArgs),
 }
@@ -30,6 +36,9 @@ fn main() -> ExitCode {
         Command::Tokenizer(c) => cli::tokenizer::run(c),
         Command::Data(c) => cli::data::run(c),
         Command::Eval(a) => cli::eval::run(a),
+        Command::Train(a) => cli::train::run(a),
+        Command::Generate(a) => cli::generate::run(a),
+        Command::Info(a) => cli::info::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,6 +41,30 @@ pub enum DataCmd {
         #[arg(long)]
         allow_missing_target: bool,
     },
+    /// Encode a dataset once with the tokenizer (and a T5 folder, if given) into a code cache
+    /// that training reads; resumable (rerun the same command after an interruption).
+    Encode {
+        /// Dataset folder or .jsonl manifest.
+        dataset: PathBuf,
+        /// Tokenizer checkpoint (this project's .safetensors, or a LlamaGen .pt with --tokenizer-preset).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        tokenizer_preset: Option<String>,
+        /// Output folder of the cache.
+        #[arg(long)]
+        out: PathBuf,
+        /// Image side the tokenizer sees (default: the tokenizer's training size).
+        #[arg(long)]
+        size: Option<u32>,
+        /// Optional flan-t5 folder: store its 120-row features too (right padding).
+        #[arg(long)]
+        t5: Option<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = data::format::DEFAULT_MAX_REFS)]
+        max_refs: usize,
+    },
     /// Write a contact sheet (references, background, mask, target per row).
     Sheet {
         path: PathBuf,
@@ -66,6 +90,9 @@ fn parse_subjects(s: &str) -> anyhow::Result<(usize, usize)> {
 
 pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
     match cmd {
+        DataCmd::Encode { dataset, tokenizer, tokenizer_preset, out, size, t5, batch, max_refs } => {
+            encode(&dataset, &tokenizer, tokenizer_preset.as_deref(), &out, size, t5.as_deref(), batch, max_refs)
+        }
         DataCmd::Synth { out, n, seed, size, split, subjects, threads, no_contact } => {
             let opts = synth::SynthOptions { n, seed, size, subjects: parse_subjects(&subjects)?, split, threads };
             let bar = indicatif::ProgressBar::new(n as u64);
@@ -105,4 +132,41 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode(
+    dataset: &std::path::Path,
+    tokenizer: &std::path::Path,
+    preset: Option<&str>,
+    out: &std::path::Path,
+    size: Option<u32>,
+    t5: Option<&std::path::Path>,
+    batch: usize,
+    max_refs: usize,
+) -> anyhow::Result<()> {
+    use tokenar::text::TextEncoder;
+    let device = tokenar::util::device(true)?;
+    let (vq, _) = tokenar::tokenizer::load(tokenizer, preset, &device)?;
+    let size = size.unwrap_or(vq.config().image_size as u32);
+    let opts = data::OpenOptions { max_refs, ..Default::default() };
+    let ds = data::Dataset::open(dataset, &opts)?;
+    let t5 = match t5 {
+        Some(p) => Some(tokenar::text::T5Encoder::load(p, tokenar::text::T5Options::new(tokenar::text::Padding::Right), &device)?),
+        None => None,
+    };
+    let mut enc_img = |x: &candle_core::Tensor| vq.encode(x);
+    let mut enc_txt = t5.as_ref().map(|t| move |p: &[String]| t.encode(p));
+    let bar = indicatif::ProgressBar::new(ds.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples {per_sec} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let text = enc_txt
+        .as_mut()
+        .map(|f| f as &mut dyn FnMut(&[String]) -> tokenar::Result<(candle_core::Tensor, candle_core::Tensor)>);
+    data::cache::encode_dataset(&ds, out, size, &mut enc_img, text, batch, Some(&|k, _| bar.set_position(k as u64)))?;
+    bar.finish_and_clear();
+    eprintln!("encoded {} samples into {}", ds.len(), out.display());
+    Ok(())
 }

@@ -2,4 +2,7 @@
 
 pub mod data;
 pub mod eval;
+pub mod generate;
+pub mod info;
 pub mod tokenizer;
+pub mod train;

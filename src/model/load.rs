@@ -72,14 +72,25 @@ mod rand_distr_free {
 pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
     let file = TensorFile::load(path, device)?;
     let cfg = match (file.metadata.get(CONFIG_KEY), preset) {
-        (Some(json), _) => serde_json::from_str::<GptConfig>(json)
-            .map_err(|e| Error::bad_file(path, format!("bad model config in metadata: {e}")))?,
+        (Some(_), _) => config_from_metadata(&file)?,
         (None, Some(p)) => GptConfig::preset(p)?,
         (None, None) => {
             return Err(Error::bad_file(path, "no model config in the file; name a preset (e.g. XL, tokenar-xl)"))
         }
     };
     load_with_config(&file, &cfg, device)
+}
+
+/// The config this project writes into its checkpoints' metadata.
+pub fn config_from_metadata(file: &TensorFile) -> Result<GptConfig> {
+    let json = file
+        .metadata
+        .get(CONFIG_KEY)
+        .ok_or_else(|| Error::bad_file(&file.path, format!("no `{CONFIG_KEY}` model config in the metadata")))?;
+    let cfg: GptConfig = serde_json::from_str(json)
+        .map_err(|e| Error::bad_file(&file.path, format!("bad model config in metadata: {e}")))?;
+    cfg.validate()?;
+    Ok(cfg)
 }
 
 /// Load `file` into a model built from `cfg` (see [`load`]).

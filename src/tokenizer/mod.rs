@@ -131,7 +131,12 @@ pub fn build(cfg: &VqConfig, device: &Device) -> Result<(Vq, VarMap)> {
 /// required. Loading is strict: a missing, misshapen or unknown key is an error naming it
 /// (LlamaGen's `quantize.codebook_used` buffer is ignored).
 pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(Vq, VarMap)> {
-    let file = TensorFile::load(path, device)?;
+    load_file(&TensorFile::load(path, device)?, preset, device)
+}
+
+/// [`load`] from a checkpoint already read (e.g. one compiled into the binary).
+pub fn load_file(file: &TensorFile, preset: Option<&str>, device: &Device) -> Result<(Vq, VarMap)> {
+    let path = file.path.as_path();
     let from_meta = match file.metadata.get(META_CONFIG) {
         Some(json) => Some(serde_json::from_str::<VqConfig>(json).map_err(|e| {
             Error::bad_file(path, format!("metadata `{META_CONFIG}` is not a tokenizer config: {e}"))

@@ -52,6 +52,12 @@ impl TensorFile {
 
     fn load_safetensors(path: &Path, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_safetensors_bytes(path, &bytes, device)
+    }
+
+    /// Read safetensors content held in memory; `label` names it in errors.
+    pub fn from_safetensors_bytes(label: impl AsRef<Path>, bytes: &[u8], device: &Device) -> Result<Self> {
+        let path = label.as_ref();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
         let metadata = meta
@@ -59,7 +65,7 @@ impl TensorFile {
             .as_ref()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        let tensors = candle_core::safetensors::load_buffer(bytes, device)
             .map_err(|e| Error::bad_file(path, format!("cannot read tensors: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),

@@ -1,0 +1,135 @@
+//! `tokenar generate`: place the subjects of reference images into a scene.
+
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+use tokenar::pipeline::bundle::LoadHints;
+use tokenar::pipeline::{generate, Bundle, GenerateRequest};
+use tokenar::sample::{ItdMode, SampleOptions};
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A reference image of one subject (repeat for each subject, in order).
+    #[arg(long = "ref", value_name = "IMAGE")]
+    refs: Vec<PathBuf>,
+    /// The scene; without it the subjects are drawn on an empty canvas.
+    #[arg(long)]
+    background: Option<PathBuf>,
+    /// White where the subjects go (same size as the background).
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Output PNG; with --num-samples > 1, `_<i>` is added before the extension.
+    #[arg(long)]
+    out: PathBuf,
+    /// Bundle folder (tokenizer, model, text encoder); default: the built-in model.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Architecture preset for a .pt GPT checkpoint (e.g. tokenar-xl, editar-xl, XL).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Tokenizer preset for a .pt tokenizer (default vq-16).
+    #[arg(long)]
+    tokenizer_preset: Option<String>,
+    /// Classifier-free guidance scale (1 = off).
+    #[arg(long, default_value_t = 3.0)]
+    cfg_scale: f32,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 1000)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
+    /// ITD decoding: exact (default for ITD models), naive, forced, or off.
+    #[arg(long)]
+    itd: Option<ItdMode>,
+    /// Keep the given background exactly outside the mask.
+    #[arg(long)]
+    paste_back: bool,
+    /// Also write the references the model reproduced (ITD) next to the output.
+    #[arg(long)]
+    save_itd: bool,
+    #[arg(long)]
+    gpu: bool,
+}
+
+fn numbered(path: &std::path::Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    path.with_file_name(format!("{stem}_{i}.png"))
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    let options = SampleOptions { cfg_scale: a.cfg_scale, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    options.validate()?;
+    // Read every input before loading the model, so a bad file is reported at once.
+    let refs = a.refs.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<Vec<_>>>()?;
+    let background = a.background.as_ref().map(|p| tokenar::imageio::load_rgb(p, None)).transpose()?;
+    let mask = a.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?;
+    if mask.is_some() && background.is_none() {
+        anyhow::bail!("--mask needs --background");
+    }
+    let device = tokenar::util::device(a.gpu)?;
+    let bundle = match &a.weights {
+        Some(dir) => {
+            let hints = LoadHints { preset: a.preset.clone(), tokenizer_preset: a.tokenizer_preset.clone() };
+            Bundle::load(dir, &hints, &device)?
+        }
+        None => Bundle::builtin(&device)?,
+    };
+    for k in &bundle.report.fresh {
+        eprintln!("note: `{k}` is not in the checkpoint and was freshly initialised");
+    }
+    let req = GenerateRequest {
+        refs,
+        background,
+        mask,
+        prompt: a.prompt.clone(),
+        options,
+        itd: a.itd,
+        num_samples: a.num_samples,
+        paste_back: a.paste_back,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("decoding {bar:40} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let t0 = std::time::Instant::now();
+    let out = generate(&bundle, &req, Some(&|k, n| {
+        bar.set_length(n as u64);
+        bar.set_position(k as u64);
+    }))?;
+    bar.finish_and_clear();
+    let n = out.images.len();
+    for (i, img) in out.images.iter().enumerate() {
+        let p = numbered(&a.out, i, n);
+        tokenar::imageio::save_rgb(&p, img).with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+        if a.save_itd {
+            for (j, r) in out.itd_refs.get(i).into_iter().flatten().enumerate() {
+                let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let q = p.with_file_name(format!("{stem}_itd{j}.png"));
+                tokenar::imageio::save_rgb(&q, r)?;
+            }
+        }
+    }
+    eprintln!(
+        "{} image(s) in {:.2} s (ITD {}, {} forward passes, draft accepted {}, rejected {})",
+        n,
+        t0.elapsed().as_secs_f64(),
+        out.itd,
+        out.stats.forward_passes,
+        out.stats.draft_accepted,
+        out.stats.draft_rejected
+    );
+    Ok(())
+}

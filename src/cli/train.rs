@@ -1,0 +1,46 @@
+//! `tokenar train`: train the TokenAR GPT (and the built-in text encoder) on a code cache.
+
+use clap::Args;
+use std::path::PathBuf;
+use tokenar::pipeline::{TrainJob, TrainJobConfig};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Training config (TOML); see configs/tokenar-builtin.toml for every field.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config field: --set steps=100 --set model.itd=false
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue from the newest checkpoint in the run folder.
+    #[arg(long)]
+    resume: bool,
+    /// Use a CUDA GPU when built with the `cuda` feature.
+    #[arg(long)]
+    gpu: bool,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.config).map_err(|e| tokenar::Error::io(&args.config, e))?;
+    let cfg = TrainJobConfig::from_toml(&text, &args.sets, &args.config)?;
+    let device = tokenar::util::device(args.gpu)?;
+    let mut job = TrainJob::new(cfg, args.resume, &device)?;
+    let c = job.parts.gpt.config();
+    eprintln!(
+        "model: {} layers, dim {}, {} params; index embedding {}, instruct tokens {}, ITD {}; {} training samples",
+        c.n_layer,
+        c.dim,
+        c.num_params(),
+        if c.index_embedding { "on" } else { "off" },
+        c.n_instruct,
+        if c.itd { "on" } else { "off" },
+        job.parts.samples.len()
+    );
+    let summary = job.run(true)?;
+    let out = job.parts.cfg.out.clone();
+    job.export(&out.join("export"))?;
+    if let Some((step, loss)) = summary.losses.last() {
+        eprintln!("done: step {step}, loss {loss:.4}; bundle in {}", out.join("export").display());
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! A model bundle: the VQ tokenizer, the text encoder and the TokenAR GPT, loaded together.
+//!
+//! On disk a bundle is a folder:
+//! - `tokenizer.safetensors` (this project's) or a LlamaGen `vq_ds*.pt`;
+//! - `model.safetensors` (this project's, config in its metadata) or a LlamaGen / EditAR /
+//!   TokenAR `.pt` (then a preset names the architecture);
+//! - `text.safetensors` (the built-in text encoder, config and vocabulary in its metadata) or a
+//!   `t5/` folder (flan-t5: config.json, safetensors, tokenizer.json).
+//!
+//! The built-in model is compiled into the binary when `assets/builtin/` holds it.
+
+use crate::error::{Error, Result};
+use crate::model::{self, Family, GptConfig, TokenAr};
+use crate::text::{BuiltinTextEncoder, Padding, T5Encoder, T5Options, TextEncoder};
+use crate::tokenizer::{self, Vq};
+use crate::weights::{self, LoadReport, TensorFile};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use std::path::{Path, PathBuf};
+
+pub const TOKENIZER_FILE: &str = "tokenizer.safetensors";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const TEXT_FILE: &str = "text.safetensors";
+pub const T5_DIR: &str = "t5";
+/// Prefix of the built-in text encoder's variables.
+pub const TEXT_PREFIX: &str = "text_encoder";
+
+/// The text side of a bundle.
+pub enum TextModel {
+    Builtin(BuiltinTextEncoder),
+    T5(T5Encoder),
+}
+
+impl TextModel {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TextModel::Builtin(_) => "built-in",
+            TextModel::T5(_) => "t5",
+        }
+    }
+
+    /// Features `(B, len, D)` and mask `(B, len)` padded (right) or truncated to `len` rows.
+    pub fn encode(&self, prompts: &[String], len: usize) -> Result<(Tensor, Tensor)> {
+        let (f, m) = match self {
+            TextModel::Builtin(t) => {
+                let (ids, mask) = t.tokenize(prompts)?;
+                (t.forward_ids(&ids, &mask)?, mask)
+            }
+            TextModel::T5(t) => t.encode(prompts)?,
+        };
+        fit_rows(&f, &m, len)
+    }
+}
+
+/// Pad with zero rows (mask 0) at the end, or cut, so that features have exactly `len` rows.
+pub fn fit_rows(features: &Tensor, mask: &Tensor, len: usize) -> Result<(Tensor, Tensor)> {
+    let (b, l, d) = features.dims3()?;
+    let mask = mask.to_dtype(DType::F32)?;
+    if l == len {
+        return Ok((features.clone(), mask));
+    }
+    if l > len {
+        return Ok((features.narrow(1, 0, len)?, mask.narrow(1, 0, len)?));
+    }
+    let fz = Tensor::zeros((b, len - l, d), features.dtype(), features.device())?;
+    let mz = Tensor::zeros((b, len - l), DType::F32, features.device())?;
+    Ok((Tensor::cat(&[features, &fz], 1)?, Tensor::cat(&[&mask, &mz], 1)?))
+}
+
+/// Tokenizer, text encoder and GPT, with the variable maps they were built on.
+pub struct Bundle {
+    pub vq: Vq,
+    pub vq_vars: VarMap,
+    pub gpt: TokenAr,
+    pub gpt_vars: VarMap,
+    pub text: TextModel,
+    pub text_vars: Option<VarMap>,
+    /// Where it came from (a folder, or "built-in").
+    pub source: String,
+    /// What loading the GPT reported (fresh keys when initialised from another family).
+    pub report: LoadReport,
+}
+
+/// Files of a bundle folder.
+#[derive(Debug, Clone)]
+pub struct BundlePaths {
+    pub tokenizer: PathBuf,
+    pub model: PathBuf,
+    pub text: Option<PathBuf>,
+    pub t5: Option<PathBuf>,
+}
+
+fn find_one(dir: &Path, preferred: &str, accept: &dyn Fn(&str) -> bool, what: &str) -> Result<PathBuf> {
+    let p = dir.join(preferred);
+    if p.exists() {
+        return Ok(p);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.file_name().map(|n| accept(&n.to_string_lossy())).unwrap_or(false))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::bad_file(dir, format!("no {what} found (expected `{preferred}`)"))),
+        _ => Err(Error::bad_file(
+            dir,
+            format!("several candidate {what} files ({}); keep one or name it `{preferred}`", found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
+        )),
+    }
+}
+
+impl BundlePaths {
+    pub fn find(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::bad_file(dir, "weights folder not found (expected a folder holding tokenizer.safetensors, model.safetensors and text.safetensors or t5/)"));
+        }
+        let is_pt = |n: &str| n.ends_with(".pt") || n.ends_with(".pth");
+        let tokenizer = find_one(dir, TOKENIZER_FILE, &|n| is_pt(n) && n.starts_with("vq"), "tokenizer")?;
+        let model = find_one(dir, MODEL_FILE, &|n| is_pt(n) && !n.starts_with("vq"), "GPT checkpoint")?;
+        let text = Some(dir.join(TEXT_FILE)).filter(|p| p.exists());
+        let t5 = [T5_DIR, "flan-t5-xl"].iter().map(|d| dir.join(d)).find(|p| p.is_dir());
+        if text.is_none() && t5.is_none() {
+            return Err(Error::bad_file(dir, format!("no text encoder: expected `{TEXT_FILE}` or a `{T5_DIR}/` folder")));
+        }
+        Ok(Self { tokenizer, model, text, t5 })
+    }
+}
+
+/// Options for loading checkpoints that do not describe themselves (`.pt` files).
+#[derive(Debug, Clone, Default)]
+pub struct LoadHints {
+    /// GPT preset for a `.pt` model (e.g. `tokenar-xl`).
+    pub preset: Option<String>,
+    /// Tokenizer preset for a `.pt` tokenizer (default `vq-16`).
+    pub tokenizer_preset: Option<String>,
+}
+
+impl Bundle {
+    /// Load a bundle folder.
+    pub fn load(dir: &Path, hints: &LoadHints, device: &Device) -> Result<Self> {
+        let paths = BundlePaths::find(dir)?;
+        let is_pt = |p: &Path| p.extension().map(|e| e != "safetensors").unwrap_or(true);
+        let vq_preset = if is_pt(&paths.tokenizer) {
+            Some(hints.tokenizer_preset.clone().unwrap_or_else(|| "vq-16".to_string()))
+        } else {
+            hints.tokenizer_preset.clone()
+        };
+        let (vq, vq_vars) = tokenizer::load(&paths.tokenizer, vq_preset.as_deref(), device)?;
+        let (gpt, gpt_vars, report) = model::load(&paths.model, hints.preset.as_deref(), device)?;
+        let (text, text_vars) = match (&paths.text, &paths.t5) {
+            (Some(t), _) => {
+                let file = TensorFile::load(t, device)?;
+                let (enc, vm) = builtin_text_from_file(&file, device)?;
+                (TextModel::Builtin(enc), Some(vm))
+            }
+            (None, Some(folder)) => {
+                // LlamaGen left-pads; EditAR / TokenAR right-pad (REFERENCE.md).
+                let padding = match gpt.config().family {
+                    Family::LlamaGen => Padding::Left,
+                    _ => Padding::Right,
+                };
+                let mut opts = T5Options::new(padding);
+                opts.max_len = gpt.config().caption_len;
+                (TextModel::T5(T5Encoder::load(folder, opts, device)?), None)
+            }
+            (None, None) => unreachable!("BundlePaths::find checks for a text encoder"),
+        };
+        let b = Self { vq, vq_vars, gpt, gpt_vars, text, text_vars, source: dir.display().to_string(), report };
+        b.check()?;
+        Ok(b)
+    }
+
+    /// Build a bundle from the three safetensors files held in memory (the built-in model).
+    pub fn from_bytes(tokenizer: &[u8], model: &[u8], text: &[u8], source: &str, device: &Device) -> Result<Self> {
+        let tf = TensorFile::from_safetensors_bytes(&format!("{source}/{TOKENIZER_FILE}"), tokenizer, device)?;
+        let (vq, vq_vars) = tokenizer::load_file(&tf, None, device)?;
+        let mf = TensorFile::from_safetensors_bytes(&format!("{source}/{MODEL_FILE}"), model, device)?;
+        let cfg = model::config_from_metadata(&mf)?;
+        let (gpt, gpt_vars, report) = model::load_with_config(&mf, &cfg, device)?;
+        let xf = TensorFile::from_safetensors_bytes(&format!("{source}/{TEXT_FILE}"), text, device)?;
+        let (enc, text_vars) = builtin_text_from_file(&xf, device)?;
+        let b = Self {
+            vq,
+            vq_vars,
+            gpt,
+            gpt_vars,
+            text: TextModel::Builtin(enc),
+            text_vars: Some(text_vars),
+            source: source.to_string(),
+            report,
+        };
+        b.check()?;
+        Ok(b)
+    }
+
+    /// The built-in model compiled into this binary.
+    pub fn builtin(device: &Device) -> Result<Self> {
+        match builtin_bytes() {
+            Some((t, m, x)) => Self::from_bytes(t, m, x, "built-in", device),
+            None => Err(Error::invalid(
+                "weights",
+                "this build carries no built-in model (assets/builtin/ was empty when it was compiled); pass --weights DIR",
+            )),
+        }
+    }
+
+    /// Save as a bundle folder (this project's formats).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        tokenizer::save(&dir.join(TOKENIZER_FILE), self.vq.config(), &self.vq_vars)?;
+        model::save(&dir.join(MODEL_FILE), &self.gpt, &self.gpt_vars)?;
+        if let (TextModel::Builtin(t), Some(vm)) = (&self.text, &self.text_vars) {
+            save_builtin_text(&dir.join(TEXT_FILE), t, vm)?;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<()> {
+        let g = self.gpt.config();
+        let vq = self.vq.config();
+        if g.vocab_size != vq.codebook_size {
+            return Err(Error::invalid(
+                "bundle",
+                format!("the GPT's vocabulary ({}) differs from the tokenizer's codebook ({})", g.vocab_size, vq.codebook_size),
+            ));
+        }
+        let text_dim = match &self.text {
+            TextModel::Builtin(t) => t.config().dim,
+            TextModel::T5(t) => t.dim(),
+        };
+        if text_dim != g.caption_dim {
+            return Err(Error::invalid(
+                "bundle",
+                format!("the text encoder gives {text_dim}-d features but the GPT expects {}", g.caption_dim),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Image size the bundle works at: grid x tokenizer downsampling.
+    pub fn image_size(&self) -> usize {
+        self.gpt.config().grid.0 * self.vq.config().downsample()
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        self.gpt.config()
+    }
+}
+
+/// Built-in text encoder from its file (config and vocabulary in the metadata).
+pub fn builtin_text_from_file(file: &TensorFile, device: &Device) -> Result<(BuiltinTextEncoder, VarMap)> {
+    let vm = VarMap::new();
+    let enc = BuiltinTextEncoder::from_metadata(&file.metadata, VarBuilder::from_varmap(&vm, DType::F32, device).pp(TEXT_PREFIX))?;
+    let opts = weights::LoadOptions { strict_unexpected: true, ..Default::default() };
+    weights::load_into_varmap(&vm, file, &opts)?;
+    Ok((enc, vm))
+}
+
+pub fn save_builtin_text(path: &Path, enc: &BuiltinTextEncoder, vm: &VarMap) -> Result<()> {
+    weights::save_safetensors(path, &weights::varmap_tensors(vm), &enc.metadata())
+}
+
+#[cfg(tokenar_builtin)]
+fn builtin_bytes() -> Option<(&'static [u8], &'static [u8], &'static [u8])> {
+    Some((
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/builtin/tokenizer.safetensors")),
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/builtin/model.safetensors")),
+        include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/builtin/text.safetensors")),
+    ))
+}
+
+#[cfg(not(tokenar_builtin))]
+fn builtin_bytes() -> Option<(&'static [u8], &'static [u8], &'static [u8])> {
+    None
+}
+
+/// Whether this binary carries the built-in model.
+pub fn has_builtin() -> bool {
+    builtin_bytes().is_some()
+}

@@ -1,0 +1,10 @@
+//! The jobs that tie the modules together: a model bundle (tokenizer + text encoder + GPT),
+//! the TokenAR training job, and generation.
+
+pub mod bundle;
+pub mod generate;
+pub mod train_job;
+
+pub use bundle::{Bundle, TextModel};
+pub use generate::{generate, GenerateRequest, GenerateResult};
+pub use train_job::{TrainJob, TrainJobConfig};

@@ -1,0 +1,454 @@
+//! `tokenar train`: the TokenAR training job.
+//!
+//! Reads a code cache (`tokenar data encode`), builds the GPT and the built-in text encoder
+//! (or uses cached T5 features), and runs the shared training loop with the reference recipe:
+//! AdamW (betas 0.9/0.95, weight decay on >= 2-D weights only), gradient clipping, optional
+//! warm-up, gradient accumulation, EditAR-style CFG dropout (both / image only / text only),
+//! and the ITD objective with the ablation switches of the model config. Checkpoints hold the
+//! model, the optimiser, the step and the RNG, so `--resume` continues exactly.
+//!
+//! At every checkpoint the job also exports a bundle folder (`<out>/export`, usable with
+//! `tokenar generate --weights`), a loss curve (`loss.png`) and a sample grid (`samples.png`).
+
+use super::bundle::{fit_rows, save_builtin_text, TextModel, MODEL_FILE, TEXT_FILE, TEXT_PREFIX, TOKENIZER_FILE};
+use crate::data::cache::{CacheReader, CachedSample};
+use crate::error::{Error, Result};
+use crate::model::{self, Condition, GptConfig, TokenAr};
+use crate::sample::{self, DecodePlan, ItdMode, SampleOptions};
+use crate::text::{BuiltinConfig, BuiltinTextEncoder, WordVocab};
+use crate::tokenizer::{self, Vq};
+use crate::train::{self, AdamWParams, Checkpointer, Hooks, LoopConfig, LrSchedule, StepOutput, TrainState};
+use crate::util::Rng;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The training configuration (TOML). See `configs/tokenar-builtin.toml` for every field with
+/// its meaning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainJobConfig {
+    pub cache: PathBuf,
+    pub out: PathBuf,
+    pub tokenizer: PathBuf,
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+    #[serde(default)]
+    pub init_preset: Option<String>,
+    pub seed: u64,
+    pub steps: u64,
+    pub batch: usize,
+    #[serde(default = "one")]
+    pub accum: usize,
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup: u64,
+    #[serde(default)]
+    pub cosine: bool,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub grad_clip: f64,
+    pub log_every: u64,
+    pub ckpt_every: u64,
+    pub keep_last: usize,
+    /// CFG dropout (EditAR): both image and text / image only / text only.
+    pub drop_both: f32,
+    pub drop_image: f32,
+    pub drop_text: f32,
+    /// Samples drawn in the grid written at each checkpoint (0 = none).
+    #[serde(default)]
+    pub grid_samples: usize,
+    pub model: ModelSection,
+    pub text: BuiltinConfig,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The GPT: a preset plus the switches of the ablation study and size overrides.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub preset: String,
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub dim: Option<usize>,
+    pub n_instruct: Option<usize>,
+    pub index_embedding: Option<bool>,
+    pub itd: Option<bool>,
+    pub max_refs: Option<usize>,
+    /// One dropout rate for token, residual and FFN dropout.
+    pub dropout: Option<f32>,
+}
+
+impl TrainJobConfig {
+    pub fn from_toml(text: &str, sets: &[String], origin: &Path) -> Result<Self> {
+        let value: toml::Value =
+            toml::from_str(text).map_err(|e| Error::bad_file(origin, format!("not a valid training config: {e}")))?;
+        let value = train::apply_overrides(value, sets)?;
+        let cfg: Self = value
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::bad_file(origin, format!("bad training config: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, msg: String| Err(Error::invalid(what, msg));
+        if self.batch == 0 || self.steps == 0 {
+            return bad("batch/steps", "must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("lr", format!("{} (must be positive)", self.lr));
+        }
+        let p = self.drop_both + self.drop_image + self.drop_text;
+        if !(0.0..=1.0).contains(&p) || self.drop_both < 0.0 || self.drop_image < 0.0 || self.drop_text < 0.0 {
+            return bad("drop_*", format!("probabilities must be >= 0 and sum to at most 1 (sum {p})"));
+        }
+        self.text.validate()
+    }
+
+    /// The GPT config: the preset, the overrides, and what the data and the text encoder fix.
+    pub fn gpt_config(&self, vocab: usize, grid: (usize, usize)) -> Result<GptConfig> {
+        let m = &self.model;
+        let mut c = GptConfig::preset(&m.preset)?;
+        c.vocab_size = vocab;
+        c.grid = grid;
+        c.caption_dim = self.text.dim;
+        c.caption_len = self.text.max_len;
+        if let Some(v) = m.n_layer {
+            c.n_layer = v;
+        }
+        if let Some(v) = m.n_head {
+            c.n_head = v;
+        }
+        if let Some(v) = m.dim {
+            c.dim = v;
+        }
+        if let Some(v) = m.n_instruct {
+            c.n_instruct = v;
+        }
+        if let Some(v) = m.index_embedding {
+            c.index_embedding = v;
+        }
+        if let Some(v) = m.itd {
+            c.itd = v;
+        }
+        if let Some(v) = m.max_refs {
+            c.max_refs = v;
+        }
+        if let Some(d) = m.dropout {
+            c.dropouts.token = d;
+            c.dropouts.resid = d;
+            c.dropouts.ffn = d;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Everything a training run holds: the models and data (read by every step) and the
+/// optimisation state (changed by every step).
+pub struct TrainJob {
+    pub parts: JobParts,
+    pub state: TrainState,
+}
+
+/// The models and data of a run.
+pub struct JobParts {
+    pub cfg: TrainJobConfig,
+    pub gpt: TokenAr,
+    pub text: BuiltinTextEncoder,
+    pub vq: Vq,
+    vq_vars: VarMap,
+    pub samples: Vec<CachedSample>,
+    /// Sample indices grouped by their number of references (a batch shares one count).
+    buckets: Vec<Vec<usize>>,
+}
+
+const GPT_GROUP: &str = "model";
+const TEXT_GROUP: &str = "text";
+
+fn load_cache(path: &Path) -> Result<Vec<CachedSample>> {
+    let reader = CacheReader::open(path)?;
+    if !reader.is_complete() {
+        return Err(Error::bad_file(path, "the code cache is incomplete; finish `tokenar data encode` first"));
+    }
+    let mut out = Vec::with_capacity(reader.len());
+    for i in 0..reader.len() {
+        let s = reader.get(i)?;
+        if !s.target.is_empty() {
+            out.push(s);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::bad_file(path, "the code cache holds no sample with a target"));
+    }
+    Ok(out)
+}
+
+impl TrainJob {
+    /// Build (or, with `resume`, restore) a run.
+    pub fn new(cfg: TrainJobConfig, resume: bool, device: &Device) -> Result<Self> {
+        let samples = load_cache(&cfg.cache)?;
+        let grid = samples[0].grid;
+        let (vq, vq_vars) = tokenizer::load(&cfg.tokenizer, None, device)?;
+        let vocab = vq.config().codebook_size;
+        let gcfg = cfg.gpt_config(vocab, grid)?;
+        let max_refs = samples.iter().map(|s| s.refs.len()).max().unwrap_or(0);
+        if max_refs > gcfg.max_refs {
+            return Err(Error::invalid("model.max_refs", format!("the data has samples with {max_refs} references but the model supports {}", gcfg.max_refs)));
+        }
+        let mut buckets = vec![Vec::new(); gcfg.max_refs + 1];
+        for (i, s) in samples.iter().enumerate() {
+            if s.grid != grid {
+                return Err(Error::invalid("cache", format!("sample {} has grid {:?}, others {:?}", s.id, s.grid, grid)));
+            }
+            buckets[s.refs.len()].push(i);
+        }
+
+        let (gpt, gpt_vars) = model::build(&gcfg, device, cfg.seed)?;
+        let prompts: Vec<&str> = samples.iter().map(|s| s.prompt.as_str()).collect();
+        let vocab_words = WordVocab::build(&prompts, 1, 4096);
+        let text_vars = VarMap::new();
+        let text = BuiltinTextEncoder::new(
+            cfg.text.clone(),
+            vocab_words,
+            VarBuilder::from_varmap(&text_vars, DType::F32, device).pp(TEXT_PREFIX),
+        )?;
+        crate::model::init_weights(&text_vars, cfg.seed ^ 0x7e47)?;
+
+        if let (Some(init), false) = (&cfg.init, resume) {
+            let file = crate::weights::TensorFile::load(init, device)?;
+            let opts = crate::weights::LoadOptions {
+                allow_missing: model::ADDITIONS.iter().map(|s| s.to_string()).collect(),
+                ignore: vec!["alignment.".into()],
+                strict_unexpected: false,
+            };
+            let report = crate::weights::load_into_varmap(&gpt_vars, &file, &opts)?;
+            eprintln!(
+                "initialised from {}: {} tensors loaded, fresh: [{}], unused: [{}]",
+                init.display(),
+                report.loaded.len(),
+                report.fresh.join(", "),
+                report.unused.join(", ")
+            );
+        }
+
+        let frozen: Vec<String> = model::BUFFERS.iter().map(|b| format!("{GPT_GROUP}/{b}")).collect();
+        let params = AdamWParams {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            weight_decay: cfg.weight_decay,
+            ..AdamWParams::default()
+        };
+        let mut state = TrainState::new_with_frozen(
+            vec![(GPT_GROUP.to_string(), gpt_vars), (TEXT_GROUP.to_string(), text_vars)],
+            params,
+            cfg.seed,
+            &frozen,
+        )?;
+        if resume {
+            let ckpt = Checkpointer::new(cfg.out.join("checkpoints"), cfg.keep_last)?;
+            match state.resume_latest(&ckpt)? {
+                Some(r) => eprintln!("resuming from {} (step {})", r.path.display(), r.step),
+                None => eprintln!("--resume: no checkpoint in {}, starting fresh", ckpt.dir().display()),
+            }
+        }
+        Ok(Self { parts: JobParts { cfg, gpt, text, vq, vq_vars, samples, buckets }, state })
+    }
+
+    /// Run to `cfg.steps`.
+    pub fn run(&mut self, progress: bool) -> Result<train::LoopSummary> {
+        self.parts.run(&mut self.state, progress)
+    }
+
+    /// Write the bundle folder (tokenizer, model, text encoder) into `dir`.
+    pub fn export(&self, dir: &Path) -> Result<()> {
+        self.parts.export(&self.state, dir)
+    }
+}
+
+fn group<'a>(state: &'a TrainState, name: &str) -> Result<&'a VarMap> {
+    state
+        .models
+        .iter()
+        .find(|(g, _)| g == name)
+        .map(|(_, v)| v)
+        .ok_or_else(|| Error::invalid("training state", format!("no `{name}` model group")))
+}
+
+impl JobParts {
+    /// Draw one batch of sample indices (all with the same number of references).
+    fn draw_batch(&self, rng: &mut Rng) -> Vec<usize> {
+        let total: usize = self.buckets.iter().map(|b| b.len()).sum();
+        let mut pick = rng.random_range(0..total);
+        let bucket = self
+            .buckets
+            .iter()
+            .find(|b| {
+                if pick < b.len() {
+                    true
+                } else {
+                    pick -= b.len();
+                    false
+                }
+            })
+            .expect("pick < total");
+        (0..self.cfg.batch).map(|_| bucket[rng.random_range(0..bucket.len())]).collect()
+    }
+
+    /// Condition and target tensors for the given samples.
+    pub fn batch_tensors(&self, idx: &[usize], device: &Device) -> Result<(Condition, Tensor)> {
+        let b = idx.len();
+        let nr = self.samples[idx[0]].refs.len();
+        let hw = self.samples[idx[0]].background.len();
+        let refs: Vec<u32> = idx.iter().flat_map(|&i| self.samples[i].refs.iter().flatten().copied()).collect();
+        let bg: Vec<u32> = idx.iter().flat_map(|&i| self.samples[i].background.iter().copied()).collect();
+        let tg: Vec<u32> = idx.iter().flat_map(|&i| self.samples[i].target.iter().copied()).collect();
+        let prompts: Vec<String> = idx.iter().map(|&i| self.samples[i].prompt.clone()).collect();
+        let (ids, mask) = self.text.tokenize(&prompts)?;
+        let feats = self.text.forward_ids(&ids, &mask)?;
+        let (text, mask) = fit_rows(&feats, &mask, self.cfg.text.max_len)?;
+        let cond = Condition::new(
+            Tensor::from_vec(refs, (b, nr, hw), device)?,
+            Tensor::from_vec(bg, (b, hw), device)?,
+            text,
+            Some(mask),
+        );
+        Ok((cond, Tensor::from_vec(tg, (b, hw), device)?))
+    }
+
+    /// One training micro-step's loss.
+    fn loss(&self, rng: &mut Rng) -> Result<StepOutput> {
+        let device = self.gpt.device().clone();
+        let idx = self.draw_batch(rng);
+        let (mut cond, target) = self.batch_tensors(&idx, &device)?;
+        let (db, di, dt) = (self.cfg.drop_both, self.cfg.drop_image, self.cfg.drop_text);
+        let mut drop_text = Vec::with_capacity(idx.len());
+        let mut drop_image = Vec::with_capacity(idx.len());
+        for _ in 0..idx.len() {
+            let r: f32 = rng.random();
+            drop_text.push(r < db || r > 1.0 - dt);
+            drop_image.push(r < db + di);
+        }
+        cond.drop_text = drop_text;
+        cond.drop_image = drop_image;
+        let (logits, targets) = self.gpt.forward_train(&cond, &target, true, rng)?;
+        let (b, n, v) = logits.dims3()?;
+        let loss = candle_nn::loss::cross_entropy(&logits.reshape((b * n, v))?, &targets.reshape(b * n)?)?;
+        Ok(StepOutput { loss, tokens: b * n })
+    }
+
+    fn run(&self, state: &mut TrainState, progress: bool) -> Result<train::LoopSummary> {
+        let cfg = self.cfg.clone();
+        std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+        let toml_text = toml::to_string_pretty(&cfg).map_err(|e| Error::invalid("config", e.to_string()))?;
+        crate::util::atomic_write(cfg.out.join("config.toml"), toml_text.as_bytes())?;
+        let schedule = LrSchedule {
+            base_lr: cfg.lr,
+            warmup_steps: cfg.warmup,
+            decay: if cfg.cosine {
+                train::Decay::Cosine { total_steps: cfg.steps, min_lr: cfg.lr * 0.1 }
+            } else {
+                train::Decay::Constant
+            },
+        };
+        let mut lc = LoopConfig::new(cfg.steps, schedule);
+        lc.accum = cfg.accum;
+        lc.max_grad_norm = if cfg.grad_clip > 0.0 { Some(cfg.grad_clip) } else { None };
+        lc.log_every = cfg.log_every;
+        lc.ckpt_every = cfg.ckpt_every;
+        lc.keep_last = cfg.keep_last;
+        lc.run_dir = Some(cfg.out.join("checkpoints"));
+        lc.progress = progress;
+        lc.metadata.insert("tokenar.train_config".into(), toml_text);
+        // The models share their variables with `state` (candle `Var`s are shared handles),
+        // so the step reads the models while the loop updates the variables through `state`.
+        let mut hooks = JobHooks { parts: self };
+        train::run_loop(&lc, state, |_, rng| self.loss(rng), &mut hooks)
+    }
+
+    /// Write the bundle folder (tokenizer, model, text encoder) into `dir`.
+    pub fn export(&self, state: &TrainState, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        tokenizer::save(&dir.join(TOKENIZER_FILE), self.vq.config(), &self.vq_vars)?;
+        model::save(&dir.join(MODEL_FILE), &self.gpt, group(state, GPT_GROUP)?)?;
+        save_builtin_text(&dir.join(TEXT_FILE), &self.text, group(state, TEXT_GROUP)?)
+    }
+
+    /// A grid of `n` samples: references, background, generated target, real target.
+    pub fn sample_grid(&self, n: usize, seed: u64) -> Result<image::RgbImage> {
+        let device = self.gpt.device().clone();
+        let mut rows = Vec::new();
+        let mut rng = crate::util::rng(seed);
+        let bucket = self.buckets.iter().max_by_key(|b| b.len()).expect("non-empty");
+        let idx: Vec<usize> = (0..n.min(bucket.len())).map(|_| bucket[rng.random_range(0..bucket.len())]).collect();
+        let (cond, target) = self.batch_tensors(&idx, &device)?;
+        let cfg = self.gpt.config();
+        let itd = if cfg.itd { ItdMode::Exact } else { ItdMode::Off };
+        let opts = SampleOptions { cfg_scale: 1.0, temperature: 1.0, top_k: 0, top_p: 1.0, seed };
+        let known: Vec<Vec<u32>> = if cfg.itd {
+            (0..idx.len()).map(|i| Ok(cond.refs.get(i)?.flatten_all()?.to_vec1::<u32>()?)).collect::<Result<_>>()?
+        } else {
+            vec![Vec::new(); idx.len()]
+        };
+        let (mut session, first) = self.gpt.start(&cond, false)?;
+        let plan = DecodePlan { known, n_target: cfg.image_tokens(), itd };
+        let out = sample::generate(&mut session, &first, &plan, &opts, &mut rng, None)?;
+        let (h, w) = cfg.grid;
+        let decode = |codes: &Tensor| -> Result<Vec<image::RgbImage>> {
+            let imgs = self.vq.decode(&codes.reshape(((), h, w))?)?;
+            (0..imgs.dim(0)?).map(|i| crate::imageio::tensor_to_rgb(&imgs.get(i)?)).collect()
+        };
+        let gen_flat: Vec<u32> = out.target.iter().flatten().copied().collect();
+        let generated = decode(&Tensor::from_vec(gen_flat, (idx.len(), h * w), &device)?)?;
+        let real = decode(&target)?;
+        let bg = decode(&cond.background)?;
+        for (i, _) in idx.iter().enumerate() {
+            let refs = decode(&cond.refs.get(i)?)?;
+            rows.extend(refs);
+            rows.push(bg[i].clone());
+            rows.push(generated[i].clone());
+            rows.push(real[i].clone());
+        }
+        let cols = cond.refs.dim(1)? + 3;
+        Ok(crate::imageio::grid(&rows, cols, 2))
+    }
+
+}
+
+struct JobHooks<'a> {
+    parts: &'a JobParts,
+}
+
+impl Hooks for JobHooks<'_> {
+    fn on_checkpoint(&mut self, step: u64, _path: &Path, state: &TrainState) -> Result<()> {
+        let job = self.parts;
+        let out = &job.cfg.out;
+        job.export(state, &out.join("export"))?;
+        let recs = train::MetricsLog::read(out.join("checkpoints").join("metrics.jsonl")).unwrap_or_default();
+        let pts: Vec<(f64, f64)> = recs.iter().map(|r| (r.step as f64, r.loss)).collect();
+        if pts.len() >= 2 {
+            train::plot_losses(&pts, out.join("loss.png"), &train::PlotOptions { log_y: true, ..Default::default() })?;
+        }
+        if job.cfg.grid_samples > 0 {
+            let g = job.sample_grid(job.cfg.grid_samples, step)?;
+            crate::imageio::save_rgb(out.join("samples.png"), &g)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which text model a bundle uses, for `tokenar info`.
+pub fn describe_text(t: &TextModel) -> String {
+    match t {
+        TextModel::Builtin(e) => format!("built-in ({} words, {}-d, {} layers)", e.vocab().len(), e.config().dim, e.config().n_layer),
+        TextModel::T5(_) => "T5".to_string(),
+    }
+}

@@ -74,9 +74,17 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let refs = a.refs.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<Vec<_>>>()?;
     let background = a.background.as_ref().map(|p| tokenar::imageio::load_rgb(p, None)).transpose()?;
     let mask = a.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?;
-    if mask.is_some() && background.is_none() {
-        anyhow::bail!("--mask needs --background");
-    }
+    let req = GenerateRequest {
+        refs,
+        background,
+        mask,
+        prompt: a.prompt.clone(),
+        options,
+        itd: a.itd,
+        num_samples: a.num_samples,
+        paste_back: a.paste_back,
+    };
+    req.validate()?;
     let device = tokenar::util::device(a.gpu)?;
     let bundle = match &a.weights {
         Some(dir) => {
@@ -88,16 +96,6 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     for k in &bundle.report.fresh {
         eprintln!("note: `{k}` is not in the checkpoint and was freshly initialised");
     }
-    let req = GenerateRequest {
-        refs,
-        background,
-        mask,
-        prompt: a.prompt.clone(),
-        options,
-        itd: a.itd,
-        num_samples: a.num_samples,
-        paste_back: a.paste_back,
-    };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("decoding {bar:40} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]")

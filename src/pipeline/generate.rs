@@ -91,8 +91,31 @@ pub fn masked_background(bg: &RgbImage, mask: Option<&GrayImage>) -> RgbImage {
     out
 }
 
+impl GenerateRequest {
+    /// Checks that need no model: sampling options, sample count, mask size.
+    pub fn validate(&self) -> Result<()> {
+        self.options.validate()?;
+        if self.num_samples == 0 {
+            return Err(Error::invalid("--num-samples", "must be at least 1"));
+        }
+        if self.mask.is_some() && self.background.is_none() {
+            return Err(Error::invalid("--mask", "a mask needs a background"));
+        }
+        if let (Some(bg), Some(m)) = (&self.background, &self.mask) {
+            if bg.dimensions() != m.dimensions() {
+                return Err(Error::invalid(
+                    "--mask",
+                    format!("mask is {}x{} but the background is {}x{}", m.width(), m.height(), bg.width(), bg.height()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Check a request against the bundle and bring its images to the model's size.
 fn prepare(bundle: &Bundle, req: &GenerateRequest) -> Result<(Vec<RgbImage>, RgbImage, Option<GrayImage>, Option<RgbImage>)> {
+    req.validate()?;
     let cfg = bundle.gpt.config();
     let size = bundle.image_size() as u32;
     if req.refs.is_empty() && cfg.max_refs > 0 {
@@ -103,17 +126,6 @@ fn prepare(bundle: &Bundle, req: &GenerateRequest) -> Result<(Vec<RgbImage>, Rgb
             "--ref",
             format!("{} references given but this model supports at most {}", req.refs.len(), cfg.max_refs),
         ));
-    }
-    if req.num_samples == 0 {
-        return Err(Error::invalid("--num-samples", "must be at least 1"));
-    }
-    if let (Some(bg), Some(m)) = (&req.background, &req.mask) {
-        if bg.dimensions() != m.dimensions() {
-            return Err(Error::invalid(
-                "--mask",
-                format!("mask is {}x{} but the background is {}x{}", m.width(), m.height(), bg.width(), bg.height()),
-            ));
-        }
     }
     let refs: Vec<RgbImage> = req.refs.iter().map(|r| imageio::resize_rgb(r, size, size)).collect();
     let mask = req.mask.as_ref().map(|m| image::imageops::resize(m, size, size, image::imageops::FilterType::Nearest));

@@ -1,0 +1,172 @@
+//! End to end on a tiny synthetic set: synth -> tokenizer -> code cache -> train (with exact
+//! resume) -> export -> generate, and the CLI's answers to bad input.
+
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tokenar::data::{self, synth};
+use tokenar::pipeline::{generate, Bundle, GenerateRequest, TrainJob, TrainJobConfig};
+use tokenar::sample::{ItdMode, SampleOptions};
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tokenar-pipeline-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A 24-sample synthetic set at 16 px, a random tokenizer downsampling 4x (4 x 4 codes of 16) and the
+/// code cache.
+fn fixture(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ds_dir = root.join("synth");
+    let opts = synth::SynthOptions { n: 24, seed: 3, size: 16, subjects: (2, 2), split: synth::Split::Train, threads: 1 };
+    synth::generate(&ds_dir, &opts, None).unwrap();
+    let mut cfg = tokenar::tokenizer::VqConfig::preset("vq-tiny").unwrap();
+    cfg.ch_mult = vec![1, 2, 2];
+    let (vq, vars) = tokenar::tokenizer::build(&cfg, &Device::Cpu).unwrap();
+    let tok = root.join("vq.safetensors");
+    tokenar::tokenizer::save(&tok, &cfg, &vars).unwrap();
+    let ds = data::Dataset::open_quiet(&ds_dir, &data::OpenOptions::default()).unwrap();
+    let cache = root.join("cache");
+    let mut enc = |x: &candle_core::Tensor| vq.encode(x);
+    data::cache::encode_dataset(&ds, &cache, 16, &mut enc, None, 8, None).unwrap();
+    (ds_dir, tok, cache)
+}
+
+fn config(tok: &Path, cache: &Path, out: &Path, steps: u64) -> TrainJobConfig {
+    let text = format!(
+        r#"
+cache = "{cache}"
+out = "{out}"
+tokenizer = "{tok}"
+seed = 5
+steps = {steps}
+batch = 8
+lr = 3e-3
+warmup = 2
+weight_decay = 0.05
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+log_every = 1
+ckpt_every = 5
+keep_last = 2
+drop_both = 0.05
+drop_image = 0.05
+drop_text = 0.05
+grid_samples = 2
+[model]
+preset = "tiny"
+n_layer = 2
+n_head = 2
+dim = 32
+n_instruct = 4
+dropout = 0.0
+[text]
+dim = 32
+n_layer = 1
+n_head = 2
+max_len = 8
+mlp_ratio = 2
+norm_eps = 1e-5
+"#,
+        cache = cache.display(),
+        out = out.display(),
+        tok = tok.display()
+    );
+    TrainJobConfig::from_toml(&text, &[], Path::new("test.toml")).unwrap()
+}
+
+#[test]
+fn train_resume_export_generate() {
+    let root = tmp("e2e");
+    let (ds_dir, tok, cache) = fixture(&root);
+
+    // Uninterrupted: 40 steps.
+    let run_a = root.join("run-a");
+    let mut job = TrainJob::new(config(&tok, &cache, &run_a, 150), false, &Device::Cpu).unwrap();
+    let a = job.run(false).unwrap();
+    let first = a.losses[0].1;
+    let last10: f32 = a.losses[140..].iter().map(|l| l.1).sum::<f32>() / 10.0;
+    let uniform = (16f32).ln();
+    assert!(first > 0.8 * uniform, "initial loss {first} should be near ln(16) = {uniform}");
+    assert!(last10 < 0.75 * uniform, "loss must fall well below the uniform guess: {last10} vs {uniform}");
+    assert!(run_a.join("loss.png").exists() && run_a.join("samples.png").exists());
+
+    // Interrupted at step 10 (a run of 10 steps), then resumed to 20: same losses as a
+    // 20-step run.
+    let run_b = root.join("run-b");
+    let full = TrainJob::new(config(&tok, &cache, &root.join("run-c"), 20), false, &Device::Cpu).unwrap().run(false).unwrap();
+    TrainJob::new(config(&tok, &cache, &run_b, 10), false, &Device::Cpu).unwrap().run(false).unwrap();
+    let mut resumed = TrainJob::new(config(&tok, &cache, &run_b, 20), true, &Device::Cpu).unwrap();
+    assert_eq!(resumed.state.step, 10);
+    let rest = resumed.run(false).unwrap();
+    assert_eq!(rest.losses, full.losses[10..].to_vec());
+
+    // The exported bundle generates an image of the model's size with every ITD mode.
+    let bundle = Bundle::load(&run_a.join("export"), &Default::default(), &Device::Cpu).unwrap();
+    assert_eq!(bundle.image_size(), 4 * 4);
+    let sample = root.join("synth").join("sample_0");
+    let load = |p: &str| tokenar::imageio::load_rgb(sample.join(p), None).unwrap();
+    let req = GenerateRequest {
+        refs: vec![load("ref/0.png"), load("ref/1.png")],
+        background: Some(load("real.png")),
+        mask: Some(tokenar::imageio::load_mask(sample.join("mask.png"), None).unwrap()),
+        prompt: std::fs::read_to_string(sample.join("description.txt")).unwrap(),
+        options: SampleOptions { cfg_scale: 2.0, top_k: 8, seed: 1, ..Default::default() },
+        itd: None,
+        num_samples: 2,
+        paste_back: true,
+    };
+    for itd in [None, Some(ItdMode::Naive), Some(ItdMode::Forced)] {
+        let out = generate(&bundle, &GenerateRequest { itd, ..req.clone() }, None).unwrap();
+        assert_eq!(out.images.len(), 2);
+        assert_eq!(out.images[0].dimensions(), (16, 16));
+    }
+    // ITD off is refused for a model trained with ITD; too many references are refused.
+    let e = generate(&bundle, &GenerateRequest { itd: Some(ItdMode::Off), ..req.clone() }, None).err().unwrap();
+    assert!(e.to_string().contains("ITD"), "{e}");
+    let three = GenerateRequest { refs: vec![req.refs[0].clone(); 3], ..req.clone() };
+    let e = generate(&bundle, &three, None).err().unwrap();
+    assert!(e.to_string().contains("at most 2"), "{e}");
+    drop(ds_dir);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+fn tokenar_cmd(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenar")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn generate_reports_bad_input_with_status_2() {
+    let root = tmp("cli");
+    let good = root.join("a.png");
+    tokenar::imageio::save_rgb(&good, &image::RgbImage::new(16, 16)).unwrap();
+    let small_mask = root.join("m.png");
+    tokenar::imageio::save_rgb(&small_mask, &image::RgbImage::new(8, 8)).unwrap();
+    let junk = root.join("junk.png");
+    std::fs::write(&junk, b"not an image").unwrap();
+    let g = good.to_str().unwrap();
+    let out = root.join("out.png");
+    let o = out.to_str().unwrap();
+    let nowhere = root.join("nowhere");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--ref", junk.to_str().unwrap(), "--prompt", "x", "--out", o], "junk.png"),
+        (vec!["--ref", "missing.png", "--prompt", "x", "--out", o], "missing.png"),
+        (vec!["--ref", g, "--prompt", "x", "--out", o, "--weights", nowhere.to_str().unwrap()], "nowhere"),
+        (vec!["--ref", g, "--prompt", "x", "--out", o, "--top-p", "1.5"], "top_p"),
+        (vec!["--ref", g, "--background", g, "--mask", small_mask.to_str().unwrap(), "--prompt", "x", "--out", o, "--weights", root.to_str().unwrap()], "mask"),
+        (vec!["--ref", g, "--prompt", "x", "--out", o, "--itd", "sometimes"], "sometimes"),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["generate"];
+        full.extend(args.iter());
+        let (code, err) = tokenar_cmd(&full);
+        assert_eq!(code, 2, "{full:?}: {err}");
+        assert!(err.contains(needle), "{full:?}: `{err}` should name `{needle}`");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -81,6 +81,33 @@ struct ScoreArgs {
     size: Option<u32>,
     #[command(flatten)]
     grid: GridArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// Generate the predictions with a model instead of reading them (`--model`).
+#[derive(Args)]
+struct ModelArgs {
+    /// Bundle folder to generate with, or `builtin`; predictions are written to `<out>/pred`.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 3.0)]
+    cfg_scale: f32,
+    #[arg(long, default_value_t = 1000)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Seed of sample i is seed + i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// ITD decoding (default: exact for ITD models).
+    #[arg(long)]
+    itd: Option<tokenar::sample::ItdMode>,
+    /// Keep the given background exactly outside the mask.
+    #[arg(long)]
+    paste_back: bool,
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -115,8 +142,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn score(a: ScoreArgs) -> anyhow::Result<()> {
+    if a.model.model.is_some() {
+        return score_model(a);
+    }
     let (Some(pred), Some(dataset)) = (a.pred, a.dataset) else {
-        bail!("tokenar eval needs --pred DIR and --dataset DIR (or a subcommand: merge, table, metrics)");
+        bail!("tokenar eval needs --dataset DIR and either --pred DIR or --model W (or a subcommand: merge, table, metrics)");
     };
     let specs = metric::builtin_metrics();
     let ctx = metric::MetricContext { weights_dir: a.weights, device: candle_core::Device::Cpu };
@@ -183,4 +213,58 @@ fn write_outputs(r: &run::EvalResult, out: &Path, grid: &GridArgs) -> anyhow::Re
     }
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+/// `--model`: generate each sample's prediction with a bundle, save it, and score it.
+fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
+    use tokenar::pipeline::{generate, Bundle, GenerateRequest};
+    let Some(dataset) = a.dataset else { bail!("--model needs --dataset DIR") };
+    let m = &a.model;
+    let model = m.model.clone().unwrap_or_default();
+    let device = tokenar::util::device(true)?;
+    let bundle = if model.as_os_str() == "builtin" { Bundle::builtin(&device)? } else { Bundle::load(&model, &Default::default(), &device)? };
+    let specs = metric::builtin_metrics();
+    let ctx = metric::MetricContext { weights_dir: a.weights, device: candle_core::Device::Cpu };
+    let built = metric::build_metrics(&specs, a.metrics.as_deref(), &ctx)?;
+    for s in &built.skipped {
+        eprintln!("skipping metric `{}`: {}", s.metric, s.reason);
+    }
+    let name = a.name.unwrap_or_else(|| model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
+    let out = a.out.unwrap_or_else(|| PathBuf::from("eval").join(&name));
+    let pred_dir = out.join("pred");
+    let opts = run::EvalOptions { name, size: a.size, shard: a.shard.unwrap_or((0, 1)) };
+    let samples = samples::list_samples(&dataset)?;
+    let mut produce = |s: &samples::EvalSample| -> tokenar::Result<image::RgbImage> {
+        let dir = s
+            .target
+            .as_ref()
+            .or(s.mask.as_ref())
+            .and_then(|p| p.parent())
+            .ok_or_else(|| tokenar::Error::invalid("dataset", format!("sample {} has no folder", s.id)))?;
+        let refs = s.refs.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<Vec<_>>>()?;
+        let background = Some(tokenar::imageio::load_rgb(dir.join("background.png"), None)?);
+        let mask = s.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?;
+        let prompt_path = dir.join("description.txt");
+        let prompt = std::fs::read_to_string(&prompt_path).map_err(|e| tokenar::Error::io(&prompt_path, e))?;
+        let options = tokenar::sample::SampleOptions {
+            cfg_scale: m.cfg_scale,
+            temperature: m.temperature,
+            top_k: m.top_k,
+            top_p: m.top_p,
+            seed: m.seed + s.index as u64,
+        };
+        let req = GenerateRequest { refs, background, mask, prompt: prompt.trim().to_string(), options, itd: m.itd, num_samples: 1, paste_back: m.paste_back };
+        let img = generate(&bundle, &req, None)?.images.remove(0);
+        tokenar::imageio::save_rgb(pred_dir.join(format!("{}.png", s.id)), &img)?;
+        Ok(img)
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let mut result = run::evaluate(&dataset, &samples, &built, &specs, &opts, &mut produce, Some(&progress))?;
+    bar.finish_and_clear();
+    result.pred_dir = Some(pred_dir.display().to_string());
+    write_outputs(&result, &out, &a.grid)
 }

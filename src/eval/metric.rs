@@ -8,6 +8,7 @@
 //! whole set computed by a pure function, so shards can be merged exactly).
 
 use super::identity::{self, Subject};
+use super::net_metrics;
 use super::pixel::{self, Planar, Region};
 use super::samples::EvalSample;
 use crate::error::{Error, Result};
@@ -130,6 +131,10 @@ pub fn builtin_metrics() -> Vec<MetricSpec> {
         MetricSpec { name: "subject", about: "PSNR, MSE, SSIM inside mask.png (the subjects)", kind: MetricKind::Sample(|_| Ok(Box::new(PixelMetric::Subject))) },
         MetricSpec { name: "edges", about: "F1 of Canny edge maps (OpenCV 100/200) against real.png", kind: MetricKind::Sample(|_| Ok(Box::new(EdgeF1))) },
         MetricSpec { name: "identity", about: "identity accuracy and swap rate from meta.json subject masks and references", kind: MetricKind::Sample(|_| Ok(Box::new(Identity))) },
+        MetricSpec { name: "lpips", about: "LPIPS (SqueezeNet) against real.png; needs lpips_squeeze.safetensors or squeeze.pth (+ squeezenet1_1) in --weights", kind: MetricKind::Sample(net_metrics::lpips) },
+        MetricSpec { name: "clip_i", about: "CLIP-I x100 (ViT-B/32) of the result vs each reference; needs clip-vit-base-patch32 weights in --weights", kind: MetricKind::Sample(net_metrics::clip_i) },
+        MetricSpec { name: "dino", about: "DINO x100 (v1 ViT-S/16 CLS) of the result vs each reference; needs dino_deitsmall16_pretrain.pth in --weights", kind: MetricKind::Sample(net_metrics::dino) },
+        MetricSpec { name: "fid", about: "FID (InceptionV3 pool3) of results vs real.png; needs pt_inception-2015-12-05-6726825d.pth in --weights", kind: MetricKind::Set { column: net_metrics::fid_column, build: net_metrics::fid, score: net_metrics::fid_score } },
     ]
 }
 

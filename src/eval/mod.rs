@@ -16,6 +16,7 @@
 pub mod edges;
 pub mod identity;
 pub mod metric;
+pub mod net_metrics;
 pub mod nets;
 pub mod pixel;
 pub mod report;

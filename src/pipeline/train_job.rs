@@ -452,3 +452,25 @@ pub fn describe_text(t: &TextModel) -> String {
         TextModel::T5(_) => "T5".to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses_and_overrides_apply() {
+        let text = include_str!("../../configs/tokenar-builtin.toml");
+        let cfg = TrainJobConfig::from_toml(text, &[], Path::new("configs/tokenar-builtin.toml")).unwrap();
+        let g = cfg.gpt_config(1024, (8, 8)).unwrap();
+        assert!(g.itd && g.index_embedding && g.n_instruct > 0);
+        assert_eq!((g.caption_dim, g.caption_len), (cfg.text.dim, cfg.text.max_len));
+        let sets = vec!["model.itd=false".to_string(), "model.n_instruct=0".to_string(), "steps=7".to_string()];
+        let ab = TrainJobConfig::from_toml(text, &sets, Path::new("x.toml")).unwrap();
+        let g = ab.gpt_config(1024, (8, 8)).unwrap();
+        assert!(!g.itd && g.n_instruct == 0 && ab.steps == 7);
+        let e = TrainJobConfig::from_toml(text, &["model.colour=3".to_string()], Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        let e = TrainJobConfig::from_toml(text, &["drop_text=0.99".to_string()], Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("drop"), "{e}");
+    }
+}

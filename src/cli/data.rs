@@ -95,11 +95,7 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
         }
         DataCmd::Synth { out, n, seed, size, split, subjects, threads, no_contact } => {
             let opts = synth::SynthOptions { n, seed, size, subjects: parse_subjects(&subjects)?, split, threads };
-            let bar = indicatif::ProgressBar::new(n as u64);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples [{elapsed_precise}<{eta_precise}]")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
+            let bar = super::progress_bar(n as u64, "{bar:40} {pos}/{len} samples [{elapsed_precise}<{eta_precise}]");
             let t0 = std::time::Instant::now();
             synth::generate(&out, &opts, Some(&|k| bar.set_position(k as u64)))?;
             bar.finish_and_clear();
@@ -157,11 +153,7 @@ fn encode(
     };
     let mut enc_img = |x: &candle_core::Tensor| vq.encode(x);
     let mut enc_txt = t5.as_ref().map(|t| move |p: &[String]| t.encode(p));
-    let bar = indicatif::ProgressBar::new(ds.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples {per_sec} [{elapsed_precise}<{eta_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = super::progress_bar(ds.len() as u64, "{bar:40} {pos}/{len} samples {per_sec} [{elapsed_precise}<{eta_precise}]");
     let text = enc_txt
         .as_mut()
         .map(|f| f as &mut dyn FnMut(&[String]) -> tokenar::Result<(candle_core::Tensor, candle_core::Tensor)>);

@@ -91,23 +91,8 @@ struct ModelArgs {
     /// Bundle folder to generate with, or `builtin`; predictions are written to `<out>/pred`.
     #[arg(long)]
     model: Option<PathBuf>,
-    #[arg(long, default_value_t = 3.0)]
-    cfg_scale: f32,
-    #[arg(long, default_value_t = 1000)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    /// Seed of sample i is seed + i.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// ITD decoding (default: exact for ITD models).
-    #[arg(long)]
-    itd: Option<tokenar::sample::ItdMode>,
-    /// Keep the given background exactly outside the mask.
-    #[arg(long)]
-    paste_back: bool,
+    #[command(flatten)]
+    sampling: super::SamplingArgs,
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -246,14 +231,17 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
         let mask = s.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?;
         let prompt_path = dir.join("description.txt");
         let prompt = std::fs::read_to_string(&prompt_path).map_err(|e| tokenar::Error::io(&prompt_path, e))?;
-        let options = tokenar::sample::SampleOptions {
-            cfg_scale: m.cfg_scale,
-            temperature: m.temperature,
-            top_k: m.top_k,
-            top_p: m.top_p,
-            seed: m.seed + s.index as u64,
+        let options = m.sampling.options(s.index as u64);
+        let req = GenerateRequest {
+            refs,
+            background,
+            mask,
+            prompt: prompt.trim().to_string(),
+            options,
+            itd: m.sampling.itd,
+            num_samples: 1,
+            paste_back: m.sampling.paste_back,
         };
-        let req = GenerateRequest { refs, background, mask, prompt: prompt.trim().to_string(), options, itd: m.itd, num_samples: 1, paste_back: m.paste_back };
         let img = generate(&bundle, &req, None)?.images.remove(0);
         tokenar::imageio::save_rgb(pred_dir.join(format!("{}.png", s.id)), &img)?;
         Ok(img)

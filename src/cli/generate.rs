@@ -5,7 +5,6 @@ use clap::Args;
 use std::path::PathBuf;
 use tokenar::pipeline::bundle::LoadHints;
 use tokenar::pipeline::{generate, Bundle, GenerateRequest};
-use tokenar::sample::{ItdMode, SampleOptions};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -32,26 +31,11 @@ pub struct GenerateArgs {
     /// Tokenizer preset for a .pt tokenizer (default vq-16).
     #[arg(long)]
     tokenizer_preset: Option<String>,
-    /// Classifier-free guidance scale (1 = off).
-    #[arg(long, default_value_t = 3.0)]
-    cfg_scale: f32,
-    /// Keep the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 1000)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::SamplingArgs,
+    /// Images to generate (one batch).
     #[arg(long, default_value_t = 1)]
     num_samples: usize,
-    /// ITD decoding: exact (default for ITD models), naive, forced, or off.
-    #[arg(long)]
-    itd: Option<ItdMode>,
-    /// Keep the given background exactly outside the mask.
-    #[arg(long)]
-    paste_back: bool,
     /// Also write the references the model reproduced (ITD) next to the output.
     #[arg(long)]
     save_itd: bool,
@@ -68,7 +52,7 @@ fn numbered(path: &std::path::Path, i: usize, n: usize) -> PathBuf {
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let options = SampleOptions { cfg_scale: a.cfg_scale, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let options = a.sampling.options(0);
     options.validate()?;
     // Read every input before loading the model, so a bad file is reported at once.
     let refs = a.refs.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<Vec<_>>>()?;
@@ -80,9 +64,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         mask,
         prompt: a.prompt.clone(),
         options,
-        itd: a.itd,
+        itd: a.sampling.itd,
         num_samples: a.num_samples,
-        paste_back: a.paste_back,
+        paste_back: a.sampling.paste_back,
     };
     req.validate()?;
     let device = tokenar::util::device(a.gpu)?;
@@ -96,11 +80,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     for k in &bundle.report.fresh {
         eprintln!("note: `{k}` is not in the checkpoint and was freshly initialised");
     }
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("decoding {bar:40} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = super::progress_bar(0, "decoding {bar:40} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]");
     let t0 = std::time::Instant::now();
     let out = generate(&bundle, &req, Some(&|k, n| {
         bar.set_length(n as u64);

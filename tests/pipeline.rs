@@ -129,13 +129,30 @@ fn train_resume_export_generate() {
     let three = GenerateRequest { refs: vec![req.refs[0].clone(); 3], ..req.clone() };
     let e = generate(&bundle, &three, None).err().unwrap();
     assert!(e.to_string().contains("at most 2"), "{e}");
+
+    // The command line writes the image file (and the ITD references) from the same bundle.
+    let out_png = root.join("cli-out.png");
+    let s = |p: &str| sample.join(p).to_str().unwrap().to_string();
+    let export = run_a.join("export");
+    let args = [
+        "generate", "--weights", export.to_str().unwrap(), "--ref", &s("ref/0.png"), "--ref", &s("ref/1.png"),
+        "--background", &s("real.png"), "--mask", &s("mask.png"), "--prompt", "a star left of a ring", "--out",
+        out_png.to_str().unwrap(), "--top-k", "4", "--save-itd",
+    ];
+    let (code, err) = tokenar_cmd(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(image::open(&out_png).unwrap().to_rgb8().dimensions(), (16, 16));
+    assert!(root.join("cli-out_itd0.png").exists() && root.join("cli-out_itd1.png").exists());
+    let (code, info) = tokenar_cmd(&["info", "--weights", export.to_str().unwrap()]);
+    assert_eq!(code, 0, "{info}");
     drop(ds_dir);
     std::fs::remove_dir_all(&root).unwrap();
 }
 
 fn tokenar_cmd(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tokenar")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
 }
 
 #[test]

@@ -145,7 +145,17 @@ fn train_resume_export_generate() {
     assert!(root.join("cli-out_itd0.png").exists() && root.join("cli-out_itd1.png").exists());
     let (code, info) = tokenar_cmd(&["info", "--weights", export.to_str().unwrap()]);
     assert_eq!(code, 0, "{info}");
-    drop(ds_dir);
+
+    // `eval --model` generates every sample, saves it and scores it.
+    let eval_out = root.join("eval");
+    let (code, text) = tokenar_cmd(&[
+        "eval", "--model", export.to_str().unwrap(), "--dataset", ds_dir.to_str().unwrap(), "--out",
+        eval_out.to_str().unwrap(), "--metrics", "pixel,background,identity", "--top-k", "4",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(eval_out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["rows"].as_array().unwrap().len(), 24, "{results}");
+    assert!(eval_out.join("pred").join("sample_0.png").exists() && eval_out.join("table.md").exists());
     std::fs::remove_dir_all(&root).unwrap();
 }
 

@@ -32,7 +32,6 @@ pub fn build(cfg: &GptConfig, device: &Device, seed: u64) -> Result<(TokenAr, Va
 /// biases 0, buffers N(0, 1/width), everything else N(0, 0.02). Variables are visited in name
 /// order, so the result depends on the seed only.
 pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
-    use rand_distr_free::normal;
     let mut rng = crate::util::rng(seed);
     for (name, var) in crate::nn::named_vars(varmap) {
         let dims = var.dims().to_vec();
@@ -54,13 +53,11 @@ pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
 }
 
 /// A standard normal draw (Box-Muller) from the project RNG.
-mod rand_distr_free {
+pub fn normal(rng: &mut crate::util::Rng) -> f32 {
     use rand::Rng as _;
-    pub fn normal(rng: &mut crate::util::Rng) -> f32 {
-        let u1: f64 = rng.random::<f64>().max(1e-300);
-        let u2: f64 = rng.random::<f64>();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
+    let u1: f64 = rng.random::<f64>().max(1e-300);
+    let u2: f64 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// Load a checkpoint. This project's safetensors carry their config (which takes precedence

@@ -220,7 +220,7 @@ impl TrainJob {
             vocab_words,
             VarBuilder::from_varmap(&text_vars, DType::F32, device).pp(TEXT_PREFIX),
         )?;
-        crate::model::init_weights(&text_vars, cfg.seed ^ 0x7e47)?;
+        init_text_encoder(&text_vars, cfg.seed ^ 0x7e47)?;
 
         if let (Some(init), false) = (&cfg.init, resume) {
             let file = crate::weights::TensorFile::load(init, device)?;
@@ -423,6 +423,25 @@ impl JobParts {
 
 }
 
+/// Seeded initialisation of the built-in text encoder (so a run depends on its seed only):
+/// LayerNorm weights 1, biases 0, every matrix N(0, 0.02).
+fn init_text_encoder(vars: &VarMap, seed: u64) -> Result<()> {
+    let mut rng = crate::util::rng(seed);
+    for (name, var) in crate::nn::named_vars(vars) {
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if dims.len() == 1 {
+            vec![1.0; n]
+        } else {
+            (0..n).map(|_| model::load::normal(&mut rng) * 0.02).collect()
+        };
+        var.set(&Tensor::from_vec(v, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
 struct JobHooks<'a> {
     parts: &'a JobParts,
 }
@@ -456,6 +475,27 @@ pub fn describe_text(t: &TextModel) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_encoder_init_is_seeded_with_unit_norms() {
+        let build = |seed| {
+            let vm = VarMap::new();
+            let vocab = WordVocab::build(&["a star left of a ring"], 1, 100);
+            let cfg = BuiltinConfig { dim: 8, n_layer: 1, n_head: 2, max_len: 4, mlp_ratio: 2, norm_eps: 1e-5 };
+            BuiltinTextEncoder::new(cfg, vocab, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu).pp(TEXT_PREFIX)).unwrap();
+            init_text_encoder(&vm, seed).unwrap();
+            crate::weights::varmap_tensors(&vm)
+        };
+        let (a, b) = (build(1), build(1));
+        for (k, t) in &a {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(v, b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{k} differs for one seed");
+            if k.contains("norm") && k.ends_with(".weight") {
+                assert!(v.iter().all(|&x| x == 1.0), "{k}");
+            }
+        }
+        assert_ne!(build(2)["text_encoder.pos_embeddings"].to_vec2::<f32>().unwrap(), a["text_encoder.pos_embeddings"].to_vec2::<f32>().unwrap());
+    }
 
     #[test]
     fn shipped_config_parses_and_overrides_apply() {

@@ -376,16 +376,23 @@ impl Decoder<'_> {
         // `pending` holds the logits of position pos.
         let mut pos = 0usize;
         let mut head: Option<Vec<u32>> = None;
+        // Draft tokens verified per pass: all of them at first; halved after a rejection (so a
+        // poorly matching draft costs about as much as naive decoding instead of feeding the
+        // whole remaining draft after every rejection), doubled after a fully accepted window.
+        // The window only decides how many positions one pass verifies, never how a position
+        // is decided, so the output distribution is unchanged.
+        let mut window = l.max(1);
         loop {
             if pos == l && (head.is_none() || !need_tail) {
                 return Ok(pending);
             }
             let fed = if head.is_some() { pos - 1 } else { pos };
+            let end = (pos + window).min(l);
             let seq: Vec<Vec<u32>> = (0..self.samples)
                 .map(|s| {
                     let mut v: Vec<u32> = head.as_ref().map(|h| vec![h[s]]).unwrap_or_default();
-                    v.extend_from_slice(&draft[s][pos..]);
-                    if !need_tail {
+                    v.extend_from_slice(&draft[s][pos..end]);
+                    if end == l && !need_tail {
                         v.pop();
                     }
                     v
@@ -393,9 +400,9 @@ impl Decoder<'_> {
                 .collect();
             let t = seq[0].len();
             let out_logits = if t > 0 { Some(self.feed(&seq)?) } else { None };
-            // Verify positions pos..l, in order, all samples at each position.
+            // Verify positions pos..end, in order, all samples at each position.
             let mut rejected_at = None;
-            for q in pos..l {
+            for q in pos..end {
                 // out_logits[j] predicts position fed + j + 1.
                 let rows = if q == fed {
                     std::mem::take(&mut pending)
@@ -434,6 +441,17 @@ impl Decoder<'_> {
                     self.model.truncate(base + q)?;
                     head = Some(col);
                     pos = q + 1;
+                    window = (window / 2).max(1);
+                }
+                None if end < l => {
+                    // The whole window was accepted: its last logits predict position `end`.
+                    match &out_logits {
+                        Some(g) => pending = self.position(g, t - 1)?,
+                        None => return Err(Error::invalid("decoder", "missing logits (internal)")),
+                    }
+                    head = None;
+                    pos = end;
+                    window = (window * 2).min(l);
                 }
                 None => {
                     if need_tail {

@@ -207,6 +207,20 @@ fn forced_writes_exactly_the_known_tokens() {
 }
 
 #[test]
+fn exact_costs_about_naive_when_every_draft_token_is_rejected() {
+    // A draft the model never produces (bonus -30 on every draft token): each position is
+    // rejected. The verification window shrinks after each rejection, so exact feeds O(L)
+    // positions in all, not O(L^2) (re-feeding the rest of the draft after every rejection).
+    let l = 64;
+    let draft: Vec<u32> = (0..l).map(|i| (i % 8) as u32).collect();
+    let mut f = Fake::new(8, 1, true, 1.0);
+    f.favour = Some((draft.clone(), -30.0));
+    let out = run(&mut f, &plan(vec![draft], 4, ItdMode::Exact), &opts(1.0, 1.0, 0, 1.0), 3);
+    assert_eq!(out.stats.draft_rejected, l);
+    assert!(f.fed_tokens <= 4 * (l + 4), "fed {} positions for {} decided", f.fed_tokens, l + 4);
+}
+
+#[test]
 fn exact_needs_far_fewer_passes_when_the_draft_is_likely() {
     let l = 48;
     let known: Vec<Vec<u32>> = (0..2)

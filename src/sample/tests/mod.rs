@@ -27,6 +27,8 @@ struct Fake {
     favour: Option<(Vec<u32>, f32)>,
     hist: Vec<Vec<u32>>,
     feeds: usize,
+    /// Positions fed in all (per row).
+    fed_tokens: usize,
 }
 
 impl Fake {
@@ -40,6 +42,7 @@ impl Fake {
             favour: None,
             hist: vec![Vec::new(); rows],
             feeds: 0,
+            fed_tokens: 0,
         }
     }
 
@@ -102,6 +105,7 @@ impl TokenModel for Fake {
         self.feeds += 1;
         let tokens = tokens.to_vec2::<u32>()?;
         let t = tokens[0].len();
+        self.fed_tokens += t;
         let mut flat = Vec::new();
         for (r, row) in tokens.iter().enumerate() {
             for &tok in row {

@@ -146,6 +146,17 @@ fn train_resume_export_generate() {
     let (code, info) = tokenar_cmd(&["info", "--weights", export.to_str().unwrap()]);
     assert_eq!(code, 0, "{info}");
 
+    // A new run initialised from the exported model starts from its weights.
+    let mut init_cfg = config(&tok, &cache, &root.join("run-init"), 1);
+    init_cfg.init = Some(export.join("model.safetensors"));
+    let init_job = TrainJob::new(init_cfg, false, &Device::Cpu).unwrap();
+    let exported = tokenar::weights::TensorFile::load(export.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (_, vars) = &init_job.state.models[0];
+    for (k, t) in tokenar::weights::varmap_tensors(vars) {
+        let want = exported.tensors[&k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "{k}");
+    }
+
     // `eval --model` generates every sample, saves it and scores it.
     let eval_out = root.join("eval");
     let (code, text) = tokenar_cmd(&[

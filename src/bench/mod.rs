@@ -287,7 +287,7 @@ pub fn bench_train(model: &TokenAr, varmap: &VarMap, n_refs: usize, text: Option
         let t0 = Instant::now();
         let (logits, targets) = model.forward_train(&inputs.cond, &target, true, &mut rng)?;
         let (b, n, vv) = logits.dims3()?;
-        let loss = candle_nn::loss::cross_entropy(&logits.reshape((b * n, vv))?, &targets.reshape(b * n)?)?;
+        let loss = crate::model::loss::cross_entropy(&logits.reshape((b * n, vv))?, &targets.reshape(b * n)?)?;
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let mut grads = loss.backward()?;

@@ -181,6 +181,18 @@ pub fn threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
+/// Fix `RAYON_NUM_THREADS` to the detected count when it is unset, and return the count.
+/// candle 0.11 asks for its thread count on every matmul; unset, that re-detects the cores
+/// (on Linux by parsing /proc/cpuinfo), a few percent of a small model's decoding step.
+/// Call it at program start, before other threads exist (it sets an environment variable).
+pub fn pin_threads() -> usize {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    threads()
+}
+
 /// Prefill of the CFG batch (2 rows) through [`TokenAr::start`].
 pub fn bench_prefill(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Result<PrefillResult> {
     let guided = o.sample.cfg_scale != 1.0;

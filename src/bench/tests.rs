@@ -1,5 +1,4 @@
 use super::*;
-use std::time::Instant;
 use candle_core::Device;
 
 #[test]
@@ -53,22 +52,3 @@ fn itd_modes_are_skipped_without_references_and_presets_validate() {
     assert!(bench_config("anchor", &Overrides { heads: Some(3), ..Default::default() }).is_err());
 }
 
-#[test]
-#[ignore]
-fn profile_cross_entropy() {
-    let dev = Device::Cpu;
-    let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (1024, 16384), &dev).unwrap()).unwrap();
-    let t = Tensor::from_vec((0..1024u32).map(|i| i * 13 % 16384).collect::<Vec<_>>(), 1024, &dev).unwrap();
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        let l = candle_nn::loss::cross_entropy(x.as_tensor(), &t).unwrap();
-        let t1 = Instant::now();
-        let _g = l.backward().unwrap();
-        eprintln!("composed ce fwd {:?} bwd {:?}", t1 - t0, t1.elapsed());
-        let t0 = Instant::now();
-        let l = crate::model::loss::cross_entropy(x.as_tensor(), &t).unwrap();
-        let t1 = Instant::now();
-        let _g = l.backward().unwrap();
-        eprintln!("fused ce fwd {:?} bwd {:?}", t1 - t0, t1.elapsed());
-    }
-}

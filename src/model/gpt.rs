@@ -171,25 +171,16 @@ impl Block {
         let (b, s, d) = x.dims3()?;
         let (h, hd) = (self.n_head, d / self.n_head);
         let xn = self.attention_norm.forward(x, ctx.differentiable)?;
-        let (q, k, v) = match packed {
-            Some(p) => {
-                let qkv = matmul_last(&xn, &p.wqkv)?.reshape((b, s, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
-                (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
-            }
-            None => {
-                // Training: one matmul per slice of the fused weight, so that the backward pass
-                // narrows the small weight gradient rather than the activations.
-                let heads = |i: usize| -> Result<Tensor> {
-                    let y = linear(&xn, &self.wqkv.narrow(0, i * d, d)?)?;
-                    Ok(y.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()?)
-                };
-                (heads(0)?, heads(1)?, heads(2)?)
-            }
+        let qkv = match packed {
+            Some(p) => matmul_last(&xn, &p.wqkv)?,
+            None => linear(&xn, &self.wqkv)?,
         };
+        let qkv = qkv.reshape((b, s, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let q = rope::apply(&q, att.cos, att.sin, ctx.differentiable)?;
+        let q = rope::apply(&qkv.get(0)?, att.cos, att.sin, ctx.differentiable)?;
         let q = (q * scale)?;
-        let k = rope::apply(&k, att.cos, att.sin, ctx.differentiable)?;
+        let k = rope::apply(&qkv.get(1)?, att.cos, att.sin, ctx.differentiable)?;
+        let v = qkv.get(2)?;
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),

@@ -44,25 +44,15 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Re
     if !differentiable {
         return Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)?);
     }
-    // out = x * cos2 + swap(x) * sin2, with cos2 = (c, c) and sin2 = (-s, s) interleaved per
-    // pair and swap exchanging the two entries of each pair (a constant permutation matmul).
-    // No narrow or cat of the activations: their backward passes would pad and concatenate
-    // full-size zero tensors.
     let (b, h, s, d) = x.dims4()?;
-    let cos2 = Tensor::stack(&[cos, cos], 2)?.reshape((s, d))?;
-    let sin2 = Tensor::stack(&[&sin.neg()?, sin], 2)?.reshape((s, d))?;
-    let swapped = x.reshape((b * h * s, d))?.matmul(&pair_swap(d, x.dtype(), x.device())?)?.reshape((b, h, s, d))?;
-    Ok((x.broadcast_mul(&cos2)? + swapped.broadcast_mul(&sin2)?)?)
-}
-
-/// The (d, d) permutation matrix exchanging the entries of each pair: `(x @ P)[2k] = x[2k+1]`.
-fn pair_swap(d: usize, dtype: candle_core::DType, device: &Device) -> Result<Tensor> {
-    let mut p = vec![0f32; d * d];
-    for k in 0..d / 2 {
-        p[(2 * k + 1) * d + 2 * k] = 1.0;
-        p[2 * k * d + 2 * k + 1] = 1.0;
-    }
-    Ok(Tensor::from_vec(p, (d, d), device)?.to_dtype(dtype)?)
+    let xs = x.reshape((b, h, s, d / 2, 2))?;
+    let x0 = xs.narrow(4, 0, 1)?;
+    let x1 = xs.narrow(4, 1, 1)?;
+    let c = cos.reshape((s, d / 2, 1))?;
+    let sn = sin.reshape((s, d / 2, 1))?;
+    let o0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&sn)?)?;
+    let o1 = (x0.broadcast_mul(&sn)? + x1.broadcast_mul(&c)?)?;
+    Ok(Tensor::cat(&[o0, o1], 4)?.reshape((b, h, s, d))?)
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ pub struct Overrides {
 pub fn bench_config(preset: &str, o: &Overrides) -> Result<GptConfig> {
     let mut cfg = match preset {
         "anchor" => GptConfig { n_layer: 4, n_head: 8, dim: 256, grid: (16, 16), ..GptConfig::preset("B")? },
-        p => GptConfig::preset(p)?,
+        p => GptConfig::preset(p).map_err(|e| Error::invalid("--preset", format!("{e}; the benchmark also knows `anchor`")))?,
     };
     if let Some(d) = o.dim {
         cfg.dim = d;

@@ -164,7 +164,7 @@ class GPT(nn.Module):
             parts.append(self.tok_embeddings(tokens))
         return self.tok_dropout(torch.cat(parts, dim=1))
 
-    def forward(self, x, start):
+    def forward(self, x, start, last_only=False):
         # Several positions at once only from the start (prefill, training): causal mask.
         # One position after a prefill attends to the whole cache: no mask.
         assert x.size(1) == 1 or start == 0
@@ -172,6 +172,9 @@ class GPT(nn.Module):
         table = self.rope[start : start + x.size(1)]
         for layer in self.layers:
             x = layer(x, table, start, causal)
+        if last_only:
+            # Prefill: only the last position's logits are needed (as the Rust model computes).
+            x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
     def setup_cache(self, batch, max_len):
@@ -287,7 +290,7 @@ def main():
     with torch.inference_mode():
         def prefill():
             model.setup_cache(2, a.prefix + a.decode)
-            return model(model.embed(caption, cond_img), 0)[:, -1]
+            return model(model.embed(caption, cond_img), 0, last_only=True)[:, -1]
 
         def prefill_only():
             prefill()

@@ -4,6 +4,7 @@
 //! home: `model::index_embedding`, `model::instruct_tokens`, and the ITD sequence plan in
 //! `layout`.
 
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;

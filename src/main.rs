@@ -28,6 +28,8 @@ enum Command {
     Info(cli::info::InfoArgs),
     /// Score generated images against a dataset (PSNR, SSIM, LPIPS, FID, CLIP-I, DINO, ...).
     Eval(cli::eval::EvalArgs),
+    /// Speed: prefill, decode, ITD modes, train step (optionally against PyTorch).
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         Command::Train(a) => cli::train::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Info(a) => cli::info::run(a),
+        Command::Bench(a) => cli::bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

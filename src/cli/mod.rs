@@ -1,5 +1,6 @@
 //! One file per command group; each parses its flags and calls the library.
 
+pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod generate;

@@ -9,6 +9,7 @@ pub mod index_embedding;
 pub mod instruct_tokens;
 pub mod kv_cache;
 pub mod load;
+pub mod loss;
 pub mod rope;
 
 pub use config::{Dropouts, Family, GptConfig};

@@ -1,0 +1,385 @@
+//! Speed of the GPT: prefill, KV-cache decoding, one image per ITD mode, and a training step
+//! (forward + backward + clipping + AdamW), with peak memory and the machine's load; plus the
+//! PyTorch eager reference (`bench/torch_gpt.py`) run on the same shapes for a ratio.
+//!
+//! Everything goes through the real paths: [`TokenAr::start`] for the prefill,
+//! [`sample::generate`] for decoding and the ITD modes, [`TokenAr::forward_train`] with
+//! `crate::train::AdamW` for training. Token rates count every model row (both CFG rows for
+//! prefill and decode), as the PyTorch script and the reference anchors do.
+
+mod report;
+mod torch;
+
+pub use report::{render_table, BenchReport, DecodeResult, ItdResult, PrefillResult, TorchComparison, TrainResult};
+pub use torch::{run_torch, TorchArgs};
+
+use crate::error::{Error, Result};
+use crate::model::{Condition, GptConfig, TokenAr, BUFFERS};
+use crate::sample::{self, DecodePlan, ItdMode, SampleOptions};
+use crate::train::{clip_grad_norm, AdamW, AdamWParams};
+use crate::util::Rng;
+use candle_core::{DType, Tensor, Var};
+use candle_nn::VarMap;
+use rand::Rng as _;
+use std::time::Instant;
+
+/// Model shape overrides on top of a preset (`None` keeps the preset's value).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub dim: Option<usize>,
+    pub layers: Option<usize>,
+    pub heads: Option<usize>,
+    pub vocab: Option<usize>,
+    /// Token grid of one image (rows, cols).
+    pub grid: Option<(usize, usize)>,
+    pub caption_len: Option<usize>,
+    pub caption_dim: Option<usize>,
+}
+
+/// Presets known to the benchmark: every [`GptConfig::preset`], plus `anchor`: the LlamaGen
+/// t2i GPT with dim 256, 4 layers, 8 heads, vocabulary 16384, a 16x16 grid (the PyTorch
+/// performance anchor of the reference notes).
+pub fn bench_config(preset: &str, o: &Overrides) -> Result<GptConfig> {
+    let mut cfg = match preset {
+        "anchor" => GptConfig { n_layer: 4, n_head: 8, dim: 256, grid: (16, 16), ..GptConfig::preset("B")? },
+        p => GptConfig::preset(p).map_err(|e| Error::invalid("--preset", format!("{e}; the benchmark also knows `anchor`")))?,
+    };
+    if let Some(d) = o.dim {
+        cfg.dim = d;
+        // Built-in presets feed text features of the model width.
+        if cfg.family == crate::model::Family::Native {
+            cfg.caption_dim = d;
+        }
+    }
+    cfg.n_layer = o.layers.unwrap_or(cfg.n_layer);
+    cfg.n_head = o.heads.unwrap_or(cfg.n_head);
+    cfg.vocab_size = o.vocab.unwrap_or(cfg.vocab_size);
+    cfg.grid = o.grid.unwrap_or(cfg.grid);
+    cfg.caption_len = o.caption_len.unwrap_or(cfg.caption_len);
+    cfg.caption_dim = o.caption_dim.unwrap_or(cfg.caption_dim);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Label of the model (preset name or weights folder).
+    pub label: String,
+    /// References in the condition (must fit the model's scheme).
+    pub n_refs: usize,
+    /// Decoding steps timed (capped by the layout's generated positions).
+    pub decode_steps: usize,
+    /// ITD modes to time one full image with (modes other than `off` need an ITD model and
+    /// references; they are skipped otherwise).
+    pub itd_modes: Vec<ItdMode>,
+    /// Training batch; 0 skips the training step.
+    pub train_batch: usize,
+    /// Timed runs per measurement (the median is reported) after `warmup` untimed ones.
+    pub repeat: usize,
+    pub warmup: usize,
+    /// Timed images per ITD mode.
+    pub itd_repeat: usize,
+    pub sample: SampleOptions,
+    pub seed: u64,
+    /// Whether the weights are trained (a bundle); random weights make `exact`'s draft
+    /// acceptance meaningless.
+    pub trained: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            label: "anchor".into(),
+            n_refs: 0,
+            decode_steps: 64,
+            itd_modes: ItdMode::ALL.to_vec(),
+            train_batch: 4,
+            repeat: 3,
+            warmup: 1,
+            itd_repeat: 1,
+            sample: SampleOptions { cfg_scale: 3.0, top_k: 1000, ..SampleOptions::default() },
+            seed: 0,
+            trained: false,
+        }
+    }
+}
+
+/// The conditions a run uses: random codes (seeded) and given or random text features.
+pub struct BenchInputs {
+    pub cond: Condition,
+    /// The reference codes of sample 0, in slot order: the ITD draft.
+    pub draft: Vec<u32>,
+}
+
+/// Random condition codes for `batch` samples; `text`: features (1, L, C) shared by every row
+/// (random normal when `None`).
+pub fn bench_inputs(model: &TokenAr, n_refs: usize, batch: usize, text: Option<&Tensor>, rng: &mut Rng) -> Result<BenchInputs> {
+    let cfg = model.config();
+    let dev = model.device();
+    let hw = cfg.image_tokens();
+    let v = cfg.vocab_size as u32;
+    let one_refs: Vec<u32> = (0..n_refs * hw).map(|_| rng.random_range(0..v)).collect();
+    let one_bg: Vec<u32> = (0..hw).map(|_| rng.random_range(0..v)).collect();
+    let rep = |x: &[u32]| -> Vec<u32> { (0..batch).flat_map(|_| x.iter().copied()).collect() };
+    let refs = Tensor::from_vec(rep(&one_refs), (batch, n_refs, hw), dev)?;
+    let bg = Tensor::from_vec(rep(&one_bg), (batch, hw), dev)?;
+    let text = match text {
+        Some(t) => t.broadcast_as((batch, cfg.caption_len, cfg.caption_dim))?.contiguous()?,
+        None => {
+            let n = cfg.caption_len * cfg.caption_dim;
+            let one: Vec<f32> = (0..n).map(|_| normal(rng)).collect();
+            Tensor::from_vec(rep_f(&one, batch), (batch, cfg.caption_len, cfg.caption_dim), dev)?
+        }
+    };
+    let cond = Condition::new(refs, bg, text, None);
+    model.layout_for(&cond)?;
+    Ok(BenchInputs { cond, draft: one_refs })
+}
+
+/// A standard normal draw (Box-Muller) from the seeded RNG.
+fn normal(rng: &mut Rng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(1e-300);
+    let u2: f64 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+fn rep_f(x: &[f32], batch: usize) -> Vec<f32> {
+    (0..batch).flat_map(|_| x.iter().copied()).collect()
+}
+
+/// Median of `repeat` timings of `f` (seconds) after `warmup` untimed calls; `f` returns the
+/// seconds it wants counted.
+fn timed(warmup: usize, repeat: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut t: Vec<f64> = (0..repeat.max(1)).map(|_| f()).collect::<Result<_>>()?;
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
+/// 1-, 5- and 15-minute load averages (Linux; zeros elsewhere).
+pub fn loadavg() -> [f64; 3] {
+    let s = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = s.split_whitespace().map(|x| x.parse::<f64>().unwrap_or(0.0));
+    [it.next().unwrap_or(0.0), it.next().unwrap_or(0.0), it.next().unwrap_or(0.0)]
+}
+
+/// Peak resident memory of this process in MiB (VmHWM; 0 where /proc is absent).
+pub fn peak_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Threads candle's CPU kernels use (`RAYON_NUM_THREADS`, else the detected core count).
+pub fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+/// Fix `RAYON_NUM_THREADS` to the detected count when it is unset, and return the count.
+/// candle 0.11 asks for its thread count on every matmul; unset, that re-detects the cores
+/// (on Linux by parsing /proc/cpuinfo), a few percent of a small model's decoding step.
+/// Call it at program start, before other threads exist (it sets an environment variable).
+pub fn pin_threads() -> usize {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    threads()
+}
+
+/// Prefill of the CFG batch (2 rows) through [`TokenAr::start`].
+pub fn bench_prefill(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Result<PrefillResult> {
+    let guided = o.sample.cfg_scale != 1.0;
+    let mut positions = (0, 0);
+    let s = timed(o.warmup, o.repeat, || {
+        let t0 = Instant::now();
+        let (session, _) = model.start(&inputs.cond, guided)?;
+        let dt = t0.elapsed().as_secs_f64();
+        positions = (crate::sample::TokenModel::rows(&session), session.layout().prefix_len());
+        Ok(dt)
+    })?;
+    let (rows, prefix) = positions;
+    Ok(PrefillResult { rows, positions: prefix, ms: s * 1e3, tokens_per_s: (rows * prefix) as f64 / s })
+}
+
+/// KV-cache decoding of `decode_steps` tokens (one at a time, with guidance and top-k draws)
+/// through [`sample::generate`]; the prefill is not timed.
+pub fn bench_decode(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Result<DecodeResult> {
+    let layout = model.layout_for(&inputs.cond)?;
+    let steps = o.decode_steps.min(layout.generated_len().saturating_sub(1));
+    if steps == 0 {
+        return Err(Error::invalid("--decode", "no decoding steps (the layout generates at most one token)"));
+    }
+    let guided = o.sample.cfg_scale != 1.0;
+    let mut rows = 0;
+    let s = timed(o.warmup, o.repeat, || {
+        let (mut session, first) = model.start(&inputs.cond, guided)?;
+        rows = crate::sample::TokenModel::rows(&session);
+        let mut rng = o.sample.rng();
+        let plan = DecodePlan::off(1, steps + 1);
+        let t0 = Instant::now();
+        let out = sample::generate(&mut session, &first, &plan, &o.sample, &mut rng, None)?;
+        let dt = t0.elapsed().as_secs_f64();
+        debug_assert_eq!(out.stats.forward_passes, steps);
+        Ok(dt)
+    })?;
+    Ok(DecodeResult {
+        steps,
+        rows,
+        ms_per_step: s * 1e3 / steps as f64,
+        tokens_per_s: (rows * steps) as f64 / s,
+        steps_per_s: steps as f64 / s,
+    })
+}
+
+/// One full image (prefill + every generated position) per ITD mode.
+pub fn bench_itd(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Result<Vec<ItdResult>> {
+    let cfg = model.config();
+    let hw = cfg.image_tokens();
+    let guided = o.sample.cfg_scale != 1.0;
+    let mut out = Vec::new();
+    for &mode in &o.itd_modes {
+        if mode != ItdMode::Off && (!cfg.itd || inputs.draft.is_empty()) {
+            out.push(ItdResult::skipped(mode, "needs an ITD model and at least one reference"));
+            continue;
+        }
+        let plan = DecodePlan {
+            known: vec![if mode == ItdMode::Off { Vec::new() } else { inputs.draft.clone() }],
+            n_target: hw,
+            itd: mode,
+        };
+        let mut stats = Default::default();
+        let s = timed(0, o.itd_repeat, || {
+            let t0 = Instant::now();
+            let (mut session, first) = model.start(&inputs.cond, guided)?;
+            let mut rng = o.sample.rng();
+            let g = sample::generate(&mut session, &first, &plan, &o.sample, &mut rng, None)?;
+            stats = g.stats;
+            Ok(t0.elapsed().as_secs_f64())
+        })?;
+        out.push(ItdResult {
+            mode: mode.as_str().into(),
+            seconds_per_image: Some(s),
+            forward_passes: stats.forward_passes,
+            draft_accepted: stats.draft_accepted,
+            draft_rejected: stats.draft_rejected,
+            skipped: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Trainable variables of a model's `VarMap` (buffers left out, as the trainer does).
+fn trainable(varmap: &VarMap) -> Vec<(String, Var)> {
+    crate::nn::named_vars(varmap).into_iter().filter(|(n, _)| !BUFFERS.contains(&n.as_str())).collect()
+}
+
+/// One training step at `batch`: teacher-forced forward with dropout, cross-entropy over the
+/// loss positions, backward, global-norm clipping (1.0) and AdamW (LlamaGen recipe). The
+/// variables of `varmap` are updated.
+pub fn bench_train(model: &TokenAr, varmap: &VarMap, n_refs: usize, text: Option<&Tensor>, o: &BenchOptions) -> Result<TrainResult> {
+    let mut rng = crate::util::rng(o.seed ^ 0x7a11);
+    let batch = o.train_batch;
+    let inputs = bench_inputs(model, n_refs, batch, text, &mut rng)?;
+    let hw = model.config().image_tokens();
+    let v = model.config().vocab_size as u32;
+    let tg: Vec<u32> = (0..batch * hw).map(|_| rng.random_range(0..v)).collect();
+    let target = Tensor::from_vec(tg, (batch, hw), model.device())?;
+    let vars = trainable(varmap);
+    let mut optim = AdamW::new(vars.clone(), AdamWParams::default())?;
+    let layout = model.layout_for(&inputs.cond)?;
+    let mut phases = [0f64; 3];
+    let s = timed(o.warmup, o.repeat, || {
+        let t0 = Instant::now();
+        let (logits, targets) = model.forward_train(&inputs.cond, &target, true, &mut rng)?;
+        let (b, n, vv) = logits.dims3()?;
+        let loss = crate::model::loss::cross_entropy(&logits.reshape((b * n, vv))?, &targets.reshape(b * n)?)?;
+        let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let mut grads = loss.backward()?;
+        let t2 = Instant::now();
+        clip_grad_norm(&mut grads, &vars, 1.0)?;
+        optim.step(&grads)?;
+        let t3 = Instant::now();
+        phases = [(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64()];
+        Ok((t3 - t0).as_secs_f64())
+    })?;
+    let seq = layout.input_len();
+    Ok(TrainResult {
+        batch,
+        positions: seq,
+        loss_positions: layout.loss_range().len(),
+        step_ms: s * 1e3,
+        tokens_per_s: (batch * seq) as f64 / s,
+        forward_ms: phases[0] * 1e3,
+        backward_ms: phases[1] * 1e3,
+        optimizer_ms: phases[2] * 1e3,
+    })
+}
+
+/// Run every measurement on `model` (its variables in `varmap`). `text`: features (1, L, C)
+/// to condition on (random when `None`).
+pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOptions) -> Result<BenchReport> {
+    let load_start = loadavg();
+    let cfg = model.config().clone();
+    let mut rng = crate::util::rng(o.seed);
+    let inputs = bench_inputs(model, o.n_refs, 1, text, &mut rng)?;
+    let layout = model.layout_for(&inputs.cond)?;
+    let prefill = bench_prefill(model, &inputs, o)?;
+    let decode = bench_decode(model, &inputs, o)?;
+    let itd = bench_itd(model, &inputs, o)?;
+    let peak_inference = peak_mib();
+    let train = if o.train_batch > 0 { Some(bench_train(model, varmap, o.n_refs, text, o)?) } else { None };
+    let time_of = |m: &str| itd.iter().find(|r| r.mode == m).and_then(|r| r.seconds_per_image);
+    let exact_over_off = match (time_of("exact"), time_of("off")) {
+        (Some(e), Some(f)) if f > 0.0 => Some(e / f),
+        _ => None,
+    };
+    let mut notes = Vec::new();
+    if !o.trained {
+        notes.push(
+            "random weights: the draft acceptance of `exact` (and so its time) is not representative; \
+             pass --weights DIR to time the ITD modes on a trained model"
+                .to_string(),
+        );
+    }
+    Ok(BenchReport {
+        model: o.label.clone(),
+        device: if model.device().is_cpu() { "cpu".into() } else { format!("{:?}", model.device().location()) },
+        threads: threads(),
+        params: cfg.num_params(),
+        dim: cfg.dim,
+        layers: cfg.n_layer,
+        heads: cfg.n_head,
+        vocab: cfg.vocab_size,
+        grid: cfg.grid,
+        refs: o.n_refs,
+        itd_model: cfg.itd,
+        prefix_len: layout.prefix_len(),
+        generated_len: layout.generated_len(),
+        cfg_scale: o.sample.cfg_scale,
+        top_k: o.sample.top_k,
+        weights: if o.trained { "trained".into() } else { "random".into() },
+        acceptance_representative: o.trained,
+        prefill,
+        decode,
+        itd,
+        exact_over_off,
+        train,
+        peak_mib_inference: peak_inference,
+        peak_mib: peak_mib(),
+        loadavg_start: load_start,
+        loadavg_end: loadavg(),
+        torch: None,
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+//! The benchmark's machine-readable result (serialised as JSON) and its readable table.
+
+use serde::Serialize;
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillResult {
+    /// Model rows (2 with guidance: cond + uncond).
+    pub rows: usize,
+    /// Prefilled positions per row.
+    pub positions: usize,
+    pub ms: f64,
+    /// rows * positions / time.
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeResult {
+    pub steps: usize,
+    pub rows: usize,
+    pub ms_per_step: f64,
+    /// rows * steps / time (both CFG rows counted).
+    pub tokens_per_s: f64,
+    /// Image tokens per second (steps / time).
+    pub steps_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ItdResult {
+    pub mode: String,
+    /// Prefill plus decoding of one image; `None` when skipped.
+    pub seconds_per_image: Option<f64>,
+    pub forward_passes: usize,
+    pub draft_accepted: usize,
+    pub draft_rejected: usize,
+    pub skipped: Option<String>,
+}
+
+impl ItdResult {
+    pub fn skipped(mode: crate::sample::ItdMode, why: &str) -> Self {
+        Self {
+            mode: mode.as_str().into(),
+            seconds_per_image: None,
+            forward_passes: 0,
+            draft_accepted: 0,
+            draft_rejected: 0,
+            skipped: Some(why.into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainResult {
+    pub batch: usize,
+    /// Input positions per sequence (prefix included).
+    pub positions: usize,
+    /// Positions per sequence that carry the loss.
+    pub loss_positions: usize,
+    pub step_ms: f64,
+    /// batch * positions / step time.
+    pub tokens_per_s: f64,
+    /// Forward + cross-entropy, backward, clipping + AdamW (of the last timed step).
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+}
+
+/// The PyTorch side of a comparison: its JSON as printed, and Rust / PyTorch ratios
+/// (above 1: Rust is faster).
+#[derive(Debug, Clone, Serialize)]
+pub struct TorchComparison {
+    pub python: String,
+    pub result: serde_json::Value,
+    pub prefill_ratio: Option<f64>,
+    pub decode_ratio: Option<f64>,
+    pub train_ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    /// Threads of candle's CPU kernels (and of PyTorch in a comparison).
+    pub threads: usize,
+    pub params: usize,
+    pub dim: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub vocab: usize,
+    pub grid: (usize, usize),
+    pub refs: usize,
+    pub itd_model: bool,
+    pub prefix_len: usize,
+    pub generated_len: usize,
+    pub cfg_scale: f32,
+    pub top_k: usize,
+    /// "random" (seeded initialisation) or "trained" (a bundle).
+    pub weights: String,
+    /// False with random weights: `exact` then rejects nearly every draft token.
+    pub acceptance_representative: bool,
+    pub prefill: PrefillResult,
+    pub decode: DecodeResult,
+    pub itd: Vec<ItdResult>,
+    /// Time of `exact` over `off` per image (goal: at most 1.3).
+    pub exact_over_off: Option<f64>,
+    pub train: Option<TrainResult>,
+    /// Peak resident memory (VmHWM) after the inference measurements, and at the end.
+    pub peak_mib_inference: f64,
+    pub peak_mib: f64,
+    /// /proc/loadavg (1, 5, 15 minutes) before and after the Rust measurements.
+    pub loadavg_start: [f64; 3],
+    pub loadavg_end: [f64; 3],
+    pub torch: Option<TorchComparison>,
+    pub notes: Vec<String>,
+}
+
+fn ratio(x: Option<f64>) -> String {
+    x.map_or("-".into(), |r| format!("{r:.2}x"))
+}
+
+fn field(v: &serde_json::Value, k: &str) -> Option<f64> {
+    v.get(k).and_then(|x| x.as_f64())
+}
+
+/// A readable table of a report.
+pub fn render_table(r: &BenchReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "model {} ({:.2}M params, dim {}, {} layers, {} heads, vocab {}, grid {}x{}, {} refs), {} weights, {} on {} threads",
+        r.model,
+        r.params as f64 / 1e6,
+        r.dim,
+        r.layers,
+        r.heads,
+        r.vocab,
+        r.grid.0,
+        r.grid.1,
+        r.refs,
+        r.weights,
+        r.device,
+        r.threads
+    );
+    let _ = writeln!(s, "sequence: prefix {} positions, {} generated; cfg {} top-k {}", r.prefix_len, r.generated_len, r.cfg_scale, r.top_k);
+    let _ = writeln!(
+        s,
+        "load average (1/5/15 min): {:.2} {:.2} {:.2} -> {:.2} {:.2} {:.2}",
+        r.loadavg_start[0], r.loadavg_start[1], r.loadavg_start[2], r.loadavg_end[0], r.loadavg_end[1], r.loadavg_end[2]
+    );
+    let t = r.torch.as_ref();
+    let tv = |k: &str| t.and_then(|t| field(&t.result, k)).map_or("-".into(), |x| format!("{x:.1}"));
+    let _ = writeln!(s, "{:<28} {:>12} {:>12} {:>8}", "measure", "rust", "pytorch", "ratio");
+    let _ = writeln!(s, "{:<28} {:>12.1} {:>12} {:>8}", "prefill tokens/s", r.prefill.tokens_per_s, tv("prefill_tokens_per_s"), ratio(t.and_then(|t| t.prefill_ratio)));
+    let _ = writeln!(s, "{:<28} {:>12.2} {:>12} {:>8}", "prefill ms", r.prefill.ms, tv("prefill_ms"), "");
+    let _ = writeln!(s, "{:<28} {:>12.1} {:>12} {:>8}", "decode tokens/s (2 rows)", r.decode.tokens_per_s, tv("decode_tokens_per_s"), ratio(t.and_then(|t| t.decode_ratio)));
+    let _ = writeln!(s, "{:<28} {:>12.2} {:>12} {:>8}", "decode ms/step", r.decode.ms_per_step, tv("decode_ms_per_step"), "");
+    if let Some(tr) = &r.train {
+        let _ = writeln!(s, "{:<28} {:>12.1} {:>12} {:>8}", format!("train tokens/s (batch {})", tr.batch), tr.tokens_per_s, tv("train_tokens_per_s"), ratio(t.and_then(|t| t.train_ratio)));
+        let _ = writeln!(s, "{:<28} {:>12.1} {:>12} {:>8}", "train step ms", tr.step_ms, tv("train_step_ms"), "");
+        let _ = writeln!(s, "  (forward+loss {:.1} ms, backward {:.1} ms, clip+AdamW {:.1} ms; {} positions, {} with loss)", tr.forward_ms, tr.backward_ms, tr.optimizer_ms, tr.positions, tr.loss_positions);
+    }
+    if let Some(t) = t {
+        let load = |k: &str| field(&t.result, k).map_or("-".into(), |x| format!("{x:.2}"));
+        let _ = writeln!(s, "pytorch {} load average (1 min): {} -> {}", t.python, load("loadavg_1m_start"), load("loadavg_1m_end"));
+    }
+    let _ = writeln!(s, "{:<8} {:>12} {:>9} {:>9} {:>9}", "ITD", "s/image", "forwards", "accepted", "rejected");
+    for i in &r.itd {
+        match i.seconds_per_image {
+            Some(sec) => {
+                let _ = writeln!(s, "{:<8} {:>12.3} {:>9} {:>9} {:>9}", i.mode, sec, i.forward_passes, i.draft_accepted, i.draft_rejected);
+            }
+            None => {
+                let _ = writeln!(s, "{:<8} skipped: {}", i.mode, i.skipped.as_deref().unwrap_or(""));
+            }
+        }
+    }
+    if let Some(x) = r.exact_over_off {
+        let _ = writeln!(s, "exact / off = {x:.2} (goal <= 1.3)");
+    }
+    let _ = writeln!(s, "peak memory: {:.0} MiB after inference, {:.0} MiB at the end", r.peak_mib_inference, r.peak_mib);
+    for n in &r.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
+    s
+}

@@ -1,0 +1,162 @@
+//! `tokenar bench`: prefill / decode / ITD-mode / train-step speed, optionally against the
+//! PyTorch eager reference on the same machine.
+
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+use tokenar::bench::{self, BenchOptions, Overrides, TorchArgs};
+use tokenar::pipeline::bundle::LoadHints;
+use tokenar::pipeline::Bundle;
+use tokenar::sample::{ItdMode, SampleOptions};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model preset: anchor (LlamaGen 256-dim, 4 layers, the PyTorch anchor), tiny, small,
+    /// B, L, XL, XXL, editar-xl, tokenar-xl. Random weights (seeded).
+    #[arg(long, default_value = "anchor")]
+    preset: String,
+    /// A bundle folder: time a trained model instead (shape flags are then ignored).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Preset for a .pt GPT checkpoint inside --weights.
+    #[arg(long)]
+    weights_preset: Option<String>,
+    /// Prompt encoded with the bundle's text encoder (with --weights).
+    #[arg(long, default_value = "a photo of two subjects in a scene")]
+    prompt: String,
+    #[arg(long)]
+    dim: Option<usize>,
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long)]
+    heads: Option<usize>,
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Token grid of one image: N (square) or RxC.
+    #[arg(long)]
+    grid: Option<String>,
+    /// Caption positions.
+    #[arg(long)]
+    caption_len: Option<usize>,
+    /// Width of the text features.
+    #[arg(long)]
+    caption_dim: Option<usize>,
+    /// Reference images in the condition (0 for the LlamaGen presets).
+    #[arg(long)]
+    refs: Option<usize>,
+    /// Decoding steps timed.
+    #[arg(long, default_value_t = 64)]
+    decode: usize,
+    /// ITD modes timed per image (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "off,naive,forced,exact")]
+    itd: Vec<ItdMode>,
+    /// Training batch (0: skip the training step).
+    #[arg(long, default_value_t = 4)]
+    train_batch: usize,
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value_t = 1)]
+    itd_repeat: usize,
+    #[arg(long, default_value_t = 3.0)]
+    cfg_scale: f32,
+    #[arg(long, default_value_t = 1000)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also run the PyTorch reference (bench/torch_gpt.py) with the same shapes and threads.
+    #[arg(long)]
+    torch: bool,
+    /// Python interpreter with torch installed.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// The PyTorch reference script.
+    #[arg(long, default_value = "bench/torch_gpt.py")]
+    torch_script: PathBuf,
+    /// Write the JSON report here (atomically).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Print only the JSON report on stdout (no table).
+    #[arg(long)]
+    json_only: bool,
+    #[arg(long)]
+    gpu: bool,
+}
+
+fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
+    let parse = |x: &str| x.trim().parse::<usize>().with_context(|| format!("--grid `{s}`: expected N or RxC"));
+    match s.split_once(['x', 'X']) {
+        Some((r, c)) => Ok((parse(r)?, parse(c)?)),
+        None => {
+            let n = parse(s)?;
+            Ok((n, n))
+        }
+    }
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    bench::pin_threads();
+    let device = tokenar::util::device(a.gpu)?;
+    let sample = SampleOptions { cfg_scale: a.cfg_scale, top_k: a.top_k, seed: a.seed, ..SampleOptions::default() };
+    let mut opts = BenchOptions {
+        label: a.preset.clone(),
+        n_refs: 0,
+        decode_steps: a.decode,
+        itd_modes: a.itd.clone(),
+        train_batch: a.train_batch,
+        repeat: a.repeat,
+        warmup: a.warmup,
+        itd_repeat: a.itd_repeat,
+        sample,
+        seed: a.seed,
+        trained: false,
+    };
+    let bundle;
+    let built;
+    let (model, varmap, text) = match &a.weights {
+        Some(dir) => {
+            let hints = LoadHints { preset: a.weights_preset.clone(), tokenizer_preset: None };
+            bundle = Bundle::load(dir, &hints, &device).with_context(|| format!("loading {}", dir.display()))?;
+            let caption_len = bundle.gpt.config().caption_len;
+            let (feats, _mask) = bundle.text.encode(std::slice::from_ref(&a.prompt), caption_len)?;
+            opts.label = dir.display().to_string();
+            opts.trained = true;
+            (&bundle.gpt, &bundle.gpt_vars, Some(feats))
+        }
+        None => {
+            let o = Overrides {
+                dim: a.dim,
+                layers: a.layers,
+                heads: a.heads,
+                vocab: a.vocab,
+                grid: a.grid.as_deref().map(parse_grid).transpose()?,
+                caption_len: a.caption_len,
+                caption_dim: a.caption_dim,
+            };
+            let cfg = bench::bench_config(&a.preset, &o)?;
+            built = tokenar::model::build(&cfg, &device, a.seed)?;
+            (&built.0, &built.1, None)
+        }
+    };
+    let cfg = model.config().clone();
+    opts.n_refs = a.refs.unwrap_or(cfg.max_refs.min(2));
+    let mut report = bench::run(model, varmap, text.as_ref(), &opts)?;
+    if a.torch {
+        let t = TorchArgs { python: a.python.clone(), script: a.torch_script.clone(), threads: report.threads, repeat: a.repeat, warmup: a.warmup, seed: a.seed };
+        bench::run_torch(&mut report, &t, cfg.caption_len, cfg.caption_dim)?;
+    }
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(p) = &a.json {
+        tokenar::util::atomic_write(p, json.as_bytes())?;
+    }
+    if a.json_only {
+        println!("{json}");
+    } else {
+        print!("{}", bench::render_table(&report));
+        if a.json.is_none() {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    }
+    Ok(())
+}

@@ -34,6 +34,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Fix the worker-thread count once (candle otherwise re-reads it on every matmul).
+    tokenar::bench::pin_threads();
     let result = match cli.command {
         Command::Tokenizer(c) => cli::tokenizer::run(c),
         Command::Data(c) => cli::data::run(c),

@@ -341,7 +341,7 @@ impl JobParts {
         cond.drop_image = drop_image;
         let (logits, targets) = self.gpt.forward_train(&cond, &target, true, rng)?;
         let (b, n, v) = logits.dims3()?;
-        let loss = candle_nn::loss::cross_entropy(&logits.reshape((b * n, v))?, &targets.reshape(b * n)?)?;
+        let loss = model::loss::cross_entropy(&logits.reshape((b * n, v))?, &targets.reshape(b * n)?)?;
         Ok(StepOutput { loss, tokens: b * n })
     }
 

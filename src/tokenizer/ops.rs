@@ -27,10 +27,10 @@ fn cpu_slice<'a>(s: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core:
 }
 
 /// Run `f(item, chunk)` for each of the `out.len() / item_len` batch items of `out`, spread
-/// over the available cores.
+/// over as many threads as candle uses (`RAYON_NUM_THREADS`, else the physical cores).
 fn par_items(out: &mut [f32], item_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let items = if item_len == 0 { 0 } else { out.len() / item_len };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items).max(1);
+    let threads = candle_core::utils::get_num_threads().min(items).max(1);
     if threads == 1 {
         for (i, chunk) in out.chunks_mut(item_len.max(1)).enumerate() {
             f(i, chunk);

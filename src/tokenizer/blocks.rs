@@ -1,17 +1,18 @@
 //! Encoder and decoder of the LlamaGen VQ-VAE, built against a `VarBuilder` whose prefixes are
 //! the LlamaGen checkpoint keys (`encoder.conv_blocks.{l}.res.{j}.conv1.weight`, ...).
 //!
-//! Every op here has a backward in candle (conv2d, GroupNorm composed of elementary ops,
-//! nearest upsampling, the non-fused softmax), so the whole model trains.
+//! Every op here has a backward (on the CPU the convolution's patch matrix and GroupNorm + SiLU
+//! are the kernels of `ops`; elsewhere compositions of elementary ops; nearest upsampling, the
+//! non-fused softmax), so the whole model trains.
 
 use super::config::VqConfig;
 use crate::error::Result;
-use candle_core::{Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{GroupNorm, VarBuilder};
 
 /// A 2-D convolution with PyTorch's parameter layout (`weight` (O, C, k, k), `bias` (O)),
-/// computed as im2col (shifted views of the padded input) followed by one matmul per image,
-/// so that the backward is matmuls and copies. candle's own conv2d backward goes through a
+/// computed as im2col (the patch matrix) followed by one matmul per image, so that the
+/// backward is matmuls and a scatter-add. candle's own conv2d backward goes through a
 /// direct conv_transpose2d on CPU; measured on a (8, 16, 64, 64) input with a 3x3 16->16
 /// kernel, this forward + backward took about 0.6x the time of candle's.
 pub struct Conv {
@@ -43,29 +44,40 @@ impl Conv {
         let (ho, wo) = ((hp - k) / s + 1, (wp - k) / s + 1);
         let cols = if k == 1 && s == 1 && self.pad == [0; 4] {
             x.reshape((b, c, h * w))?
+        } else if x.device().is_cpu() && x.dtype() == DType::F32 {
+            super::ops::im2col(x, k, s, self.pad)?
         } else {
-            // Pad so that each shifted view can be taken as `s * ho` rows then subsampled.
-            let extra_h = (k - 1 + s * ho).saturating_sub(hp);
-            let extra_w = (k - 1 + s * wo).saturating_sub(wp);
-            let xp = x.pad_with_zeros(2, pt, pb + extra_h)?.pad_with_zeros(3, pl, pr + extra_w)?;
-            let mut views = Vec::with_capacity(k * k);
-            for ky in 0..k {
-                for kx in 0..k {
-                    let v = xp.narrow(2, ky, s * ho)?.narrow(3, kx, s * wo)?;
-                    let v = if s > 1 {
-                        v.reshape((b, c, ho, s, wo, s))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((b, c, ho, wo))?
-                    } else {
-                        v
-                    };
-                    views.push(v);
-                }
-            }
-            // (b, c, k*k, ho, wo): the same (c, ky, kx) order as the flattened weight.
-            Tensor::stack(&views, 2)?.reshape((b, c * k * k, ho * wo))?
+            self.im2col_views(x, ho, wo)?
         };
         let wm = self.weight.reshape((o, c * k * k))?;
         let y = wm.broadcast_matmul(&cols)?.broadcast_add(&self.bias.reshape((1, o, 1))?)?;
         Ok(y.reshape((b, o, ho, wo))?)
+    }
+
+    /// The patch matrix from shifted views of the padded input (any device).
+    fn im2col_views(&self, x: &Tensor, ho: usize, wo: usize) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (k, s) = (self.k, self.stride);
+        let [pt, pb, pl, pr] = self.pad;
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        // Pad so that each shifted view can be taken as `s * ho` rows then subsampled.
+        let extra_h = (k - 1 + s * ho).saturating_sub(hp);
+        let extra_w = (k - 1 + s * wo).saturating_sub(wp);
+        let xp = x.pad_with_zeros(2, pt, pb + extra_h)?.pad_with_zeros(3, pl, pr + extra_w)?;
+        let mut views = Vec::with_capacity(k * k);
+        for ky in 0..k {
+            for kx in 0..k {
+                let v = xp.narrow(2, ky, s * ho)?.narrow(3, kx, s * wo)?;
+                let v = if s > 1 {
+                    v.reshape((b, c, ho, s, wo, s))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((b, c, ho, wo))?
+                } else {
+                    v
+                };
+                views.push(v);
+            }
+        }
+        // (b, c, k*k, ho, wo): the same (c, ky, kx) order as the flattened weight.
+        Ok(Tensor::stack(&views, 2)?.reshape((b, c * k * k, ho * wo))?)
     }
 }
 
@@ -73,16 +85,44 @@ fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, padding: usize, vb: 
     Conv::new(c_in, c_out, k, stride, [padding; 4], vb)
 }
 
-fn norm(c: usize, cfg: &VqConfig, vb: VarBuilder) -> Result<GroupNorm> {
-    Ok(candle_nn::group_norm(cfg.norm_groups, c, cfg.norm_eps, vb)?)
+/// GroupNorm (`weight`, `bias`), optionally followed by SiLU; a fused kernel on the CPU.
+pub struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    /// The elementary-op composition, for other devices.
+    composed: GroupNorm,
+}
+
+impl Norm {
+    pub fn new(c: usize, groups: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(c, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(c, "bias", candle_nn::Init::Const(0.0))?;
+        let composed = GroupNorm::new(weight.clone(), bias.clone(), c, groups, eps)?;
+        Ok(Self { weight, bias, groups, eps, composed })
+    }
+
+    /// `GroupNorm(x)`, then SiLU when `silu`.
+    pub fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return super::ops::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, silu);
+        }
+        let y = self.composed.forward(x)?;
+        Ok(if silu { y.silu()? } else { y })
+    }
+}
+
+fn norm(c: usize, cfg: &VqConfig, vb: VarBuilder) -> Result<Norm> {
+    Norm::new(c, cfg.norm_groups, cfg.norm_eps, vb)
 }
 
 /// `norm1 -> swish -> conv1 -> norm2 -> swish -> conv2`, plus the input (through a 1x1
 /// `nin_shortcut` when the channel count changes). Dropout is 0 in every LlamaGen config.
 struct ResBlock {
-    norm1: GroupNorm,
+    norm1: Norm,
     conv1: Conv,
-    norm2: GroupNorm,
+    norm2: Norm,
     conv2: Conv,
     nin_shortcut: Option<Conv>,
 }
@@ -99,8 +139,8 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
         let skip = match &self.nin_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -111,7 +151,7 @@ impl ResBlock {
 
 /// Single-head self-attention over all positions with 1x1 convs `q`, `k`, `v`, `proj_out`.
 struct AttnBlock {
-    norm: GroupNorm,
+    norm: Norm,
     q: Conv,
     k: Conv,
     v: Conv,
@@ -131,7 +171,7 @@ impl AttnBlock {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let hn = self.norm.forward(x)?;
+        let hn = self.norm.forward(x, false)?;
         let q = self.q.forward(&hn)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?; // (b, hw, c)
         let k = self.k.forward(&hn)?.reshape((b, c, h * w))?; // (b, c, hw)
         let v = self.v.forward(&hn)?.reshape((b, c, h * w))?; // (b, c, hw)
@@ -188,7 +228,7 @@ pub struct Encoder {
     conv_in: Conv,
     levels: Vec<Level>,
     mid: Mid,
-    norm_out: GroupNorm,
+    norm_out: Norm,
     conv_out: Conv,
 }
 
@@ -232,7 +272,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+        Ok(self.conv_out.forward(&self.norm_out.forward(&h, true)?)?)
     }
 }
 
@@ -241,7 +281,7 @@ pub struct Decoder {
     mid: Mid,
     /// `levels[0]` is the lowest resolution (LlamaGen's `decoder.conv_blocks.0`).
     levels: Vec<Level>,
-    norm_out: GroupNorm,
+    norm_out: Norm,
     conv_out: Conv,
 }
 
@@ -287,6 +327,6 @@ impl Decoder {
                 h = up.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
             }
         }
-        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+        Ok(self.conv_out.forward(&self.norm_out.forward(&h, true)?)?)
     }
 }

@@ -9,6 +9,7 @@
 pub mod blocks;
 pub mod config;
 pub mod dataset;
+pub mod ops;
 pub mod quantize;
 pub mod train;
 

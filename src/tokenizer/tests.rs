@@ -231,6 +231,9 @@ fn training_writes_checkpoint_log_png_and_resumes() {
     assert_eq!(e.images, 6);
     assert!(e.psnr.is_finite() && e.usage > 0.0);
     assert!(d.join("out").join(CHECKPOINT).exists());
+    let state = crate::weights::TensorFile::load(&d.join("out").join(train::OPTIM_STATE), &Device::Cpu).unwrap();
+    assert_eq!(state.metadata.get(train::META_STEP).map(String::as_str), Some("3"));
+    assert!(state.tensors.keys().any(|k| k.ends_with("quantize.embedding.weight")));
     assert!(d.join("out/recon-000002.png").exists() && d.join("out/recon-000003.png").exists());
     let log = std::fs::read_to_string(d.join("out/metrics.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 4, "{log}");

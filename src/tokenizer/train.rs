@@ -1,6 +1,6 @@
 //! Tokenizer training on a folder of images: reconstruction loss (L1 + L2), codebook and
 //! commitment losses, AdamW, dead-code restarts, periodic checkpoints (safetensors, atomic)
-//! with resume, a JSON-lines metrics log and a PNG of originals over reconstructions.
+//! with resume (weights and AdamW moments), a JSON-lines metrics log and a PNG of originals over reconstructions.
 //!
 //! The configuration is a TOML file; every field is documented in
 //! `configs/tokenizer-small.toml`.
@@ -11,7 +11,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::imageio;
 use crate::weights::{self, LoadOptions, TensorFile};
 use candle_core::{Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use crate::train::{AdamW, AdamWParams};
+use candle_nn::VarMap;
 use rand::seq::SliceRandom;
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,8 @@ use std::time::Instant;
 pub const META_STEP: &str = "tokenar.train.step";
 /// Name of the checkpoint inside `out_dir`.
 pub const CHECKPOINT: &str = "vq.safetensors";
+/// Name of the optimiser state (AdamW moments) inside `out_dir`, written with each checkpoint.
+pub const OPTIM_STATE: &str = "optim.safetensors";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -263,14 +266,22 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
         weights::load_into_varmap(&varmap, &file, &LoadOptions { strict_unexpected: true, ..Default::default() })?;
         start = file.metadata.get(META_STEP).and_then(|s| s.parse().ok()).unwrap_or(0);
     }
-    let params = ParamsAdamW {
+    let params = AdamWParams {
         lr: cfg.lr,
         beta1: cfg.beta1,
         beta2: cfg.beta2,
         eps: 1e-8,
         weight_decay: cfg.weight_decay,
     };
-    let mut opt = AdamW::new(varmap.all_vars(), params)?;
+    let mut opt = AdamW::new(crate::nn::named_vars(&varmap), params)?;
+    let optim_path = cfg.out_dir.join(OPTIM_STATE);
+    if start > 0 && optim_path.exists() {
+        // The moments continue where they were; a state of another step is not used.
+        let state = TensorFile::load(&optim_path, device)?;
+        if state.metadata.get(META_STEP).map(String::as_str) == Some(start.to_string().as_str()) {
+            opt.load_state(&state.tensors, &state.metadata, &optim_path)?;
+        }
+    }
     let mut rng = crate::util::rng(cfg.seed.wrapping_add(start as u64));
     let log_path = cfg.out_dir.join("metrics.jsonl");
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_path(&log_path)?;
@@ -311,7 +322,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
         };
 
         let lr = lr_at(cfg, step);
-        opt.set_learning_rate(lr);
+        opt.set_lr(lr);
         let out = vq.forward_train(&x)?;
         let diff = (&out.recon - &x)?;
         let l1 = diff.abs()?.mean_all()?;
@@ -322,7 +333,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
         if !loss_v.is_finite() {
             return Err(Error::Numerical(format!("loss is {loss_v} at step {step}")));
         }
-        opt.backward_step(&loss)?;
+        opt.step(&loss.backward()?)?;
         step += 1;
         images_seen += idx.len();
 
@@ -357,12 +368,12 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
             writeln!(log, "{line}").with_path(&log_path)?;
         }
         if step % cfg.ckpt_every == 0 || step == cfg.steps {
-            last_png = Some(checkpoint(cfg, &vq, &varmap, step, &preview, device)?);
+            last_png = Some(checkpoint(cfg, &vq, &varmap, &opt, step, &preview, device)?);
         }
     }
     let secs = t0.elapsed().as_secs_f64();
     if step > start && step % cfg.ckpt_every != 0 && step != cfg.steps {
-        last_png = Some(checkpoint(cfg, &vq, &varmap, step, &preview, device)?);
+        last_png = Some(checkpoint(cfg, &vq, &varmap, &opt, step, &preview, device)?);
     }
     let eval = if eval_imgs.is_empty() { None } else { Some(dataset::evaluate(&vq, &eval_imgs, 32, device)?) };
     if let Some(e) = &eval {
@@ -379,10 +390,15 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
     })
 }
 
-/// Write the checkpoint (atomically) and the comparison PNG; returns the PNG's path.
-fn checkpoint(cfg: &TrainConfig, vq: &Vq, varmap: &VarMap, step: usize, preview: &[image::RgbImage], device: &Device) -> Result<PathBuf> {
+/// Write the checkpoint and the optimiser state (atomically) and the comparison PNG; returns
+/// the PNG's path.
+fn checkpoint(cfg: &TrainConfig, vq: &Vq, varmap: &VarMap, opt: &AdamW, step: usize, preview: &[image::RgbImage], device: &Device) -> Result<PathBuf> {
     let mut meta = BTreeMap::new();
     meta.insert(META_STEP.to_string(), step.to_string());
+    let (tensors, mut opt_meta) = opt.state();
+    opt_meta.insert(META_STEP.to_string(), step.to_string());
+    // The optimiser state first: a checkpoint never points at moments of a later step.
+    weights::save_safetensors(cfg.out_dir.join(OPTIM_STATE), &tensors, &opt_meta)?;
     save_with_meta(&cfg.out_dir.join(CHECKPOINT), vq.config(), varmap, meta)?;
     let png = cfg.out_dir.join(format!("recon-{step:06}.png"));
     imageio::save_rgb(&png, &dataset::comparison(vq, preview, device)?)?;

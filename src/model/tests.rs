@@ -235,17 +235,7 @@ fn checkpoint_round_trips_reproduce_logits() {
 #[test]
 fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
     let full = tiny(Scheme::Tiles);
-    let plain = GptConfig {
-        family: Family::LlamaGen,
-        max_refs: 0,
-        background: false,
-        n_instruct: 0,
-        index_embedding: false,
-        itd: false,
-        img_uncond: false,
-        align_dim: None,
-        ..full.clone()
-    };
+    let plain = llamagen_t2i(full.clone());
     let (_, vm) = model(&plain, 1);
     let tensors = crate::weights::varmap_tensors(&vm);
     assert!(tensors.keys().all(|k| k == "tok_embeddings.weight" || k.starts_with("layers.") || k.starts_with("cls_embedding.") || k == "norm.weight" || k == "output.weight"));
@@ -296,7 +286,15 @@ impl CloneForTest for TensorFile {
 #[test]
 fn kv_cache_decoding_equals_full_forward_llamagen_and_editar() {
     let reference = Scheme::Reference { pad_to: None, quirk_index: false };
-    let t2i = GptConfig {
+    let t2i = llamagen_t2i(tiny(reference));
+    check_cache_matches_full(&t2i, 0);
+    let editar = GptConfig { family: Family::EditAr, background: true, img_uncond: true, ..t2i };
+    check_cache_matches_full(&editar, 0);
+}
+
+/// `base` with every TokenAR/EditAR addition removed: a LlamaGen text-to-image config.
+fn llamagen_t2i(base: GptConfig) -> GptConfig {
+    GptConfig {
         family: Family::LlamaGen,
         max_refs: 0,
         background: false,
@@ -305,9 +303,6 @@ fn kv_cache_decoding_equals_full_forward_llamagen_and_editar() {
         itd: false,
         img_uncond: false,
         align_dim: None,
-        ..tiny(reference)
-    };
-    check_cache_matches_full(&t2i, 0);
-    let editar = GptConfig { family: Family::EditAr, background: true, img_uncond: true, ..t2i };
-    check_cache_matches_full(&editar, 0);
+        ..base
+    }
 }

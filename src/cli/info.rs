@@ -80,7 +80,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
         vq.codebook_dim,
         vq.num_params()
     );
-    println!("text encoder: {}", tokenar::pipeline::train_job::describe_text(&bundle.text));
+    println!("text encoder: {}", bundle.text.describe());
     println!("GPT: {}", describe_gpt(bundle.config()));
     println!("image size: {} px", bundle.image_size());
     Ok(())

@@ -39,16 +39,25 @@ impl TextModel {
         }
     }
 
+    fn encoder(&self) -> &dyn TextEncoder {
+        match self {
+            TextModel::Builtin(t) => t,
+            TextModel::T5(t) => t,
+        }
+    }
+
     /// Features `(B, len, D)` and mask `(B, len)` padded (right) or truncated to `len` rows.
     pub fn encode(&self, prompts: &[String], len: usize) -> Result<(Tensor, Tensor)> {
-        let (f, m) = match self {
-            TextModel::Builtin(t) => {
-                let (ids, mask) = t.tokenize(prompts)?;
-                (t.forward_ids(&ids, &mask)?, mask)
-            }
-            TextModel::T5(t) => t.encode(prompts)?,
-        };
+        let (f, m) = self.encoder().encode(prompts)?;
         fit_rows(&f, &m, len)
+    }
+
+    /// One line for `tokenar info`.
+    pub fn describe(&self) -> String {
+        match self {
+            TextModel::Builtin(e) => format!("built-in ({} words, {}-d, {} layers)", e.vocab().len(), e.config().dim, e.config().n_layer),
+            TextModel::T5(t) => format!("T5 ({}-d, {} rows, {:?} padding)", t.dim(), t.max_len(), t.padding()),
+        }
     }
 }
 
@@ -81,13 +90,21 @@ pub struct Bundle {
     pub report: LoadReport,
 }
 
+/// Where a bundle's text encoder comes from.
+#[derive(Debug, Clone)]
+pub enum TextSource {
+    /// `text.safetensors`: the built-in encoder.
+    Builtin(PathBuf),
+    /// A flan-t5 folder.
+    T5(PathBuf),
+}
+
 /// Files of a bundle folder.
 #[derive(Debug, Clone)]
 pub struct BundlePaths {
     pub tokenizer: PathBuf,
     pub model: PathBuf,
-    pub text: Option<PathBuf>,
-    pub t5: Option<PathBuf>,
+    pub text: TextSource,
 }
 
 fn find_one(dir: &Path, preferred: &str, accept: &dyn Fn(&str) -> bool, what: &str) -> Result<PathBuf> {
@@ -119,12 +136,18 @@ impl BundlePaths {
         let is_pt = |n: &str| n.ends_with(".pt") || n.ends_with(".pth");
         let tokenizer = find_one(dir, TOKENIZER_FILE, &|n| is_pt(n) && n.starts_with("vq"), "tokenizer")?;
         let model = find_one(dir, MODEL_FILE, &|n| is_pt(n) && !n.starts_with("vq"), "GPT checkpoint")?;
-        let text = Some(dir.join(TEXT_FILE)).filter(|p| p.exists());
-        let t5 = [T5_DIR, "flan-t5-xl"].iter().map(|d| dir.join(d)).find(|p| p.is_dir());
-        if text.is_none() && t5.is_none() {
-            return Err(Error::bad_file(dir, format!("no text encoder: expected `{TEXT_FILE}` or a `{T5_DIR}/` folder")));
-        }
-        Ok(Self { tokenizer, model, text, t5 })
+        let builtin = dir.join(TEXT_FILE);
+        let text = if builtin.exists() {
+            TextSource::Builtin(builtin)
+        } else {
+            match [T5_DIR, "flan-t5-xl"].iter().map(|d| dir.join(d)).find(|p| p.is_dir()) {
+                Some(t5) => TextSource::T5(t5),
+                None => {
+                    return Err(Error::bad_file(dir, format!("no text encoder: expected `{TEXT_FILE}` or a `{T5_DIR}/` folder")))
+                }
+            }
+        };
+        Ok(Self { tokenizer, model, text })
     }
 }
 
@@ -149,13 +172,13 @@ impl Bundle {
         };
         let (vq, vq_vars) = tokenizer::load(&paths.tokenizer, vq_preset.as_deref(), device)?;
         let (gpt, gpt_vars, report) = model::load(&paths.model, hints.preset.as_deref(), device)?;
-        let (text, text_vars) = match (&paths.text, &paths.t5) {
-            (Some(t), _) => {
+        let (text, text_vars) = match &paths.text {
+            TextSource::Builtin(t) => {
                 let file = TensorFile::load(t, device)?;
                 let (enc, vm) = builtin_text_from_file(&file, device)?;
                 (TextModel::Builtin(enc), Some(vm))
             }
-            (None, Some(folder)) => {
+            TextSource::T5(folder) => {
                 // LlamaGen left-pads; EditAR / TokenAR right-pad (REFERENCE.md).
                 let padding = match gpt.config().family {
                     Family::LlamaGen => Padding::Left,
@@ -165,7 +188,6 @@ impl Bundle {
                 opts.max_len = gpt.config().caption_len;
                 (TextModel::T5(T5Encoder::load(folder, opts, device)?), None)
             }
-            (None, None) => unreachable!("BundlePaths::find checks for a text encoder"),
         };
         let b = Self { vq, vq_vars, gpt, gpt_vars, text, text_vars, source: dir.display().to_string(), report };
         b.check()?;
@@ -226,10 +248,7 @@ impl Bundle {
                 format!("the GPT's vocabulary ({}) differs from the tokenizer's codebook ({})", g.vocab_size, vq.codebook_size),
             ));
         }
-        let text_dim = match &self.text {
-            TextModel::Builtin(t) => t.config().dim,
-            TextModel::T5(t) => t.dim(),
-        };
+        let text_dim = self.text.encoder().dim();
         if text_dim != g.caption_dim {
             return Err(Error::invalid(
                 "bundle",

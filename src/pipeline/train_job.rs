@@ -10,12 +10,12 @@
 //! At every checkpoint the job also exports a bundle folder (`<out>/export`, usable with
 //! `tokenar generate --weights`), a loss curve (`loss.png`) and a sample grid (`samples.png`).
 
-use super::bundle::{fit_rows, save_builtin_text, TextModel, MODEL_FILE, TEXT_FILE, TEXT_PREFIX, TOKENIZER_FILE};
+use super::bundle::{save_builtin_text, MODEL_FILE, TEXT_FILE, TEXT_PREFIX, TOKENIZER_FILE};
 use crate::data::cache::{CacheReader, CachedSample};
 use crate::error::{Error, Result};
 use crate::model::{self, Condition, GptConfig, TokenAr};
 use crate::sample::{self, DecodePlan, ItdMode, SampleOptions};
-use crate::text::{BuiltinConfig, BuiltinTextEncoder, WordVocab};
+use crate::text::{BuiltinConfig, BuiltinTextEncoder, TextEncoder, WordVocab};
 use crate::tokenizer::{self, Vq};
 use crate::train::{self, AdamWParams, Checkpointer, Hooks, LoopConfig, LrSchedule, StepOutput, TrainState};
 use crate::util::Rng;
@@ -312,9 +312,8 @@ impl JobParts {
         let bg: Vec<u32> = idx.iter().flat_map(|&i| self.samples[i].background.iter().copied()).collect();
         let tg: Vec<u32> = idx.iter().flat_map(|&i| self.samples[i].target.iter().copied()).collect();
         let prompts: Vec<String> = idx.iter().map(|&i| self.samples[i].prompt.clone()).collect();
-        let (ids, mask) = self.text.tokenize(&prompts)?;
-        let feats = self.text.forward_ids(&ids, &mask)?;
-        let (text, mask) = fit_rows(&feats, &mask, self.cfg.text.max_len)?;
+        // `caption_len` is the encoder's `max_len` (see `gpt_config`), so the rows fit as they are.
+        let (text, mask) = self.text.encode(&prompts)?;
         let cond = Condition::new(
             Tensor::from_vec(refs, (b, nr, hw), device)?,
             Tensor::from_vec(bg, (b, hw), device)?,
@@ -461,14 +460,6 @@ impl Hooks for JobHooks<'_> {
             crate::imageio::save_rgb(out.join("samples.png"), &g)?;
         }
         Ok(())
-    }
-}
-
-/// Which text model a bundle uses, for `tokenar info`.
-pub fn describe_text(t: &TextModel) -> String {
-    match t {
-        TextModel::Builtin(e) => format!("built-in ({} words, {}-d, {} layers)", e.vocab().len(), e.config().dim, e.config().n_layer),
-        TextModel::T5(_) => "T5".to_string(),
     }
 }
 

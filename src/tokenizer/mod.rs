@@ -115,6 +115,18 @@ impl Vq {
         let recon = self.decode_latent(&quant.z_q)?;
         Ok(TrainOut { recon, quant })
     }
+
+    /// As [`Vq::forward_train`] with the codes held fixed: the encoder and quantiser run without
+    /// gradient and the reconstruction is decoded from the looked-up codes, so gradients reach
+    /// `post_quant_conv` and the decoder only. The codebook and commitment losses are zero.
+    pub fn forward_frozen_codes(&self, images: &Tensor) -> Result<TrainOut> {
+        let z = self.latent(&images.detach())?.detach();
+        let quant = self.quantize.forward_train(&z)?;
+        let z_q = quant.z_q.detach();
+        let zero = Tensor::zeros((), DType::F32, images.device())?;
+        let recon = self.decode_latent(&z_q)?;
+        Ok(TrainOut { recon, quant: QuantOut { z_q, codebook_loss: zero.clone(), commit_loss: zero, ..quant } })
+    }
 }
 
 /// Build a fresh model on `device` with its `VarMap` (random initialisation).

@@ -256,6 +256,45 @@ fn training_writes_checkpoint_log_png_and_resumes() {
 }
 
 #[test]
+fn decoder_only_training_keeps_codes_and_changes_the_decoder() {
+    let d = tmpdir("dec-only");
+    let data = d.join("data/sample_0");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..4u8 {
+        let img = image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([x as u8 * 15, y as u8 * 15, i * 60]));
+        crate::imageio::save_rgb(data.join(format!("img{i}.png")), &img).unwrap();
+    }
+    let cfg_t = VqConfig::preset("vq-tiny").unwrap();
+    let (_, vm0) = build(&cfg_t, &Device::Cpu).unwrap();
+    let init = d.join("init.safetensors");
+    save(&init, &cfg_t, &vm0).unwrap();
+    let toml_text = format!(
+        "data_dir = {:?}\nout_dir = {:?}\npreset = \"vq-tiny\"\nimage_size = 16\nbatch_size = 4\nsteps = 2\nwarmup_steps = 1\nlr = 0.01\ndead_code_every = 1\ninit = {:?}\ndecoder_only = true\n",
+        d.join("data"),
+        d.join("out"),
+        init
+    );
+    let cfgp = d.join("t.toml");
+    std::fs::write(&cfgp, toml_text).unwrap();
+    let cfg = TrainConfig::load(&cfgp, &[]).unwrap();
+    train::train(&cfg, &Device::Cpu, &mut |_| {}).unwrap();
+    let before = crate::weights::TensorFile::load(&init, &Device::Cpu).unwrap();
+    let after = crate::weights::TensorFile::load(&d.join("out").join(CHECKPOINT), &Device::Cpu).unwrap();
+    let mut changed = 0;
+    for (name, t0) in &before.tensors {
+        let t1 = &after.tensors[name];
+        let diff = (t0 - t1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            changed += (diff > 0.0) as usize;
+        } else {
+            assert_eq!(diff, 0.0, "{name} changed in a decoder-only run");
+        }
+    }
+    assert!(changed > 10, "only {changed} decoder tensors moved");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn im2col_conv_matches_candle_conv2d() {
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 8), &dev).unwrap();

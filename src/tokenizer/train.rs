@@ -87,6 +87,15 @@ pub struct TrainConfig {
     pub ckpt_every: usize,
     #[serde(default = "d_true")]
     pub resume: bool,
+    /// Weights to start from when `out_dir` holds no checkpoint yet (strictly loaded; the
+    /// model config must match them).
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+    /// Train the decoder only (`post_quant_conv` and `decoder`): the encoder, `quant_conv` and
+    /// the codebook stay as loaded, so every code (and any code cache made with the tokenizer)
+    /// keeps its meaning. No dead-code restarts. Meant with `init`.
+    #[serde(default)]
+    pub decoder_only: bool,
 }
 
 fn d_preset() -> String { "vq-small".into() }
@@ -240,6 +249,11 @@ pub(crate) fn restart_dead_codes(varmap: &VarMap, counts: &[u32], z_flat: &Tenso
     Ok(dead.len())
 }
 
+/// The variables a decoder-only run trains.
+fn is_decoder_var(name: &str) -> bool {
+    name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+}
+
 fn mean_scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_scalar::<f32>()? as f64)
 }
@@ -261,10 +275,13 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
 
     let (vq, varmap) = build(&mcfg, device)?;
     let mut start = 0usize;
+    let strict = LoadOptions { strict_unexpected: true, ..Default::default() };
     if cfg.resume && ckpt.exists() {
         let file = TensorFile::load(&ckpt, device)?;
-        weights::load_into_varmap(&varmap, &file, &LoadOptions { strict_unexpected: true, ..Default::default() })?;
+        weights::load_into_varmap(&varmap, &file, &strict)?;
         start = file.metadata.get(META_STEP).and_then(|s| s.parse().ok()).unwrap_or(0);
+    } else if let Some(init) = &cfg.init {
+        weights::load_into_varmap(&varmap, &TensorFile::load(init, device)?, &strict)?;
     }
     let params = AdamWParams {
         lr: cfg.lr,
@@ -273,7 +290,11 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
         eps: 1e-8,
         weight_decay: cfg.weight_decay,
     };
-    let mut opt = AdamW::new(crate::nn::named_vars(&varmap), params)?;
+    let trained = crate::nn::named_vars(&varmap)
+        .into_iter()
+        .filter(|(name, _)| !cfg.decoder_only || is_decoder_var(name))
+        .collect();
+    let mut opt = AdamW::new(trained, params)?;
     let optim_path = cfg.out_dir.join(OPTIM_STATE);
     if start > 0 && optim_path.exists() {
         // The moments continue where they were; a state of another step is not used.
@@ -323,7 +344,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
 
         let lr = lr_at(cfg, step);
         opt.set_lr(lr);
-        let out = vq.forward_train(&x)?;
+        let out = if cfg.decoder_only { vq.forward_frozen_codes(&x)? } else { vq.forward_train(&x)? };
         let diff = (&out.recon - &x)?;
         let l1 = diff.abs()?.mean_all()?;
         let l2 = diff.sqr()?.mean_all()?;
@@ -343,7 +364,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
             }
         }
         let usage = counts.iter().filter(|c| **c > 0).count() as f64 / k as f64;
-        if cfg.dead_code_every > 0 && step % cfg.dead_code_every == 0 {
+        if !cfg.decoder_only && cfg.dead_code_every > 0 && step % cfg.dead_code_every == 0 {
             restarted = restart_dead_codes(&varmap, &counts, &out.quant.z_flat, &mut rng)?;
             counts.iter_mut().for_each(|c| *c = 0);
         }

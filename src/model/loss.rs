@@ -10,6 +10,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use crate::nn::par_rows;
 use std::sync::Mutex;
 
 /// Mean cross-entropy of `logits` (N, V) against `targets` (N,) u32 class ids: a scalar.
@@ -32,23 +33,6 @@ struct FusedCe {
     targets: Vec<u32>,
     /// Per-row log-sum-exp from the forward pass, reused by the backward pass.
     lse: Mutex<Vec<f32>>,
-}
-
-/// Run `f(first_row, rows_chunk, out_chunk)` over row blocks on the threads candle's CPU
-/// kernels use; `out` has `width_out` entries per row.
-fn par_rows<F>(data: &[f32], v: usize, out: &mut [f32], width_out: usize, f: F)
-where
-    F: Fn(usize, &[f32], &mut [f32]) + Sync,
-{
-    let n = data.len() / v.max(1);
-    let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
-    let per = n.div_ceil(threads).max(1);
-    std::thread::scope(|sc| {
-        for (i, (d, o)) in data.chunks(per * v).zip(out.chunks_mut(per * width_out)).enumerate() {
-            let f = &f;
-            sc.spawn(move || f(i * per, d, o));
-        }
-    });
 }
 
 /// Rows of a (N, V) f32 CPU tensor as one contiguous slice.

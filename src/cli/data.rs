@@ -64,6 +64,10 @@ pub enum DataCmd {
         batch: usize,
         #[arg(long, default_value_t = data::format::DEFAULT_MAX_REFS)]
         max_refs: usize,
+        /// Encode only the first N samples (in the dataset's order); the cache is complete
+        /// when those are done.
+        #[arg(long)]
+        max_samples: Option<usize>,
     },
     /// Write a contact sheet (references, background, mask, target per row).
     Sheet {
@@ -90,8 +94,8 @@ fn parse_subjects(s: &str) -> anyhow::Result<(usize, usize)> {
 
 pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
     match cmd {
-        DataCmd::Encode { dataset, tokenizer, tokenizer_preset, out, size, t5, batch, max_refs } => {
-            encode(&dataset, &tokenizer, tokenizer_preset.as_deref(), &out, size, t5.as_deref(), batch, max_refs)
+        DataCmd::Encode { dataset, tokenizer, tokenizer_preset, out, size, t5, batch, max_refs, max_samples } => {
+            encode(&dataset, &tokenizer, tokenizer_preset.as_deref(), &out, size, t5.as_deref(), batch, max_refs, max_samples)
         }
         DataCmd::Synth { out, n, seed, size, split, subjects, threads, no_contact } => {
             let opts = synth::SynthOptions { n, seed, size, subjects: parse_subjects(&subjects)?, split, threads };
@@ -140,13 +144,20 @@ fn encode(
     t5: Option<&std::path::Path>,
     batch: usize,
     max_refs: usize,
+    max_samples: Option<usize>,
 ) -> anyhow::Result<()> {
     use tokenar::text::TextEncoder;
     let device = tokenar::util::device(true)?;
     let (vq, _) = tokenar::tokenizer::load(tokenizer, preset, &device)?;
     let size = size.unwrap_or(vq.config().image_size as u32);
     let opts = data::OpenOptions { max_refs, ..Default::default() };
-    let ds = data::Dataset::open(dataset, &opts)?;
+    let mut ds = data::Dataset::open(dataset, &opts)?;
+    if let Some(n) = max_samples {
+        if n == 0 {
+            anyhow::bail!("--max-samples must be positive");
+        }
+        ds.samples.truncate(n);
+    }
     let t5 = match t5 {
         Some(p) => Some(tokenar::text::T5Encoder::load(p, tokenar::text::T5Options::new(tokenar::text::Padding::Right), &device)?),
         None => None,

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The ablation in the README: the built-in recipe (configs/tokenar-builtin.toml) trained four
+# ways on the same code cache with the same budget -- full model, without ITD, without instruct
+# tokens, without the Token Index Embedding -- then each scored on the 500-sample test split.
+# Every run resumes after an interruption; rerun the script.
+#
+#   STEPS=380 scripts/ablation.sh            # steps per run (default 380)
+#   RUNS="full no-itd" scripts/ablation.sh    # a subset (e.g. to spread runs over machines)
+#   EVAL_ONLY=1 scripts/ablation.sh           # score finished runs and print the table
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${TOKENAR:-target/release/tokenar}
+STEPS=${STEPS:-380}
+RUNS=${RUNS:-"full no-itd no-instruct no-index"}
+CACHE=${CACHE:-runs/cache/synth64-train}
+TOKENIZER=${TOKENIZER:-runs/vq-small/vq.safetensors}
+TEST=${TEST:-data/synth64/test}
+OUT=${OUT:-runs/ablation}
+
+switches() {
+  case $1 in
+    full) ;;
+    no-itd) echo "--set model.itd=false" ;;
+    no-instruct) echo "--set model.n_instruct=0" ;;
+    no-index) echo "--set model.index_embedding=false" ;;
+    *) echo "unknown run $1" >&2; exit 2 ;;
+  esac
+}
+
+for run in $RUNS; do
+  if [ -z "${EVAL_ONLY:-}" ]; then
+    # shellcheck disable=SC2046
+    $T train --config configs/tokenar-builtin.toml --resume \
+      --set steps="$STEPS" --set warmup=50 --set ckpt_every=100 \
+      --set cache="$CACHE" --set tokenizer="$TOKENIZER" --set out="$OUT/$run" $(switches "$run")
+  fi
+  [ -f "$OUT/eval/$run/results.json" ] || \
+    $T eval --model "$OUT/$run/export" --dataset "$TEST" --metrics pixel,background,identity \
+      --out "$OUT/eval/$run" --name "$run"
+done
+$T eval table --columns id_acc,swap,psnr_bg,psnr $(for r in $RUNS; do echo "$OUT/eval/$r/results.json"; done) --out "$OUT/table.md"
+cat "$OUT/table.md"

@@ -1,0 +1,55 @@
+//! The shipped model (assets/builtin/, compiled in by build.rs): it generates the README's demo
+//! scene at the model's size and keeps the given background outside the mask, which the same
+//! network with random weights does not.
+
+use candle_core::Device;
+use tokenar::eval::pixel::{psnr, Planar, Region};
+use tokenar::imageio::{load_mask, load_rgb};
+use tokenar::pipeline::{generate, Bundle, GenerateRequest};
+use tokenar::sample::SampleOptions;
+
+/// Background PSNR (dB, outside the mask) the shipped model must reach on the demo scene; the
+/// test split's mean is in the README.
+const MIN_BACKGROUND_PSNR: f64 = 20.0;
+
+fn demo_request() -> GenerateRequest {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/demo");
+    GenerateRequest {
+        refs: vec![load_rgb(dir.join("ref0.png"), None).unwrap(), load_rgb(dir.join("ref1.png"), None).unwrap()],
+        background: Some(load_rgb(dir.join("background.png"), None).unwrap()),
+        mask: Some(load_mask(dir.join("mask.png"), None).unwrap()),
+        prompt: "a heart above a square".into(),
+        options: SampleOptions { seed: 0, ..Default::default() },
+        itd: None,
+        num_samples: 1,
+        paste_back: false,
+    }
+}
+
+fn background_psnr(bundle: &Bundle, req: &GenerateRequest) -> f64 {
+    let out = generate(bundle, req, None).unwrap();
+    let img = &out.images[0];
+    let size = bundle.image_size() as u32;
+    assert_eq!(img.dimensions(), (size, size));
+    let bg = image::imageops::resize(req.background.as_ref().unwrap(), size, size, image::imageops::FilterType::Triangle);
+    let mask = image::imageops::resize(req.mask.as_ref().unwrap(), size, size, image::imageops::FilterType::Nearest);
+    psnr(&Planar::from_rgb(img), &Planar::from_rgb(&bg), Region::Outside(&mask)).unwrap().unwrap()
+}
+
+#[test]
+fn shipped_model_keeps_the_background() {
+    assert!(
+        tokenar::pipeline::bundle::has_builtin(),
+        "this build carries no built-in model: assets/builtin/ must hold tokenizer, model and text safetensors"
+    );
+    let bundle = Bundle::builtin(&Device::Cpu).unwrap();
+    assert_eq!(bundle.image_size(), 64);
+    let req = demo_request();
+    let trained = background_psnr(&bundle, &req);
+    assert!(trained >= MIN_BACKGROUND_PSNR, "background PSNR {trained:.2} dB < {MIN_BACKGROUND_PSNR} dB");
+
+    // The same network with random weights (LlamaGen initialisation) fails the check.
+    tokenar::model::init_weights(&bundle.gpt_vars, 1).unwrap();
+    let random = background_psnr(&bundle, &req);
+    assert!(random < MIN_BACKGROUND_PSNR, "random weights reach {random:.2} dB");
+}

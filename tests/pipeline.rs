@@ -106,6 +106,22 @@ fn train_resume_export_generate() {
     // The exported bundle generates an image of the model's size with every ITD mode.
     let bundle = Bundle::load(&run_a.join("export"), &Default::default(), &Device::Cpu).unwrap();
     assert_eq!(bundle.image_size(), 4 * 4);
+
+    // sampling.toml: the bundle's recommended settings; fields left out keep TokenAR's.
+    assert_eq!(bundle.sampling, Default::default());
+    let sampling = run_a.join("export").join("sampling.toml");
+    std::fs::write(&sampling, "cfg_scale = 1.5\ntop_k = 10\n").unwrap();
+    let b2 = Bundle::load(&run_a.join("export"), &Default::default(), &Device::Cpu).unwrap();
+    assert_eq!((b2.sampling.cfg_scale, b2.sampling.top_k, b2.sampling.temperature), (1.5, 10, 1.0));
+    let saved = root.join("saved-bundle");
+    b2.save(&saved).unwrap();
+    assert_eq!(Bundle::load(&saved, &Default::default(), &Device::Cpu).unwrap().sampling, b2.sampling);
+    for bad in ["top_p = 1.5\n", "cfg = 2\n"] {
+        std::fs::write(&sampling, bad).unwrap();
+        let e = Bundle::load(&run_a.join("export"), &Default::default(), &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("sampling.toml"), "{e}");
+    }
+    std::fs::remove_file(&sampling).unwrap();
     let sample = root.join("synth").join("sample_0");
     let load = |p: &str| tokenar::imageio::load_rgb(sample.join(p), None).unwrap();
     let req = GenerateRequest {

@@ -231,7 +231,7 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
         let mask = s.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?;
         let prompt_path = dir.join("description.txt");
         let prompt = std::fs::read_to_string(&prompt_path).map_err(|e| tokenar::Error::io(&prompt_path, e))?;
-        let options = m.sampling.options(s.index as u64);
+        let options = m.sampling.options(&bundle.sampling, s.index as u64);
         let req = GenerateRequest {
             refs,
             background,

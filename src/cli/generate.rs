@@ -52,18 +52,17 @@ fn numbered(path: &std::path::Path, i: usize, n: usize) -> PathBuf {
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    let options = a.sampling.options(0);
-    options.validate()?;
     // Read every input before loading the model, so a bad file is reported at once.
     let refs = a.refs.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<Vec<_>>>()?;
     let background = a.background.as_ref().map(|p| tokenar::imageio::load_rgb(p, None)).transpose()?;
     let mask = a.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?;
-    let req = GenerateRequest {
+    let mut req = GenerateRequest {
         refs,
         background,
         mask,
         prompt: a.prompt.clone(),
-        options,
+        // Flags without a model's defaults, checked now; the model's fill in below.
+        options: a.sampling.options(&Default::default(), 0),
         itd: a.sampling.itd,
         num_samples: a.num_samples,
         paste_back: a.sampling.paste_back,
@@ -77,6 +76,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         None => Bundle::builtin(&device)?,
     };
+    req.options = a.sampling.options(&bundle.sampling, 0);
+    req.validate()?;
     for k in &bundle.report.fresh {
         eprintln!("note: `{k}` is not in the checkpoint and was freshly initialised");
     }

@@ -83,5 +83,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     println!("text encoder: {}", bundle.text.describe());
     println!("GPT: {}", describe_gpt(bundle.config()));
     println!("image size: {} px", bundle.image_size());
+    let sp = &bundle.sampling;
+    println!("sampling: cfg {} top-k {} top-p {} temperature {}", sp.cfg_scale, sp.top_k, sp.top_p, sp.temperature);
     Ok(())
 }

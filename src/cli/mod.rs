@@ -14,16 +14,18 @@ use tokenar::sample::{ItdMode, SampleOptions};
 /// The sampling flags shared by `generate` and `eval --model`.
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
-    /// Classifier-free guidance scale (1 = off).
-    #[arg(long, default_value_t = 3.0)]
-    pub cfg_scale: f32,
-    /// Keep the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 1000)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
+    /// Classifier-free guidance scale (1 = off) [default: the model's sampling.toml, else 3].
+    #[arg(long)]
+    pub cfg_scale: Option<f32>,
+    /// Keep the k most likely tokens (0 = all) [default: the model's, else 1000].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling mass (1 = off) [default: the model's, else 1].
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// [default: the model's, else 1].
+    #[arg(long)]
+    pub temperature: Option<f32>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// ITD decoding: exact (default for ITD models), naive, forced, or off.
@@ -35,12 +37,13 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    pub fn options(&self, seed_offset: u64) -> SampleOptions {
+    /// The flags over the model's recommended settings.
+    pub fn options(&self, defaults: &tokenar::pipeline::bundle::SamplingDefaults, seed_offset: u64) -> SampleOptions {
         SampleOptions {
-            cfg_scale: self.cfg_scale,
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
+            cfg_scale: self.cfg_scale.unwrap_or(defaults.cfg_scale),
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
             seed: self.seed + seed_offset,
         }
     }

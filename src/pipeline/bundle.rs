@@ -7,10 +7,15 @@
 //! - `text.safetensors` (the built-in text encoder, config and vocabulary in its metadata) or a
 //!   `t5/` folder (flan-t5: config.json, safetensors, tokenizer.json).
 //!
+//! - `sampling.toml` (optional): the sampling settings the model is meant to be used with
+//!   (`cfg_scale`, `temperature`, `top_k`, `top_p`); command-line flags override them. Without
+//!   it, TokenAR's settings (cfg 3, top-k 1000).
+//!
 //! The built-in model is compiled into the binary when `assets/builtin/` holds it.
 
 use crate::error::{Error, Result};
 use crate::model::{self, Family, GptConfig, TokenAr};
+use crate::sample::SampleOptions;
 use crate::text::{BuiltinTextEncoder, Padding, T5Encoder, T5Options, TextEncoder};
 use crate::tokenizer::{self, Vq};
 use crate::weights::{self, LoadReport, TensorFile};
@@ -21,6 +26,7 @@ use std::path::{Path, PathBuf};
 pub const TOKENIZER_FILE: &str = "tokenizer.safetensors";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const TEXT_FILE: &str = "text.safetensors";
+pub const SAMPLING_FILE: &str = "sampling.toml";
 pub const T5_DIR: &str = "t5";
 /// Prefix of the built-in text encoder's variables.
 pub const TEXT_PREFIX: &str = "text_encoder";
@@ -76,6 +82,54 @@ pub fn fit_rows(features: &Tensor, mask: &Tensor, len: usize) -> Result<(Tensor,
     Ok((Tensor::cat(&[features, &fz], 1)?, Tensor::cat(&[&mask, &mz], 1)?))
 }
 
+/// The sampling settings a bundle recommends (`sampling.toml`); fields left out keep TokenAR's
+/// defaults.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingDefaults {
+    pub cfg_scale: f32,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+}
+
+impl Default for SamplingDefaults {
+    fn default() -> Self {
+        let o = SampleOptions::default();
+        Self { cfg_scale: o.cfg_scale, temperature: o.temperature, top_k: o.top_k, top_p: o.top_p }
+    }
+}
+
+impl SamplingDefaults {
+    /// Parse `sampling.toml` text; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let d: Self = toml::from_str(text).map_err(|e| Error::invalid(origin, format!("bad sampling settings: {e}")))?;
+        d.options(0).validate().map_err(|e| Error::invalid(origin, e.to_string()))?;
+        Ok(d)
+    }
+
+    /// Read `dir/sampling.toml` if there is one.
+    pub fn load_dir(dir: &Path) -> Result<Option<Self>> {
+        let p = dir.join(SAMPLING_FILE);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        Self::from_toml(&text, &p.display().to_string()).map(Some)
+    }
+
+    pub fn options(&self, seed: u64) -> SampleOptions {
+        SampleOptions { cfg_scale: self.cfg_scale, temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed }
+    }
+
+    pub fn to_toml(&self) -> String {
+        format!(
+            "# Sampling settings this model is meant to be used with (flags override them).\ncfg_scale = {:?}\ntemperature = {:?}\ntop_k = {}\ntop_p = {:?}\n",
+            self.cfg_scale, self.temperature, self.top_k, self.top_p
+        )
+    }
+}
+
 /// Tokenizer, text encoder and GPT, with the variable maps they were built on.
 pub struct Bundle {
     pub vq: Vq,
@@ -88,6 +142,8 @@ pub struct Bundle {
     pub source: String,
     /// What loading the GPT reported (fresh keys when initialised from another family).
     pub report: LoadReport,
+    /// The sampling settings the bundle recommends.
+    pub sampling: SamplingDefaults,
 }
 
 /// Where a bundle's text encoder comes from.
@@ -189,13 +245,15 @@ impl Bundle {
                 (TextModel::T5(T5Encoder::load(folder, opts, device)?), None)
             }
         };
-        let b = Self { vq, vq_vars, gpt, gpt_vars, text, text_vars, source: dir.display().to_string(), report };
+        let sampling = SamplingDefaults::load_dir(dir)?.unwrap_or_default();
+        let b = Self { vq, vq_vars, gpt, gpt_vars, text, text_vars, source: dir.display().to_string(), report, sampling };
         b.check()?;
         Ok(b)
     }
 
-    /// Build a bundle from the three safetensors files held in memory (the built-in model).
-    pub fn from_bytes(tokenizer: &[u8], model: &[u8], text: &[u8], source: &str, device: &Device) -> Result<Self> {
+    /// Build a bundle from the three safetensors files held in memory (the built-in model) and
+    /// the text of its `sampling.toml`, if any.
+    pub fn from_bytes(tokenizer: &[u8], model: &[u8], text: &[u8], sampling: Option<&str>, source: &str, device: &Device) -> Result<Self> {
         let tf = TensorFile::from_safetensors_bytes(&format!("{source}/{TOKENIZER_FILE}"), tokenizer, device)?;
         let (vq, vq_vars) = tokenizer::load_file(&tf, None, device)?;
         let mf = TensorFile::from_safetensors_bytes(&format!("{source}/{MODEL_FILE}"), model, device)?;
@@ -212,6 +270,10 @@ impl Bundle {
             text_vars: Some(text_vars),
             source: source.to_string(),
             report,
+            sampling: match sampling {
+                Some(t) => SamplingDefaults::from_toml(t, &format!("{source}/{SAMPLING_FILE}"))?,
+                None => SamplingDefaults::default(),
+            },
         };
         b.check()?;
         Ok(b)
@@ -220,7 +282,7 @@ impl Bundle {
     /// The built-in model compiled into this binary.
     pub fn builtin(device: &Device) -> Result<Self> {
         match builtin_bytes() {
-            Some((t, m, x)) => Self::from_bytes(t, m, x, "built-in", device),
+            Some((t, m, x)) => Self::from_bytes(t, m, x, builtin_sampling(), "built-in", device),
             None => Err(Error::invalid(
                 "weights",
                 "this build carries no built-in model (assets/builtin/ was empty when it was compiled); pass --weights DIR",
@@ -235,6 +297,9 @@ impl Bundle {
         model::save(&dir.join(MODEL_FILE), &self.gpt, &self.gpt_vars)?;
         if let (TextModel::Builtin(t), Some(vm)) = (&self.text, &self.text_vars) {
             save_builtin_text(&dir.join(TEXT_FILE), t, vm)?;
+        }
+        if self.sampling != SamplingDefaults::default() {
+            crate::util::atomic_write(&dir.join(SAMPLING_FILE), self.sampling.to_toml().as_bytes())?;
         }
         Ok(())
     }
@@ -288,6 +353,16 @@ fn builtin_bytes() -> Option<(&'static [u8], &'static [u8], &'static [u8])> {
         include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/builtin/model.safetensors")),
         include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/builtin/text.safetensors")),
     ))
+}
+
+#[cfg(tokenar_builtin_sampling)]
+fn builtin_sampling() -> Option<&'static str> {
+    Some(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/builtin/sampling.toml")))
+}
+
+#[cfg(not(tokenar_builtin_sampling))]
+fn builtin_sampling() -> Option<&'static str> {
+    None
 }
 
 #[cfg(not(tokenar_builtin))]

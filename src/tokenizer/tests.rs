@@ -204,15 +204,22 @@ fn every_trainable_variable_gets_a_gradient() {
     }
 }
 
+/// `n` colour-gradient images of `size` px in `root/data/sample_0/`; returns that folder.
+fn write_gradients(root: &std::path::Path, n: u8, size: u32) -> std::path::PathBuf {
+    let data = root.join("data/sample_0");
+    std::fs::create_dir_all(&data).unwrap();
+    let step = (240 / size) as u8;
+    for i in 0..n {
+        let img = image::RgbImage::from_fn(size, size, |x, y| image::Rgb([x as u8 * step, y as u8 * step, i * 40]));
+        crate::imageio::save_rgb(data.join(format!("img{i}.png")), &img).unwrap();
+    }
+    data
+}
+
 #[test]
 fn training_writes_checkpoint_log_png_and_resumes() {
     let d = tmpdir("train");
-    let data = d.join("data/sample_0");
-    std::fs::create_dir_all(&data).unwrap();
-    for i in 0..6u8 {
-        let img = image::RgbImage::from_fn(20, 20, |x, y| image::Rgb([x as u8 * 12, y as u8 * 12, i * 40]));
-        crate::imageio::save_rgb(data.join(format!("img{i}.png")), &img).unwrap();
-    }
+    let data = write_gradients(&d, 6, 20);
     crate::imageio::save_rgb(data.join("mask.png"), &image::RgbImage::new(4, 4)).unwrap();
     let toml_text = format!(
         "data_dir = {:?}\neval_dir = {:?}\nout_dir = {:?}\npreset = \"vq-tiny\"\nbatch_size = 4\nsteps = 3\nlog_every = 1\nckpt_every = 2\ncrop_size = 8\ndead_code_every = 2\nwarmup_steps = 1\n",
@@ -258,12 +265,7 @@ fn training_writes_checkpoint_log_png_and_resumes() {
 #[test]
 fn decoder_only_training_keeps_codes_and_changes_the_decoder() {
     let d = tmpdir("dec-only");
-    let data = d.join("data/sample_0");
-    std::fs::create_dir_all(&data).unwrap();
-    for i in 0..4u8 {
-        let img = image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([x as u8 * 15, y as u8 * 15, i * 60]));
-        crate::imageio::save_rgb(data.join(format!("img{i}.png")), &img).unwrap();
-    }
+    write_gradients(&d, 4, 16);
     let cfg_t = VqConfig::preset("vq-tiny").unwrap();
     let (_, vm0) = build(&cfg_t, &Device::Cpu).unwrap();
     let init = d.join("init.safetensors");

@@ -44,12 +44,15 @@ fn shipped_model_keeps_the_background() {
     );
     let bundle = Bundle::builtin(&Device::Cpu).unwrap();
     assert_eq!(bundle.image_size(), 64);
-    let req = demo_request();
+    // Sampled as `tokenar generate` samples it: the model's own settings (sampling.toml).
+    let req = GenerateRequest { options: bundle.sampling.options(0), ..demo_request() };
     let trained = background_psnr(&bundle, &req);
+    eprintln!("trained: background PSNR {trained:.2} dB");
     assert!(trained >= MIN_BACKGROUND_PSNR, "background PSNR {trained:.2} dB < {MIN_BACKGROUND_PSNR} dB");
 
     // The same network with random weights (LlamaGen initialisation) fails the check.
     tokenar::model::init_weights(&bundle.gpt_vars, 1).unwrap();
     let random = background_psnr(&bundle, &req);
+    eprintln!("random weights: background PSNR {random:.2} dB");
     assert!(random < MIN_BACKGROUND_PSNR, "random weights reach {random:.2} dB");
 }

@@ -7,6 +7,8 @@
 #   STEPS=380 scripts/ablation.sh            # steps per run (default 380)
 #   RUNS="full no-itd" scripts/ablation.sh    # a subset (e.g. to spread runs over machines)
 #   EVAL_ONLY=1 scripts/ablation.sh           # score finished runs and print the table
+#   EVAL_FLAGS="--cfg-scale 1.5 --top-k 10"   # sampling of the scoring (default: the built-in
+#                                             # model's assets/builtin/sampling.toml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${TOKENAR:-target/release/tokenar}
@@ -16,6 +18,13 @@ CACHE=${CACHE:-runs/cache/synth64-train}
 TOKENIZER=${TOKENIZER:-runs/vq-small/vq.safetensors}
 TEST=${TEST:-data/synth64/test}
 OUT=${OUT:-runs/ablation}
+# Score every run with the sampling settings the built-in model ships with.
+default_flags() {
+  local f=assets/builtin/sampling.toml
+  [ -f "$f" ] || return 0
+  sed -n 's/^cfg_scale = \(.*\)/--cfg-scale \1/p; s/^top_k = \(.*\)/--top-k \1/p; s/^top_p = \(.*\)/--top-p \1/p; s/^temperature = \(.*\)/--temperature \1/p' "$f" | tr '\n' ' '
+}
+EVAL_FLAGS=${EVAL_FLAGS:-$(default_flags)}
 
 switches() {
   case $1 in
@@ -35,8 +44,9 @@ for run in $RUNS; do
       --set cache="$CACHE" --set tokenizer="$TOKENIZER" --set out="$OUT/$run" $(switches "$run")
   fi
   [ -f "$OUT/eval/$run/results.json" ] || \
+    # shellcheck disable=SC2086
     $T eval --model "$OUT/$run/export" --dataset "$TEST" --metrics pixel,background,identity \
-      --out "$OUT/eval/$run" --name "$run"
+      --out "$OUT/eval/$run" --name "$run" $EVAL_FLAGS
 done
-$T eval table --columns id_acc,swap,psnr_bg,psnr $(for r in $RUNS; do echo "$OUT/eval/$r/results.json"; done) --out "$OUT/table.md"
+$T eval table --columns id_acc,id_swap,psnr_bg,ssim_bg,psnr $(for r in $RUNS; do echo "$OUT/eval/$r/results.json"; done) --out "$OUT/table.md"
 cat "$OUT/table.md"

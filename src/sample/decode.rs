@@ -19,6 +19,9 @@ use candle_core::{IndexOp, Tensor};
 use std::fmt;
 use std::str::FromStr;
 
+/// Draft tokens the first verification pass of `--itd exact` checks (see `exact_run`).
+const FIRST_WINDOW: usize = 8;
+
 /// What is done at the ITD positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -376,12 +379,12 @@ impl Decoder<'_> {
         // `pending` holds the logits of position pos.
         let mut pos = 0usize;
         let mut head: Option<Vec<u32>> = None;
-        // Draft tokens verified per pass: all of them at first; halved after a rejection (so a
-        // poorly matching draft costs about as much as naive decoding instead of feeding the
-        // whole remaining draft after every rejection), doubled after a fully accepted window.
-        // The window only decides how many positions one pass verifies, never how a position
-        // is decided, so the output distribution is unchanged.
-        let mut window = l.max(1);
+        // Draft tokens verified per pass: a few at first, doubled after a fully accepted window
+        // and halved after a rejection, so a poorly matching draft costs about as much as naive
+        // decoding (no long pass wasted on an early rejection) while a well matching one is
+        // verified in a handful of passes. The window only decides how many positions one pass
+        // verifies, never how a position is decided, so the output distribution is unchanged.
+        let mut window = l.clamp(1, FIRST_WINDOW);
         loop {
             if pos == l && (head.is_none() || !need_tail) {
                 return Ok(pending);

@@ -5,8 +5,7 @@
 //! - `model.safetensors` (this project's, config in its metadata) or a LlamaGen / EditAR /
 //!   TokenAR `.pt` (then a preset names the architecture);
 //! - `text.safetensors` (the built-in text encoder, config and vocabulary in its metadata) or a
-//!   `t5/` folder (flan-t5: config.json, safetensors, tokenizer.json).
-//!
+//!   `t5/` folder (flan-t5: config.json, safetensors, tokenizer.json);
 //! - `sampling.toml` (optional): the sampling settings the model is meant to be used with
 //!   (`cfg_scale`, `temperature`, `top_k`, `top_p`); command-line flags override them. Without
 //!   it, TokenAR's settings (cfg 3, top-k 1000).

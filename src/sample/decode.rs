@@ -375,65 +375,54 @@ impl Decoder<'_> {
         let l = draft[0].len();
         let base = self.model.generated_len();
         // Positions < pos are decided. `head` is the decided token of position pos - 1 when it
-        // has not been fed yet (a resampled token); otherwise every decided token is fed and
-        // `pending` holds the logits of position pos.
+        // has not been fed yet; otherwise every decided token is fed and `pending` holds the
+        // logits of position pos.
         let mut pos = 0usize;
         let mut head: Option<Vec<u32>> = None;
-        // Draft tokens verified per pass: a few at first, doubled after a fully accepted window
-        // and halved after a rejection, so a poorly matching draft costs about as much as naive
-        // decoding (no long pass wasted on an early rejection) while a well matching one is
-        // verified in a handful of passes. The window only decides how many positions one pass
-        // verifies, never how a position is decided, so the output distribution is unchanged.
-        let mut window = l.clamp(1, FIRST_WINDOW);
+        // Draft tokens fed (for verification) after the head in one pass: a few at first,
+        // doubled after an acceptance, halved after a rejection down to 0. At 0 a pass feeds
+        // the decided token alone and the next draft token is checked against its logits
+        // before anything is fed, so a poorly matching draft costs what naive decoding costs
+        // (one token per position), and a well matching one is verified in a handful of long
+        // passes. The window only decides how many positions one pass verifies, never how a
+        // position is decided, so the output distribution is unchanged.
+        let mut window = l.min(FIRST_WINDOW);
         loop {
-            if pos == l && (head.is_none() || !need_tail) {
+            if head.is_none() {
+                if pos == l {
+                    return Ok(pending);
+                }
+                // Decide position pos from the logits at hand, before feeding anything.
+                let rows = std::mem::take(&mut pending);
+                let (col, rejected) = self.decide(&rows, draft, pos, out)?;
+                window = if rejected { window / 2 } else { (window * 2).clamp(1, l) };
+                head = Some(col);
+                pos += 1;
+            }
+            if pos == l && !need_tail {
+                // The last draft position is decided; nothing needs its logits.
                 return Ok(pending);
             }
-            let fed = if head.is_some() { pos - 1 } else { pos };
+            let decided = head.take().unwrap_or_default();
             let end = (pos + window).min(l);
             let seq: Vec<Vec<u32>> = (0..self.samples)
                 .map(|s| {
-                    let mut v: Vec<u32> = head.as_ref().map(|h| vec![h[s]]).unwrap_or_default();
+                    let mut v = vec![decided[s]];
                     v.extend_from_slice(&draft[s][pos..end]);
-                    if end == l && !need_tail {
+                    if end == l && end > pos && !need_tail {
                         v.pop();
                     }
                     v
                 })
                 .collect();
             let t = seq[0].len();
-            let out_logits = if t > 0 { Some(self.feed(&seq)?) } else { None };
-            // Verify positions pos..end, in order, all samples at each position.
+            // Row j of the logits predicts position pos + j.
+            let g = self.feed(&seq)?;
             let mut rejected_at = None;
             for q in pos..end {
-                // out_logits[j] predicts position fed + j + 1.
-                let rows = if q == fed {
-                    std::mem::take(&mut pending)
-                } else {
-                    match &out_logits {
-                        Some(g) => self.position(g, q - fed - 1)?,
-                        None => return Err(Error::invalid("decoder", "missing logits (internal)")),
-                    }
-                };
-                let mut col = Vec::with_capacity(self.samples);
-                let mut any_rejected = false;
-                for (s, row) in rows.iter().enumerate() {
-                    let p = self.opts.probs(row);
-                    let x = draft[s][q];
-                    if accept(&p, x, self.rng) {
-                        self.stats.draft_accepted += 1;
-                        col.push(x);
-                    } else {
-                        self.stats.draft_rejected += 1;
-                        any_rejected = true;
-                        col.push(draw(&residual(&p, x), self.rng)?);
-                    }
-                }
-                for (s, &tok) in col.iter().enumerate() {
-                    out[s].push(tok);
-                }
-                self.advance(1);
-                if any_rejected {
+                let rows = self.position(&g, q - pos)?;
+                let (col, rejected) = self.decide(&rows, draft, q, out)?;
+                if rejected {
                     rejected_at = Some((q, col));
                     break;
                 }
@@ -444,30 +433,46 @@ impl Decoder<'_> {
                     self.model.truncate(base + q)?;
                     head = Some(col);
                     pos = q + 1;
-                    window = (window / 2).max(1);
+                    window /= 2;
                 }
-                None if end < l => {
-                    // The whole window was accepted: its last logits predict position `end`.
-                    match &out_logits {
-                        Some(g) => pending = self.position(g, t - 1)?,
-                        None => return Err(Error::invalid("decoder", "missing logits (internal)")),
+                None if t > end - pos => {
+                    // Everything fed was accepted: the last row predicts position `end`.
+                    pending = self.position(&g, t - 1)?;
+                    if end > pos {
+                        window = (window * 2).min(l);
                     }
-                    head = None;
                     pos = end;
-                    window = (window * 2).min(l);
                 }
                 None => {
-                    if need_tail {
-                        match &out_logits {
-                            Some(g) => pending = self.position(g, t - 1)?,
-                            None => {
-                                return Err(Error::invalid("decoder", "missing logits (internal)"))
-                            }
-                        }
-                    }
+                    // The window reached the end and its last token was not fed (no tail).
                     return Ok(pending);
                 }
             }
         }
+    }
+
+    /// Decide position `q` of every sample from its logits `rows`: keep the draft token with
+    /// probability p(token), else draw from the residual. Returns the decided tokens and
+    /// whether any sample rejected.
+    fn decide(&mut self, rows: &Rows, draft: &[Vec<u32>], q: usize, out: &mut [Vec<u32>]) -> Result<(Vec<u32>, bool)> {
+        let mut col = Vec::with_capacity(self.samples);
+        let mut any_rejected = false;
+        for (s, row) in rows.iter().enumerate() {
+            let p = self.opts.probs(row);
+            let x = draft[s][q];
+            if accept(&p, x, self.rng) {
+                self.stats.draft_accepted += 1;
+                col.push(x);
+            } else {
+                self.stats.draft_rejected += 1;
+                any_rejected = true;
+                col.push(draw(&residual(&p, x), self.rng)?);
+            }
+        }
+        for (s, &tok) in col.iter().enumerate() {
+            out[s].push(tok);
+        }
+        self.advance(1);
+        Ok((col, any_rejected))
     }
 }

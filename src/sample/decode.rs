@@ -403,7 +403,9 @@ impl Decoder<'_> {
                 // The last draft position is decided; nothing needs its logits.
                 return Ok(pending);
             }
-            let decided = head.take().unwrap_or_default();
+            let Some(decided) = head.take() else {
+                return Err(Error::invalid("decoder", "no decided token to feed (internal)"));
+            };
             let end = (pos + window).min(l);
             let seq: Vec<Vec<u32>> = (0..self.samples)
                 .map(|s| {

@@ -14,7 +14,7 @@ pub use report::{render_table, BenchReport, DecodeResult, ItdResult, PrefillResu
 pub use torch::{run_torch, TorchArgs};
 
 use crate::error::{Error, Result};
-use crate::model::{Condition, GptConfig, TokenAr, BUFFERS};
+use crate::model::{Condition, GptConfig, TokenAr};
 use crate::sample::{self, DecodePlan, ItdMode, SampleOptions};
 use crate::train::{clip_grad_norm, AdamW, AdamWParams};
 use crate::util::Rng;
@@ -121,15 +121,14 @@ pub fn bench_inputs(model: &TokenAr, n_refs: usize, batch: usize, text: Option<&
     let v = cfg.vocab_size as u32;
     let one_refs: Vec<u32> = (0..n_refs * hw).map(|_| rng.random_range(0..v)).collect();
     let one_bg: Vec<u32> = (0..hw).map(|_| rng.random_range(0..v)).collect();
-    let rep = |x: &[u32]| -> Vec<u32> { (0..batch).flat_map(|_| x.iter().copied()).collect() };
-    let refs = Tensor::from_vec(rep(&one_refs), (batch, n_refs, hw), dev)?;
-    let bg = Tensor::from_vec(rep(&one_bg), (batch, hw), dev)?;
+    let refs = Tensor::from_vec(repeat(&one_refs, batch), (batch, n_refs, hw), dev)?;
+    let bg = Tensor::from_vec(repeat(&one_bg, batch), (batch, hw), dev)?;
     let text = match text {
         Some(t) => t.broadcast_as((batch, cfg.caption_len, cfg.caption_dim))?.contiguous()?,
         None => {
             let n = cfg.caption_len * cfg.caption_dim;
-            let one: Vec<f32> = (0..n).map(|_| normal(rng)).collect();
-            Tensor::from_vec(rep_f(&one, batch), (batch, cfg.caption_len, cfg.caption_dim), dev)?
+            let one: Vec<f32> = (0..n).map(|_| crate::model::load::normal(rng)).collect();
+            Tensor::from_vec(repeat(&one, batch), (batch, cfg.caption_len, cfg.caption_dim), dev)?
         }
     };
     let cond = Condition::new(refs, bg, text, None);
@@ -137,14 +136,8 @@ pub fn bench_inputs(model: &TokenAr, n_refs: usize, batch: usize, text: Option<&
     Ok(BenchInputs { cond, draft: one_refs })
 }
 
-/// A standard normal draw (Box-Muller) from the seeded RNG.
-fn normal(rng: &mut Rng) -> f32 {
-    let u1: f64 = rng.random::<f64>().max(1e-300);
-    let u2: f64 = rng.random::<f64>();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-}
-
-fn rep_f(x: &[f32], batch: usize) -> Vec<f32> {
+/// `x` repeated `batch` times, one after the other (the rows of a batch of equal samples).
+fn repeat<T: Copy>(x: &[T], batch: usize) -> Vec<T> {
     (0..batch).flat_map(|_| x.iter().copied()).collect()
 }
 
@@ -277,7 +270,7 @@ pub fn bench_itd(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Res
 
 /// Trainable variables of a model's `VarMap` (buffers left out, as the trainer does).
 fn trainable(varmap: &VarMap) -> Vec<(String, Var)> {
-    crate::nn::named_vars(varmap).into_iter().filter(|(n, _)| !BUFFERS.contains(&n.as_str())).collect()
+    crate::nn::named_vars(varmap).into_iter().filter(|(n, _)| !TokenAr::is_buffer(n)).collect()
 }
 
 /// One training step at `batch`: teacher-forced forward with dropout, cross-entropy over the

@@ -96,7 +96,7 @@ fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    bench::pin_threads();
+    // The thread count was pinned at program start (main).
     let device = tokenar::util::device(a.gpu)?;
     let sample = SampleOptions { cfg_scale: a.cfg_scale, top_k: a.top_k, seed: a.seed, ..SampleOptions::default() };
     let mut opts = BenchOptions {

@@ -23,12 +23,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct FusedSoftmax;
 
-/// The contiguous f32 data of a CPU tensor and its last dimension.
-fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
+/// The contiguous f32 data of a CPU tensor and its last dimension (the row width), for the
+/// fused CPU kernels.
+pub(crate) fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
     let v = *l.shape().dims().last().unwrap_or(&1);
     match l.contiguous_offsets() {
         Some((a, b)) => Ok((&s.as_slice::<f32>()?[a..b], v)),
-        None => candle_core::bail!("fused softmax needs a contiguous tensor"),
+        None => candle_core::bail!("fused CPU kernels need a contiguous tensor, got {:?}", l.shape()),
     }
 }
 

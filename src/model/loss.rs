@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use crate::nn::par_rows;
+use crate::nn::{par_rows, rows_of};
 use std::sync::Mutex;
 
 /// Mean cross-entropy of `logits` (N, V) against `targets` (N,) u32 class ids: a scalar.
@@ -38,11 +38,7 @@ struct FusedCe {
 /// Rows of a (N, V) f32 CPU tensor as one contiguous slice.
 fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize, usize)> {
     let (n, v) = l.shape().dims2()?;
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok((&data[a..b], n, v)),
-        None => candle_core::bail!("fused cross-entropy needs contiguous logits"),
-    }
+    Ok((rows_of(s, l)?.0, n, v))
 }
 
 /// (max, log-sum-exp) of one row.

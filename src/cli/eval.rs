@@ -133,26 +133,37 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     let (Some(pred), Some(dataset)) = (a.pred, a.dataset) else {
         bail!("tokenar eval needs --dataset DIR and either --pred DIR or --model W (or a subcommand: merge, table, metrics)");
     };
+    let (specs, built) = build_metrics(a.weights, a.metrics.as_deref())?;
+    let name = a.name.unwrap_or_else(|| pred.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()));
+    let opts = run::EvalOptions { name, size: a.size, shard: a.shard.unwrap_or((0, 1)) };
+    let bar = indicatif::ProgressBar::new(0);
+    let result = run::evaluate_dir(&pred, &dataset, &built, &specs, &opts, Some(&progress_to(&bar)))?;
+    bar.finish_and_clear();
+    let out = a.out.unwrap_or_else(|| pred.join("eval"));
+    write_outputs(&result, &out, &a.grid)
+}
+
+/// The registry's metrics that were asked for (all when `select` is `None`), built with the
+/// weights folder; each one that cannot be built is reported, and none at all is an error.
+fn build_metrics(weights: Option<PathBuf>, select: Option<&[String]>) -> anyhow::Result<(Vec<metric::MetricSpec>, metric::BuiltMetrics)> {
     let specs = metric::builtin_metrics();
-    let ctx = metric::MetricContext { weights_dir: a.weights, device: candle_core::Device::Cpu };
-    let built = metric::build_metrics(&specs, a.metrics.as_deref(), &ctx)?;
+    let ctx = metric::MetricContext { weights_dir: weights, device: candle_core::Device::Cpu };
+    let built = metric::build_metrics(&specs, select, &ctx)?;
     for s in &built.skipped {
         eprintln!("skipping metric `{}`: {}", s.metric, s.reason);
     }
     if built.metrics.is_empty() {
         bail!("no metric could be built");
     }
-    let name = a.name.unwrap_or_else(|| pred.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()));
-    let opts = run::EvalOptions { name, size: a.size, shard: a.shard.unwrap_or((0, 1)) };
-    let bar = indicatif::ProgressBar::new(0);
-    let progress = |done: usize, total: usize| {
+    Ok((specs, built))
+}
+
+/// The evaluation's progress callback, drawing on `bar`.
+fn progress_to(bar: &indicatif::ProgressBar) -> impl Fn(usize, usize) + '_ {
+    move |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    };
-    let result = run::evaluate_dir(&pred, &dataset, &built, &specs, &opts, Some(&progress))?;
-    bar.finish_and_clear();
-    let out = a.out.unwrap_or_else(|| pred.join("eval"));
-    write_outputs(&result, &out, &a.grid)
+    }
 }
 
 fn merge(parts: &[PathBuf], out: &Path, grid: &GridArgs) -> anyhow::Result<()> {
@@ -208,12 +219,7 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
     let model = m.model.clone().unwrap_or_default();
     let device = tokenar::util::device(true)?;
     let bundle = if model.as_os_str() == "builtin" { Bundle::builtin(&device)? } else { Bundle::load(&model, &Default::default(), &device)? };
-    let specs = metric::builtin_metrics();
-    let ctx = metric::MetricContext { weights_dir: a.weights, device: candle_core::Device::Cpu };
-    let built = metric::build_metrics(&specs, a.metrics.as_deref(), &ctx)?;
-    for s in &built.skipped {
-        eprintln!("skipping metric `{}`: {}", s.metric, s.reason);
-    }
+    let (specs, built) = build_metrics(a.weights, a.metrics.as_deref())?;
     let name = a.name.unwrap_or_else(|| model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
     let out = a.out.unwrap_or_else(|| PathBuf::from("eval").join(&name));
     let pred_dir = out.join("pred");
@@ -247,11 +253,7 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
         Ok(img)
     };
     let bar = indicatif::ProgressBar::new(0);
-    let progress = |done: usize, total: usize| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    };
-    let mut result = run::evaluate(&dataset, &samples, &built, &specs, &opts, &mut produce, Some(&progress))?;
+    let mut result = run::evaluate(&dataset, &samples, &built, &specs, &opts, &mut produce, Some(&progress_to(&bar)))?;
     bar.finish_and_clear();
     result.pred_dir = Some(pred_dir.display().to_string());
     write_outputs(&result, &out, &a.grid)

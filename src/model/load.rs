@@ -32,20 +32,28 @@ pub fn build(cfg: &GptConfig, device: &Device, seed: u64) -> Result<(TokenAr, Va
 /// biases 0, buffers N(0, 1/width), everything else N(0, 0.02). Variables are visited in name
 /// order, so the result depends on the seed only.
 pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
-    let mut rng = crate::util::rng(seed);
-    for (name, var) in crate::nn::named_vars(varmap) {
-        let dims = var.dims().to_vec();
+    init_vars(varmap, seed, |name, dims, rng| {
         let n: usize = dims.iter().product();
         let width = *dims.last().unwrap_or(&1) as f32;
-        let v: Vec<f32> = if name.ends_with("norm.weight") {
+        if name.ends_with("norm.weight") {
             vec![1.0; n]
         } else if name == "output.weight" || name.ends_with(".bias") {
             vec![0.0; n]
-        } else if BUFFERS.contains(&name.as_str()) {
-            (0..n).map(|_| normal(&mut rng) / width.sqrt()).collect()
+        } else if BUFFERS.contains(&name) {
+            (0..n).map(|_| normal(rng) / width.sqrt()).collect()
         } else {
-            (0..n).map(|_| normal(&mut rng) * 0.02).collect()
-        };
+            (0..n).map(|_| normal(rng) * 0.02).collect()
+        }
+    })
+}
+
+/// Set every variable of `varmap` to `value(name, dims, rng)`, visiting them in name order
+/// with one RNG seeded by `seed`, so the result depends on the seed only.
+pub fn init_vars(varmap: &VarMap, seed: u64, mut value: impl FnMut(&str, &[usize], &mut crate::util::Rng) -> Vec<f32>) -> Result<()> {
+    let mut rng = crate::util::rng(seed);
+    for (name, var) in crate::nn::named_vars(varmap) {
+        let dims = var.dims().to_vec();
+        let v = value(&name, &dims, &mut rng);
         let t = Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?;
         var.set(&t)?;
     }

@@ -425,20 +425,16 @@ impl JobParts {
 /// Seeded initialisation of the built-in text encoder (so a run depends on its seed only):
 /// LayerNorm weights 1, biases 0, every matrix N(0, 0.02).
 fn init_text_encoder(vars: &VarMap, seed: u64) -> Result<()> {
-    let mut rng = crate::util::rng(seed);
-    for (name, var) in crate::nn::named_vars(vars) {
-        let dims = var.dims().to_vec();
+    model::load::init_vars(vars, seed, |name, dims, rng| {
         let n: usize = dims.iter().product();
-        let v: Vec<f32> = if name.ends_with(".bias") {
+        if name.ends_with(".bias") {
             vec![0.0; n]
         } else if dims.len() == 1 {
             vec![1.0; n]
         } else {
-            (0..n).map(|_| model::load::normal(&mut rng) * 0.02).collect()
-        };
-        var.set(&Tensor::from_vec(v, dims, var.device())?)?;
-    }
-    Ok(())
+            (0..n).map(|_| model::load::normal(rng) * 0.02).collect()
+        }
+    })
 }
 
 struct JobHooks<'a> {

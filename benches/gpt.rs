@@ -22,7 +22,9 @@ fn one(preset: &str, n_refs: usize, itd: Vec<ItdMode>) -> tokenar::Result<()> {
 
 fn main() -> tokenar::Result<()> {
     bench::pin_threads();
-    one("anchor", 0, vec![ItdMode::Off])?;
-    one("small", 2, ItdMode::ALL.to_vec())?;
-    Ok(())
+    // As the command line does: inside candle's thread pool.
+    tokenar::util::in_pool(|| {
+        one("anchor", 0, vec![ItdMode::Off])?;
+        one("small", 2, ItdMode::ALL.to_vec())
+    })
 }

@@ -36,7 +36,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Fix the worker-thread count once (candle otherwise re-reads it on every matmul).
     tokenar::bench::pin_threads();
-    let result = match cli.command {
+    // Everything runs inside candle's thread pool (see `in_pool`).
+    let result = tokenar::util::in_pool(move || match cli.command {
         Command::Tokenizer(c) => cli::tokenizer::run(c),
         Command::Data(c) => cli::data::run(c),
         Command::Eval(a) => cli::eval::run(a),
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => cli::generate::run(a),
         Command::Info(a) => cli::info::run(a),
         Command::Bench(a) => cli::bench::run(a),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

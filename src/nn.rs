@@ -98,10 +98,10 @@ where
     let n = data.len() / v.max(1);
     let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
     let per = n.div_ceil(threads).max(1);
-    std::thread::scope(|sc| {
+    rayon::scope(|sc| {
         for (i, (d, o)) in data.chunks(per * v).zip(out.chunks_mut(per * width_out)).enumerate() {
             let f = &f;
-            sc.spawn(move || f(i * per, d, o));
+            sc.spawn(move |_| f(i * per, d, o));
         }
     });
 }

@@ -1,4 +1,4 @@
-//! Small shared helpers: atomic file writes, seeded RNGs, device selection.
+//! Small shared helpers: atomic file writes, seeded RNGs, device selection, the thread pool.
 
 use crate::error::{Error, IoContext, Result};
 use rand::SeedableRng;
@@ -7,6 +7,19 @@ use std::path::{Path, PathBuf};
 
 /// The RNG used everywhere a random draw is made. Always built from an explicit seed.
 pub type Rng = rand_chacha::ChaCha8Rng;
+
+/// Run `f` on a worker thread of rayon's global pool, the pool candle's CPU kernels run on.
+/// Called from outside the pool, every parallel kernel hands its work over and sleeps until
+/// it is done: a wake-up round trip per op, which costs a small model's decoding step about
+/// a fifth of its time. From inside, the calling worker does the work itself (and shares it
+/// when the pool has more threads). The pool is built here, if nothing built it yet, with
+/// the thread count of `RAYON_NUM_THREADS` and 32 MiB stacks (candle's backward pass walks
+/// the graph recursively).
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // Err only when the pool already exists; it is then used as it is.
+    let _ = rayon::ThreadPoolBuilder::new().stack_size(32 << 20).build_global();
+    rayon::scope(|_| f())
+}
 
 pub fn rng(seed: u64) -> Rng {
     Rng::seed_from_u64(seed)

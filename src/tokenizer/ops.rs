@@ -38,10 +38,10 @@ fn par_items(out: &mut [f32], item_len: usize, f: impl Fn(usize, &mut [f32]) + S
         return;
     }
     let per = items.div_ceil(threads);
-    std::thread::scope(|s| {
+    rayon::scope(|s| {
         for (t, part) in out.chunks_mut(per * item_len).enumerate() {
             let f = &f;
-            s.spawn(move || {
+            s.spawn(move |_| {
                 for (j, chunk) in part.chunks_mut(item_len).enumerate() {
                     f(t * per + j, chunk);
                 }

@@ -109,7 +109,7 @@ pub fn run(cmd: TokenizerCmd) -> anyhow::Result<()> {
         TokenizerCmd::Eval { weights, preset, data, limit, png } => {
             let device = tokenar::util::device(false)?;
             let (vq, _) = tokenizer::load(&weights, preset.as_deref(), &device)?;
-            let paths = dataset::list_images(&data, &["mask".to_string()])?;
+            let paths = dataset::list_images(&data, &dataset::NOT_PICTURES.map(String::from))?;
             let imgs = dataset::load_images(&paths, vq.config().image_size as u32, limit)?;
             let r = dataset::evaluate(&vq, &imgs, 32, &device)?;
             println!(

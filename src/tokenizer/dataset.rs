@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 
 const IMAGE_EXTS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
+/// File-name prefixes that are not pictures of a dataset: masks, and the contact sheet that
+/// `tokenar data synth` writes next to a dataset.
+pub const NOT_PICTURES: [&str; 2] = ["mask", "contact"];
+
 /// Every image file under `dir` (recursively, sorted), skipping files whose name starts with
-/// an entry of `exclude` (e.g. `mask`: masks are not pictures).
+/// an entry of `exclude` (e.g. [`NOT_PICTURES`]).
 pub fn list_images(dir: &Path, exclude: &[String]) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
         return Err(Error::bad_file(dir, "not a folder of images"));

@@ -358,3 +358,19 @@ fn im2col_conv_gradients_match_candle_conv2d() {
         }
     }
 }
+
+#[test]
+fn image_listing_skips_masks_and_the_contact_sheet() {
+    let dir = tmpdir("list-images");
+    let sample = dir.join("sample_0");
+    std::fs::create_dir_all(sample.join("ref")).unwrap();
+    for f in ["contact.png", "sample_0/real.png", "sample_0/mask.png", "sample_0/mask_0.png", "sample_0/ref/0.png", "sample_0/meta.json"] {
+        std::fs::write(dir.join(f), b"x").unwrap();
+    }
+    let names = |ex: &[String]| -> Vec<String> {
+        dataset::list_images(&dir, ex).unwrap().iter().map(|p| p.strip_prefix(&dir).unwrap().to_string_lossy().replace('\\', "/")).collect()
+    };
+    assert_eq!(names(&dataset::NOT_PICTURES.map(String::from)), ["sample_0/real.png", "sample_0/ref/0.png"]);
+    assert_eq!(names(&[]).len(), 5);
+    assert!(dataset::list_images(&dir.join("missing"), &[]).unwrap_err().to_string().contains("missing"));
+}

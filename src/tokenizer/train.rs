@@ -99,7 +99,7 @@ pub struct TrainConfig {
 }
 
 fn d_preset() -> String { "vq-small".into() }
-fn d_exclude() -> Vec<String> { vec!["mask".into()] }
+fn d_exclude() -> Vec<String> { dataset::NOT_PICTURES.iter().map(|s| s.to_string()).collect() }
 fn d_eval_images() -> usize { 64 }
 fn d_batch() -> usize { 16 }
 fn d_steps() -> usize { 4000 }

@@ -5,7 +5,7 @@
 //! trainable path uses the compositions here instead; frozen encoders may use the fused ops.
 
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
 /// Softmax over the last dimension that passes gradients.
@@ -119,12 +119,151 @@ impl RmsNorm {
         Ok(Self { weight, eps })
     }
 
+    /// On the CPU in f32 the normalisation is one fused pass with a fused backward
+    /// ([`FusedRmsNormalize`]); elsewhere, and for other dtypes, a composition of elementary ops.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() > 0 {
+            let n = x.contiguous()?.apply_op1(FusedRmsNormalize { eps: self.eps })?;
+            return Ok(n.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
         Ok(y.broadcast_mul(&self.weight.to_dtype(dtype)?)?)
+    }
+}
+
+/// `n = x / sqrt(mean(x^2) + eps)` row by row (the weight is applied outside, so that its
+/// gradient comes from the ordinary broadcast product).
+struct FusedRmsNormalize {
+    eps: f64,
+}
+
+/// `1 / sqrt(mean(row^2) + eps)`.
+fn inv_rms(row: &[f32], eps: f64) -> f32 {
+    let ms = row.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / row.len().max(1) as f64;
+    (1.0 / (ms + eps).sqrt()) as f32
+}
+
+impl CustomOp1 for FusedRmsNormalize {
+    fn name(&self) -> &'static str {
+        "fused-rms-normalize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (data, v) = rows_of(s, l)?;
+        let mut out = vec![0f32; data.len()];
+        par_rows(data, v, &mut out, v, |_, d, o| {
+            for (row, o) in d.chunks_exact(v).zip(o.chunks_exact_mut(v)) {
+                let r = inv_rms(row, self.eps);
+                o.iter_mut().zip(row).for_each(|(oi, &x)| *oi = x * r);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &FusedRmsNormalizeGrad { eps: self.eps })?))
+    }
+}
+
+/// `(x, dn) -> r * (dn - n * mean(dn * n))` row by row, with `r = 1 / rms(x)` and `n = x * r`.
+struct FusedRmsNormalizeGrad {
+    eps: f64,
+}
+
+impl CustomOp2 for FusedRmsNormalizeGrad {
+    fn name(&self) -> &'static str {
+        "fused-rms-normalize-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, v) = rows_of(s1, l1)?;
+        let (g, _) = rows_of(s2, l2)?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("fused rms-normalize grad: shapes {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows(x, v, &mut out, v, |r0, xd, o| {
+            let gd = &g[r0 * v..r0 * v + xd.len()];
+            for ((xr, gr), o) in xd.chunks_exact(v).zip(gd.chunks_exact(v)).zip(o.chunks_exact_mut(v)) {
+                let r = inv_rms(xr, self.eps);
+                let dot = xr.iter().zip(gr).map(|(a, b)| a * r * b).sum::<f32>() / v as f32;
+                for ((oi, &xi), &gi) in o.iter_mut().zip(xr).zip(gr) {
+                    *oi = r * (gi - xi * r * dot);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Interleaved 2D RoPE of `x` (B, H, S, D) by tables (S, D / 2) that passes gradients to `x`
+/// (the tables are constants): on the CPU in f32 one fused pass forward and one backward (the
+/// backward is the rotation by the opposite angles); elsewhere `None`, and the caller
+/// composes it from elementary ops.
+pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.rank() != 4 {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, FusedRope { inverse: false })?))
+}
+
+/// Rotates each pair `(x[2k], x[2k+1])` of a row at position `s` by the angle whose cosine and
+/// sine are `cos[s, k]`, `sin[s, k]` (by its opposite when `inverse`).
+struct FusedRope {
+    inverse: bool,
+}
+
+impl CustomOp3 for FusedRope {
+    fn name(&self) -> &'static str {
+        "fused-rope-interleaved"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, d) = rows_of(s1, l1)?;
+        let (cos, half) = rows_of(s2, l2)?;
+        let (sin, _) = rows_of(s3, l3)?;
+        let dims = l1.shape().dims();
+        let positions = dims[dims.len() - 2];
+        if d != 2 * half || cos.len() != positions * half || sin.len() != cos.len() {
+            candle_core::bail!("fused rope: x {:?} needs tables ({positions}, {}), got {:?} and {:?}", dims, d / 2, l2.shape(), l3.shape());
+        }
+        let sign = if self.inverse { -1f32 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        par_rows(x, d, &mut out, d, |r0, xd, o| {
+            for (i, (row, o)) in xd.chunks_exact(d).zip(o.chunks_exact_mut(d)).enumerate() {
+                let p = (r0 + i) % positions;
+                let (c, sn) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+                for k in 0..half {
+                    let (x0, x1, s) = (row[2 * k], row[2 * k + 1], sign * sn[k]);
+                    o[2 * k] = x0 * c[k] - x1 * s;
+                    o[2 * k + 1] = x0 * s + x1 * c[k];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &FusedRope { inverse: !self.inverse })?;
+        Ok((Some(dx), None, None))
     }
 }
 
@@ -241,6 +380,58 @@ mod tests {
         assert!(g.get(x.as_tensor()).is_some());
         let vars = named_vars(&vm);
         assert!(vars_without_grad(&vars, &g).unwrap().is_empty());
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_composed_value_and_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 5, 6), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 6, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 5, 6), &dev).unwrap();
+        let norm = RmsNorm { weight: w.as_tensor().clone(), eps: 1e-5 };
+        let fused = norm.forward(x.as_tensor()).unwrap();
+        let xs = x.as_tensor();
+        let composed = xs.broadcast_div(&(xs.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+        let composed = composed.broadcast_mul(w.as_tensor()).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5, "{}", max_diff(&fused, &composed));
+        let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [x.as_tensor(), w.as_tensor()] {
+            let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
+    }
+
+    #[test]
+    fn fused_rope_matches_composed_value_and_gradient() {
+        let dev = Device::Cpu;
+        let (s, d) = (5usize, 8usize);
+        let cells: Vec<_> = (0..s).map(|i| crate::layout::RopeCell::Cell(i, 2 * i + 1)).collect();
+        let (cos, sin) = crate::model::rope::tables(&cells, d, 100.0, &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, s, d), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, s, d), &dev).unwrap();
+        let fused = rope_interleaved(x.as_tensor(), &cos, &sin).unwrap().unwrap();
+        let reference = candle_nn::rotary_emb::rope_i(x.as_tensor(), &cos, &sin).unwrap();
+        assert!(max_diff(&fused, &reference) < 1e-6);
+        // Composed: the same rotation from elementary ops, whose gradient candle derives.
+        let xs = x.as_tensor().reshape((2, 3, s, d / 2, 2)).unwrap();
+        let (x0, x1) = (xs.narrow(4, 0, 1).unwrap(), xs.narrow(4, 1, 1).unwrap());
+        let (c, sn) = (cos.reshape((s, d / 2, 1)).unwrap(), sin.reshape((s, d / 2, 1)).unwrap());
+        let o0 = (x0.broadcast_mul(&c).unwrap() - x1.broadcast_mul(&sn).unwrap()).unwrap();
+        let o1 = (x0.broadcast_mul(&sn).unwrap() + x1.broadcast_mul(&c).unwrap()).unwrap();
+        let composed = Tensor::cat(&[o0, o1], 4).unwrap().reshape((2, 3, s, d)).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let dg = max_diff(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
+        assert!(dg < 1e-6, "gradient differs by {dg}");
+        // Tables of the wrong length are an error, not a panic.
+        let short = cos.narrow(0, 0, s - 1).unwrap();
+        assert!(rope_interleaved(x.as_tensor(), &short, &short).is_err());
     }
 
     #[test]

@@ -39,10 +39,14 @@ pub fn tables(cells: &[RopeCell], head_dim: usize, base: f64, device: &Device) -
 }
 
 /// Rotate `x` (B, H, S, head_dim) by the tables (S, head_dim / 2). `differentiable` selects
-/// an elementary-op composition (passes gradients) instead of candle's fused kernel.
+/// a version that passes gradients ([`crate::nn::rope_interleaved`] on the CPU, an
+/// elementary-op composition elsewhere) instead of candle's fused kernel.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Result<Tensor> {
     if !differentiable {
         return Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)?);
+    }
+    if let Some(y) = crate::nn::rope_interleaved(x, cos, sin)? {
+        return Ok(y);
     }
     let (b, h, s, d) = x.dims4()?;
     let xs = x.reshape((b, h, s, d / 2, 2))?;

@@ -23,7 +23,7 @@ fn fixture(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     synth::generate(&ds_dir, &opts, None).unwrap();
     let mut cfg = tokenar::tokenizer::VqConfig::preset("vq-tiny").unwrap();
     cfg.ch_mult = vec![1, 2, 2];
-    let (vq, vars) = tokenar::tokenizer::build(&cfg, &Device::Cpu).unwrap();
+    let (vq, vars) = tokenar::tokenizer::build(&cfg, &Device::Cpu, 0).unwrap();
     let tok = root.join("vq.safetensors");
     tokenar::tokenizer::save(&tok, &cfg, &vars).unwrap();
     let ds = data::Dataset::open_quiet(&ds_dir, &data::OpenOptions::default()).unwrap();

@@ -60,6 +60,68 @@ pub fn init_vars(varmap: &VarMap, seed: u64, mut value: impl FnMut(&str, &[usize
     Ok(())
 }
 
+/// A `VarBuilder` over `varmap` whose new variables are drawn from an RNG seeded by `seed`
+/// (candle's own initialisers draw from an unseeded RNG), following each variable's `Init`
+/// hint (constant, uniform, normal, Kaiming). Draws happen in the order the model creates its
+/// variables, which its constructor fixes, so the result depends on the seed only. Variables
+/// already in `varmap` are returned as they are (a wrong shape is an error).
+pub fn seeded_builder(varmap: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    let backend = SeededInit { map: varmap.clone(), rng: std::sync::Mutex::new(crate::util::rng(seed)) };
+    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+}
+
+struct SeededInit {
+    map: VarMap,
+    rng: std::sync::Mutex<crate::util::Rng>,
+}
+
+/// Values of a fresh variable of `shape` under `init`.
+fn init_values(init: &candle_nn::Init, shape: &candle_core::Shape, rng: &mut crate::util::Rng) -> Vec<f32> {
+    use candle_nn::init::{Init, NormalOrUniform};
+    use rand::Rng as _;
+    let n = shape.elem_count();
+    let uniform = |rng: &mut crate::util::Rng, lo: f64, up: f64| -> Vec<f32> { (0..n).map(|_| rng.random_range(lo..=up) as f32).collect() };
+    match *init {
+        Init::Const(v) => vec![v as f32; n],
+        Init::Uniform { lo, up } => uniform(rng, lo, up),
+        Init::Randn { mean, stdev } => (0..n).map(|_| mean as f32 + stdev as f32 * normal(rng)).collect(),
+        Init::Kaiming { dist, fan, non_linearity } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+            match dist {
+                NormalOrUniform::Normal => (0..n).map(|_| std as f32 * normal(rng)).collect(),
+                NormalOrUniform::Uniform => {
+                    let bound = 3f64.sqrt() * std;
+                    uniform(rng, -bound, bound)
+                }
+            }
+        }
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededInit {
+    fn get(&self, s: candle_core::Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut data = self.map.data().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = data.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!("variable {name}: shape {:?} asked for, {:?} exists", s.dims(), v.shape().dims());
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let values = init_values(&h, &s, &mut self.rng.lock().unwrap_or_else(|e| e.into_inner()));
+        let var = candle_core::Var::from_tensor(&Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?)?;
+        data.insert(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("variable {name}: a new variable needs its shape")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.map.data().lock().unwrap_or_else(|e| e.into_inner()).contains_key(name)
+    }
+}
+
 /// A standard normal draw (Box-Muller) from the project RNG.
 pub fn normal(rng: &mut crate::util::Rng) -> f32 {
     use rand::Rng as _;

@@ -129,10 +129,11 @@ impl Vq {
     }
 }
 
-/// Build a fresh model on `device` with its `VarMap` (random initialisation).
-pub fn build(cfg: &VqConfig, device: &Device) -> Result<(Vq, VarMap)> {
+/// Build a fresh model on `device` with its `VarMap`, initialised from `seed` (the same seed
+/// gives the same weights).
+pub fn build(cfg: &VqConfig, device: &Device, seed: u64) -> Result<(Vq, VarMap)> {
     let varmap = VarMap::new();
-    let vq = Vq::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let vq = Vq::new(cfg, crate::model::load::seeded_builder(&varmap, seed, DType::F32, device))?;
     Ok((vq, varmap))
 }
 
@@ -173,7 +174,7 @@ pub fn load_file(file: &TensorFile, preset: Option<&str>, device: &Device) -> Re
             ))
         }
     };
-    let (vq, varmap) = build(&cfg, device)?;
+    let (vq, varmap) = build(&cfg, device, 0)?;
     let opts = LoadOptions {
         ignore: IGNORED_KEYS.iter().map(|s| s.to_string()).collect(),
         strict_unexpected: true,

@@ -28,7 +28,7 @@ fn param_count(varmap: &VarMap) -> usize {
 fn presets_shapes_and_param_counts() {
     for name in ["vq-tiny", "vq-small"] {
         let cfg = VqConfig::preset(name).unwrap();
-        let (vq, vm) = build(&cfg, &Device::Cpu).unwrap();
+        let (vq, vm) = build(&cfg, &Device::Cpu, 0).unwrap();
         assert_eq!(param_count(&vm), cfg.num_params(), "{name}");
         let s = cfg.image_size;
         let x = images(2, s, 0);
@@ -58,7 +58,7 @@ fn presets_shapes_and_param_counts() {
 #[test]
 fn bad_inputs_are_errors() {
     let cfg = VqConfig::preset("vq-tiny").unwrap();
-    let (vq, _) = build(&cfg, &Device::Cpu).unwrap();
+    let (vq, _) = build(&cfg, &Device::Cpu, 0).unwrap();
     let e = vq.encode(&images(1, 15, 0)).unwrap_err().to_string();
     assert!(e.contains("multiples of 2"), "{e}");
     let out_of_range = Tensor::new(&[[[16u32, 0], [0, 0]]], &Device::Cpu).unwrap();
@@ -122,7 +122,7 @@ const LLAMAGEN_KEYS: [&str; 14] = [
 fn llamagen_checkpoint_loads_and_wrong_shape_fails() {
     let d = tmpdir("pt");
     let cfg = VqConfig::preset("vq-tiny").unwrap();
-    let (vq, vm) = build(&cfg, &Device::Cpu).unwrap();
+    let (vq, vm) = build(&cfg, &Device::Cpu, 0).unwrap();
     let tensors = crate::weights::varmap_tensors(&vm);
     for k in LLAMAGEN_KEYS {
         assert!(tensors.contains_key(k), "missing {k}");
@@ -167,7 +167,7 @@ fn llamagen_checkpoint_loads_and_wrong_shape_fails() {
 fn own_safetensors_round_trip_with_config() {
     let d = tmpdir("st");
     let cfg = VqConfig::preset("vq-tiny").unwrap();
-    let (vq, vm) = build(&cfg, &Device::Cpu).unwrap();
+    let (vq, vm) = build(&cfg, &Device::Cpu, 0).unwrap();
     let p = d.join("vq.safetensors");
     save(&p, &cfg, &vm).unwrap();
     let (back, _) = load(&p, None, &Device::Cpu).unwrap();
@@ -184,7 +184,7 @@ fn own_safetensors_round_trip_with_config() {
 #[test]
 fn every_trainable_variable_gets_a_gradient() {
     let cfg = VqConfig::preset("vq-tiny").unwrap();
-    let (vq, vm) = build(&cfg, &Device::Cpu).unwrap();
+    let (vq, vm) = build(&cfg, &Device::Cpu, 0).unwrap();
     let x = images(2, 16, 5);
     let out = vq.forward_train(&x).unwrap();
     let loss = ((&out.recon - &x).unwrap().sqr().unwrap().mean_all().unwrap()
@@ -267,7 +267,7 @@ fn decoder_only_training_keeps_codes_and_changes_the_decoder() {
     let d = tmpdir("dec-only");
     write_gradients(&d, 4, 16);
     let cfg_t = VqConfig::preset("vq-tiny").unwrap();
-    let (_, vm0) = build(&cfg_t, &Device::Cpu).unwrap();
+    let (_, vm0) = build(&cfg_t, &Device::Cpu, 0).unwrap();
     let init = d.join("init.safetensors");
     save(&init, &cfg_t, &vm0).unwrap();
     let toml_text = format!(
@@ -320,7 +320,7 @@ fn im2col_conv_matches_candle_conv2d() {
 #[test]
 fn dead_codes_restart_at_batch_latents_only() {
     let cfg = VqConfig::preset("vq-tiny").unwrap();
-    let (_, vm) = build(&cfg, &Device::Cpu).unwrap();
+    let (_, vm) = build(&cfg, &Device::Cpu, 0).unwrap();
     let before = crate::weights::varmap_tensors(&vm)["quantize.embedding.weight"].to_vec2::<f32>().unwrap();
     let mut counts = vec![1u32; 16];
     counts[3] = 0;
@@ -373,4 +373,31 @@ fn image_listing_skips_masks_and_the_contact_sheet() {
     assert_eq!(names(&dataset::NOT_PICTURES.map(String::from)), ["sample_0/real.png", "sample_0/ref/0.png"]);
     assert_eq!(names(&[]).len(), 5);
     assert!(dataset::list_images(&dir.join("missing"), &[]).unwrap_err().to_string().contains("missing"));
+}
+
+#[test]
+fn fresh_tokenizers_depend_on_the_seed_only() {
+    let cfg = VqConfig::preset("vq-tiny").unwrap();
+    let weights = |seed| {
+        let (_, vm) = build(&cfg, &Device::Cpu, seed).unwrap();
+        let mut t: Vec<(String, Vec<f32>)> = named_vars(&vm)
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    let (a, b, c) = (weights(7), weights(7), weights(8));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    // The hints are followed: norms start at 1, a conv weight has Kaiming-normal spread
+    // (gain sqrt(2), fan-in = c_in * k * k) and its bias stays within PyTorch's bound.
+    let get = |n: &str| &a.iter().find(|(k, _)| k == n).unwrap().1;
+    assert!(get("encoder.norm_out.weight").iter().all(|v| *v == 1.0));
+    let w = get("encoder.conv_in.weight");
+    let fan_in = (3 * 3 * 3) as f32;
+    let std = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
+    let want = (2.0 / fan_in).sqrt();
+    assert!((std / want - 1.0).abs() < 0.25, "std {std}, Kaiming {want}");
+    assert!(get("encoder.conv_in.bias").iter().all(|v| v.abs() <= 1.0 / fan_in.sqrt()));
 }

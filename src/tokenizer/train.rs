@@ -273,7 +273,7 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
     };
     let preview: Vec<_> = if eval_imgs.is_empty() { &train_imgs } else { &eval_imgs }.iter().take(8).cloned().collect();
 
-    let (vq, varmap) = build(&mcfg, device)?;
+    let (vq, varmap) = build(&mcfg, device, cfg.seed)?;
     let mut start = 0usize;
     let strict = LoadOptions { strict_unexpected: true, ..Default::default() };
     if cfg.resume && ckpt.exists() {

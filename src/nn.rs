@@ -23,6 +23,73 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct FusedSoftmax;
 
+/// `softmax_last_dim(x + mask)` for attention scores `x` (B, H, S, L) and an additive mask
+/// (1 or B, 1, S, L), passing gradients to `x`. On the CPU in f32 the mask is added inside the
+/// fused softmax pass (no (B, H, S, L) sum is materialised, forward or backward); otherwise,
+/// or for other mask shapes, the mask is broadcast-added first.
+pub fn masked_softmax_last_dim(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let Some(m) = mask else { return softmax_last_dim(x) };
+    let fusable = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && m.dtype() == DType::F32
+        && x.rank() == 4
+        && m.rank() == 4
+        && matches!((x.dims4(), m.dims4()), (Ok((b, _, s, l)), Ok((mb, 1, ms, ml))) if (mb == 1 || mb == b) && ms == s && ml == l);
+    if !fusable {
+        return softmax_last_dim(&x.broadcast_add(m)?);
+    }
+    let heads = x.dim(1)?;
+    Ok(x.contiguous()?.apply_op2(&m.contiguous()?, FusedMaskedSoftmax { heads })?)
+}
+
+/// Softmax of `scores + mask` row by row; see [`masked_softmax_last_dim`].
+struct FusedMaskedSoftmax {
+    heads: usize,
+}
+
+impl CustomOp2 for FusedMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-masked-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (data, v) = rows_of(s1, l1)?;
+        let (mask, _) = rows_of(s2, l2)?;
+        let (mb, s) = match (l1.shape().dims(), l2.shape().dims()) {
+            ([_, _, s, _], [mb, 1, ms, ml]) if ms == s && *ml == v => (*mb, *s),
+            (a, b) => candle_core::bail!("fused masked softmax: scores {a:?} and mask {b:?} do not match"),
+        };
+        let per_batch = self.heads * s;
+        let mut out = vec![0f32; data.len()];
+        par_rows(data, v, &mut out, v, |r0, d, o| {
+            for (i, (row, o)) in d.chunks_exact(v).zip(o.chunks_exact_mut(v)).enumerate() {
+                let r = r0 + i;
+                let b = if mb == 1 { 0 } else { r / per_batch };
+                let mrow = (b * s + r % s) * v;
+                let m = &mask[mrow..mrow + v];
+                let mut mx = f32::NEG_INFINITY;
+                for ((oi, &x), &mi) in o.iter_mut().zip(row).zip(m) {
+                    *oi = x + mi;
+                    mx = mx.max(*oi);
+                }
+                let mut sum = 0f32;
+                for oi in o.iter_mut() {
+                    *oi = (*oi - mx).exp();
+                    sum += *oi;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|oi| *oi *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _mask: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(res.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &FusedSoftmaxGrad)?), None))
+    }
+}
+
+
 /// The contiguous f32 data of a CPU tensor and its last dimension (the row width), for the
 /// fused CPU kernels.
 pub(crate) fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
@@ -384,6 +451,34 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn masked_softmax_matches_softmax_of_the_sum() {
+        let dev = Device::Cpu;
+        let (b, h, s, l) = (2usize, 3usize, 4usize, 6usize);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (b, h, s, l), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (b, h, s, l), &dev).unwrap();
+        // Causal after 2 cached keys (-inf), plus a padded key in batch row 1 (-1e9).
+        let causal: Vec<f32> = (0..s).flat_map(|i| (0..l).map(move |j| if j <= 2 + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let causal = Tensor::from_vec(causal, (1, 1, s, l), &dev).unwrap();
+        let pad = Tensor::from_vec(vec![0f32, 0., 0., 0., 0., 0., 0., -1e9, 0., 0., 0., 0.], (b, 1, 1, l), &dev).unwrap();
+        for mask in [causal.clone(), causal.broadcast_add(&pad).unwrap()] {
+            let fused = masked_softmax_last_dim(x.as_tensor(), Some(&mask)).unwrap();
+            let composed = candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
+            assert!(max_diff(&fused, &composed) < 1e-6);
+            let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(max_diff(gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap()) < 1e-6);
+        }
+        // Masked keys get exactly zero weight.
+        let flat = masked_softmax_last_dim(x.as_tensor(), Some(&causal)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat[l - 1], 0.0);
+        // A mask of another shape falls back to the broadcast sum (or its error).
+        let odd = Tensor::zeros((1, 1, 1, l), DType::F32, &dev).unwrap();
+        let y = masked_softmax_last_dim(x.as_tensor(), Some(&odd)).unwrap();
+        assert!(max_diff(&y, &softmax_last_dim(x.as_tensor()).unwrap()) < 1e-6);
+        assert!(masked_softmax_last_dim(x.as_tensor(), Some(&Tensor::zeros((1, 1, 1, l + 1), DType::F32, &dev).unwrap())).is_err());
     }
 
     #[test]

@@ -185,13 +185,14 @@ impl Block {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(m) = att.mask {
-            scores = scores.broadcast_add(m)?;
-        }
+        let scores = q.matmul(&k.t()?)?;
         let probs = if ctx.differentiable {
-            crate::nn::softmax_last_dim(&scores)?
+            crate::nn::masked_softmax_last_dim(&scores, att.mask)?
         } else {
+            let scores = match att.mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
             candle_nn::ops::softmax_last_dim(&scores)?
         };
         let probs = ctx.dropout(&probs, drop.attn)?;

@@ -5,7 +5,8 @@ use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tokenar::data::{self, synth};
-use tokenar::pipeline::{generate, Bundle, GenerateRequest, TrainJob, TrainJobConfig};
+use tokenar::pipeline::train_job::PROBE_LOG;
+use tokenar::pipeline::{generate, probe, Bundle, GenerateRequest, TrainJob, TrainJobConfig};
 use tokenar::sample::{ItdMode, SampleOptions};
 
 fn tmp(tag: &str) -> PathBuf {
@@ -92,6 +93,23 @@ fn train_resume_export_generate() {
     assert!(first > 0.8 * uniform, "initial loss {first} should be near ln(16) = {uniform}");
     assert!(last10 < 0.75 * uniform, "loss must fall well below the uniform guess: {last10} vs {uniform}");
     assert!(run_a.join("loss.png").exists() && run_a.join("samples.png").exists());
+
+    // The reference probe is logged at every checkpoint, and recomputing it from the trained
+    // job gives the same figures; a probe of an earlier step drops the records after it.
+    let log = run_a.join("checkpoints").join(PROBE_LOG);
+    let logged = probe::read(&log).unwrap();
+    let last = logged.last().unwrap().clone();
+    assert_eq!(last.step, 150);
+    assert_eq!(last.samples, job.parts.samples.len().min(probe::PROBE_SAMPLES));
+    for v in [last.target, last.refs_swapped, last.refs_other, last.text_dropped, last.itd.unwrap()] {
+        assert!(v.is_finite() && v > 0.0, "{last:?}");
+    }
+    assert_ne!(last.refs_other, last.target, "the references must reach the model");
+    assert_eq!(probe::checkpoint_probe(&job.parts, 150).unwrap().unwrap(), last);
+    probe::append(&log, &probe::Probe { step: 100, ..last.clone() }).unwrap();
+    let steps: Vec<u64> = probe::read(&log).unwrap().iter().map(|p| p.step).collect();
+    assert_eq!(steps.last(), Some(&100));
+    assert!(steps.iter().all(|s| *s <= 100), "{steps:?}");
 
     // Interrupted at step 10 (a run of 10 steps), then resumed to 20: same losses as a
     // 20-step run.

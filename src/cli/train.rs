@@ -18,12 +18,32 @@ pub struct TrainArgs {
     /// Use a CUDA GPU when built with the `cuda` feature.
     #[arg(long)]
     gpu: bool,
+    /// Do not train: print the reference probe (does the model use its references and prompt,
+    /// and bind each reference to its place?) of the newest checkpoint, as JSON with --json.
+    #[arg(long)]
+    probe: bool,
+    #[arg(long, requires = "probe")]
+    json: bool,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config).map_err(|e| tokenar::Error::io(&args.config, e))?;
     let cfg = TrainJobConfig::from_toml(&text, &args.sets, &args.config)?;
     let device = tokenar::util::device(args.gpu)?;
+    if args.probe {
+        let job = TrainJob::new(cfg, true, &device)?;
+        if job.state.step == 0 {
+            anyhow::bail!("{}: no checkpoint to probe", job.parts.cfg.out.join("checkpoints").display());
+        }
+        let p = tokenar::pipeline::probe::checkpoint_probe(&job.parts, job.state.step)?
+            .ok_or_else(|| anyhow::anyhow!("the probe needs training samples with two or more references"))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&p)?);
+        } else {
+            print!("{}", p.render());
+        }
+        return Ok(());
+    }
     let mut job = TrainJob::new(cfg, args.resume, &device)?;
     let c = job.parts.gpt.config();
     eprintln!(

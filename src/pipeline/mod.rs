@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod generate;
+pub mod probe;
 pub mod train_job;
 
 pub use bundle::{Bundle, TextModel};

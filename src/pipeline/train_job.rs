@@ -8,7 +8,8 @@
 //! model, the optimiser, the step and the RNG, so `--resume` continues exactly.
 //!
 //! At every checkpoint the job also exports a bundle folder (`<out>/export`, usable with
-//! `tokenar generate --weights`), a loss curve (`loss.png`) and a sample grid (`samples.png`).
+//! `tokenar generate --weights`), a loss curve (`loss.png`), a sample grid (`samples.png`) and
+//! a line of the reference probe (`checkpoints/probe.jsonl`, see [`super::probe`]).
 
 use super::bundle::{save_builtin_text, MODEL_FILE, TEXT_FILE, TEXT_PREFIX, TOKENIZER_FILE};
 use crate::data::cache::{CacheReader, CachedSample};
@@ -171,6 +172,8 @@ pub struct JobParts {
 }
 
 const GPT_GROUP: &str = "model";
+/// The reference probe's log in a run's `checkpoints/` (see [`super::probe`]).
+pub const PROBE_LOG: &str = "probe.jsonl";
 const TEXT_GROUP: &str = "text";
 
 fn load_cache(path: &Path) -> Result<Vec<CachedSample>> {
@@ -454,6 +457,9 @@ impl Hooks for JobHooks<'_> {
         if job.cfg.grid_samples > 0 {
             let g = job.sample_grid(job.cfg.grid_samples, step)?;
             crate::imageio::save_rgb(out.join("samples.png"), &g)?;
+        }
+        if let Some(p) = super::probe::checkpoint_probe(job, step)? {
+            super::probe::append(&out.join("checkpoints").join(PROBE_LOG), &p)?;
         }
         Ok(())
     }

@@ -85,6 +85,18 @@ pub struct BenchOptions {
     /// Whether the weights are trained (a bundle); random weights make `exact`'s draft
     /// acceptance meaningless.
     pub trained: bool,
+    /// Condition codes of a real sample (references, background), e.g. from
+    /// [`crate::pipeline::generate::condition_codes`]; random codes when `None`. A trained
+    /// model copies real references far better than random codes, so `exact`'s draft
+    /// acceptance (and time) is representative only with them.
+    pub codes: Option<ConditionCodes>,
+}
+
+/// The condition codes of one sample: one grid per reference, and the background's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConditionCodes {
+    pub refs: Vec<Vec<u32>>,
+    pub background: Vec<u32>,
 }
 
 impl Default for BenchOptions {
@@ -101,6 +113,7 @@ impl Default for BenchOptions {
             sample: SampleOptions { cfg_scale: 3.0, top_k: 1000, ..SampleOptions::default() },
             seed: 0,
             trained: false,
+            codes: None,
         }
     }
 }
@@ -112,15 +125,26 @@ pub struct BenchInputs {
     pub draft: Vec<u32>,
 }
 
-/// Random condition codes for `batch` samples; `text`: features (1, L, C) shared by every row
-/// (random normal when `None`).
-pub fn bench_inputs(model: &TokenAr, n_refs: usize, batch: usize, text: Option<&Tensor>, rng: &mut Rng) -> Result<BenchInputs> {
+/// Condition codes for `batch` equal samples: `codes` when given (their reference count must be
+/// `n_refs`, every grid the model's), else random; `text`: features (1, L, C) shared by every
+/// row (random normal when `None`).
+pub fn bench_inputs(model: &TokenAr, n_refs: usize, batch: usize, codes: Option<&ConditionCodes>, text: Option<&Tensor>, rng: &mut Rng) -> Result<BenchInputs> {
     let cfg = model.config();
     let dev = model.device();
     let hw = cfg.image_tokens();
     let v = cfg.vocab_size as u32;
-    let one_refs: Vec<u32> = (0..n_refs * hw).map(|_| rng.random_range(0..v)).collect();
-    let one_bg: Vec<u32> = (0..hw).map(|_| rng.random_range(0..v)).collect();
+    let (one_refs, one_bg): (Vec<u32>, Vec<u32>) = match codes {
+        Some(c) => {
+            if c.refs.len() != n_refs {
+                return Err(Error::invalid("bench condition", format!("{} reference grids given, {n_refs} expected", c.refs.len())));
+            }
+            if let Some(bad) = c.refs.iter().chain(std::iter::once(&c.background)).find(|g| g.len() != hw || g.iter().any(|t| *t >= v)) {
+                return Err(Error::invalid("bench condition", format!("a grid of {} codes; the model needs {hw} codes below {v}", bad.len())));
+            }
+            (c.refs.concat(), c.background.clone())
+        }
+        None => ((0..n_refs * hw).map(|_| rng.random_range(0..v)).collect(), (0..hw).map(|_| rng.random_range(0..v)).collect()),
+    };
     let refs = Tensor::from_vec(repeat(&one_refs, batch), (batch, n_refs, hw), dev)?;
     let bg = Tensor::from_vec(repeat(&one_bg, batch), (batch, hw), dev)?;
     let text = match text {
@@ -279,7 +303,7 @@ fn trainable(varmap: &VarMap) -> Vec<(String, Var)> {
 pub fn bench_train(model: &TokenAr, varmap: &VarMap, n_refs: usize, text: Option<&Tensor>, o: &BenchOptions) -> Result<TrainResult> {
     let mut rng = crate::util::rng(o.seed ^ 0x7a11);
     let batch = o.train_batch;
-    let inputs = bench_inputs(model, n_refs, batch, text, &mut rng)?;
+    let inputs = bench_inputs(model, n_refs, batch, None, text, &mut rng)?;
     let hw = model.config().image_tokens();
     let v = model.config().vocab_size as u32;
     let tg: Vec<u32> = (0..batch * hw).map(|_| rng.random_range(0..v)).collect();
@@ -322,7 +346,7 @@ pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOpt
     let load_start = loadavg();
     let cfg = model.config().clone();
     let mut rng = crate::util::rng(o.seed);
-    let inputs = bench_inputs(model, o.n_refs, 1, text, &mut rng)?;
+    let inputs = bench_inputs(model, o.n_refs, 1, o.codes.as_ref(), text, &mut rng)?;
     let layout = model.layout_for(&inputs.cond)?;
     let prefill = bench_prefill(model, &inputs, o)?;
     let decode = bench_decode(model, &inputs, o)?;
@@ -339,6 +363,12 @@ pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOpt
         notes.push(
             "random weights: the draft acceptance of `exact` (and so its time) is not representative; \
              pass --weights DIR to time the ITD modes on a trained model"
+                .to_string(),
+        );
+    } else if o.codes.is_none() && cfg.itd {
+        notes.push(
+            "random condition codes: a trained model reproduces real references far better than these, so \
+             the draft acceptance of `exact` is not representative; pass --ref/--background/--mask"
                 .to_string(),
         );
     }
@@ -359,7 +389,7 @@ pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOpt
         cfg_scale: o.sample.cfg_scale,
         top_k: o.sample.top_k,
         weights: if o.trained { "trained".into() } else { "random".into() },
-        acceptance_representative: o.trained,
+        acceptance_representative: o.trained && o.codes.is_some(),
         prefill,
         decode,
         itd,

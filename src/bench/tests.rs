@@ -52,3 +52,30 @@ fn itd_modes_are_skipped_without_references_and_presets_validate() {
     assert!(bench_config("anchor", &Overrides { heads: Some(3), ..Default::default() }).is_err());
 }
 
+
+#[test]
+fn given_condition_codes_are_used_and_checked() {
+    let cfg = bench_config("tiny", &Overrides { layers: Some(1), dim: Some(64), ..Default::default() }).unwrap();
+    let (model, _) = crate::model::build(&cfg, &Device::Cpu, 0).unwrap();
+    let hw = cfg.image_tokens();
+    let codes = ConditionCodes { refs: vec![vec![1; hw], vec![2; hw]], background: vec![3; hw] };
+    let mut rng = crate::util::rng(0);
+    let inputs = bench_inputs(&model, 2, 3, Some(&codes), None, &mut rng).unwrap();
+    assert_eq!(inputs.draft, [vec![1u32; hw], vec![2; hw]].concat());
+    let refs = inputs.cond.refs.to_dtype(candle_core::DType::U32).unwrap().to_vec3::<u32>().unwrap();
+    assert!(refs.iter().all(|r| r[0] == vec![1; hw] && r[1] == vec![2; hw]));
+    assert!(inputs.cond.background.to_dtype(candle_core::DType::U32).unwrap().to_vec2::<u32>().unwrap().iter().all(|b| *b == vec![3; hw]));
+    // A wrong reference count, grid size or code is an error naming the condition.
+    let one_ref = ConditionCodes { refs: vec![vec![1; hw]], ..codes.clone() };
+    let short = ConditionCodes { background: vec![3; hw - 1], ..codes.clone() };
+    let big = ConditionCodes { background: vec![cfg.vocab_size as u32; hw], ..codes.clone() };
+    for bad in [one_ref, short, big] {
+        let e = bench_inputs(&model, 2, 1, Some(&bad), None, &mut rng).err().unwrap().to_string();
+        assert!(e.contains("bench condition"), "{e}");
+    }
+    // A trained model with real codes: acceptance is representative and no note says otherwise.
+    let (model, varmap) = crate::model::build(&cfg, &Device::Cpu, 0).unwrap();
+    let o = BenchOptions { n_refs: 2, decode_steps: 2, train_batch: 0, repeat: 1, warmup: 0, trained: true, codes: Some(codes), itd_modes: vec![ItdMode::Forced], ..Default::default() };
+    let r = run(&model, &varmap, None, &o).unwrap();
+    assert!(r.acceptance_representative && r.notes.is_empty(), "{:?}", r.notes);
+}

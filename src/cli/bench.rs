@@ -4,9 +4,10 @@
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
-use tokenar::bench::{self, BenchOptions, Overrides, TorchArgs};
+use tokenar::bench::{self, BenchOptions, ConditionCodes, Overrides, TorchArgs};
 use tokenar::pipeline::bundle::LoadHints;
-use tokenar::pipeline::Bundle;
+use tokenar::pipeline::generate::condition_codes;
+use tokenar::pipeline::{Bundle, GenerateRequest};
 use tokenar::sample::{ItdMode, SampleOptions};
 
 #[derive(Args)]
@@ -24,6 +25,16 @@ pub struct BenchArgs {
     /// Prompt encoded with the bundle's text encoder (with --weights).
     #[arg(long, default_value = "a photo of two subjects in a scene")]
     prompt: String,
+    /// With --weights: condition on these reference images (repeat, in order) instead of
+    /// random codes, so that `exact`'s draft acceptance is what real use sees.
+    #[arg(long = "ref", value_name = "IMAGE", requires = "weights")]
+    refs_images: Vec<PathBuf>,
+    /// With --ref: the scene.
+    #[arg(long, requires = "refs_images")]
+    background: Option<PathBuf>,
+    /// With --background: white where the subjects go.
+    #[arg(long, requires = "background")]
+    mask: Option<PathBuf>,
     #[arg(long)]
     dim: Option<usize>,
     #[arg(long)]
@@ -111,6 +122,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         sample,
         seed: a.seed,
         trained: false,
+        codes: None,
     };
     let bundle;
     let built;
@@ -122,6 +134,23 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let (feats, _mask) = bundle.text.encode(std::slice::from_ref(&a.prompt), caption_len)?;
             opts.label = dir.display().to_string();
             opts.trained = true;
+            if !a.refs_images.is_empty() {
+                let req = GenerateRequest {
+                    refs: a.refs_images.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<_>>()?,
+                    background: a.background.as_ref().map(|p| tokenar::imageio::load_rgb(p, None)).transpose()?,
+                    mask: a.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?,
+                    prompt: a.prompt.clone(),
+                    options: SampleOptions::default(),
+                    itd: None,
+                    num_samples: 1,
+                    paste_back: false,
+                };
+                let (refs, background) = condition_codes(&bundle, &req)?;
+                if a.refs.is_some_and(|n| n != refs.len()) {
+                    anyhow::bail!("--refs {} but {} --ref images given", a.refs.unwrap_or(0), refs.len());
+                }
+                opts.codes = Some(ConditionCodes { refs, background });
+            }
             (&bundle.gpt, &bundle.gpt_vars, Some(feats))
         }
         None => {
@@ -140,7 +169,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let cfg = model.config().clone();
-    opts.n_refs = a.refs.unwrap_or(cfg.max_refs.min(2));
+    opts.n_refs = match &opts.codes {
+        Some(c) => c.refs.len(),
+        None => a.refs.unwrap_or(cfg.max_refs.min(2)),
+    };
     let mut report = bench::run(model, varmap, text.as_ref(), &opts)?;
     if a.torch {
         let t = TorchArgs { python: a.python.clone(), script: a.torch_script.clone(), threads: report.threads, repeat: a.repeat, warmup: a.warmup, seed: a.seed };

@@ -139,6 +139,16 @@ fn prepare(bundle: &Bundle, req: &GenerateRequest) -> Result<(Vec<RgbImage>, Rgb
     Ok((refs, cond_bg, mask, bg_full))
 }
 
+/// The codes the model is conditioned on for `req`: each reference's and the masked
+/// background's, at the model's image size (the request is checked as `generate` checks it).
+pub fn condition_codes(bundle: &Bundle, req: &GenerateRequest) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+    let (mut images, cond_bg, _, _) = prepare(bundle, req)?;
+    images.push(cond_bg);
+    let mut codes = encode_images(bundle, &images, bundle.image_size() as u32)?;
+    let bg = codes.pop().unwrap_or_default();
+    Ok((codes, bg))
+}
+
 /// Generate `num_samples` images for one request.
 pub fn generate(
     bundle: &Bundle,

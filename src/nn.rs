@@ -23,6 +23,18 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct FusedSoftmax;
 
+/// Softmax of one row in place (max-subtracted; a row of only `-inf` gives NaN).
+fn softmax_in_place(row: &mut [f32]) {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
 /// `softmax_last_dim(x + mask)` for attention scores `x` (B, H, S, L) and an additive mask
 /// (1 or B, 1, S, L), passing gradients to `x`. On the CPU in f32 the mask is added inside the
 /// fused softmax pass (no (B, H, S, L) sum is materialised, forward or backward); otherwise,
@@ -66,19 +78,10 @@ impl CustomOp2 for FusedMaskedSoftmax {
                 let r = r0 + i;
                 let b = if mb == 1 { 0 } else { r / per_batch };
                 let mrow = (b * s + r % s) * v;
-                let m = &mask[mrow..mrow + v];
-                let mut mx = f32::NEG_INFINITY;
-                for ((oi, &x), &mi) in o.iter_mut().zip(row).zip(m) {
+                for ((oi, &x), &mi) in o.iter_mut().zip(row).zip(&mask[mrow..mrow + v]) {
                     *oi = x + mi;
-                    mx = mx.max(*oi);
                 }
-                let mut sum = 0f32;
-                for oi in o.iter_mut() {
-                    *oi = (*oi - mx).exp();
-                    sum += *oi;
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|oi| *oi *= inv);
+                softmax_in_place(o);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -110,14 +113,8 @@ impl CustomOp1 for FusedSoftmax {
         let mut out = vec![0f32; data.len()];
         par_rows(data, v, &mut out, v, |_, d, o| {
             for (row, o) in d.chunks_exact(v).zip(o.chunks_exact_mut(v)) {
-                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f32;
-                for (oi, &x) in o.iter_mut().zip(row) {
-                    *oi = (x - m).exp();
-                    sum += *oi;
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|oi| *oi *= inv);
+                o.copy_from_slice(row);
+                softmax_in_place(o);
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -137,23 +134,39 @@ impl CustomOp2 for FusedSoftmaxGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, v) = rows_of(s1, l1)?;
-        let (g, _) = rows_of(s2, l2)?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("fused softmax grad: shapes {:?} and {:?}", l1.shape(), l2.shape());
-        }
-        let mut out = vec![0f32; y.len()];
-        par_rows(y, v, &mut out, v, |r0, yd, o| {
-            let gd = &g[r0 * v..r0 * v + yd.len()];
-            for ((yr, gr), o) in yd.chunks_exact(v).zip(gd.chunks_exact(v)).zip(o.chunks_exact_mut(v)) {
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                for ((oi, &yi), &gi) in o.iter_mut().zip(yr).zip(gr) {
-                    *oi = yi * (gi - dot);
-                }
+        map_row_pairs("fused softmax grad", s1, l1, s2, l2, |yr, gr, o| {
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((oi, &yi), &gi) in o.iter_mut().zip(yr).zip(gr) {
+                *oi = yi * (gi - dot);
             }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        })
     }
+}
+
+/// `f(a_row, b_row, out_row)` over the rows of two contiguous f32 CPU tensors of one shape
+/// (the fused backward kernels: output and gradient, or input and gradient); `what` names
+/// the op in a shape error.
+fn map_row_pairs(
+    what: &str,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (a, v) = rows_of(s1, l1)?;
+    let (b, _) = rows_of(s2, l2)?;
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("{what}: shapes {:?} and {:?}", l1.shape(), l2.shape());
+    }
+    let mut out = vec![0f32; a.len()];
+    par_rows(a, v, &mut out, v, |r0, ad, o| {
+        let bd = &b[r0 * v..r0 * v + ad.len()];
+        for ((ar, br), o) in ad.chunks_exact(v).zip(bd.chunks_exact(v)).zip(o.chunks_exact_mut(v)) {
+            f(ar, br, o);
+        }
+    });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
 /// Run `f(first_row, rows_chunk, out_chunk)` over blocks of rows of width `v` on the threads
@@ -246,23 +259,13 @@ impl CustomOp2 for FusedRmsNormalizeGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, v) = rows_of(s1, l1)?;
-        let (g, _) = rows_of(s2, l2)?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("fused rms-normalize grad: shapes {:?} and {:?}", l1.shape(), l2.shape());
-        }
-        let mut out = vec![0f32; x.len()];
-        par_rows(x, v, &mut out, v, |r0, xd, o| {
-            let gd = &g[r0 * v..r0 * v + xd.len()];
-            for ((xr, gr), o) in xd.chunks_exact(v).zip(gd.chunks_exact(v)).zip(o.chunks_exact_mut(v)) {
-                let r = inv_rms(xr, self.eps);
-                let dot = xr.iter().zip(gr).map(|(a, b)| a * r * b).sum::<f32>() / v as f32;
-                for ((oi, &xi), &gi) in o.iter_mut().zip(xr).zip(gr) {
-                    *oi = r * (gi - xi * r * dot);
-                }
+        map_row_pairs("fused rms-normalize grad", s1, l1, s2, l2, |xr, gr, o| {
+            let r = inv_rms(xr, self.eps);
+            let dot = xr.iter().zip(gr).map(|(a, b)| a * r * b).sum::<f32>() / xr.len() as f32;
+            for ((oi, &xi), &gi) in o.iter_mut().zip(xr).zip(gr) {
+                *oi = r * (gi - xi * r * dot);
             }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        })
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` (and the `RmsNorm`/`LayerNorm`
 //! modules built on them) and the fused RoPE kernels compute no gradient. Everything on a
-//! trainable path uses the compositions here instead; frozen encoders may use the fused ops.
+//! trainable path uses the versions here instead (fused CPU kernels with their own backward
+//! passes, compositions of elementary ops elsewhere); frozen encoders may use candle's.
 
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, Var, D};
@@ -72,6 +73,9 @@ impl CustomOp2 for FusedMaskedSoftmax {
             (a, b) => candle_core::bail!("fused masked softmax: scores {a:?} and mask {b:?} do not match"),
         };
         let per_batch = self.heads * s;
+        if per_batch == 0 || (mb != 1 && mb * per_batch * v != data.len()) {
+            candle_core::bail!("fused masked softmax: {mb} mask rows for scores {:?} with {} heads", l1.shape(), self.heads);
+        }
         let mut out = vec![0f32; data.len()];
         par_rows(data, v, &mut out, v, |r0, d, o| {
             for (i, (row, o)) in d.chunks_exact(v).zip(o.chunks_exact_mut(v)).enumerate() {
@@ -91,7 +95,6 @@ impl CustomOp2 for FusedMaskedSoftmax {
         Ok((Some(res.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &FusedSoftmaxGrad)?), None))
     }
 }
-
 
 /// The contiguous f32 data of a CPU tensor and its last dimension (the row width), for the
 /// fused CPU kernels.

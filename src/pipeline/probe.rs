@@ -87,7 +87,6 @@ pub fn probe(parts: &JobParts, step: u64, n: usize, batch: usize) -> Result<Opti
         return Ok(None);
     }
     let device = parts.gpt.device().clone();
-
     let hw = parts.gpt.config().image_tokens();
     let can_drop_refs = parts.gpt.config().img_uncond;
     // Sums and counts: itd, target, swapped, other, text, refs dropped.

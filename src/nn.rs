@@ -209,6 +209,11 @@ impl RmsNorm {
             let n = x.contiguous()?.apply_op1(FusedRmsNormalize { eps: self.eps })?;
             return Ok(n.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?);
         }
+        self.forward_composed(x)
+    }
+
+    /// The same from elementary ops (any device and dtype; candle derives the gradient).
+    pub(crate) fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -495,9 +500,7 @@ mod tests {
         let probe = Tensor::randn(0f32, 1.0, (2, 5, 6), &dev).unwrap();
         let norm = RmsNorm { weight: w.as_tensor().clone(), eps: 1e-5 };
         let fused = norm.forward(x.as_tensor()).unwrap();
-        let xs = x.as_tensor();
-        let composed = xs.broadcast_div(&(xs.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5).unwrap().sqrt().unwrap()).unwrap();
-        let composed = composed.broadcast_mul(w.as_tensor()).unwrap();
+        let composed = norm.forward_composed(x.as_tensor()).unwrap();
         assert!(max_diff(&fused, &composed) < 1e-5, "{}", max_diff(&fused, &composed));
         let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();
@@ -519,12 +522,7 @@ mod tests {
         let reference = candle_nn::rotary_emb::rope_i(x.as_tensor(), &cos, &sin).unwrap();
         assert!(max_diff(&fused, &reference) < 1e-6);
         // Composed: the same rotation from elementary ops, whose gradient candle derives.
-        let xs = x.as_tensor().reshape((2, 3, s, d / 2, 2)).unwrap();
-        let (x0, x1) = (xs.narrow(4, 0, 1).unwrap(), xs.narrow(4, 1, 1).unwrap());
-        let (c, sn) = (cos.reshape((s, d / 2, 1)).unwrap(), sin.reshape((s, d / 2, 1)).unwrap());
-        let o0 = (x0.broadcast_mul(&c).unwrap() - x1.broadcast_mul(&sn).unwrap()).unwrap();
-        let o1 = (x0.broadcast_mul(&sn).unwrap() + x1.broadcast_mul(&c).unwrap()).unwrap();
-        let composed = Tensor::cat(&[o0, o1], 4).unwrap().reshape((2, 3, s, d)).unwrap();
+        let composed = crate::model::rope::apply_composed(x.as_tensor(), &cos, &sin).unwrap();
         assert!(max_diff(&fused, &composed) < 1e-6);
         let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();

@@ -45,9 +45,14 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Re
     if !differentiable {
         return Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)?);
     }
-    if let Some(y) = crate::nn::rope_interleaved(x, cos, sin)? {
-        return Ok(y);
+    match crate::nn::rope_interleaved(x, cos, sin)? {
+        Some(y) => Ok(y),
+        None => apply_composed(x, cos, sin),
     }
+}
+
+/// The rotation from elementary ops (any device; candle derives the gradient).
+pub(crate) fn apply_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, h, s, d) = x.dims4()?;
     let xs = x.reshape((b, h, s, d / 2, 2))?;
     let x0 = xs.narrow(4, 0, 1)?;

@@ -135,10 +135,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             opts.label = dir.display().to_string();
             opts.trained = true;
             if !a.refs_images.is_empty() {
+                let (refs, background, mask) = super::generate::load_condition_images(&a.refs_images, a.background.as_ref(), a.mask.as_ref())?;
                 let req = GenerateRequest {
-                    refs: a.refs_images.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<_>>()?,
-                    background: a.background.as_ref().map(|p| tokenar::imageio::load_rgb(p, None)).transpose()?,
-                    mask: a.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?,
+                    refs,
+                    background,
+                    mask,
                     prompt: a.prompt.clone(),
                     options: SampleOptions::default(),
                     itd: None,

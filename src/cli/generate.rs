@@ -51,11 +51,21 @@ fn numbered(path: &std::path::Path, i: usize, n: usize) -> PathBuf {
     path.with_file_name(format!("{stem}_{i}.png"))
 }
 
+/// The condition images of a request: references, background and mask, read from their files.
+pub(crate) type ConditionImages = (Vec<image::RgbImage>, Option<image::RgbImage>, Option<image::GrayImage>);
+
+/// Read the reference, background and mask files (errors name the file).
+pub(crate) fn load_condition_images(refs: &[PathBuf], background: Option<&PathBuf>, mask: Option<&PathBuf>) -> tokenar::Result<ConditionImages> {
+    Ok((
+        refs.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<Vec<_>>>()?,
+        background.map(|p| tokenar::imageio::load_rgb(p, None)).transpose()?,
+        mask.map(|p| tokenar::imageio::load_mask(p, None)).transpose()?,
+    ))
+}
+
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     // Read every input before loading the model, so a bad file is reported at once.
-    let refs = a.refs.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<Vec<_>>>()?;
-    let background = a.background.as_ref().map(|p| tokenar::imageio::load_rgb(p, None)).transpose()?;
-    let mask = a.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?;
+    let (refs, background, mask) = load_condition_images(&a.refs, a.background.as_ref(), a.mask.as_ref())?;
     let mut req = GenerateRequest {
         refs,
         background,

@@ -142,9 +142,14 @@ fn prepare(bundle: &Bundle, req: &GenerateRequest) -> Result<(Vec<RgbImage>, Rgb
 /// The codes the model is conditioned on for `req`: each reference's and the masked
 /// background's, at the model's image size (the request is checked as `generate` checks it).
 pub fn condition_codes(bundle: &Bundle, req: &GenerateRequest) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
-    let (mut images, cond_bg, _, _) = prepare(bundle, req)?;
-    images.push(cond_bg);
-    let mut codes = encode_images(bundle, &images, bundle.image_size() as u32)?;
+    let (refs, cond_bg, _, _) = prepare(bundle, req)?;
+    encode_condition(bundle, refs, cond_bg)
+}
+
+/// Codes of the prepared references and masked background, in one tokenizer batch.
+fn encode_condition(bundle: &Bundle, mut refs: Vec<RgbImage>, cond_bg: RgbImage) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+    refs.push(cond_bg);
+    let mut codes = encode_images(bundle, &refs, bundle.image_size() as u32)?;
     let bg = codes.pop().unwrap_or_default();
     Ok((codes, bg))
 }
@@ -162,14 +167,11 @@ pub fn generate(
     let dev = bundle.gpt.device();
     let n = req.num_samples;
 
-    let mut images = refs.clone();
-    images.push(cond_bg);
-    let codes = encode_images(bundle, &images, size)?;
-    let (ref_codes, bg_codes) = codes.split_at(refs.len());
-    let hw = bg_codes[0].len();
+    let (ref_codes, bg_codes) = encode_condition(bundle, refs, cond_bg)?;
+    let hw = bg_codes.len();
     let nr = ref_codes.len();
     let ref_flat: Vec<u32> = (0..n).flat_map(|_| ref_codes.iter().flatten().copied()).collect();
-    let bg_flat: Vec<u32> = (0..n).flat_map(|_| bg_codes[0].iter().copied()).collect();
+    let bg_flat: Vec<u32> = (0..n).flat_map(|_| bg_codes.iter().copied()).collect();
     let refs_t = Tensor::from_vec(ref_flat, (n, nr, hw), dev)?;
     let bg_t = Tensor::from_vec(bg_flat, (n, hw), dev)?;
     let prompts = vec![req.prompt.clone(); n];

@@ -158,12 +158,7 @@ pub fn append(path: &std::path::Path, p: &Probe) -> Result<()> {
 
 /// Read a probe log; unreadable lines are an error naming the file and line.
 pub fn read(path: &std::path::Path) -> Result<Vec<Probe>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::bad_file(path, format!("line {}: {e}", i + 1))))
-        .collect()
+    crate::train::metrics::read_jsonl(path)
 }
 
 /// The probe written at each checkpoint: [`PROBE_SAMPLES`] samples in batches of [`PROBE_BATCH`].

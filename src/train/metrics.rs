@@ -51,19 +51,21 @@ impl MetricsLog {
 
     /// All records, sorted by step, the last one written winning for a repeated step.
     pub fn read(path: impl AsRef<Path>) -> Result<Vec<MetricsRecord>> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).with_path(path)?;
-        let mut by_step = std::collections::BTreeMap::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let rec: MetricsRecord = serde_json::from_str(line)
-                .map_err(|e| Error::bad_file(path, format!("line {}: {e}", i + 1)))?;
-            by_step.insert(rec.step, rec);
-        }
+        let by_step: std::collections::BTreeMap<u64, MetricsRecord> =
+            read_jsonl::<MetricsRecord>(path.as_ref())?.into_iter().map(|r| (r.step, r)).collect();
         Ok(by_step.into_values().collect())
     }
+}
+
+/// Every record of a JSON-lines file, in file order (blank lines skipped); a line that does
+/// not parse is an error naming the file and the line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).with_path(path)?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::bad_file(path, format!("line {}: {e}", i + 1))))
+        .collect()
 }
 
 #[derive(Clone, Debug)]

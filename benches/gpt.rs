@@ -7,6 +7,10 @@
 //! For a comparison with PyTorch on the same machine use `tokenar bench --torch`.
 
 use candle_core::Device;
+
+// The allocator the command line uses (see src/main.rs).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokenar::bench::{self, BenchOptions, Overrides};
 use tokenar::sample::ItdMode;
 

@@ -18,6 +18,7 @@ pub mod text;
 pub mod tokenizer;
 pub mod train;
 pub mod util;
+pub mod vmath;
 pub mod weights;
 
 pub use error::{Error, Result};

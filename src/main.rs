@@ -2,6 +2,12 @@
 
 mod cli;
 
+// mimalloc keeps freed blocks for reuse: candle allocates a fresh (often zero-filled) buffer
+// for every op, and glibc returned the large ones to the system and faulted them back in on
+// the next op (decode +25-35%, training step -7..-25% time; bench/README.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 

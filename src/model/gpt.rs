@@ -2,7 +2,7 @@
 //!
 //! Two execution paths share every weight: the training path (`forward_train`) uses
 //! elementary-op compositions so that every parameter receives a gradient, with seeded
-//! dropout; the inference path (`start` + [`Session`]) uses candle's fused RMSNorm, softmax and
+//! dropout; the inference path (`start` + [`Session`]) uses fused RMSNorm, softmax, SwiGLU and
 //! RoPE kernels and a KV cache. A test checks that both give the same logits.
 
 use super::condition::Condition;
@@ -186,7 +186,8 @@ impl Block {
             None => (k, v),
         };
         let scores = q.matmul(&k.t()?)?;
-        let probs = if ctx.differentiable {
+        let probs = if ctx.differentiable || scores.device().is_cpu() {
+            // On the CPU the fused masked softmax also serves inference (vectorised exp).
             crate::nn::masked_softmax_last_dim(&scores, att.mask)?
         } else {
             let scores = match att.mask {
@@ -205,10 +206,7 @@ impl Block {
         let hn = self.ffn_norm.forward(&hres, ctx.differentiable)?;
         let f = match packed {
             Some(p) => {
-                let g13 = matmul_last(&hn, &p.w13)?;
-                let fh = p.w2.dim(0)?;
-                let last = g13.rank() - 1;
-                let g = (candle_nn::ops::silu(&g13.narrow(last, 0, fh)?)? * g13.narrow(last, fh, fh)?)?;
+                let g = crate::nn::swiglu_halves(&matmul_last(&hn, &p.w13)?)?;
                 matmul_last(&g, &p.w2)?
             }
             None => {

@@ -308,6 +308,12 @@ impl Decoder<'_> {
         Ok(g.i((.., t))?.to_vec2::<f32>()?)
     }
 
+    /// Every position of guided logits `(samples, T, vocab)`: `[sample][t]` rows, read from the
+    /// tensor once (a pass verifying many draft tokens reads them all).
+    fn positions(&self, g: &Tensor) -> Result<Vec<Rows>> {
+        Ok(g.to_vec3::<f32>()?)
+    }
+
     /// Feed per-sample token columns `(samples, T)` (both guidance rows of a sample get the
     /// same tokens); returns the guided logits `(samples, T, vocab)` on the CPU.
     fn feed(&mut self, tokens: &[Vec<u32>]) -> Result<Tensor> {
@@ -394,6 +400,7 @@ impl Decoder<'_> {
                 }
                 // Decide position pos from the logits at hand, before feeding anything.
                 let rows = std::mem::take(&mut pending);
+                let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
                 let (col, rejected) = self.decide(&rows, draft, pos, out)?;
                 window = if rejected { window / 2 } else { (window * 2).clamp(1, l) };
                 head = Some(col);
@@ -420,9 +427,10 @@ impl Decoder<'_> {
             let t = seq[0].len();
             // Row j of the logits predicts position pos + j.
             let g = self.feed(&seq)?;
+            let mut per_sample = self.positions(&g)?;
             let mut rejected_at = None;
             for q in pos..end {
-                let rows = self.position(&g, q - pos)?;
+                let rows: Vec<&[f32]> = per_sample.iter().map(|p| p[q - pos].as_slice()).collect();
                 let (col, rejected) = self.decide(&rows, draft, q, out)?;
                 if rejected {
                     rejected_at = Some((q, col));
@@ -439,7 +447,7 @@ impl Decoder<'_> {
                 }
                 None if t > end - pos => {
                     // Everything fed was accepted: the last row predicts position `end`.
-                    pending = self.position(&g, t - 1)?;
+                    pending = per_sample.iter_mut().map(|p| std::mem::take(&mut p[t - 1])).collect();
                     if end > pos {
                         window = (window * 2).min(l);
                     }
@@ -456,7 +464,7 @@ impl Decoder<'_> {
     /// Decide position `q` of every sample from its logits `rows`: keep the draft token with
     /// probability p(token), else draw from the residual. Returns the decided tokens and
     /// whether any sample rejected.
-    fn decide(&mut self, rows: &Rows, draft: &[Vec<u32>], q: usize, out: &mut [Vec<u32>]) -> Result<(Vec<u32>, bool)> {
+    fn decide(&mut self, rows: &[&[f32]], draft: &[Vec<u32>], q: usize, out: &mut [Vec<u32>]) -> Result<(Vec<u32>, bool)> {
         let mut col = Vec::with_capacity(self.samples);
         let mut any_rejected = false;
         for (s, row) in rows.iter().enumerate() {

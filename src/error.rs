@@ -5,13 +5,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. The I/O error is part of the message and not also
+    /// reported as the error's source, so that a printed chain names it once.
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
     /// A file exists but its content is not what was expected (bad image, bad checkpoint, ...).
     #[error("{}: {msg}", path.display())]
     BadFile { path: PathBuf, msg: String },
@@ -49,7 +46,7 @@ impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            cause: source,
         }
     }
 
@@ -76,5 +73,18 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn with_path(self, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| Error::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_error_names_file_and_cause_once() {
+        let e = Error::io("missing.png", std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"));
+        // The command line prints the whole chain (`{:#}`): the cause must appear once.
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(shown, "missing.png: no such file");
     }
 }

@@ -69,19 +69,47 @@ pub fn atomic_write(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     atomic_write_with(path, |w| w.write_all(bytes).with_path(&p))
 }
 
-/// The compute device: CUDA device 0 when built with the `cuda` feature and `prefer_gpu` is set
-/// and a GPU is present, the CPU otherwise.
-pub fn device(prefer_gpu: bool) -> Result<candle_core::Device> {
-    if prefer_gpu && candle_core::utils::cuda_is_available() {
-        Ok(candle_core::Device::new_cuda(0)?)
-    } else {
-        Ok(candle_core::Device::Cpu)
+/// The device of a command: CUDA device 0 with `gpu` (`--gpu`), else the CPU. Asking for a GPU
+/// from a build without CUDA, or where no CUDA device answers, is an error that says so.
+pub fn device(gpu: bool) -> Result<candle_core::Device> {
+    if !gpu {
+        return Ok(candle_core::Device::Cpu);
     }
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::invalid(
+            "--gpu",
+            "this binary was built without CUDA support (build with `cargo build --release --features cuda`)",
+        ));
+    }
+    candle_core::Device::new_cuda(0).map_err(|e| {
+        // candle attaches a backtrace when RUST_BACKTRACE is set; the message is the cause.
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
+        Error::invalid("--gpu", format!("CUDA device 0 is not usable: {e}"))
+    })
+}
+
+/// CUDA device 0 when this build has CUDA and a device answers, else the CPU: for jobs that
+/// only run faster on a GPU (encoding a dataset, scoring a model).
+pub fn best_device() -> candle_core::Device {
+    device(true).unwrap_or(candle_core::Device::Cpu)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_request_on_a_cpu_build_is_an_error() {
+        assert!(device(false).unwrap().is_cpu());
+        if !candle_core::utils::cuda_is_available() {
+            let e = device(true).unwrap_err().to_string();
+            assert!(e.contains("--gpu") && e.contains("--features cuda"), "{e}");
+            assert!(best_device().is_cpu());
+        }
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {

@@ -147,7 +147,7 @@ fn encode(
     max_samples: Option<usize>,
 ) -> anyhow::Result<()> {
     use tokenar::text::TextEncoder;
-    let device = tokenar::util::device(true)?;
+    let device = tokenar::util::best_device();
     let (vq, _) = tokenar::tokenizer::load(tokenizer, preset, &device)?;
     let size = size.unwrap_or(vq.config().image_size as u32);
     let opts = data::OpenOptions { max_refs, ..Default::default() };

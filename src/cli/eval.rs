@@ -217,7 +217,7 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
     let Some(dataset) = a.dataset else { bail!("--model needs --dataset DIR") };
     let m = &a.model;
     let model = m.model.clone().unwrap_or_default();
-    let device = tokenar::util::device(true)?;
+    let device = tokenar::util::best_device();
     let bundle = if model.as_os_str() == "builtin" { Bundle::builtin(&device)? } else { Bundle::load(&model, &Default::default(), &device)? };
     let (specs, built) = build_metrics(a.weights, a.metrics.as_deref())?;
     let name = a.name.unwrap_or_else(|| model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));

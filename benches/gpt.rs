@@ -25,6 +25,7 @@ fn one(preset: &str, n_refs: usize, itd: Vec<ItdMode>) -> tokenar::Result<()> {
 }
 
 fn main() -> tokenar::Result<()> {
+    tokenar::util::tune_allocator();
     bench::pin_threads();
     // As the command line does: inside candle's thread pool.
     tokenar::util::in_pool(|| {

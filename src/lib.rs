@@ -22,3 +22,6 @@ pub mod vmath;
 pub mod weights;
 
 pub use error::{Error, Result};
+
+// Linked for `util::tune_allocator` (the binaries make mimalloc their global allocator).
+extern crate mimalloc;

@@ -39,6 +39,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tokenar::util::tune_allocator();
     let cli = Cli::parse();
     // Fix the worker-thread count once (candle otherwise re-reads it on every matmul).
     tokenar::bench::pin_threads();

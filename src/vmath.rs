@@ -110,6 +110,33 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `log(sum(e^x))` of a row, max-subtracted (`-inf` for an empty or all-`-inf` row is NaN,
+    /// as in the composed op).
+    pub fn log_sum_exp(row: &[f32]) -> f32 {
+        let m = max(row);
+        let mut acc = [0f32; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += exp(x - m);
+            }
+        }
+        let s = acc.iter().sum::<f32>() + tail.iter().map(|&x| exp(x - m)).sum::<f32>();
+        m + s.ln()
+    }
+}
+
+multiversion! {
+    /// `out[i] = e^(x[i] - shift) * scale` (softmax rows from a known log-sum-exp).
+    pub fn exp_shifted_scaled(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = exp(v - shift) * scale;
+        }
+    }
+}
+
 /// Lanes of the partial sums and maxima (a whole AVX2 register).
 const LANES: usize = 8;
 
@@ -198,6 +225,21 @@ mod tests {
         let mut dead = vec![f32::NEG_INFINITY; 3];
         softmax_in_place(&mut dead);
         assert!(dead.iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn log_sum_exp_and_shifted_exp() {
+        for n in [1usize, 7, 8, 9, 33] {
+            let row: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let want = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            let got = log_sum_exp(&row);
+            assert!((got as f64 - want).abs() < 1e-5, "n {n}: {got} vs {want}");
+            let mut p = vec![0f32; n];
+            exp_shifted_scaled(&row, got, 2.0, &mut p);
+            let total: f32 = p.iter().sum();
+            assert!((total - 2.0).abs() < 1e-5, "n {n}: {total}");
+        }
     }
 
     #[test]

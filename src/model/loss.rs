@@ -9,8 +9,9 @@
 //! composed op is used.
 
 use crate::error::{Error, Result};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use crate::nn::{par_rows, rows_of};
+use crate::vmath::{exp_shifted_scaled, log_sum_exp};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use std::sync::Mutex;
 
 /// Mean cross-entropy of `logits` (N, V) against `targets` (N,) u32 class ids: a scalar.
@@ -41,12 +42,6 @@ fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], us
     Ok((rows_of(s, l)?.0, n, v))
 }
 
-/// (max, log-sum-exp) of one row.
-fn lse(row: &[f32]) -> (f32, f32) {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
-    (m, m + s.ln())
-}
 
 impl CustomOp1 for FusedCe {
     fn name(&self) -> &'static str {
@@ -58,7 +53,7 @@ impl CustomOp1 for FusedCe {
         let mut z = vec![0f32; n];
         par_rows(data, v, &mut z, 1, |_, d, o| {
             for (row, zi) in d.chunks_exact(v).zip(o.iter_mut()) {
-                *zi = lse(row).1;
+                *zi = log_sum_exp(row);
             }
         });
         let total: f64 = z.iter().enumerate().map(|(r, &zr)| (zr - data[r * v + self.targets[r] as usize]) as f64).sum();
@@ -94,10 +89,8 @@ impl CustomOp1 for FusedCeGrad {
         par_rows(data, v, &mut out, v, |r0, d, o| {
             for (i, (row, o)) in d.chunks_exact(v).zip(o.chunks_exact_mut(v)).enumerate() {
                 let r = r0 + i;
-                let z = if have { self.lse[r] } else { lse(row).1 };
-                for (oi, &x) in o.iter_mut().zip(row) {
-                    *oi = (x - z).exp() * self.scale;
-                }
+                let z = if have { self.lse[r] } else { log_sum_exp(row) };
+                exp_shifted_scaled(row, z, self.scale, o);
                 o[self.targets[r] as usize] -= self.scale;
             }
         });

@@ -137,6 +137,22 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// Gradients of [`swiglu`] from the output gradient `dout`, with `s = sigmoid(gate)`:
+    /// `dgate = dout * up * s * (1 + gate * (1 - s))`, `dup = dout * gate * s`.
+    pub fn swiglu_grad(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+        let n = gate.len();
+        let (up, dout, dgate, dup) = (&up[..n], &dout[..n], &mut dgate[..n], &mut dup[..n]);
+        for i in 0..n {
+            let g = gate[i];
+            let s = 1.0 / (1.0 + exp(-g));
+            let gs = g * s;
+            dgate[i] = dout[i] * up[i] * (s + gs * (1.0 - s));
+            dup[i] = dout[i] * gs;
+        }
+    }
+}
+
 /// Lanes of the partial sums and maxima (a whole AVX2 register).
 const LANES: usize = 8;
 
@@ -239,6 +255,24 @@ mod tests {
             exp_shifted_scaled(&row, got, 2.0, &mut p);
             let total: f32 = p.iter().sum();
             assert!((total - 2.0).abs() < 1e-5, "n {n}: {total}");
+        }
+    }
+
+    #[test]
+    fn swiglu_grad_matches_finite_differences() {
+        let g = [-3.0f32, -0.5, 0.0, 0.7, 4.0, 1.5, -1.2, 2.2, 0.3];
+        let u = [2.0f32, 1.0, 5.0, -1.0, 0.5, 3.0, 2.0, -0.7, 1.1];
+        let d = [1.0f32, -2.0, 0.5, 1.5, 1.0, 0.25, -1.0, 2.0, 0.8];
+        let (mut dg, mut du) = ([0f32; 9], [0f32; 9]);
+        swiglu_grad(&g, &u, &d, &mut dg, &mut du);
+        let f = |g: f64, u: f64| g / (1.0 + (-g).exp()) * u;
+        let h = 1e-4;
+        for i in 0..9 {
+            let (gi, ui, di) = (g[i] as f64, u[i] as f64, d[i] as f64);
+            let want_g = di * (f(gi + h, ui) - f(gi - h, ui)) / (2.0 * h);
+            let want_u = di * (f(gi, ui + h) - f(gi, ui - h)) / (2.0 * h);
+            assert!((dg[i] as f64 - want_g).abs() < 1e-4, "{i}: dgate {} vs {want_g}", dg[i]);
+            assert!((du[i] as f64 - want_u).abs() < 1e-4, "{i}: dup {} vs {want_u}", du[i]);
         }
     }
 

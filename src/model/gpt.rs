@@ -210,7 +210,7 @@ impl Block {
                 matmul_last(&g, &p.w2)?
             }
             None => {
-                let g = (candle_nn::ops::silu(&linear(&hn, &self.w1)?)? * linear(&hn, &self.w3)?)?;
+                let g = crate::nn::swiglu(&linear(&hn, &self.w1)?, &linear(&hn, &self.w3)?)?;
                 let g = ctx.dropout(&g, drop.ffn)?;
                 ctx.dropout(&linear(&g, &self.w2)?, drop.resid)?
             }

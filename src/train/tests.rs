@@ -403,3 +403,21 @@ fn adamw_matches_pytorch() {
         assert!((g - w).abs() < 2e-6, "{g} vs {w}");
     }
 }
+
+#[test]
+fn jsonl_logs_read_back_bit_exact() {
+    // Logged figures are compared with recomputed ones (the probe), so a float must survive
+    // its JSON round trip exactly; this value came back one ulp off without serde_json's
+    // float_roundtrip parsing.
+    let dir = std::env::temp_dir().join(format!("tokenar-jsonl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("log.jsonl");
+    let values = [1.619_383_053_854_108_f64, 0.1 + 0.2, 2.047_372_695_524_245_5, 1e-300, 123_456.789_012_345_67];
+    let text: String = values.iter().map(|v| format!("{}\n", serde_json::json!({ "v": v }))).collect();
+    std::fs::write(&p, text).unwrap();
+    let back: Vec<serde_json::Value> = crate::train::metrics::read_jsonl(&p).unwrap();
+    for (v, b) in values.iter().zip(&back) {
+        assert_eq!(b["v"].as_f64().unwrap().to_bits(), v.to_bits(), "{v}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -41,7 +41,7 @@ pub enum TokenizerCmd {
         /// Folder of images (searched recursively; files named mask* are skipped).
         #[arg(long)]
         data: PathBuf,
-        /// Evaluate at most this many images (evenly spread over the folder).
+        /// Evaluate at most this many images (a seeded random subset of the folder).
         #[arg(long)]
         limit: Option<usize>,
         /// Write originals over reconstructions of the first 8 images to this PNG.

@@ -43,11 +43,29 @@ pub fn list_images(dir: &Path, exclude: &[String]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Load images resized to `size` x `size` (at most `limit` of them, evenly spread).
+/// Seed of [`subset`]: the same folder and limit always give the same images.
+const SUBSET_SEED: u64 = 0x5ab5e7;
+
+/// Which of `n` listed images to use with at most `limit`: all of them, or a seeded random
+/// subset in list order. Not every k-th file: a dataset folder lists each sample's images
+/// together (background, target, references), and a stride of 4 picked only backgrounds.
+pub fn subset(n: usize, limit: Option<usize>) -> Vec<usize> {
+    match limit {
+        Some(k) if k < n => {
+            let mut rng = crate::util::rng(SUBSET_SEED);
+            let mut idx = rand::seq::index::sample(&mut rng, n, k).into_vec();
+            idx.sort_unstable();
+            idx
+        }
+        _ => (0..n).collect(),
+    }
+}
+
+/// Load images resized to `size` x `size` (at most `limit` of them, see [`subset`]).
 pub fn load_images(paths: &[PathBuf], size: u32, limit: Option<usize>) -> Result<Vec<RgbImage>> {
-    let n = limit.map_or(paths.len(), |l| l.min(paths.len()));
-    (0..n)
-        .map(|i| imageio::load_rgb(&paths[i * paths.len() / n.max(1)], Some(size)))
+    subset(paths.len(), limit)
+        .into_iter()
+        .map(|i| imageio::load_rgb(&paths[i], Some(size)))
         .collect()
 }
 

@@ -377,6 +377,23 @@ fn image_listing_skips_masks_and_the_contact_sheet() {
 }
 
 #[test]
+fn image_subsets_mix_the_kinds_of_a_dataset_folder() {
+    // A listing of 100 samples x (background, real, ref/0, ref/1): a limit of 100 must not fall
+    // on one kind (a stride of 4 took only backgrounds).
+    let all = dataset::subset(400, None);
+    assert_eq!(all, (0..400).collect::<Vec<_>>());
+    assert_eq!(dataset::subset(400, Some(1000)).len(), 400);
+    let s = dataset::subset(400, Some(100));
+    assert_eq!(s.len(), 100);
+    assert!(s.windows(2).all(|w| w[0] < w[1]), "ascending and distinct");
+    assert_eq!(s, dataset::subset(400, Some(100)), "seeded");
+    for kind in 0..4 {
+        let k = s.iter().filter(|&&i| i % 4 == kind).count();
+        assert!((10..=40).contains(&k), "kind {kind}: {k} of 100");
+    }
+}
+
+#[test]
 fn fresh_tokenizers_depend_on_the_seed_only() {
     let cfg = VqConfig::preset("vq-tiny").unwrap();
     let weights = |seed| {

@@ -399,8 +399,8 @@ impl Decoder<'_> {
                     return Ok(pending);
                 }
                 // Decide position pos from the logits at hand, before feeding anything.
-                let rows = std::mem::take(&mut pending);
-                let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+                let at_hand = std::mem::take(&mut pending);
+                let rows: Vec<&[f32]> = at_hand.iter().map(Vec::as_slice).collect();
                 let (col, rejected) = self.decide(&rows, draft, pos, out)?;
                 window = if rejected { window / 2 } else { (window * 2).clamp(1, l) };
                 head = Some(col);

@@ -161,19 +161,7 @@ impl CustomOp2 for FusedSwiglu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, _) = rows_of(s1, l1)?;
-        let (u, _) = rows_of(s2, l2)?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("fused swiglu: shapes {:?} and {:?}", l1.shape(), l2.shape());
-        }
-        let mut out = vec![0f32; g.len()];
-        let per = chunk_len(g.len(), 4096);
-        rayon::scope(|sc| {
-            for ((g, u), o) in g.chunks(per).zip(u.chunks(per)).zip(out.chunks_mut(per)) {
-                sc.spawn(move |_| crate::vmath::swiglu(g, u, o));
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map_row_pairs("fused swiglu", s1, l1, s2, l2, crate::vmath::swiglu)
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
@@ -556,7 +544,7 @@ mod tests {
         let fused = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
         let composed = (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
         let close = |a: &Tensor, b: &Tensor| {
-            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = max_diff(a, b);
             assert!(d < 1e-5, "max difference {d}");
         };
         close(&fused, &composed);
@@ -577,7 +565,7 @@ mod tests {
         let fused = swiglu_halves(&x).unwrap();
         assert_eq!(fused.dims(), &[2, 3, 5]);
         let want = (candle_nn::ops::silu(&x.narrow(2, 0, 5).unwrap()).unwrap() * x.narrow(2, 5, 5).unwrap()).unwrap();
-        let d = (fused - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = max_diff(&fused, &want);
         assert!(d < 1e-5, "max difference {d}");
         let err = swiglu_halves(&Tensor::zeros((2, 3), DType::F32, &dev).unwrap()).unwrap_err().to_string();
         assert!(err.contains("odd"), "{err}");

@@ -78,15 +78,6 @@ macro_rules! multiversion {
 }
 
 multiversion! {
-    /// `x <- e^x` for every element.
-    pub fn exp_in_place(xs: &mut [f32]) {
-        for x in xs.iter_mut() {
-            *x = exp(*x);
-        }
-    }
-}
-
-multiversion! {
     /// Softmax of one row in place, max-subtracted. `-inf` entries get 0; a row of only
     /// `-inf` gives NaN (as the composed softmax).
     pub fn softmax_in_place(row: &mut [f32]) {
@@ -115,16 +106,7 @@ multiversion! {
     /// as in the composed op).
     pub fn log_sum_exp(row: &[f32]) -> f32 {
         let m = max(row);
-        let mut acc = [0f32; LANES];
-        let chunks = row.chunks_exact(LANES);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for (a, &x) in acc.iter_mut().zip(c) {
-                *a += exp(x - m);
-            }
-        }
-        let s = acc.iter().sum::<f32>() + tail.iter().map(|&x| exp(x - m)).sum::<f32>();
-        m + s.ln()
+        m + sum_of(row, |x| exp(x - m)).ln()
     }
 }
 
@@ -175,15 +157,21 @@ fn max(xs: &[f32]) -> f32 {
 /// by rounding only).
 #[inline(always)]
 fn sum(xs: &[f32]) -> f32 {
+    sum_of(xs, |x| x)
+}
+
+/// `sum(f(x))` over a slice, as [`sum`].
+#[inline(always)]
+fn sum_of(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = xs.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
+            *a += f(x);
         }
     }
-    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+    acc.iter().sum::<f32>() + tail.iter().map(|&x| f(x)).sum::<f32>()
 }
 
 #[cfg(test)]
@@ -199,8 +187,8 @@ mod tests {
         let mut worst = 0f32;
         let mut xs: Vec<f32> = (0..=200_000).map(|i| -87.0 + i as f32 * (175.0 / 200_000.0)).collect();
         xs.extend([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, std::f32::consts::LN_2]);
-        let mut ys = xs.clone();
-        exp_in_place(&mut ys);
+        let mut ys = vec![0f32; xs.len()];
+        exp_shifted_scaled(&xs, 0.0, 1.0, &mut ys);
         for (&x, &y) in xs.iter().zip(&ys) {
             worst = worst.max(rel(y, x.exp()));
         }
@@ -210,8 +198,9 @@ mod tests {
 
     #[test]
     fn exp_edges() {
-        let mut xs = vec![f32::NEG_INFINITY, -1000.0, -87.5, f32::NAN, 100.0, f32::INFINITY];
-        exp_in_place(&mut xs);
+        let x = [f32::NEG_INFINITY, -1000.0, -87.5, f32::NAN, 100.0, f32::INFINITY];
+        let mut xs = [0f32; 6];
+        exp_shifted_scaled(&x, 0.0, 1.0, &mut xs);
         assert_eq!(&xs[..3], &[0.0, 0.0, 0.0]);
         assert!(xs[3].is_nan());
         assert!(xs[4].is_finite() && xs[4] > 1e38, "{}", xs[4]);

@@ -42,7 +42,6 @@ fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], us
     Ok((rows_of(s, l)?.0, n, v))
 }
 
-
 impl CustomOp1 for FusedCe {
     fn name(&self) -> &'static str {
         "fused-cross-entropy"

@@ -204,6 +204,61 @@ fn train_resume_export_generate() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// The binding loss: logged with its accuracy, trained (its head is checkpointed and resumes
+/// exactly) but not exported; a cache without owner grids is refused by name.
+#[test]
+fn binding_loss_trains_resumes_and_stays_out_of_the_export() {
+    let root = tmp("binding");
+    let (_, tok, cache) = fixture(&root);
+    let with_binding = |out: &Path, steps: u64| {
+        let mut c = config(&tok, &cache, out, steps);
+        c.binding_loss = 1.0;
+        c.grid_samples = 0;
+        c
+    };
+    let run = root.join("run");
+    let full = TrainJob::new(with_binding(&run, 60), false, &Device::Cpu).unwrap().run(false).unwrap();
+    let recs = tokenar::train::MetricsLog::read(run.join("checkpoints").join("metrics.jsonl")).unwrap();
+    let acc: Vec<f64> = recs.iter().map(|r| r.extras["binding_acc"]).collect();
+    let loss: Vec<f64> = recs.iter().map(|r| r.extras["binding_loss"]).collect();
+    assert!(acc.iter().all(|a| (0.0..=1.0).contains(a)), "{acc:?}");
+    // It starts at chance (two references: ln 2) and falls.
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    assert!((mean(&loss[..5]) - 2f64.ln()).abs() < 0.02, "{loss:?}");
+    assert!(mean(&loss[50..]) < mean(&loss[..10]) - 0.02, "binding loss {loss:?} must fall");
+    // The step's loss is the token loss plus the binding loss (weight 1): the first step of a
+    // run without it (same seed, same batch) differs by exactly the logged binding loss.
+    let plain = TrainJob::new(config(&tok, &cache, &root.join("plain"), 1), false, &Device::Cpu).unwrap().run(false).unwrap();
+    assert!(((full.losses[0].1 - plain.losses[0].1) as f64 - loss[0]).abs() < 1e-5, "{:?} {:?} {}", full.losses[0], plain.losses[0], loss[0]);
+
+    let part = root.join("part");
+    TrainJob::new(with_binding(&part, 30), false, &Device::Cpu).unwrap().run(false).unwrap();
+    let rest = TrainJob::new(with_binding(&part, 60), true, &Device::Cpu).unwrap().run(false).unwrap();
+    assert_eq!(rest.losses, full.losses[30..].to_vec());
+
+    let exported = tokenar::weights::TensorFile::load(run.join("export").join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(exported.tensors.keys().all(|k| !k.contains("binding")), "{:?}", exported.tensors.keys());
+
+    // A cache without owner grids (as from a dataset without subject masks) is refused.
+    let bare = root.join("bare-cache");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in std::fs::read_dir(&cache).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, bare.join(f.file_name().unwrap())).unwrap();
+    }
+    let index = std::fs::read_to_string(bare.join("index.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&index).unwrap();
+    for s in v["samples"].as_array_mut().unwrap() {
+        s["owners"] = serde_json::Value::Null;
+    }
+    std::fs::write(bare.join("index.json"), v.to_string()).unwrap();
+    let mut c = with_binding(&root.join("run-bare"), 1);
+    c.cache = bare.clone();
+    let e = TrainJob::new(c, false, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("bare-cache") && e.contains("owner"), "{e}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 fn tokenar_cmd(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tokenar")).args(args).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

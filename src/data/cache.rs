@@ -3,9 +3,10 @@
 //! instead of decoding images. Writing is resumable: shards are written whole and atomically,
 //! and the index lists only finished shards, so a rerun skips the samples already stored.
 //!
-//! Shard `shard_<k>.safetensors` holds `codes` (images x h*w, u32), and with text `text`
-//! (samples x L x D, f32) and `text_mask` (samples x L, u8). The index maps each sample to
-//! its rows.
+//! Shard `shard_<k>.safetensors` holds `codes` (images x h*w, u32), with text `text`
+//! (samples x L x D, f32) and `text_mask` (samples x L, u8), and, for samples whose meta gives
+//! every subject's mask, `owners` (samples x h*w, u8: which subject each target code cell shows,
+//! see [`owner_grid`]). The index maps each sample to its rows.
 
 use super::format::Dataset;
 use crate::error::{Error, IoContext, Result};
@@ -33,6 +34,43 @@ pub struct CachedSample {
     pub prompt: String,
     /// Text features (L x D) and the mask of valid positions (L, 1 = token, 0 = padding).
     pub text: Option<(Tensor, Vec<u8>)>,
+    /// Which subject each target code cell shows (h*w, row-major; 0 = none, k + 1 = subject k),
+    /// when the sample's meta gives every subject's mask. See [`owner_grid`].
+    pub owners: Option<Vec<u8>>,
+}
+
+/// Which subject each code cell of a `grid` shows, from the subjects' own masks (all the same
+/// size, a multiple of the grid): subject k (stored as k + 1) when it covers the most pixels of
+/// the cell among the subjects (ties to the lower index) and at least a quarter of the cell,
+/// otherwise 0.
+pub fn owner_grid(masks: &[image::GrayImage], grid: (usize, usize)) -> Result<Vec<u8>> {
+    let (h, w) = grid;
+    let Some(first) = masks.first() else {
+        return Ok(vec![0; h * w]);
+    };
+    let (mw, mh) = first.dimensions();
+    if masks.len() > 254 || masks.iter().any(|m| m.dimensions() != (mw, mh)) || h == 0 || w == 0 || mh as usize % h != 0 || mw as usize % w != 0 {
+        return Err(Error::invalid(
+            "subject masks",
+            format!("{} masks of {mw}x{mh} px do not tile a {h}x{w} code grid (same size, a multiple of the grid)", masks.len()),
+        ));
+    }
+    let (ch, cw) = (mh as usize / h, mw as usize / w);
+    let mut out = vec![0u8; h * w];
+    for (cell, o) in out.iter_mut().enumerate() {
+        let (r, c) = (cell / w, cell % w);
+        let count = |m: &image::GrayImage| {
+            (0..ch)
+                .flat_map(|dy| (0..cw).map(move |dx| (dx, dy)))
+                .filter(|&(dx, dy)| m.get_pixel((c * cw + dx) as u32, (r * ch + dy) as u32)[0] > 127)
+                .count()
+        };
+        let (best, n) = masks.iter().map(count).enumerate().fold((0, 0), |acc, (k, n)| if n > acc.1 { (k, n) } else { acc });
+        if n > 0 && n * 4 >= ch * cw {
+            *o = best as u8 + 1;
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -44,6 +82,8 @@ struct Entry {
     target: Option<usize>,
     prompt: String,
     text: Option<usize>,
+    #[serde(default)]
+    owners: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -116,6 +156,9 @@ impl CacheWriter {
         if s.refs.iter().chain([&s.background]).any(|c| c.len() != n) || !(s.target.is_empty() || s.target.len() == n) {
             return Err(Error::invalid("codes", format!("sample {}: a code list is not {n} long", s.id)));
         }
+        if s.owners.as_ref().is_some_and(|o| o.len() != n) {
+            return Err(Error::invalid("owners", format!("sample {}: the owner grid is not {n} long", s.id)));
+        }
         self.pending.push(s);
         if self.pending.len() >= self.shard_samples {
             self.flush()?;
@@ -133,6 +176,7 @@ impl CacheWriter {
         let mut codes: Vec<u32> = Vec::new();
         let mut texts = Vec::new();
         let mut masks: Vec<u8> = Vec::new();
+        let mut owners: Vec<u8> = Vec::new();
         let mut rows = 0usize;
         let mut take = |c: &[u32], codes: &mut Vec<u32>| {
             codes.extend_from_slice(c);
@@ -152,10 +196,18 @@ impl CacheWriter {
                 }
                 None => None,
             };
-            entries.push(Entry { id: s.id, shard: k, refs, background, target, prompt: s.prompt, text });
+            let owner_row = s.owners.map(|o| {
+                owners.extend_from_slice(&o);
+                owners.len() / n.max(1) - 1
+            });
+            entries.push(Entry { id: s.id, shard: k, refs, background, target, prompt: s.prompt, text, owners: owner_row });
         }
         let mut tensors = HashMap::new();
         tensors.insert("codes".to_string(), Tensor::from_vec(codes, (rows, n), &Device::Cpu)?);
+        if !owners.is_empty() {
+            let r = owners.len() / n.max(1);
+            tensors.insert("owners".to_string(), Tensor::from_vec(owners, (r, n), &Device::Cpu)?);
+        }
         if !texts.is_empty() {
             let text = Tensor::cat(&texts, 0)?;
             let (b, l, _) = text.dims3()?;
@@ -263,6 +315,7 @@ impl CacheReader {
             grid,
             prompt: e.prompt.clone(),
             text,
+            owners: e.owners.map(|r| get("owners")?.get(r)?.to_vec1::<u8>().map_err(Error::from)).transpose()?,
         })
     }
 }
@@ -347,7 +400,11 @@ pub fn encode_dataset_sharded(
                     Some((t, m)) => Some((t.get(k)?, m.get(k)?.to_vec1::<u8>()?)),
                     None => None,
                 };
-                w.push(CachedSample { id: s.id.clone(), refs, background, target, grid: (h, gw), prompt: l.prompt.clone(), text })?;
+                let owners = match (&l.subject_masks, &l.target) {
+                    (Some(m), Some(_)) => Some(owner_grid(m, (h, gw))?),
+                    _ => None,
+                };
+                w.push(CachedSample { id: s.id.clone(), refs, background, target, grid: (h, gw), prompt: l.prompt.clone(), text, owners })?;
             }
         }
         finished += chunk.len();
@@ -401,6 +458,26 @@ mod tests {
         (l.refs.iter().map(enc).collect(), enc(&l.background), enc(l.target.as_ref().unwrap()))
     }
     use image::RgbImage;
+
+    #[test]
+    fn owner_grid_takes_the_largest_subject_covering_a_quarter() {
+        use image::{GrayImage, Luma};
+        // 8x8 px masks on a 2x2 grid of 4x4 px cells.
+        let mask = |f: &dyn Fn(u32, u32) -> bool| GrayImage::from_fn(8, 8, |x, y| Luma([if f(x, y) { 255 } else { 0 }]));
+        // Subject 0: the whole top-left cell, and 3 px of the top-right cell (under a quarter).
+        let a = mask(&|x, y| (x < 4 && y < 4) || (x >= 4 && y == 0 && x < 7));
+        // Subject 1: 6 px of the bottom-left cell, 8 px of the bottom-right cell.
+        let b = mask(&|x, y| (x < 4 && y >= 4 && (x + 4 * (y - 4)) < 6) || (x >= 4 && y >= 6));
+        // Subject 2: 4 px of the bottom-left cell (a quarter, but fewer than subject 1), and 8
+        // px of the bottom-right cell (a tie with subject 1: the lower index wins).
+        let c = mask(&|x, y| (x < 4 && y == 7) || (x >= 4 && y >= 6));
+        assert_eq!(owner_grid(&[a.clone(), b.clone(), c.clone()], (2, 2)).unwrap(), vec![1, 0, 2, 2]);
+        assert_eq!(owner_grid(&[c, a.clone()], (2, 2)).unwrap(), vec![2, 0, 1, 1]);
+        assert_eq!(owner_grid(&[], (2, 2)).unwrap(), vec![0; 4]);
+        // Masks that do not tile the grid, or differ in size, are refused.
+        assert!(owner_grid(std::slice::from_ref(&a), (3, 3)).is_err());
+        assert!(owner_grid(&[a, GrayImage::new(4, 4)], (2, 2)).is_err());
+    }
 
     #[test]
     fn cache_round_trips_and_resumes() {
@@ -458,6 +535,11 @@ mod tests {
             let (want_t, want_m) = words(std::slice::from_ref(&c.prompt)).unwrap();
             assert_eq!(t.to_vec2::<f32>().unwrap(), want_t.get(0).unwrap().to_vec2::<f32>().unwrap());
             assert_eq!(m, want_m.get(0).unwrap().to_vec1::<u8>().unwrap());
+            let masks = ds.samples[k].subject_masks(Some(32)).unwrap().unwrap();
+            let owners = c.owners.expect("synthetic samples give subject masks");
+            assert_eq!(owners, owner_grid(&masks, (4, 4)).unwrap(), "{}", c.id);
+            assert!(owners.iter().all(|&o| (o as usize) <= masks.len()));
+            assert!(owners.iter().any(|&o| o > 0), "{}: every subject is at least 40% visible", c.id);
         }
         assert!(cache.get(6).is_err());
         // Resuming at another image size is refused.

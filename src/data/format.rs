@@ -73,6 +73,8 @@ pub struct LoadedSample {
     pub background: RgbImage,
     pub target: Option<RgbImage>,
     pub mask: Option<GrayImage>,
+    /// Each subject's own mask, in reference order (see [`Sample::subject_masks`]).
+    pub subject_masks: Option<Vec<GrayImage>>,
     pub prompt: String,
 }
 
@@ -93,8 +95,27 @@ impl Sample {
             background: imageio::load_rgb(&self.background, Some(size))?,
             target: self.target.as_ref().map(|p| imageio::load_rgb(p, Some(size))).transpose()?,
             mask: self.mask.as_ref().map(|p| imageio::load_mask(p, Some(size))).transpose()?,
+            subject_masks: self.subject_masks(Some(size))?,
             prompt: self.prompt.clone(),
         })
+    }
+
+    /// Each subject's own visible mask (`meta.json` `subjects[i].mask`, relative to the sample
+    /// folder), in reference order, binarised and resized with nearest neighbour. `None` when
+    /// the sample has no folder or no meta, or when not every reference has a subject mask.
+    pub fn subject_masks(&self, size: Option<u32>) -> Result<Option<Vec<GrayImage>>> {
+        let (Some(dir), Some(meta)) = (&self.dir, &self.meta) else {
+            return Ok(None);
+        };
+        if meta.subjects.len() != self.refs.len() || meta.subjects.iter().any(|s| s.mask.is_none()) {
+            return Ok(None);
+        }
+        meta.subjects
+            .iter()
+            .filter_map(|s| s.mask.as_ref())
+            .map(|m| imageio::load_mask(dir.join(m), size))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 }
 

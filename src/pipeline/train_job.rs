@@ -62,6 +62,12 @@ pub struct TrainJobConfig {
     /// Samples drawn in the grid written at each checkpoint (0 = none).
     #[serde(default)]
     pub grid_samples: usize,
+    /// Weight of the binding loss (0 = off): a linear head on the GPT's final features at
+    /// each target position predicts which reference the token it is about to generate
+    /// shows, trained with cross-entropy on the code cells a subject covers (the cache's
+    /// owner grids). The head is used in training only and is not exported.
+    #[serde(default)]
+    pub binding_loss: f64,
     pub model: ModelSection,
     pub text: BuiltinConfig,
 }
@@ -109,6 +115,9 @@ impl TrainJobConfig {
         let p = self.drop_both + self.drop_image + self.drop_text;
         if !(0.0..=1.0).contains(&p) || self.drop_both < 0.0 || self.drop_image < 0.0 || self.drop_text < 0.0 {
             return bad("drop_*", format!("probabilities must be >= 0 and sum to at most 1 (sum {p})"));
+        }
+        if !(self.binding_loss >= 0.0 && self.binding_loss.is_finite()) {
+            return bad("binding_loss", format!("{} (must be >= 0)", self.binding_loss));
         }
         self.text.validate()
     }
@@ -169,12 +178,15 @@ pub struct JobParts {
     pub samples: Vec<CachedSample>,
     /// Sample indices grouped by their number of references (a batch shares one count).
     buckets: Vec<Vec<usize>>,
+    /// The binding head (weight (max_refs, dim), bias (max_refs)) when `binding_loss` > 0.
+    binding: Option<(Tensor, Tensor)>,
 }
 
 const GPT_GROUP: &str = "model";
 /// The reference probe's log in a run's `checkpoints/` (see [`super::probe`]).
 pub const PROBE_LOG: &str = "probe.jsonl";
 const TEXT_GROUP: &str = "text";
+const BINDING_GROUP: &str = "binding";
 
 fn load_cache(path: &Path) -> Result<Vec<CachedSample>> {
     let reader = CacheReader::open(path)?;
@@ -242,6 +254,34 @@ impl TrainJob {
             );
         }
 
+        let mut groups = vec![(GPT_GROUP.to_string(), gpt_vars), (TEXT_GROUP.to_string(), text_vars)];
+        let binding = if cfg.binding_loss > 0.0 {
+            if let Some(s) = samples.iter().find(|s| s.owners.is_none()) {
+                return Err(Error::bad_file(
+                    &cfg.cache,
+                    format!(
+                        "binding_loss needs every sample's owner grid, and {} has none: encode a dataset whose meta.json lists each subject's mask",
+                        s.id
+                    ),
+                ));
+            }
+            let vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
+            let w = vb.get_with_hints((gcfg.max_refs, gcfg.dim), "weight", candle_nn::Init::Const(0.0))?;
+            let b = vb.get_with_hints(gcfg.max_refs, "bias", candle_nn::Init::Const(0.0))?;
+            model::load::init_vars(&vars, cfg.seed ^ 0xb1d, |name, dims, rng| {
+                let n: usize = dims.iter().product();
+                if name == "bias" {
+                    vec![0.0; n]
+                } else {
+                    (0..n).map(|_| model::load::normal(rng) * 0.02).collect()
+                }
+            })?;
+            groups.push((BINDING_GROUP.to_string(), vars));
+            Some((w, b))
+        } else {
+            None
+        };
         let frozen: Vec<String> = model::BUFFERS.iter().map(|b| format!("{GPT_GROUP}/{b}")).collect();
         let params = AdamWParams {
             lr: cfg.lr,
@@ -251,7 +291,7 @@ impl TrainJob {
             ..AdamWParams::default()
         };
         let mut state = TrainState::new_with_frozen(
-            vec![(GPT_GROUP.to_string(), gpt_vars), (TEXT_GROUP.to_string(), text_vars)],
+            groups,
             params,
             cfg.seed,
             &frozen,
@@ -263,7 +303,7 @@ impl TrainJob {
                 None => eprintln!("--resume: no checkpoint in {}, starting fresh", ckpt.dir().display()),
             }
         }
-        Ok(Self { parts: JobParts { cfg, gpt, text, vq, vq_vars, samples, buckets }, state })
+        Ok(Self { parts: JobParts { cfg, gpt, text, vq, vq_vars, samples, buckets, binding }, state })
     }
 
     /// Run to `cfg.steps`.
@@ -341,10 +381,25 @@ impl JobParts {
         }
         cond.drop_text = drop_text;
         cond.drop_image = drop_image;
-        let (logits, targets) = self.gpt.forward_train(&cond, &target, true, rng)?;
-        let (b, n, v) = logits.dims3()?;
-        let loss = model::loss::cross_entropy(&logits.reshape((b * n, v))?, &targets.reshape(b * n)?)?;
-        Ok(StepOutput { loss, tokens: b * n })
+        let out = self.gpt.forward_train_full(&cond, &target, true, rng)?;
+        let (b, n, v) = out.logits.dims3()?;
+        let loss = model::loss::cross_entropy(&out.logits.reshape((b * n, v))?, &out.targets.reshape(b * n)?)?;
+        let mut extras = Vec::new();
+        let loss = match &self.binding {
+            Some((w, bias)) => {
+                let owners: Vec<&[u8]> = idx.iter().map(|&i| self.samples[i].owners.as_deref().unwrap_or(&[])).collect();
+                match binding_loss(&out.target_features, w, bias, &owners, &cond.drop_image)? {
+                    Some((bl, acc)) => {
+                        extras.push(("binding_loss", bl.to_scalar::<f32>()? as f64));
+                        extras.push(("binding_acc", acc));
+                        (loss + (bl * self.cfg.binding_loss)?)?
+                    }
+                    None => loss,
+                }
+            }
+            None => loss,
+        };
+        Ok(StepOutput { loss, tokens: b * n, extras })
     }
 
     fn run(&self, state: &mut TrainState, progress: bool) -> Result<train::LoopSummary> {
@@ -425,6 +480,46 @@ impl JobParts {
 
 }
 
+/// The binding loss: mean cross-entropy of the binding head's prediction (which reference)
+/// at every target cell a subject covers (`owners[b][cell]` = k + 1 for subject k), samples
+/// whose images were dropped left out; also its accuracy. `None` when no cell counts.
+/// `features`: (B, h*w, dim), the GPT's normalised features where it predicts each target
+/// token.
+pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, owners: &[&[u8]], dropped: &[bool]) -> Result<Option<(Tensor, f64)>> {
+    let (b, hw, d) = features.dims3()?;
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    for (i, o) in owners.iter().enumerate().take(b) {
+        if dropped.get(i).copied().unwrap_or(false) {
+            continue;
+        }
+        if o.len() != hw {
+            return Err(Error::invalid("owner grid", format!("sample {i} has {} cells, the target {hw}", o.len())));
+        }
+        for (cell, &k) in o.iter().enumerate() {
+            if k > 0 {
+                rows.push((i * hw + cell) as u32);
+                labels.push(k as u32 - 1);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let n = rows.len();
+    let dev = features.device();
+    let x = features.reshape((b * hw, d))?.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
+    let logits = x.matmul(&w.t()?)?.broadcast_add(bias)?;
+    let classes = w.dim(0)?;
+    if let Some(bad) = labels.iter().find(|&&k| k as usize >= classes) {
+        return Err(Error::invalid("owner grid", format!("subject {bad} but the binding head has {classes} references")));
+    }
+    let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+    let acc = pred.iter().zip(&labels).filter(|(p, l)| p == l).count() as f64 / n as f64;
+    let loss = model::loss::cross_entropy(&logits, &Tensor::from_vec(labels, n, dev)?)?;
+    Ok(Some((loss, acc)))
+}
+
 /// Seeded initialisation of the built-in text encoder (so a run depends on its seed only):
 /// LayerNorm weights 1, biases 0, every matrix N(0, 0.02).
 fn init_text_encoder(vars: &VarMap, seed: u64) -> Result<()> {
@@ -488,6 +583,37 @@ mod tests {
             }
         }
         assert_ne!(build(2)["text_encoder.pos_embeddings"].to_vec2::<f32>().unwrap(), a["text_encoder.pos_embeddings"].to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn binding_loss_counts_subject_cells_of_kept_samples() {
+        let dev = Device::Cpu;
+        // Two samples of 3 cells, dim 2; the head reads feature 0 as reference 0, feature 1
+        // as reference 1.
+        let f = Tensor::new(&[[[2f32, 0.], [0., 1.], [5., 5.]], [[0., 3.], [1., 0.], [1., 0.]]], &dev).unwrap();
+        let w = Tensor::new(&[[1f32, 0.], [0., 1.]], &dev).unwrap();
+        let bias = Tensor::new(&[0f32, 0.], &dev).unwrap();
+        let ce = |l: [f32; 2], k: usize| {
+            let m = l[0].max(l[1]);
+            (m + ((l[0] - m).exp() + (l[1] - m).exp()).ln() - l[k]) as f64
+        };
+        // Sample 0: cells owned by subject 0, subject 0 (wrongly predicted), none.
+        let owners: [&[u8]; 2] = [&[1, 1, 0], &[2, 0, 2]];
+        let (loss, acc) = binding_loss(&f, &w, &bias, &owners, &[false, false]).unwrap().unwrap();
+        let want = (ce([2., 0.], 0) + ce([0., 1.], 0) + ce([0., 3.], 1) + ce([1., 0.], 1)) / 4.0;
+        assert!((loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-6);
+        // Right: cells 0 of both samples; wrong: sample 0 cell 1 and sample 1 cell 2.
+        assert_eq!(acc, 0.5);
+        // A sample whose images were dropped does not count.
+        let (loss, acc) = binding_loss(&f, &w, &bias, &owners, &[false, true]).unwrap().unwrap();
+        assert!((loss.to_scalar::<f32>().unwrap() as f64 - (ce([2., 0.], 0) + ce([0., 1.], 0)) / 2.0).abs() < 1e-6);
+        assert_eq!(acc, 0.5);
+        assert!(binding_loss(&f, &w, &bias, &[&[0, 0, 0], &[0, 0, 0]], &[false, false]).unwrap().is_none());
+        // Bad owner grids are reported.
+        let e = binding_loss(&f, &w, &bias, &[&[1, 1], &[0, 0, 0]], &[false, false]).unwrap_err();
+        assert!(e.to_string().contains("2 cells"), "{e}");
+        let e = binding_loss(&f, &w, &bias, &[&[3, 0, 0], &[0, 0, 0]], &[false, false]).unwrap_err();
+        assert!(e.to_string().contains("subject 2"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub struct MetricsRecord {
     pub elapsed_s: f64,
     /// Wall-clock time, seconds since the Unix epoch.
     pub unix_time: f64,
+    /// Further figures of the step function (e.g. an auxiliary loss), window means.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extras: std::collections::BTreeMap<String, f64>,
 }
 
 /// Append-only JSONL metrics file. Resumed runs keep appending; readers keep the last record

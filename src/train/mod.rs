@@ -17,7 +17,7 @@
 //! run_loop(&lc, &mut state, |step, rng| {
 //!     let batch = loader.sample(rng)?;            // every random draw from `rng`
 //!     let loss = model.loss(&batch)?;
-//!     Ok(StepOutput { loss, tokens: batch.tokens })
+//!     Ok(StepOutput::new(loss, batch.tokens))
 //! }, &mut my_hooks)?;                             // Hooks::on_checkpoint writes sample grids
 //! ```
 

@@ -82,6 +82,15 @@ pub struct StepOutput {
     pub loss: Tensor,
     /// Tokens processed (for tokens/s).
     pub tokens: usize,
+    /// Further figures to log (e.g. an auxiliary loss), averaged like the loss over the
+    /// micro-steps of a log window.
+    pub extras: Vec<(&'static str, f64)>,
+}
+
+impl StepOutput {
+    pub fn new(loss: Tensor, tokens: usize) -> Self {
+        Self { loss, tokens, extras: Vec::new() }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -191,6 +200,8 @@ where
         None => None,
     };
     let (mut win_loss, mut win_steps, mut win_tokens, mut win_start) = (0f64, 0u64, 0usize, Instant::now());
+    // (sum, count) of every extra figure over the log window.
+    let mut win_extras: BTreeMap<String, (f64, usize)> = BTreeMap::new();
     let last_good = |p: &Option<PathBuf>| match p {
         Some(p) => format!("last good checkpoint: {}", p.display()),
         None => "no checkpoint was written".to_string(),
@@ -216,6 +227,11 @@ where
             }
             loss_sum += value as f64;
             win_tokens += out.tokens;
+            for (k, v) in &out.extras {
+                let e = win_extras.entry(k.to_string()).or_insert((0.0, 0));
+                e.0 += v;
+                e.1 += 1;
+            }
             let scaled = if cfg.accum > 1 { (loss / cfg.accum as f64)? } else { loss };
             let grads = scaled.backward()?;
             for (_, v) in &vars {
@@ -262,6 +278,7 @@ where
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs_f64())
                     .unwrap_or(0.0),
+                extras: std::mem::take(&mut win_extras).into_iter().map(|(k, (s, n))| (k, s / n.max(1) as f64)).collect(),
             };
             bar.set_message(format!("loss {:.4} lr {lr:.2e} {:.0} tok/s", rec.loss, rec.tokens_per_s));
             if let Some(log) = log.as_mut() {

@@ -57,7 +57,7 @@ impl Mlp {
         let h = x.matmul(&self.w1)?.broadcast_add(&self.b1)?.tanh()?;
         let pred = h.matmul(&self.w2)?.broadcast_add(&self.b2)?;
         let loss = (pred - y)?.sqr()?.mean_all()?;
-        Ok(StepOutput { loss, tokens: batch })
+        Ok(StepOutput::new(loss, batch))
     }
 
     fn state(&self, lr: f64) -> TrainState {
@@ -199,7 +199,7 @@ fn nan_loss_stops_and_keeps_last_good_checkpoint() {
         |step, rng| {
             let out = m.step(rng)?;
             if step == 7 {
-                return Ok(StepOutput { loss: (out.loss * f64::NAN)?, tokens: out.tokens });
+                return Ok(StepOutput::new((out.loss * f64::NAN)?, out.tokens));
             }
             Ok(out)
         },

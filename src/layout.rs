@@ -98,6 +98,7 @@ pub struct Layout {
     segments: Vec<Segment>,
     index_ids: Vec<Option<usize>>,
     cells: Vec<RopeCell>,
+    image_cells: Vec<Option<(usize, usize)>>,
     prefix_len: usize,
     total_len: usize,
     ref_slots: usize,
@@ -157,6 +158,7 @@ impl Layout {
 
         let mut index_ids = vec![None; total_len];
         let mut cells = vec![RopeCell::Zero; total_len];
+        let mut image_cells = vec![None; total_len];
         let n_cond = ref_slots + spec.background as usize;
         let generated_len = total_len - prefix_len;
         for seg in &segments {
@@ -172,6 +174,9 @@ impl Layout {
             for j in 0..seg.len {
                 let p = seg.start + j;
                 index_ids[p] = id;
+                if !matches!(seg.kind, SegmentKind::Text | SegmentKind::Instruct) {
+                    image_cells[p] = Some((j / w, j % w));
+                }
                 cells[p] = match spec.scheme {
                     Scheme::Tiles => tile_cell(seg.kind, j, spec),
                     Scheme::Reference { .. } => reference_cell(seg, j, spec, n_cond, generated_len, prefix_len),
@@ -183,6 +188,7 @@ impl Layout {
             segments,
             index_ids,
             cells,
+            image_cells,
             prefix_len,
             total_len,
             ref_slots,
@@ -220,6 +226,11 @@ impl Layout {
     /// RoPE cell of every position.
     pub fn rope_cells(&self) -> &[RopeCell] {
         &self.cells
+    }
+    /// For every image position, its (row, col) inside its own image; `None` for text and
+    /// instruct positions. (What the cell embedding adds; independent of the RoPE scheme.)
+    pub fn image_cells(&self) -> &[Option<(usize, usize)>] {
+        &self.image_cells
     }
     /// Length of the training input (the full sequence minus its last token).
     pub fn input_len(&self) -> usize {

@@ -57,6 +57,10 @@ pub struct GptConfig {
     pub index_embedding: bool,
     /// Identity-token disentanglement on/off.
     pub itd: bool,
+    /// Cell embedding (a learned vector per grid row and column on every image token; see
+    /// [`super::cell_embedding`]). Not in the reference models.
+    #[serde(default)]
+    pub cell_embedding: bool,
     pub scheme: Scheme,
     /// Token grid of one image (rows, cols).
     pub grid: (usize, usize),
@@ -137,8 +141,9 @@ impl GptConfig {
         let cap = self.caption_dim * d + d * d;
         let index = if self.index_embedding { (self.max_refs + 1) * d } else { 0 };
         let instruct = self.n_instruct * d;
+        let cells = if self.cell_embedding { (self.grid.0 + self.grid.1) * d } else { 0 };
         let align = self.align_dim.map_or(0, |a| a * d * 4 + a);
-        self.backbone_params() + cap + index + instruct + align
+        self.backbone_params() + cap + index + instruct + cells + align
     }
 
     /// LlamaGen's GPT proper: token embedding, blocks, final norm, output head (the published
@@ -169,6 +174,7 @@ impl GptConfig {
             n_instruct: 0,
             index_embedding: false,
             itd: false,
+            cell_embedding: false,
             scheme: Scheme::Reference { pad_to: None, quirk_index: false },
             grid: (32, 32),
             img_uncond: false,

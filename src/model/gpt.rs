@@ -7,6 +7,7 @@
 
 use super::condition::Condition;
 use super::config::GptConfig;
+use super::cell_embedding::CellEmbedding;
 use super::index_embedding::IndexEmbedding;
 use super::instruct_tokens::InstructTokens;
 use super::kv_cache::{LayerCache, Session};
@@ -230,6 +231,7 @@ pub struct TokenAr {
     norm: Norm,
     output: Tensor,
     index_embedding: Option<IndexEmbedding>,
+    cell_embedding: Option<CellEmbedding>,
     instruct: Option<InstructTokens>,
     img_uncond: Option<Tensor>,
     alignment: Option<(Tensor, Tensor)>,
@@ -275,6 +277,11 @@ impl TokenAr {
             output: vb.pp("output").get_with_hints((cfg.vocab_size, d), "weight", Init::Const(0.0))?,
             index_embedding: if cfg.index_embedding {
                 Some(IndexEmbedding::new(cfg.max_refs + 1, d, vb.pp("ref_index_embeddings"))?)
+            } else {
+                None
+            },
+            cell_embedding: if cfg.cell_embedding {
+                Some(CellEmbedding::new(cfg.grid, d, vb.pp("cell_embeddings"))?)
             } else {
                 None
             },
@@ -388,7 +395,27 @@ impl TokenAr {
         }
         let x = Tensor::cat(&parts, 1)?;
         debug_assert_eq!(x.dim(1).ok(), Some(layout.prefix_len()));
-        Ok(x)
+        self.add_cells(x, layout, 0)
+    }
+
+    /// Add the cell embedding (when the model has one) to `x` (B, T, dim) holding positions
+    /// `start .. start + T` of `layout`.
+    fn add_cells(&self, x: Tensor, layout: &Layout, start: usize) -> Result<Tensor> {
+        match &self.cell_embedding {
+            Some(ce) => {
+                let t = x.dim(1)?;
+                let cells = layout.image_cells().get(start..start + t).ok_or_else(|| {
+                    Error::invalid("positions", format!("{start}..{} beyond the layout's {}", start + t, layout.total_len()))
+                })?;
+                ce.add(&x, cells)
+            }
+            None => Ok(x),
+        }
+    }
+
+    /// Embeddings of generated tokens (B, T) fed at positions `start .. start + T` of `layout`.
+    pub(crate) fn embed_generated(&self, tokens: &Tensor, layout: &Layout, start: usize) -> Result<Tensor> {
+        self.add_cells(self.embed_tokens(tokens)?, layout, start)
     }
 
     /// The generated token sequence (B, generated_len): ITD copies of the reference slots,
@@ -494,7 +521,7 @@ impl TokenAr {
         let gen = self.generated_tokens(cond, target, &layout)?;
         let prefix = self.embed_prefix(cond, &layout)?;
         let g = layout.generated_len();
-        let x = Tensor::cat(&[prefix, self.embed_tokens(&gen.narrow(1, 0, g - 1)?)?], 1)?;
+        let x = Tensor::cat(&[prefix, self.embed_generated(&gen.narrow(1, 0, g - 1)?, &layout, layout.prefix_len())?], 1)?;
         let s = layout.input_len();
         let mut ctx = Ctx { differentiable: true, rng: if train { Some(rng) } else { None } };
         let x = ctx.dropout(&x, self.cfg.dropouts.token)?;

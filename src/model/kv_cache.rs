@@ -125,7 +125,7 @@ impl TokenModel for Session<'_> {
             ));
         }
         let start = self.layout.prefix_len() + self.fed;
-        let x = self.model.embed_tokens(tokens)?;
+        let x = self.model.embed_generated(tokens, &self.layout, start)?;
         let h = self.step(x, start)?;
         self.fed += t;
         self.head(&h)

@@ -15,7 +15,7 @@ pub const CONFIG_KEY: &str = "tokenar.gpt_config";
 
 /// Parameters that TokenAR adds to LlamaGen: absent from a LlamaGen (or EditAR) checkpoint,
 /// they are freshly initialised and reported in [`LoadReport::fresh`].
-pub const ADDITIONS: [&str; 4] = ["ref_index_embeddings.", "instruct_token_embeddings.", "alignment.", "img_uncond_embedding"];
+pub const ADDITIONS: [&str; 5] = ["ref_index_embeddings.", "instruct_token_embeddings.", "alignment.", "img_uncond_embedding", "cell_embeddings."];
 
 /// Non-parameter entries some reference checkpoints carry; ignored.
 const IGNORED: [&str; 2] = ["freqs_cis", "causal_mask"];

@@ -1,7 +1,9 @@
 //! The TokenAR transformer: the LlamaGen GPT (`gpt`, `rope`, `kv_cache`) with TokenAR's
 //! additions, each in one named place: [`index_embedding`], [`instruct_tokens`], and ITD in the
-//! [`layout`](crate::layout). Checkpoint IO in [`load`](mod@load).
+//! [`layout`](crate::layout); and this project's optional [`cell_embedding`]. Checkpoint IO in
+//! [`load`](mod@load).
 
+pub mod cell_embedding;
 pub mod condition;
 pub mod config;
 pub mod gpt;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::layout::Scheme;
+use crate::layout::{Scheme, SegmentKind};
 use crate::sample::TokenModel;
 use crate::weights::{torch_zip, TensorFile};
 use candle_core::{DType, Device, Tensor, Var};
@@ -23,6 +23,7 @@ fn tiny(scheme: Scheme) -> GptConfig {
         n_instruct: 3,
         index_embedding: true,
         itd: true,
+        cell_embedding: true,
         scheme,
         grid: (2, 4),
         img_uncond: true,
@@ -157,6 +158,39 @@ fn dropout_is_seeded_and_only_in_training() {
 }
 
 #[test]
+fn cell_embedding_marks_each_image_cell_and_nothing_else() {
+    let cfg = tiny(Scheme::Tiles);
+    let (m, vm) = model(&cfg, 2);
+    let layout = m.layout_for(&condition(&cfg, 1, 2, 1).0).unwrap();
+    let (h, w) = cfg.grid;
+    let cells = layout.image_cells();
+    for seg in layout.segments() {
+        for j in 0..seg.len {
+            let want = (!matches!(seg.kind, SegmentKind::Text | SegmentKind::Instruct)).then_some((j / w, j % w));
+            assert_eq!(cells[seg.start + j], want, "{:?} {j}", seg.kind);
+        }
+    }
+    // Same token everywhere: what is added is row r's plus column c's vector, zero elsewhere.
+    let table = vm.data().lock().unwrap()["cell_embeddings.weight"].as_tensor().clone();
+    assert_eq!(table.dims(), &[h + w, cfg.dim]);
+    let start = layout.prefix_len();
+    let tokens = Tensor::zeros((1, layout.generated_len()), DType::U32, &Device::Cpu).unwrap();
+    let plain = m.embed_tokens(&tokens).unwrap();
+    let added = (m.embed_generated(&tokens, &layout, start).unwrap() - &plain).unwrap().squeeze(0).unwrap();
+    for j in 0..layout.generated_len() {
+        let (r, c) = cells[start + j].unwrap();
+        let want = (table.get(r).unwrap() + table.get(h + c).unwrap()).unwrap();
+        assert!(max_diff(&added.get(j).unwrap(), &want) < 1e-7, "position {j}");
+    }
+    let e = m.embed_generated(&tokens, &layout, start + 1).err().unwrap().to_string();
+    assert!(e.contains("beyond"), "{e}");
+    let mut no_cells = cfg.clone();
+    no_cells.cell_embedding = false;
+    let (m2, _) = model(&no_cells, 2);
+    assert_eq!(max_diff(&m2.embed_generated(&tokens, &layout, start).unwrap(), &m2.embed_tokens(&tokens).unwrap()), 0.0);
+}
+
+#[test]
 fn index_embedding_distinguishes_reference_order() {
     let base = tiny(Scheme::Tiles);
     let (m, _) = model(&base, 9);
@@ -248,7 +282,7 @@ fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
     fresh.sort();
     assert_eq!(
         fresh,
-        vec!["alignment.bias", "alignment.weight", "img_uncond_embedding", "instruct_token_embeddings.weight", "ref_index_embeddings.weight"]
+        vec!["alignment.bias", "alignment.weight", "cell_embeddings.weight", "img_uncond_embedding", "instruct_token_embeddings.weight", "ref_index_embeddings.weight"]
     );
     assert_eq!(report.loaded.len(), tensors.len());
     // The shared weights were loaded.
@@ -301,6 +335,7 @@ fn llamagen_t2i(base: GptConfig) -> GptConfig {
         n_instruct: 0,
         index_embedding: false,
         itd: false,
+        cell_embedding: false,
         img_uncond: false,
         align_dim: None,
         ..base

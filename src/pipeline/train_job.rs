@@ -87,6 +87,9 @@ pub struct ModelSection {
     pub n_instruct: Option<usize>,
     pub index_embedding: Option<bool>,
     pub itd: Option<bool>,
+    /// This project's cell embedding (see `model::cell_embedding`).
+    #[serde(default)]
+    pub cell_embedding: Option<bool>,
     pub max_refs: Option<usize>,
     /// One dropout rate for token, residual and FFN dropout.
     pub dropout: Option<f32>,
@@ -147,6 +150,9 @@ impl TrainJobConfig {
         }
         if let Some(v) = m.itd {
             c.itd = v;
+        }
+        if let Some(v) = m.cell_embedding {
+            c.cell_embedding = v;
         }
         if let Some(v) = m.max_refs {
             c.max_refs = v;

@@ -68,6 +68,11 @@ pub struct TrainJobConfig {
     /// owner grids). The head is used in training only and is not exported.
     #[serde(default)]
     pub binding_loss: f64,
+    /// Cells of each subject the binding loss counts: 0 = all of them; k = only its first k
+    /// in raster order (where generation decides which subject a region is; later cells can
+    /// read the answer off the cells above them).
+    #[serde(default)]
+    pub binding_first: usize,
     pub model: ModelSection,
     pub text: BuiltinConfig,
 }
@@ -394,11 +399,12 @@ impl JobParts {
         let loss = match &self.binding {
             Some((w, bias)) => {
                 let owners: Vec<&[u8]> = idx.iter().map(|&i| self.samples[i].owners.as_deref().unwrap_or(&[])).collect();
-                match binding_loss(&out.target_features, w, bias, &owners, &cond.drop_image)? {
-                    Some((bl, acc)) => {
-                        extras.push(("binding_loss", bl.to_scalar::<f32>()? as f64));
-                        extras.push(("binding_acc", acc));
-                        (loss + (bl * self.cfg.binding_loss)?)?
+                match binding_loss(&out.target_features, w, bias, &owners, &cond.drop_image, self.cfg.binding_first)? {
+                    Some(bl) => {
+                        extras.push(("binding_loss", bl.loss.to_scalar::<f32>()? as f64));
+                        extras.push(("binding_acc", bl.acc));
+                        extras.push(("binding_first_acc", bl.first_acc));
+                        (loss + (bl.loss * self.cfg.binding_loss)?)?
                     }
                     None => loss,
                 }
@@ -486,15 +492,26 @@ impl JobParts {
 
 }
 
+/// What [`binding_loss`] returns.
+pub struct Binding {
+    /// Mean cross-entropy over the counted cells (a scalar).
+    pub loss: Tensor,
+    /// Accuracy over the counted cells.
+    pub acc: f64,
+    /// Accuracy over each subject's first cell in raster order (the decision).
+    pub first_acc: f64,
+}
+
 /// The binding loss: mean cross-entropy of the binding head's prediction (which reference)
-/// at every target cell a subject covers (`owners[b][cell]` = k + 1 for subject k), samples
-/// whose images were dropped left out; also its accuracy. `None` when no cell counts.
-/// `features`: (B, h*w, dim), the GPT's normalised features where it predicts each target
-/// token.
-pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, owners: &[&[u8]], dropped: &[bool]) -> Result<Option<(Tensor, f64)>> {
+/// at the target cells a subject covers (`owners[b][cell]` = k + 1 for subject k): all of
+/// them (`first` = 0) or each subject's first `first` cells in raster order; samples whose
+/// images were dropped are left out. `None` when no cell counts. `features`: (B, h*w, dim),
+/// the GPT's normalised features where it predicts each target token.
+pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, owners: &[&[u8]], dropped: &[bool], first: usize) -> Result<Option<Binding>> {
     let (b, hw, d) = features.dims3()?;
     let mut rows = Vec::new();
     let mut labels = Vec::new();
+    let mut is_first = Vec::new();
     for (i, o) in owners.iter().enumerate().take(b) {
         if dropped.get(i).copied().unwrap_or(false) {
             continue;
@@ -502,10 +519,15 @@ pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, owners: &[&[u8
         if o.len() != hw {
             return Err(Error::invalid("owner grid", format!("sample {i} has {} cells, the target {hw}", o.len())));
         }
+        let mut seen = [0usize; 256];
         for (cell, &k) in o.iter().enumerate() {
             if k > 0 {
-                rows.push((i * hw + cell) as u32);
-                labels.push(k as u32 - 1);
+                seen[k as usize] += 1;
+                if first == 0 || seen[k as usize] <= first {
+                    rows.push((i * hw + cell) as u32);
+                    labels.push(k as u32 - 1);
+                    is_first.push(seen[k as usize] == 1);
+                }
             }
         }
     }
@@ -521,9 +543,12 @@ pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, owners: &[&[u8
         return Err(Error::invalid("owner grid", format!("subject {bad} but the binding head has {classes} references")));
     }
     let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-    let acc = pred.iter().zip(&labels).filter(|(p, l)| p == l).count() as f64 / n as f64;
+    let right: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
+    let acc = right.iter().filter(|r| **r).count() as f64 / n as f64;
+    let firsts = is_first.iter().filter(|f| **f).count();
+    let first_acc = right.iter().zip(&is_first).filter(|(r, f)| **r && **f).count() as f64 / firsts.max(1) as f64;
     let loss = model::loss::cross_entropy(&logits, &Tensor::from_vec(labels, n, dev)?)?;
-    Ok(Some((loss, acc)))
+    Ok(Some(Binding { loss, acc, first_acc }))
 }
 
 /// Seeded initialisation of the built-in text encoder (so a run depends on its seed only):
@@ -605,20 +630,26 @@ mod tests {
         };
         // Sample 0: cells owned by subject 0, subject 0 (wrongly predicted), none.
         let owners: [&[u8]; 2] = [&[1, 1, 0], &[2, 0, 2]];
-        let (loss, acc) = binding_loss(&f, &w, &bias, &owners, &[false, false]).unwrap().unwrap();
+        let value = |b: &Binding| b.loss.to_scalar::<f32>().unwrap() as f64;
+        let bl = binding_loss(&f, &w, &bias, &owners, &[false, false], 0).unwrap().unwrap();
         let want = (ce([2., 0.], 0) + ce([0., 1.], 0) + ce([0., 3.], 1) + ce([1., 0.], 1)) / 4.0;
-        assert!((loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-6);
-        // Right: cells 0 of both samples; wrong: sample 0 cell 1 and sample 1 cell 2.
-        assert_eq!(acc, 0.5);
+        assert!((value(&bl) - want).abs() < 1e-6);
+        // Right: cells 0 of both samples (each its subject's first); wrong: sample 0 cell 1
+        // and sample 1 cell 2.
+        assert_eq!((bl.acc, bl.first_acc), (0.5, 1.0));
+        // Only each subject's first cell.
+        let bl = binding_loss(&f, &w, &bias, &owners, &[false, false], 1).unwrap().unwrap();
+        assert!((value(&bl) - (ce([2., 0.], 0) + ce([0., 3.], 1)) / 2.0).abs() < 1e-6);
+        assert_eq!((bl.acc, bl.first_acc), (1.0, 1.0));
         // A sample whose images were dropped does not count.
-        let (loss, acc) = binding_loss(&f, &w, &bias, &owners, &[false, true]).unwrap().unwrap();
-        assert!((loss.to_scalar::<f32>().unwrap() as f64 - (ce([2., 0.], 0) + ce([0., 1.], 0)) / 2.0).abs() < 1e-6);
-        assert_eq!(acc, 0.5);
-        assert!(binding_loss(&f, &w, &bias, &[&[0, 0, 0], &[0, 0, 0]], &[false, false]).unwrap().is_none());
+        let bl = binding_loss(&f, &w, &bias, &owners, &[false, true], 0).unwrap().unwrap();
+        assert!((value(&bl) - (ce([2., 0.], 0) + ce([0., 1.], 0)) / 2.0).abs() < 1e-6);
+        assert_eq!(bl.acc, 0.5);
+        assert!(binding_loss(&f, &w, &bias, &[&[0, 0, 0], &[0, 0, 0]], &[false, false], 0).unwrap().is_none());
         // Bad owner grids are reported.
-        let e = binding_loss(&f, &w, &bias, &[&[1, 1], &[0, 0, 0]], &[false, false]).unwrap_err();
+        let e = binding_loss(&f, &w, &bias, &[&[1, 1], &[0, 0, 0]], &[false, false], 0).err().unwrap();
         assert!(e.to_string().contains("2 cells"), "{e}");
-        let e = binding_loss(&f, &w, &bias, &[&[3, 0, 0], &[0, 0, 0]], &[false, false]).unwrap_err();
+        let e = binding_loss(&f, &w, &bias, &[&[3, 0, 0], &[0, 0, 0]], &[false, false], 0).err().unwrap();
         assert!(e.to_string().contains("subject 2"), "{e}");
     }
 

@@ -404,6 +404,7 @@ impl JobParts {
                         extras.push(("binding_loss", bl.loss.to_scalar::<f32>()? as f64));
                         extras.push(("binding_acc", bl.acc));
                         extras.push(("binding_first_acc", bl.first_acc));
+                        extras.push(("binding_decision_acc", bl.decision_acc));
                         (loss + (bl.loss * self.cfg.binding_loss)?)?
                     }
                     None => loss,
@@ -498,8 +499,11 @@ pub struct Binding {
     pub loss: Tensor,
     /// Accuracy over the counted cells.
     pub acc: f64,
-    /// Accuracy over each subject's first cell in raster order (the decision).
+    /// Accuracy over each subject's first cell in raster order.
     pub first_acc: f64,
+    /// Accuracy over each sample's first subject cell: the one decision generation makes
+    /// unaided (a later subject can be told by elimination from the cells already drawn).
+    pub decision_acc: f64,
 }
 
 /// The binding loss: mean cross-entropy of the binding head's prediction (which reference)
@@ -512,6 +516,7 @@ pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, owners: &[&[u8
     let mut rows = Vec::new();
     let mut labels = Vec::new();
     let mut is_first = Vec::new();
+    let mut is_decision = Vec::new();
     for (i, o) in owners.iter().enumerate().take(b) {
         if dropped.get(i).copied().unwrap_or(false) {
             continue;
@@ -527,6 +532,7 @@ pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, owners: &[&[u8
                     rows.push((i * hw + cell) as u32);
                     labels.push(k as u32 - 1);
                     is_first.push(seen[k as usize] == 1);
+                    is_decision.push(seen.iter().sum::<usize>() == 1);
                 }
             }
         }
@@ -547,8 +553,10 @@ pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, owners: &[&[u8
     let acc = right.iter().filter(|r| **r).count() as f64 / n as f64;
     let firsts = is_first.iter().filter(|f| **f).count();
     let first_acc = right.iter().zip(&is_first).filter(|(r, f)| **r && **f).count() as f64 / firsts.max(1) as f64;
+    let decisions = is_decision.iter().filter(|f| **f).count();
+    let decision_acc = right.iter().zip(&is_decision).filter(|(r, f)| **r && **f).count() as f64 / decisions.max(1) as f64;
     let loss = model::loss::cross_entropy(&logits, &Tensor::from_vec(labels, n, dev)?)?;
-    Ok(Some(Binding { loss, acc, first_acc }))
+    Ok(Some(Binding { loss, acc, first_acc, decision_acc }))
 }
 
 /// Seeded initialisation of the built-in text encoder (so a run depends on its seed only):
@@ -636,7 +644,7 @@ mod tests {
         assert!((value(&bl) - want).abs() < 1e-6);
         // Right: cells 0 of both samples (each its subject's first); wrong: sample 0 cell 1
         // and sample 1 cell 2.
-        assert_eq!((bl.acc, bl.first_acc), (0.5, 1.0));
+        assert_eq!((bl.acc, bl.first_acc, bl.decision_acc), (0.5, 1.0, 1.0));
         // Only each subject's first cell.
         let bl = binding_loss(&f, &w, &bias, &owners, &[false, false], 1).unwrap().unwrap();
         assert!((value(&bl) - (ce([2., 0.], 0) + ce([0., 3.], 1)) / 2.0).abs() < 1e-6);
@@ -645,6 +653,12 @@ mod tests {
         let bl = binding_loss(&f, &w, &bias, &owners, &[false, true], 0).unwrap().unwrap();
         assert!((value(&bl) - (ce([2., 0.], 0) + ce([0., 1.], 0)) / 2.0).abs() < 1e-6);
         assert_eq!(bl.acc, 0.5);
+        // The decision is each sample's first subject cell: sample 1's (cell 0, right) and,
+        // with its first cell swapped to subject 0 (then predicted wrongly), none right.
+        let bl = binding_loss(&f, &w, &bias, &[&[0, 0, 0], &[1, 0, 2]], &[false, false], 0).unwrap().unwrap();
+        assert_eq!((bl.acc, bl.first_acc, bl.decision_acc), (0.0, 0.0, 0.0));
+        let bl = binding_loss(&f, &w, &bias, &[&[0, 0, 0], &[2, 0, 1]], &[false, false], 0).unwrap().unwrap();
+        assert_eq!((bl.acc, bl.first_acc, bl.decision_acc), (1.0, 1.0, 1.0));
         assert!(binding_loss(&f, &w, &bias, &[&[0, 0, 0], &[0, 0, 0]], &[false, false], 0).unwrap().is_none());
         // Bad owner grids are reported.
         let e = binding_loss(&f, &w, &bias, &[&[1, 1], &[0, 0, 0]], &[false, false], 0).err().unwrap();

@@ -73,6 +73,11 @@ pub struct TrainJobConfig {
     /// read the answer off the cells above them).
     #[serde(default)]
     pub binding_first: usize,
+    /// Weight of an extra token cross-entropy on the target cells the binding loss counts
+    /// (0 = off; needs `binding_loss` > 0): the token head is pushed to draw the subject the
+    /// binding head names where generation decides it.
+    #[serde(default)]
+    pub binding_token_loss: f64,
     pub model: ModelSection,
     pub text: BuiltinConfig,
 }
@@ -126,6 +131,9 @@ impl TrainJobConfig {
         }
         if !(self.binding_loss >= 0.0 && self.binding_loss.is_finite()) {
             return bad("binding_loss", format!("{} (must be >= 0)", self.binding_loss));
+        }
+        if !(self.binding_token_loss >= 0.0 && self.binding_token_loss.is_finite()) || (self.binding_token_loss > 0.0 && self.binding_loss == 0.0) {
+            return bad("binding_token_loss", format!("{} (must be >= 0, and needs binding_loss > 0)", self.binding_token_loss));
         }
         self.text.validate()
     }
@@ -399,13 +407,28 @@ impl JobParts {
         let loss = match &self.binding {
             Some((w, bias)) => {
                 let owners: Vec<&[u8]> = idx.iter().map(|&i| self.samples[i].owners.as_deref().unwrap_or(&[])).collect();
-                match binding_loss(&out.target_features, w, bias, &owners, &cond.drop_image, self.cfg.binding_first)? {
+                let cells = BindingCells::select(&owners, &cond.drop_image, out.target_features.dim(1)?, self.cfg.binding_first)?;
+                match binding_loss(&out.target_features, w, bias, &cells)? {
                     Some(bl) => {
                         extras.push(("binding_loss", bl.loss.to_scalar::<f32>()? as f64));
                         extras.push(("binding_acc", bl.acc));
                         extras.push(("binding_first_acc", bl.first_acc));
                         extras.push(("binding_decision_acc", bl.decision_acc));
-                        (loss + (bl.loss * self.cfg.binding_loss)?)?
+                        let mut loss = (loss + (bl.loss * self.cfg.binding_loss)?)?;
+                        if self.cfg.binding_token_loss > 0.0 {
+                            // Logit rows of those cells: the target is the last h*w positions.
+                            let hw = out.target_features.dim(1)?;
+                            let rows: Vec<u32> = cells.rows.iter().map(|&r| ((r as usize / hw) * n + n - hw + r as usize % hw) as u32).collect();
+                            let k = rows.len();
+                            let rows = Tensor::from_vec(rows, k, &device)?;
+                            let tl = model::loss::cross_entropy(
+                                &out.logits.reshape((b * n, v))?.index_select(&rows, 0)?,
+                                &out.targets.reshape(b * n)?.index_select(&rows, 0)?,
+                            )?;
+                            extras.push(("binding_token_loss", tl.to_scalar::<f32>()? as f64));
+                            loss = (loss + (tl * self.cfg.binding_token_loss)?)?;
+                        }
+                        loss
                     }
                     None => loss,
                 }
@@ -493,6 +516,49 @@ impl JobParts {
 
 }
 
+/// The target cells the binding loss counts, gathered over a batch.
+pub struct BindingCells {
+    /// Row `b * h*w + cell` of each counted cell in the batch's (B * h*w) target positions.
+    pub rows: Vec<u32>,
+    /// Its subject (reference index).
+    pub labels: Vec<u32>,
+    /// Whether it is its subject's first cell in raster order.
+    pub first: Vec<bool>,
+    /// Whether it is its sample's first subject cell: the one decision generation makes
+    /// unaided (a later subject can be told by elimination from the cells already drawn).
+    pub decision: Vec<bool>,
+}
+
+impl BindingCells {
+    /// The cells a subject covers (`owners[b][cell]` = k + 1 for subject k): all of them
+    /// (`first` = 0) or each subject's first `first` cells in raster order; samples whose
+    /// images were dropped are left out.
+    pub fn select(owners: &[&[u8]], dropped: &[bool], hw: usize, first: usize) -> Result<Self> {
+        let mut c = Self { rows: Vec::new(), labels: Vec::new(), first: Vec::new(), decision: Vec::new() };
+        for (i, o) in owners.iter().enumerate() {
+            if dropped.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            if o.len() != hw {
+                return Err(Error::invalid("owner grid", format!("sample {i} has {} cells, the target {hw}", o.len())));
+            }
+            let mut seen = [0usize; 256];
+            for (cell, &k) in o.iter().enumerate() {
+                if k > 0 {
+                    seen[k as usize] += 1;
+                    if first == 0 || seen[k as usize] <= first {
+                        c.rows.push((i * hw + cell) as u32);
+                        c.labels.push(k as u32 - 1);
+                        c.first.push(seen[k as usize] == 1);
+                        c.decision.push(seen.iter().sum::<usize>() == 1);
+                    }
+                }
+            }
+        }
+        Ok(c)
+    }
+}
+
 /// What [`binding_loss`] returns.
 pub struct Binding {
     /// Mean cross-entropy over the counted cells (a scalar).
@@ -501,61 +567,38 @@ pub struct Binding {
     pub acc: f64,
     /// Accuracy over each subject's first cell in raster order.
     pub first_acc: f64,
-    /// Accuracy over each sample's first subject cell: the one decision generation makes
-    /// unaided (a later subject can be told by elimination from the cells already drawn).
+    /// Accuracy over each sample's first subject cell (see [`BindingCells::decision`]).
     pub decision_acc: f64,
 }
 
 /// The binding loss: mean cross-entropy of the binding head's prediction (which reference)
-/// at the target cells a subject covers (`owners[b][cell]` = k + 1 for subject k): all of
-/// them (`first` = 0) or each subject's first `first` cells in raster order; samples whose
-/// images were dropped are left out. `None` when no cell counts. `features`: (B, h*w, dim),
-/// the GPT's normalised features where it predicts each target token.
-pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, owners: &[&[u8]], dropped: &[bool], first: usize) -> Result<Option<Binding>> {
+/// at the `cells`; `None` when there are none. `features`: (B, h*w, dim), the GPT's
+/// normalised features where it predicts each target token.
+pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, cells: &BindingCells) -> Result<Option<Binding>> {
     let (b, hw, d) = features.dims3()?;
-    let mut rows = Vec::new();
-    let mut labels = Vec::new();
-    let mut is_first = Vec::new();
-    let mut is_decision = Vec::new();
-    for (i, o) in owners.iter().enumerate().take(b) {
-        if dropped.get(i).copied().unwrap_or(false) {
-            continue;
-        }
-        if o.len() != hw {
-            return Err(Error::invalid("owner grid", format!("sample {i} has {} cells, the target {hw}", o.len())));
-        }
-        let mut seen = [0usize; 256];
-        for (cell, &k) in o.iter().enumerate() {
-            if k > 0 {
-                seen[k as usize] += 1;
-                if first == 0 || seen[k as usize] <= first {
-                    rows.push((i * hw + cell) as u32);
-                    labels.push(k as u32 - 1);
-                    is_first.push(seen[k as usize] == 1);
-                    is_decision.push(seen.iter().sum::<usize>() == 1);
-                }
-            }
-        }
-    }
-    if rows.is_empty() {
+    let n = cells.rows.len();
+    if n == 0 {
         return Ok(None);
     }
-    let n = rows.len();
-    let dev = features.device();
-    let x = features.reshape((b * hw, d))?.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-    let logits = x.matmul(&w.t()?)?.broadcast_add(bias)?;
+    if let Some(r) = cells.rows.iter().find(|&&r| r as usize >= b * hw) {
+        return Err(Error::invalid("binding cells", format!("row {r} outside the {b} x {hw} target positions")));
+    }
     let classes = w.dim(0)?;
-    if let Some(bad) = labels.iter().find(|&&k| k as usize >= classes) {
+    if let Some(bad) = cells.labels.iter().find(|&&k| k as usize >= classes) {
         return Err(Error::invalid("owner grid", format!("subject {bad} but the binding head has {classes} references")));
     }
+    let dev = features.device();
+    let x = features.reshape((b * hw, d))?.index_select(&Tensor::from_vec(cells.rows.clone(), n, dev)?, 0)?;
+    let logits = x.matmul(&w.t()?)?.broadcast_add(bias)?;
     let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-    let right: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
-    let acc = right.iter().filter(|r| **r).count() as f64 / n as f64;
-    let firsts = is_first.iter().filter(|f| **f).count();
-    let first_acc = right.iter().zip(&is_first).filter(|(r, f)| **r && **f).count() as f64 / firsts.max(1) as f64;
-    let decisions = is_decision.iter().filter(|f| **f).count();
-    let decision_acc = right.iter().zip(&is_decision).filter(|(r, f)| **r && **f).count() as f64 / decisions.max(1) as f64;
-    let loss = model::loss::cross_entropy(&logits, &Tensor::from_vec(labels, n, dev)?)?;
+    let right: Vec<bool> = pred.iter().zip(&cells.labels).map(|(p, l)| p == l).collect();
+    let acc_over = |sel: &[bool]| {
+        let k = sel.iter().filter(|f| **f).count();
+        right.iter().zip(sel).filter(|(r, f)| **r && **f).count() as f64 / k.max(1) as f64
+    };
+    let acc = acc_over(&vec![true; n]);
+    let (first_acc, decision_acc) = (acc_over(&cells.first), acc_over(&cells.decision));
+    let loss = model::loss::cross_entropy(&logits, &Tensor::from_vec(cells.labels.clone(), n, dev)?)?;
     Ok(Some(Binding { loss, acc, first_acc, decision_acc }))
 }
 
@@ -639,31 +682,31 @@ mod tests {
         // Sample 0: cells owned by subject 0, subject 0 (wrongly predicted), none.
         let owners: [&[u8]; 2] = [&[1, 1, 0], &[2, 0, 2]];
         let value = |b: &Binding| b.loss.to_scalar::<f32>().unwrap() as f64;
-        let bl = binding_loss(&f, &w, &bias, &owners, &[false, false], 0).unwrap().unwrap();
+        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&owners, &[false, false], 3, 0).unwrap()).unwrap().unwrap();
         let want = (ce([2., 0.], 0) + ce([0., 1.], 0) + ce([0., 3.], 1) + ce([1., 0.], 1)) / 4.0;
         assert!((value(&bl) - want).abs() < 1e-6);
         // Right: cells 0 of both samples (each its subject's first); wrong: sample 0 cell 1
         // and sample 1 cell 2.
         assert_eq!((bl.acc, bl.first_acc, bl.decision_acc), (0.5, 1.0, 1.0));
         // Only each subject's first cell.
-        let bl = binding_loss(&f, &w, &bias, &owners, &[false, false], 1).unwrap().unwrap();
+        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&owners, &[false, false], 3, 1).unwrap()).unwrap().unwrap();
         assert!((value(&bl) - (ce([2., 0.], 0) + ce([0., 3.], 1)) / 2.0).abs() < 1e-6);
         assert_eq!((bl.acc, bl.first_acc), (1.0, 1.0));
         // A sample whose images were dropped does not count.
-        let bl = binding_loss(&f, &w, &bias, &owners, &[false, true], 0).unwrap().unwrap();
+        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&owners, &[false, true], 3, 0).unwrap()).unwrap().unwrap();
         assert!((value(&bl) - (ce([2., 0.], 0) + ce([0., 1.], 0)) / 2.0).abs() < 1e-6);
         assert_eq!(bl.acc, 0.5);
         // The decision is each sample's first subject cell: sample 1's (cell 0, right) and,
         // with its first cell swapped to subject 0 (then predicted wrongly), none right.
-        let bl = binding_loss(&f, &w, &bias, &[&[0, 0, 0], &[1, 0, 2]], &[false, false], 0).unwrap().unwrap();
+        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&[&[0, 0, 0], &[1, 0, 2]], &[false, false], 3, 0).unwrap()).unwrap().unwrap();
         assert_eq!((bl.acc, bl.first_acc, bl.decision_acc), (0.0, 0.0, 0.0));
-        let bl = binding_loss(&f, &w, &bias, &[&[0, 0, 0], &[2, 0, 1]], &[false, false], 0).unwrap().unwrap();
+        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&[&[0, 0, 0], &[2, 0, 1]], &[false, false], 3, 0).unwrap()).unwrap().unwrap();
         assert_eq!((bl.acc, bl.first_acc, bl.decision_acc), (1.0, 1.0, 1.0));
-        assert!(binding_loss(&f, &w, &bias, &[&[0, 0, 0], &[0, 0, 0]], &[false, false], 0).unwrap().is_none());
+        assert!(binding_loss(&f, &w, &bias, &BindingCells::select(&[&[0, 0, 0], &[0, 0, 0]], &[false, false], 3, 0).unwrap()).unwrap().is_none());
         // Bad owner grids are reported.
-        let e = binding_loss(&f, &w, &bias, &[&[1, 1], &[0, 0, 0]], &[false, false], 0).err().unwrap();
+        let e = BindingCells::select(&[&[1, 1], &[0, 0, 0]], &[false, false], 3, 0).err().unwrap();
         assert!(e.to_string().contains("2 cells"), "{e}");
-        let e = binding_loss(&f, &w, &bias, &[&[3, 0, 0], &[0, 0, 0]], &[false, false], 0).err().unwrap();
+        let e = binding_loss(&f, &w, &bias, &BindingCells::select(&[&[3, 0, 0], &[0, 0, 0]], &[false, false], 3, 0).unwrap()).err().unwrap();
         assert!(e.to_string().contains("subject 2"), "{e}");
     }
 

@@ -231,6 +231,21 @@ fn binding_loss_trains_resumes_and_stays_out_of_the_export() {
     let plain = TrainJob::new(config(&tok, &cache, &root.join("plain"), 1), false, &Device::Cpu).unwrap().run(false).unwrap();
     assert!(((full.losses[0].1 - plain.losses[0].1) as f64 - loss[0]).abs() < 1e-5, "{:?} {:?} {}", full.losses[0], plain.losses[0], loss[0]);
 
+    // The token loss on each subject's first cells: logged, and part of the step's loss.
+    let mut tc = with_binding(&root.join("tok"), 1);
+    (tc.binding_first, tc.binding_token_loss) = (2, 0.5);
+    let tok_run = TrainJob::new(tc, false, &Device::Cpu).unwrap().run(false).unwrap();
+    let rec = &tokenar::train::MetricsLog::read(root.join("tok").join("checkpoints").join("metrics.jsonl")).unwrap()[0];
+    let tl = rec.extras["binding_token_loss"];
+    assert!(tl > 1.0 && rec.extras["binding_decision_acc"] <= 1.0, "{rec:?}");
+    // Same batch as the plain run's first step: the difference is both binding terms.
+    let plain_first = |out: &Path| TrainJob::new(config(&tok, &cache, out, 1), false, &Device::Cpu).unwrap().run(false).unwrap().losses[0].1;
+    let want = plain_first(&root.join("plain-tok")) as f64 + rec.extras["binding_loss"] + 0.5 * tl;
+    assert!((tok_run.losses[0].1 as f64 - want).abs() < 1e-4, "{} vs {want}", tok_run.losses[0].1);
+    let mut bad = with_binding(&root.join("bad"), 1);
+    (bad.binding_loss, bad.binding_token_loss) = (0.0, 1.0);
+    assert!(bad.validate().unwrap_err().to_string().contains("binding_token_loss"));
+
     let part = root.join("part");
     TrainJob::new(with_binding(&part, 30), false, &Device::Cpu).unwrap().run(false).unwrap();
     let rest = TrainJob::new(with_binding(&part, 60), true, &Device::Cpu).unwrap().run(false).unwrap();

@@ -105,6 +105,10 @@ fn train_resume_export_generate() {
         assert!(v.is_finite() && v > 0.0, "{last:?}");
     }
     assert_ne!(last.refs_other, last.target, "the references must reach the model");
+    // The fixture's cache has owner grids: the first-subject-cell figures are there.
+    for v in [last.decision, last.decision_swapped] {
+        assert!(v.is_some_and(|v| v.is_finite() && v > 0.0), "{last:?}");
+    }
     assert_eq!(probe::checkpoint_probe(&job.parts, 150).unwrap().unwrap(), last);
     probe::append(&log, &probe::Probe { step: 100, ..last.clone() }).unwrap();
     let steps: Vec<u64> = probe::read(&log).unwrap().iter().map(|p| p.step).collect();

@@ -12,6 +12,12 @@
 //! - `text_dropped`: the unconditional caption. The gap is how much it reads the prompt.
 //! - `refs_dropped`: the unconditional image rows for the conditions (when the model has them).
 //!
+//! With owner grids in the cache, `decision` and `decision_swapped` are the same NLL at each
+//! sample's first subject cell only (in raster order): the one place where generation must
+//! choose which reference to draw (later cells can continue what is above them, which the
+//! whole-target figures mostly measure). A model that binds has `decision_swapped` well above
+//! `decision`.
+//!
 //! Identity accuracy needs `refs_swapped - target` to grow; it is written at every checkpoint
 //! (`checkpoints/probe.jsonl`) so that a run shows whether binding is emerging long before
 //! sampled images do. The ITD copies' NLL (`itd`) is reported separately (always on the
@@ -36,6 +42,12 @@ pub struct Probe {
     pub refs_other: f64,
     pub text_dropped: f64,
     pub refs_dropped: Option<f64>,
+    /// NLL at each sample's first subject cell, own conditions / references swapped (when
+    /// the cache has owner grids).
+    #[serde(default)]
+    pub decision: Option<f64>,
+    #[serde(default)]
+    pub decision_swapped: Option<f64>,
 }
 
 impl Probe {
@@ -58,6 +70,9 @@ impl Probe {
         }
         if let Some(i) = self.itd {
             line("ITD copies", i, None);
+        }
+        if let (Some(d), Some(w)) = (self.decision, self.decision_swapped) {
+            s += &format!("  {:<26} {d:.4}\n  {:<26} {w:.4}  ({:+.4}: binding where it is decided)\n", "first subject cell", "  with references swapped", w - d);
         }
         s
     }
@@ -104,13 +119,19 @@ pub fn probe(parts: &JobParts, step: u64, n: usize, batch: usize) -> Result<Opti
             cnt[k] += tgt.len();
         }
     };
+    // Sums and count at the first subject cell: own conditions, references swapped.
+    let mut decision = (0f64, 0f64, 0usize);
     for idx in chosen.chunks(batch) {
         if idx.len() < 2 {
             break;
         }
         let (cond, target) = parts.batch_tensors(idx, &device)?;
         let b = idx.len();
-        add(1, &nll(parts, &cond, &target)?, false);
+        let own = nll(parts, &cond, &target)?;
+        add(1, &own, false);
+        // Each sample's first subject cell, when its owner grid is known.
+        let first: Vec<Option<usize>> =
+            idx.iter().map(|&i| parts.samples[i].owners.as_ref().and_then(|o| o.iter().position(|&k| k > 0))).collect();
         let nr = cond.refs.dim(1)?;
         let reversed = Tensor::new((0..nr as u32).rev().collect::<Vec<_>>().as_slice(), &device)?;
         let rolled = Tensor::new((0..b as u32).map(|i| (i + 1) % b as u32).collect::<Vec<_>>().as_slice(), &device)?;
@@ -120,7 +141,18 @@ pub fn probe(parts: &JobParts, step: u64, n: usize, batch: usize) -> Result<Opti
             (4, Condition { drop_text: vec![true; b], ..cond.clone() }),
         ];
         for (k, c) in edits {
-            add(k, &nll(parts, &c, &target)?, true);
+            let rows = nll(parts, &c, &target)?;
+            if k == 2 {
+                for ((a, w), f) in own.iter().zip(&rows).zip(&first) {
+                    if let Some(cell) = f {
+                        let at = a.len() - hw + cell;
+                        decision.0 += a[at] as f64;
+                        decision.1 += w[at] as f64;
+                        decision.2 += 1;
+                    }
+                }
+            }
+            add(k, &rows, true);
         }
         if can_drop_refs {
             add(5, &nll(parts, &Condition { drop_image: vec![true; b], ..cond.clone() }, &target)?, true);
@@ -136,6 +168,8 @@ pub fn probe(parts: &JobParts, step: u64, n: usize, batch: usize) -> Result<Opti
         refs_other: mean(3),
         text_dropped: mean(4),
         refs_dropped: (cnt[5] > 0).then(|| mean(5)),
+        decision: (decision.2 > 0).then(|| decision.0 / decision.2 as f64),
+        decision_swapped: (decision.2 > 0).then(|| decision.1 / decision.2 as f64),
     }))
 }
 

@@ -279,7 +279,7 @@ impl TrainJob {
                 return Err(Error::bad_file(
                     &cfg.cache,
                     format!(
-                        "binding_loss needs every sample's owner grid, and {} has none: encode a dataset whose meta.json lists each subject's mask",
+                        "binding_loss needs every sample's owner grid, and {} has none: encode a dataset whose meta.json lists each subject's mask (a cache written before owner grids existed must be deleted and encoded again)",
                         s.id
                     ),
                 ));
@@ -721,6 +721,10 @@ mod tests {
         let ab = TrainJobConfig::from_toml(text, &sets, Path::new("x.toml")).unwrap();
         let g = ab.gpt_config(1024, (8, 8)).unwrap();
         assert!(!g.itd && g.n_instruct == 0 && ab.steps == 7);
+        let binding = include_str!("../../configs/tokenar-binding.toml");
+        let bc = TrainJobConfig::from_toml(binding, &[], Path::new("configs/tokenar-binding.toml")).unwrap();
+        assert!(bc.binding_loss > 0.0 && bc.binding_first > 0 && bc.binding_token_loss > 0.0);
+        assert!(bc.gpt_config(1024, (8, 8)).unwrap().cell_embedding && !g.cell_embedding);
         let e = TrainJobConfig::from_toml(text, &["model.colour=3".to_string()], Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
         let e = TrainJobConfig::from_toml(text, &["drop_text=0.99".to_string()], Path::new("x.toml")).unwrap_err();

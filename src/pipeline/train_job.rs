@@ -403,39 +403,46 @@ impl JobParts {
         let out = self.gpt.forward_train_full(&cond, &target, true, rng)?;
         let (b, n, v) = out.logits.dims3()?;
         let loss = model::loss::cross_entropy(&out.logits.reshape((b * n, v))?, &out.targets.reshape(b * n)?)?;
-        let mut extras = Vec::new();
-        let loss = match &self.binding {
-            Some((w, bias)) => {
-                let owners: Vec<&[u8]> = idx.iter().map(|&i| self.samples[i].owners.as_deref().unwrap_or(&[])).collect();
-                let cells = BindingCells::select(&owners, &cond.drop_image, out.target_features.dim(1)?, self.cfg.binding_first)?;
-                match binding_loss(&out.target_features, w, bias, &cells)? {
-                    Some(bl) => {
-                        extras.push(("binding_loss", bl.loss.to_scalar::<f32>()? as f64));
-                        extras.push(("binding_acc", bl.acc));
-                        extras.push(("binding_first_acc", bl.first_acc));
-                        extras.push(("binding_decision_acc", bl.decision_acc));
-                        let mut loss = (loss + (bl.loss * self.cfg.binding_loss)?)?;
-                        if self.cfg.binding_token_loss > 0.0 {
-                            // Logit rows of those cells: the target is the last h*w positions.
-                            let hw = out.target_features.dim(1)?;
-                            let rows: Vec<u32> = cells.rows.iter().map(|&r| ((r as usize / hw) * n + n - hw + r as usize % hw) as u32).collect();
-                            let k = rows.len();
-                            let rows = Tensor::from_vec(rows, k, &device)?;
-                            let tl = model::loss::cross_entropy(
-                                &out.logits.reshape((b * n, v))?.index_select(&rows, 0)?,
-                                &out.targets.reshape(b * n)?.index_select(&rows, 0)?,
-                            )?;
-                            extras.push(("binding_token_loss", tl.to_scalar::<f32>()? as f64));
-                            loss = (loss + (tl * self.cfg.binding_token_loss)?)?;
-                        }
-                        loss
-                    }
-                    None => loss,
-                }
-            }
-            None => loss,
+        let (loss, extras) = match self.binding_terms(&idx, &cond, &out)? {
+            Some((extra, extras)) => ((loss + extra)?, extras),
+            None => (loss, Vec::new()),
         };
         Ok(StepOutput { loss, tokens: b * n, extras })
+    }
+
+    /// The binding terms of a step's loss (the weighted binding loss and, when configured, the
+    /// weighted token loss on the same cells) and the figures to log; `None` without a
+    /// binding head or without a counted cell in the batch.
+    fn binding_terms(&self, idx: &[usize], cond: &Condition, out: &model::TrainOutput) -> Result<Option<(Tensor, Vec<(&'static str, f64)>)>> {
+        let Some((w, bias)) = &self.binding else {
+            return Ok(None);
+        };
+        let owners: Vec<&[u8]> = idx.iter().map(|&i| self.samples[i].owners.as_deref().unwrap_or(&[])).collect();
+        let hw = out.target_features.dim(1)?;
+        let cells = BindingCells::select(&owners, &cond.drop_image, hw, self.cfg.binding_first)?;
+        let Some(bl) = binding_loss(&out.target_features, w, bias, &cells)? else {
+            return Ok(None);
+        };
+        let mut extras = vec![
+            ("binding_loss", bl.loss.to_scalar::<f32>()? as f64),
+            ("binding_acc", bl.acc),
+            ("binding_first_acc", bl.first_acc),
+            ("binding_decision_acc", bl.decision_acc),
+        ];
+        let mut total = (bl.loss * self.cfg.binding_loss)?;
+        if self.cfg.binding_token_loss > 0.0 {
+            // Logit rows of those cells: the target is the last h*w of the n loss positions.
+            let (b, n, v) = out.logits.dims3()?;
+            let rows: Vec<u32> = cells.rows.iter().map(|&r| ((r as usize / hw) * n + n - hw + r as usize % hw) as u32).collect();
+            let rows = Tensor::from_vec(rows, cells.rows.len(), out.logits.device())?;
+            let tl = model::loss::cross_entropy(
+                &out.logits.reshape((b * n, v))?.index_select(&rows, 0)?,
+                &out.targets.reshape(b * n)?.index_select(&rows, 0)?,
+            )?;
+            extras.push(("binding_token_loss", tl.to_scalar::<f32>()? as f64));
+            total = (total + (tl * self.cfg.binding_token_loss)?)?;
+        }
+        Ok(Some((total, extras)))
     }
 
     fn run(&self, state: &mut TrainState, progress: bool) -> Result<train::LoopSummary> {

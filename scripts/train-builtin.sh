@@ -24,12 +24,14 @@ $T tokenizer train --config configs/tokenizer-decoder.toml
 # 4. Code cache of the first 9,216 training samples (about 12 min).
 $T data encode data/synth64/train --tokenizer runs/vq-small/vq.safetensors --out runs/cache/synth64-train --max-samples 9216
 
-# 5. The GPT (configs/tokenar-builtin.toml; about 95 min).
-$T train --config configs/tokenar-builtin.toml --resume
+# 5. The GPT with the binding options (configs/tokenar-binding.toml): 1,500 steps, then
+#    resumed to 2,500 (the cosine schedule restarts over the longer horizon); about 65 min.
+$T train --config configs/tokenar-binding.toml --resume
+$T train --config configs/tokenar-binding.toml --resume --set steps=2500
 
 # 6. Ship: the fine-tuned decoder's tokenizer (same codes) with the GPT and text encoder.
 mkdir -p assets/builtin
 cp runs/vq-small-dec/vq.safetensors assets/builtin/tokenizer.safetensors
-cp runs/builtin/export/model.safetensors runs/builtin/export/text.safetensors assets/builtin/
+cp runs/binding/export/model.safetensors runs/binding/export/text.safetensors assets/builtin/
 cargo build --release
 $T eval --model builtin --dataset data/synth64/test --metrics pixel,background,subject,identity --out runs/eval/builtin

@@ -285,17 +285,11 @@ impl TrainJob {
                 ));
             }
             let vars = VarMap::new();
-            let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
+            let vb = VarBuilder::from_varmap(&vars, DType::F32, device).pp("head");
             let w = vb.get_with_hints((gcfg.max_refs, gcfg.dim), "weight", candle_nn::Init::Const(0.0))?;
             let b = vb.get_with_hints(gcfg.max_refs, "bias", candle_nn::Init::Const(0.0))?;
-            model::load::init_vars(&vars, cfg.seed ^ 0xb1d, |name, dims, rng| {
-                let n: usize = dims.iter().product();
-                if name == "bias" {
-                    vec![0.0; n]
-                } else {
-                    (0..n).map(|_| model::load::normal(rng) * 0.02).collect()
-                }
-            })?;
+            // The GPT's rules: weight N(0, 0.02), bias 0.
+            model::init_weights(&vars, cfg.seed ^ 0xb1d)?;
             groups.push((BINDING_GROUP.to_string(), vars));
             Some((w, b))
         } else {
@@ -403,17 +397,15 @@ impl JobParts {
         let out = self.gpt.forward_train_full(&cond, &target, true, rng)?;
         let (b, n, v) = out.logits.dims3()?;
         let loss = model::loss::cross_entropy(&out.logits.reshape((b * n, v))?, &out.targets.reshape(b * n)?)?;
-        let (loss, extras) = match self.binding_terms(&idx, &cond, &out)? {
-            Some((extra, extras)) => ((loss + extra)?, extras),
-            None => (loss, Vec::new()),
-        };
+        let (terms, extras) = self.binding_terms(&idx, &cond, &out)?.unwrap_or_default();
+        let loss = terms.into_iter().try_fold(loss, |acc, t| acc + t)?;
         Ok(StepOutput { loss, tokens: b * n, extras })
     }
 
-    /// The binding terms of a step's loss (the weighted binding loss and, when configured, the
-    /// weighted token loss on the same cells) and the figures to log; `None` without a
-    /// binding head or without a counted cell in the batch.
-    fn binding_terms(&self, idx: &[usize], cond: &Condition, out: &model::TrainOutput) -> Result<Option<(Tensor, Vec<(&'static str, f64)>)>> {
+    /// The binding terms to add to a step's loss, in order (the weighted binding loss and, when
+    /// configured, the weighted token loss on the same cells), and the figures to log; `None`
+    /// without a binding head or without a counted cell in the batch.
+    fn binding_terms(&self, idx: &[usize], cond: &Condition, out: &model::TrainOutput) -> Result<Option<(Vec<Tensor>, Vec<(&'static str, f64)>)>> {
         let Some((w, bias)) = &self.binding else {
             return Ok(None);
         };
@@ -429,7 +421,7 @@ impl JobParts {
             ("binding_first_acc", bl.first_acc),
             ("binding_decision_acc", bl.decision_acc),
         ];
-        let mut total = (bl.loss * self.cfg.binding_loss)?;
+        let mut terms = vec![(bl.loss * self.cfg.binding_loss)?];
         if self.cfg.binding_token_loss > 0.0 {
             // Logit rows of those cells: the target is the last h*w of the n loss positions.
             let (b, n, v) = out.logits.dims3()?;
@@ -440,9 +432,9 @@ impl JobParts {
                 &out.targets.reshape(b * n)?.index_select(&rows, 0)?,
             )?;
             extras.push(("binding_token_loss", tl.to_scalar::<f32>()? as f64));
-            total = (total + (tl * self.cfg.binding_token_loss)?)?;
+            terms.push((tl * self.cfg.binding_token_loss)?);
         }
-        Ok(Some((total, extras)))
+        Ok(Some((terms, extras)))
     }
 
     fn run(&self, state: &mut TrainState, progress: bool) -> Result<train::LoopSummary> {
@@ -549,15 +541,18 @@ impl BindingCells {
             if o.len() != hw {
                 return Err(Error::invalid("owner grid", format!("sample {i} has {} cells, the target {hw}", o.len())));
             }
+            // Cells seen so far of each subject, and of any subject.
             let mut seen = [0usize; 256];
+            let mut any = 0;
             for (cell, &k) in o.iter().enumerate() {
                 if k > 0 {
                     seen[k as usize] += 1;
+                    any += 1;
                     if first == 0 || seen[k as usize] <= first {
                         c.rows.push((i * hw + cell) as u32);
                         c.labels.push(k as u32 - 1);
                         c.first.push(seen[k as usize] == 1);
-                        c.decision.push(seen.iter().sum::<usize>() == 1);
+                        c.decision.push(any == 1);
                     }
                 }
             }

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The ablation in the README: the built-in recipe (configs/tokenar-builtin.toml) trained four
-# ways on the same code cache with the same budget -- full model, without ITD, without instruct
-# tokens, without the Token Index Embedding -- then each scored on the 500-sample test split.
-# Every run resumes after an interruption; rerun the script.
+# The ablation in the README: the built-in recipe's first stage (configs/tokenar-binding.toml,
+# 1,500 steps) trained four ways on the same code cache with the same budget -- full model,
+# without ITD, without instruct tokens, without the Token Index Embedding -- then each scored
+# on the 500-sample test split. Every run resumes after an interruption; rerun the script.
 #
-#   STEPS=380 scripts/ablation.sh            # steps per run (default 380)
+#   STEPS=1500 scripts/ablation.sh           # steps per run (default 1500)
+#   CONFIG=configs/tokenar-builtin.toml STEPS=400 OUT=runs/ablation EXTRA="--set warmup=50 \
+#     --set ckpt_every=100" scripts/ablation.sh  # the earlier ablation (recipe without binding)
 #   RUNS="full no-itd" scripts/ablation.sh    # a subset (e.g. to spread runs over machines)
 #   EVAL_ONLY=1 scripts/ablation.sh           # score finished runs and print the table
 #   EVAL_FLAGS="--cfg-scale 1.5 --top-k 10"   # sampling of the scoring (default: the built-in
@@ -12,12 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${TOKENAR:-target/release/tokenar}
-STEPS=${STEPS:-380}
+CONFIG=${CONFIG:-configs/tokenar-binding.toml}
+STEPS=${STEPS:-1500}
 RUNS=${RUNS:-"full no-itd no-instruct no-index"}
 CACHE=${CACHE:-runs/cache/synth64-train}
 TOKENIZER=${TOKENIZER:-runs/vq-small/vq.safetensors}
 TEST=${TEST:-data/synth64/test}
-OUT=${OUT:-runs/ablation}
+OUT=${OUT:-runs/ablation-binding}
+EXTRA=${EXTRA:-}
 # Score every run with the sampling settings the built-in model ships with.
 default_flags() {
   local f=assets/builtin/sampling.toml
@@ -39,9 +43,8 @@ switches() {
 for run in $RUNS; do
   if [ -z "${EVAL_ONLY:-}" ]; then
     # shellcheck disable=SC2046
-    $T train --config configs/tokenar-builtin.toml --resume \
-      --set steps="$STEPS" --set warmup=50 --set ckpt_every=100 \
-      --set cache="$CACHE" --set tokenizer="$TOKENIZER" --set out="$OUT/$run" $(switches "$run")
+    $T train --config "$CONFIG" --resume --set steps="$STEPS" \
+      --set cache="$CACHE" --set tokenizer="$TOKENIZER" --set out="$OUT/$run" $(switches "$run") $EXTRA
   fi
   [ -f "$OUT/eval/$run/results.json" ] || \
     # shellcheck disable=SC2086

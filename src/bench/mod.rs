@@ -284,6 +284,7 @@ pub fn bench_itd(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Res
             mode: mode.as_str().into(),
             seconds_per_image: Some(s),
             forward_passes: stats.forward_passes,
+            positions_fed: stats.positions_fed,
             draft_accepted: stats.draft_accepted,
             draft_rejected: stats.draft_rejected,
             skipped: None,

@@ -31,6 +31,8 @@ pub struct ItdResult {
     /// Prefill plus decoding of one image; `None` when skipped.
     pub seconds_per_image: Option<f64>,
     pub forward_passes: usize,
+    /// Positions fed per row over those passes.
+    pub positions_fed: usize,
     pub draft_accepted: usize,
     pub draft_rejected: usize,
     pub skipped: Option<String>,
@@ -42,6 +44,7 @@ impl ItdResult {
             mode: mode.as_str().into(),
             seconds_per_image: None,
             forward_passes: 0,
+            positions_fed: 0,
             draft_accepted: 0,
             draft_rejected: 0,
             skipped: Some(why.into()),
@@ -163,11 +166,11 @@ pub fn render_table(r: &BenchReport) -> String {
         let load = |k: &str| field(&t.result, k).map_or("-".into(), |x| format!("{x:.2}"));
         let _ = writeln!(s, "pytorch {} load average (1 min): {} -> {}", t.python, load("loadavg_1m_start"), load("loadavg_1m_end"));
     }
-    let _ = writeln!(s, "{:<8} {:>12} {:>9} {:>9} {:>9}", "ITD", "s/image", "forwards", "accepted", "rejected");
+    let _ = writeln!(s, "{:<8} {:>12} {:>9} {:>9} {:>9} {:>9}", "ITD", "s/image", "forwards", "fed", "accepted", "rejected");
     for i in &r.itd {
         match i.seconds_per_image {
             Some(sec) => {
-                let _ = writeln!(s, "{:<8} {:>12.3} {:>9} {:>9} {:>9}", i.mode, sec, i.forward_passes, i.draft_accepted, i.draft_rejected);
+                let _ = writeln!(s, "{:<8} {:>12.3} {:>9} {:>9} {:>9} {:>9}", i.mode, sec, i.forward_passes, i.positions_fed, i.draft_accepted, i.draft_rejected);
             }
             None => {
                 let _ = writeln!(s, "{:<8} skipped: {}", i.mode, i.skipped.as_deref().unwrap_or(""));

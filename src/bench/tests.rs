@@ -26,8 +26,15 @@ fn tiny_report_has_documented_fields_and_sane_values() {
     assert_eq!(by("off").forward_passes, hw - 1);
     assert_eq!(by("naive").forward_passes, 3 * hw - 1);
     assert_eq!(by("forced").forward_passes, hw);
+    // off feeds every target position but the last; naive and forced also every ITD
+    // position (one by one, or in one pass); exact at least as many (draft fed past a
+    // rejection is fed again).
+    assert_eq!(by("off").positions_fed, hw - 1);
+    assert_eq!(by("naive").positions_fed, 3 * hw - 1);
+    assert_eq!(by("forced").positions_fed, 3 * hw - 1);
     let e = by("exact");
     assert_eq!(e.draft_accepted + e.draft_rejected, 2 * hw);
+    assert!(e.positions_fed >= 3 * hw - 1, "{e:?}");
     assert!(r.exact_over_off.unwrap() > 0.0);
     let t = r.train.as_ref().unwrap();
     assert_eq!(t.positions, r.prefix_len + r.generated_len - 1);

@@ -148,6 +148,8 @@ impl DecodePlan {
 pub struct DecodeStats {
     /// Calls of [`TokenModel::feed`] (the prefill is not counted).
     pub forward_passes: usize,
+    /// Positions fed per row, summed over those calls (the work they did).
+    pub positions_fed: usize,
     /// Draft tokens accepted, summed over samples (`Exact` only).
     pub draft_accepted: usize,
     /// Draft tokens rejected and resampled, summed over samples (`Exact` only).
@@ -325,6 +327,7 @@ impl Decoder<'_> {
         let input = Tensor::from_vec(flat, (self.rows, t), &self.device)?;
         let logits = self.model.feed(&input)?;
         self.stats.forward_passes += 1;
+        self.stats.positions_fed += t;
         self.check_logits(&logits, t)?;
         guided(&logits, self.samples, self.opts.cfg_scale)
     }

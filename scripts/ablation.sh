@@ -18,7 +18,9 @@ CONFIG=${CONFIG:-configs/tokenar-binding.toml}
 STEPS=${STEPS:-1500}
 RUNS=${RUNS:-"full no-itd no-instruct no-index"}
 CACHE=${CACHE:-runs/cache/synth64-train}
-TOKENIZER=${TOKENIZER:-runs/vq-small/vq.safetensors}
+# Exported with each run and used to score it: the fine-tuned decoder the built-in model ships
+# with (same encoder and codebook as the tokenizer the cache was encoded with).
+TOKENIZER=${TOKENIZER:-runs/vq-small-dec/vq.safetensors}
 TEST=${TEST:-data/synth64/test}
 OUT=${OUT:-runs/ablation-binding}
 EXTRA=${EXTRA:-}

@@ -254,8 +254,9 @@ fn exact_needs_far_fewer_passes_when_the_draft_is_likely() {
             naive.stats
         );
         assert_eq!(exact.stats.draft_accepted + exact.stats.draft_rejected, l);
-        // Windows of 8, 16 and the remaining 24 when everything is accepted; each rejection
-        // adds a pass and shrinks the window; with these seeds it costs at most two passes.
+        // Windows of 8, 16, 16 and the remaining 8 when everything is accepted (at most
+        // MAX_WINDOW each); each rejection adds a pass and shrinks the window; with these
+        // seeds it costs at most two passes.
         assert!(
             exact.stats.forward_passes <= 3 + 2 * exact.stats.draft_rejected + 3,
             "{:?}",

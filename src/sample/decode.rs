@@ -394,9 +394,9 @@ impl Decoder<'_> {
         let mut pos = 0usize;
         let mut head: Option<Vec<u32>> = None;
         // Draft tokens fed (for verification) after the head in one pass: a few at first,
-        // doubled after an acceptance (up to MAX_WINDOW), halved after a rejection down to 0. At 0 a pass feeds
-        // the decided token alone and the next draft token is checked against its logits
-        // before anything is fed, so a poorly matching draft costs what naive decoding costs
+        // doubled after an acceptance (up to MAX_WINDOW), halved after a rejection down to 0.
+        // At 0 a pass feeds the decided token alone and the next draft token is checked
+        // against its logits before anything is fed, so a poorly matching draft costs what naive decoding costs
         // (one token per position), and a well matching one is verified in a handful of long
         // passes. The window only decides how many positions one pass verifies, never how a
         // position is decided, so the output distribution is unchanged.

@@ -396,9 +396,9 @@ impl Decoder<'_> {
         // Draft tokens fed (for verification) after the head in one pass: a few at first,
         // doubled after an acceptance (up to MAX_WINDOW), halved after a rejection down to 0.
         // At 0 a pass feeds the decided token alone and the next draft token is checked
-        // against its logits before anything is fed, so a poorly matching draft costs what naive decoding costs
-        // (one token per position), and a well matching one is verified in a handful of long
-        // passes. The window only decides how many positions one pass verifies, never how a
+        // against its logits before anything is fed, so a poorly matching draft costs what
+        // naive decoding costs (one token per position), and a well matching one is verified
+        // MAX_WINDOW tokens per pass. The window only decides how many positions one pass verifies, never how a
         // position is decided, so the output distribution is unchanged.
         let mut window = l.min(FIRST_WINDOW);
         loop {

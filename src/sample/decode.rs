@@ -398,8 +398,9 @@ impl Decoder<'_> {
         // At 0 a pass feeds the decided token alone and the next draft token is checked
         // against its logits before anything is fed, so a poorly matching draft costs what
         // naive decoding costs (one token per position), and a well matching one is verified
-        // MAX_WINDOW tokens per pass. The window only decides how many positions one pass verifies, never how a
-        // position is decided, so the output distribution is unchanged.
+        // MAX_WINDOW tokens per pass. The window only decides how many positions one pass
+        // verifies, never how a position is decided, so the output distribution is unchanged.
+        let max_window = l.min(MAX_WINDOW);
         let mut window = l.min(FIRST_WINDOW);
         loop {
             if head.is_none() {
@@ -410,7 +411,7 @@ impl Decoder<'_> {
                 let at_hand = std::mem::take(&mut pending);
                 let rows: Vec<&[f32]> = at_hand.iter().map(Vec::as_slice).collect();
                 let (col, rejected) = self.decide(&rows, draft, pos, out)?;
-                window = if rejected { window / 2 } else { (window * 2).clamp(1, l.min(MAX_WINDOW)) };
+                window = if rejected { window / 2 } else { (window * 2).clamp(1, max_window) };
                 head = Some(col);
                 pos += 1;
             }
@@ -457,7 +458,7 @@ impl Decoder<'_> {
                     // Everything fed was accepted: the last row predicts position `end`.
                     pending = per_sample.iter_mut().map(|p| std::mem::take(&mut p[t - 1])).collect();
                     if end > pos {
-                        window = (window * 2).min(l.min(MAX_WINDOW));
+                        window = (window * 2).min(max_window);
                     }
                     pos = end;
                 }

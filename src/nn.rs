@@ -5,6 +5,12 @@
 //! trainable path uses the versions here instead (fused CPU kernels with their own backward
 //! passes, compositions of elementary ops elsewhere); frozen encoders may use candle's.
 
+mod attention;
+mod linear;
+
+pub use attention::attention_qkv;
+pub use linear::linear;
+
 use crate::error::Result;
 use crate::vmath::softmax_in_place;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, Var, D};
@@ -556,6 +562,84 @@ mod tests {
         let gt = g.as_tensor().transpose(1, 2).unwrap();
         let ut = u.as_tensor().transpose(1, 2).unwrap();
         close(&swiglu(&gt, &ut).unwrap(), &(candle_nn::ops::silu(&gt).unwrap() * &ut).unwrap());
+    }
+
+    #[test]
+    fn fused_attention_matches_composed_value_and_gradients() {
+        use crate::layout::RopeCell;
+        let dev = Device::Cpu;
+        let (b, h, s, d) = (2usize, 3usize, 6usize, 8usize);
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, 3 * h * d), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (b, s, h * d), &dev).unwrap();
+        // A caption row (LlamaGen's zero tables) and image cells.
+        let cells: Vec<RopeCell> = (0..s).map(|i| if i == 0 { RopeCell::Zero } else { RopeCell::Cell(i / 3, i % 3) }).collect();
+        let (cos, sin) = crate::model::rope::tables(&cells, d, 10000.0, &dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        // Causal, and a per-sample mask that also hides sample 1's first key.
+        let causal: Vec<f32> = (0..s * s).map(|i| if i % s > i / s { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let causal = Tensor::from_vec(causal, (1, 1, s, s), &dev).unwrap();
+        let pad = Tensor::from_vec((0..b * s).map(|i| if i == s { -1e9f32 } else { 0.0 }).collect::<Vec<_>>(), (b, 1, 1, s), &dev).unwrap();
+        let per_sample = causal.broadcast_add(&pad).unwrap();
+        let composed = |mask: Option<&Tensor>| {
+            let x = qkv.as_tensor().reshape((b, s, 3, h, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();
+            let q = (crate::model::rope::apply_composed(&x.get(0).unwrap(), &cos, &sin).unwrap() * scale).unwrap();
+            let k = crate::model::rope::apply_composed(&x.get(1).unwrap(), &cos, &sin).unwrap();
+            let scores = q.matmul(&k.t().unwrap()).unwrap();
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m).unwrap(),
+                None => scores,
+            };
+            let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+            p.matmul(&x.get(2).unwrap()).unwrap().transpose(1, 2).unwrap().reshape((b, s, h * d)).unwrap()
+        };
+        for mask in [None, Some(&causal), Some(&per_sample)] {
+            let fused = attention_qkv(qkv.as_tensor(), &cos, &sin, scale, h, mask).unwrap().unwrap();
+            assert_eq!(fused.dims(), &[b, s, h * d]);
+            let want = composed(mask);
+            assert!(max_diff(&fused, &want) < 1e-5, "values differ by {}", max_diff(&fused, &want));
+            let gf = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (&want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, c) = (gf.get(qkv.as_tensor()).unwrap(), gc.get(qkv.as_tensor()).unwrap());
+            assert!(max_diff(a, c) < 1e-5, "gradients differ by {}", max_diff(a, c));
+        }
+        // A non-contiguous input gives the same as its contiguous copy.
+        let t = qkv.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap().transpose(1, 2).unwrap();
+        let a = attention_qkv(&t, &cos, &sin, scale, h, Some(&causal)).unwrap().unwrap();
+        assert!(max_diff(&a, &composed(Some(&causal))) < 1e-5);
+        // No kernel for other dtypes (the caller composes); a width that does not split is an
+        // error naming the shape.
+        let f64_qkv = qkv.as_tensor().to_dtype(DType::F64).unwrap();
+        assert!(attention_qkv(&f64_qkv, &cos, &sin, scale, h, None).unwrap().is_none());
+        let e = attention_qkv(&qkv.as_tensor().narrow(2, 0, 3 * h * d - 3).unwrap(), &cos, &sin, scale, h, None).unwrap_err().to_string();
+        assert!(e.contains("heads"), "{e}");
+    }
+
+    #[test]
+    fn fused_linear_matches_matmul_value_and_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 7), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap()).unwrap();
+        let m = Tensor::randn(0f32, 1.0, (2, 5, 3), &dev).unwrap();
+        let fused = linear(x.as_tensor(), w.as_tensor()).unwrap();
+        assert_eq!(fused.dims(), &[2, 5, 3]);
+        let composed = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        // Exact on a small case: [1, 2] . [3, 4] = 11.
+        let one = linear(&Tensor::new(&[[1f32, 2.0]], &dev).unwrap(), &Tensor::new(&[[3f32, 4.0]], &dev).unwrap()).unwrap();
+        assert_eq!(one.to_vec2::<f32>().unwrap(), vec![vec![11f32]]);
+        let gf = (&fused * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&composed * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let (a, c) = (gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
+            assert_eq!(a.dims(), v.dims());
+            assert!(max_diff(a, c) < 1e-5, "gradients differ by {}", max_diff(a, c));
+        }
+        // A non-contiguous input; a weight that does not fit is an error naming the shapes.
+        let xt = x.as_tensor().transpose(0, 1).unwrap();
+        let want = xt.contiguous().unwrap().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap();
+        assert!(max_diff(&linear(&xt, w.as_tensor()).unwrap(), &want) < 1e-5);
+        let e = linear(x.as_tensor(), &w.as_tensor().t().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("7 x 3"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::instruct_tokens::InstructTokens;
 use super::kv_cache::{LayerCache, Session};
 use super::rope;
 use crate::error::{Error, Result};
+use crate::nn::linear;
 use crate::layout::{Layout, SegmentKind};
 use crate::util::Rng;
 use candle_core::{DType, Device, Tensor};
@@ -47,16 +48,6 @@ impl Ctx<'_> {
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
     }
-}
-
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (din, dout) = (dims[dims.len() - 1], w.dim(0)?);
-    let n: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((n, din))?.matmul(&w.t()?)?;
-    let mut out = dims;
-    *out.last_mut().unwrap_or(&mut 0) = dout;
-    Ok(y.reshape(out)?)
 }
 
 /// `x @ wt` for a pre-transposed (in, out) weight, over the last dimension of `x`.
@@ -160,22 +151,11 @@ impl Block {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        att: &AttnInputs,
-        cache: Option<&mut LayerCache>,
-        ctx: &mut Ctx,
-        drop: &super::config::Dropouts,
-        packed: Option<&PackedBlock>,
-    ) -> Result<Tensor> {
-        let (b, s, d) = x.dims3()?;
-        let (h, hd) = (self.n_head, d / self.n_head);
-        let xn = self.attention_norm.forward(x, ctx.differentiable)?;
-        let qkv = match packed {
-            Some(p) => matmul_last(&xn, &p.wqkv)?,
-            None => linear(&xn, &self.wqkv)?,
-        };
+    /// Attention from elementary ops (inference with a KV cache, attention dropout, devices
+    /// without the fused kernel): `qkv` (B, S, 3 * dim) -> (B, S, dim).
+    fn attention_composed(&self, qkv: &Tensor, att: &AttnInputs, cache: Option<&mut LayerCache>, ctx: &mut Ctx, drop: &super::config::Dropouts) -> Result<Tensor> {
+        let (b, s, w) = qkv.dims3()?;
+        let (h, hd) = (self.n_head, w / (3 * self.n_head));
         let qkv = qkv.reshape((b, s, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         let q = rope::apply(&qkv.get(0)?, att.cos, att.sin, ctx.differentiable)?;
@@ -198,7 +178,37 @@ impl Block {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
         let probs = ctx.dropout(&probs, drop.attn)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
+        Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * hd))?)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        att: &AttnInputs,
+        cache: Option<&mut LayerCache>,
+        ctx: &mut Ctx,
+        drop: &super::config::Dropouts,
+        packed: Option<&PackedBlock>,
+    ) -> Result<Tensor> {
+        let d = x.dim(2)?;
+        let (h, hd) = (self.n_head, d / self.n_head);
+        let xn = self.attention_norm.forward(x, ctx.differentiable)?;
+        let qkv = match packed {
+            Some(p) => matmul_last(&xn, &p.wqkv)?,
+            None => linear(&xn, &self.wqkv)?,
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Training without attention dropout: one fused op from the projection to the heads'
+        // outputs (RoPE, scaling, scores, softmax, values), with no (B, H, S, S) tensor kept.
+        let fusable = ctx.differentiable && cache.is_none() && (drop.attn == 0.0 || ctx.rng.is_none());
+        let fused = match fusable {
+            true => crate::nn::attention_qkv(&qkv, att.cos, att.sin, scale, h, att.mask)?,
+            false => None,
+        };
+        let y = match fused {
+            Some(y) => y,
+            None => self.attention_composed(&qkv, att, cache, ctx, drop)?,
+        };
         let y = match packed {
             Some(p) => matmul_last(&y, &p.wo)?,
             None => ctx.dropout(&linear(&y, &self.wo)?, drop.resid)?,

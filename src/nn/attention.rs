@@ -1,0 +1,243 @@
+//! Fused multi-head attention for the trainable path on the CPU.
+//!
+//! `softmax(q k^T + mask) v`, one (batch, head) pair at a time: its (S, L) scores live in a
+//! scratch buffer that stays in cache, and the backward pass recomputes them from q and k
+//! instead of keeping them (as flash attention does). The composed version (matmul, masked
+//! softmax, matmul, transpose) materialises four (B, H, S, L) tensors forward and backward,
+//! each also zero-filled and summed into by candle's gradient store, which made the attention
+//! the largest non-matmul cost of a training step.
+
+use super::rows_of;
+use crate::error::Result;
+use crate::vmath::softmax_in_place;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Self-attention of the fused projection `qkv` (B, S, 3 * H * D: the queries, keys and
+/// values of the H heads side by side, as `wqkv` writes them): each head's q and k rotated
+/// by the interleaved RoPE tables `cos`/`sin` (S, D / 2) ([`crate::model::rope`]), q scaled by
+/// `scale`, then `softmax(q k^T + mask) v` with an additive `mask` (1 or B, 1, S, S). Returns
+/// (B, S, H * D), the heads side by side as the output projection reads them; the gradient
+/// goes to `qkv` only. `None` where there is no fused kernel (off the CPU, not f32, other
+/// shapes): the caller composes the same from elementary ops.
+pub fn attention_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64, heads: usize, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let (b, s, w) = qkv.dims3()?;
+    if heads == 0 || w % (3 * heads) != 0 || (w / (3 * heads)) % 2 != 0 {
+        return Err(crate::error::Error::invalid("attention", format!("qkv {:?} does not split into {heads} heads of even width", qkv.dims())));
+    }
+    let d = w / (3 * heads);
+    let tables_ok = [cos, sin].iter().all(|t| t.dims() == [s, d / 2] && t.dtype() == DType::F32);
+    let mask_ok = |m: &Tensor| matches!(m.dims4(), Ok((mb, 1, ms, ml)) if (mb == 1 || mb == b) && ms == s && ml == s) && m.dtype() == DType::F32;
+    if !qkv.device().is_cpu() || qkv.dtype() != DType::F32 || !tables_ok || !mask.is_none_or(mask_ok) {
+        return Ok(None);
+    }
+    let vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+    let op = FusedAttention {
+        heads,
+        scale: scale as f32,
+        cos: Arc::new(vec(cos)?),
+        sin: Arc::new(vec(sin)?),
+        mask: match mask {
+            Some(m) => Some(Arc::new((m.dim(0)?, vec(m)?))),
+            None => None,
+        },
+    };
+    Ok(Some(qkv.contiguous()?.apply_op1(op)?))
+}
+
+/// The op: heads, query scale, RoPE tables (S x D/2 each), and the mask (its batch rows, its
+/// (mb, 1, S, S) values).
+struct FusedAttention {
+    heads: usize,
+    scale: f32,
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    mask: Option<Arc<(usize, Vec<f32>)>>,
+}
+
+/// A pointer shared by the (batch, head) jobs, which write disjoint parts of its buffer.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every job writes only its own (batch, head) columns (see the callers).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// `dst (m x n) = a (m x k) * b (k x n)`, each matrix given by its pointer and (row, column)
+/// strides; single-threaded (the callers run one job per (batch, head) in parallel).
+///
+/// # Safety
+/// The pointers must cover the strided extents; `dst` must not overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: *const f32, a_rs: usize, a_cs: usize, b: *const f32, b_rs: usize, b_cs: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Per-job scratch: rotated q and k, probabilities, their gradient, and row dot products.
+struct Scratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    p: Vec<f32>,
+    dp: Vec<f32>,
+    dot: Vec<f32>,
+}
+
+impl FusedAttention {
+    /// Rotate the `s` rows of width `d` at `src` (row stride `src_rs`) by the tables, times
+    /// `scale`, into the rows at `dst` (row stride `dst_rs`); with `inverse` the transposed
+    /// rotation (the gradient's).
+    ///
+    /// # Safety
+    /// `dst` must cover `s` rows of `d` values at stride `dst_rs`, not overlapping `src`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rotate(&self, src: &[f32], src_rs: usize, s: usize, d: usize, scale: f32, inverse: bool, dst: *mut f32, dst_rs: usize) {
+        let half = d / 2;
+        let sign = if inverse { -scale } else { scale };
+        for i in 0..s {
+            let x = &src[i * src_rs..i * src_rs + d];
+            // SAFETY: row i of the destination, within the extent the caller guarantees.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.add(i * dst_rs), d) };
+            let (c, sn) = (&self.cos[i * half..(i + 1) * half], &self.sin[i * half..(i + 1) * half]);
+            for k in 0..half {
+                let (x0, x1, cs, ss) = (x[2 * k], x[2 * k + 1], scale * c[k], sign * sn[k]);
+                o[2 * k] = x0 * cs - x1 * ss;
+                o[2 * k + 1] = x0 * ss + x1 * cs;
+            }
+        }
+    }
+
+    /// For batch `bi`, head `hi` of `qkv` (B, S, W): the rotated, scaled queries and rotated
+    /// keys into the scratch, and the probabilities `softmax(q k^T + mask)` (S x S).
+    fn probs(&self, qkv: &[f32], (bi, hi): (usize, usize), (s, d): (usize, usize), t: &mut Scratch) {
+        let w = 3 * self.heads * d;
+        let at = bi * s * w + hi * d;
+        // SAFETY: the scratch q and k are S x D, p is S x S; all distinct from qkv.
+        unsafe {
+            self.rotate(&qkv[at..], w, s, d, self.scale, false, t.q.as_mut_ptr(), d);
+            self.rotate(&qkv[at + self.heads * d..], w, s, d, 1.0, false, t.k.as_mut_ptr(), d);
+            mm(s, s, d, t.p.as_mut_ptr(), s, t.q.as_ptr(), d, 1, t.k.as_ptr(), 1, d);
+        }
+        for (i, row) in t.p.chunks_exact_mut(s).enumerate() {
+            if let Some(m) = &self.mask {
+                let r = (if m.0 == 1 { 0 } else { bi }) * s + i;
+                for (x, &mv) in row.iter_mut().zip(&m.1[r * s..(r + 1) * s]) {
+                    *x += mv;
+                }
+            }
+            softmax_in_place(row);
+        }
+    }
+
+    /// (batch, positions, head width) of a `qkv` layout, checked against the tables and mask.
+    fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let &[b, s, w] = l.shape().dims() else { candle_core::bail!("fused attention: qkv {:?} is not (B, S, 3 * H * D)", l.shape()) };
+        let d = w / (3 * self.heads);
+        let mask_ok = self.mask.as_ref().is_none_or(|m| (m.0 == 1 || m.0 == b) && m.1.len() == m.0 * s * s);
+        if d * 3 * self.heads != w || self.cos.len() != s * d / 2 || self.sin.len() != self.cos.len() || !mask_ok {
+            candle_core::bail!("fused attention: qkv {:?} does not fit {} heads, the RoPE tables or the mask", l.shape(), self.heads);
+        }
+        Ok((b, s, d))
+    }
+
+    fn scratch(s: usize, d: usize) -> Scratch {
+        Scratch { q: vec![0.0; s * d], k: vec![0.0; s * d], p: vec![0.0; s * s], dp: vec![0.0; s * s], dot: vec![0.0; s] }
+    }
+}
+
+impl CustomOp1 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, s, d) = self.dims(l)?;
+        let (qkv, _) = rows_of(st, l)?;
+        let (h, w) = (self.heads, 3 * self.heads * d);
+        let mut out = vec![0f32; b * s * h * d];
+        let o = Shared(out.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each_init(
+            || Self::scratch(s, d),
+            |t, bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                self.probs(qkv, (bi, hi), (s, d), t);
+                let v = &qkv[bi * s * w + 2 * h * d + hi * d..];
+                let o = o;
+                // SAFETY: this job writes rows (bi, 0..S), columns hi*D..(hi+1)*D of the
+                // (B, S, H*D) output, which no other job touches; v covers S rows of stride W.
+                unsafe { mm(s, d, s, o.0.add((bi * s * h + hi) * d), h * d, t.p.as_ptr(), s, 1, v.as_ptr(), w, 1) };
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (b, s, w) = qkv.dims3()?;
+        let (h, d) = (self.heads, w / (3 * self.heads));
+        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        let (x, ov, gv) = (flat(qkv)?, flat(res)?, flat(grad)?);
+        let mut dx = vec![0f32; x.len()];
+        let px = Shared(dx.as_mut_ptr());
+        (0..b * h).into_par_iter().for_each_init(
+            || (Self::scratch(s, d), vec![0f32; s * d]),
+            |(t, g), bh| {
+                let (bi, hi) = (bh / h, bh % h);
+                self.probs(&x, (bi, hi), (s, d), t);
+                // This head's output and output gradient: S rows of stride H*D.
+                let at = (bi * s * h + hi) * d;
+                for (i, c) in t.dot.iter_mut().enumerate() {
+                    let r = at + i * h * d..at + i * h * d + d;
+                    *c = gv[r.clone()].iter().zip(&ov[r]).map(|(a, b)| a * b).sum();
+                }
+                let base = bi * s * w + hi * d;
+                let v = &x[base + 2 * h * d..];
+                let px = px;
+                // SAFETY: sources are alive and distinct from the destinations; this job
+                // writes only rows (bi, 0..S), columns of head hi in dq, dk, dv (of stride W).
+                unsafe {
+                    // dV = P^T dO, straight into its columns.
+                    mm(s, d, s, px.0.add(base + 2 * h * d), w, t.p.as_ptr(), 1, s, gv[at..].as_ptr(), h * d, 1);
+                    // dP = dO V^T.
+                    mm(s, s, d, t.dp.as_mut_ptr(), s, gv[at..].as_ptr(), h * d, 1, v.as_ptr(), 1, w);
+                }
+                // dS = P * (dP - rowsum(dP * P)), with rowsum(dP * P) = dO . O.
+                for ((dr, pr), &c) in t.dp.chunks_exact_mut(s).zip(t.p.chunks_exact(s)).zip(t.dot.iter()) {
+                    for (x, &pi) in dr.iter_mut().zip(pr) {
+                        *x = pi * (*x - c);
+                    }
+                }
+                // dq = scale R^T (dS k), dk = R^T (dS^T q): back through the rotation, into
+                // their columns. SAFETY: as above; `g` is this job's scratch.
+                unsafe {
+                    mm(s, d, s, g.as_mut_ptr(), d, t.dp.as_ptr(), s, 1, t.k.as_ptr(), d, 1);
+                    self.rotate(g, d, s, d, self.scale, true, px.0.add(base), w);
+                    mm(s, d, s, g.as_mut_ptr(), d, t.dp.as_ptr(), 1, s, t.q.as_ptr(), d, 1);
+                    self.rotate(g, d, s, d, 1.0, true, px.0.add(base + h * d), w);
+                }
+            },
+        );
+        Ok(Some(Tensor::from_vec(dx, qkv.shape(), qkv.device())?))
+    }
+}

@@ -32,11 +32,13 @@ default_flags() {
 }
 EVAL_FLAGS=${EVAL_FLAGS:-$(default_flags)}
 
+# Each run sets all three switches, so that "full" has every TokenAR addition whatever the
+# config ships with (the built-in recipe itself trains without the index embedding).
 switches() {
   case $1 in
-    full) ;;
-    no-itd) echo "--set model.itd=false" ;;
-    no-instruct) echo "--set model.n_instruct=0" ;;
+    full) echo "--set model.index_embedding=true" ;;
+    no-itd) echo "--set model.index_embedding=true --set model.itd=false" ;;
+    no-instruct) echo "--set model.index_embedding=true --set model.n_instruct=0" ;;
     no-index) echo "--set model.index_embedding=false" ;;
     *) echo "unknown run $1" >&2; exit 2 ;;
   esac

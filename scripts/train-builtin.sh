@@ -24,8 +24,9 @@ $T tokenizer train --config configs/tokenizer-decoder.toml
 # 4. Code cache of the first 9,216 training samples (about 12 min).
 $T data encode data/synth64/train --tokenizer runs/vq-small/vq.safetensors --out runs/cache/synth64-train --max-samples 9216
 
-# 5. The GPT with the binding options (configs/tokenar-binding.toml): 1,500 steps, then
-#    resumed to 2,500 (the cosine schedule restarts over the longer horizon); about 65 min.
+# 5. The GPT with the binding options, without the index embedding
+#    (configs/tokenar-binding.toml): 1,500 steps, then resumed to 2,500 (the cosine schedule
+#    restarts over the longer horizon); 71 min at one thread with the other core busy.
 $T train --config configs/tokenar-binding.toml --resume
 $T train --config configs/tokenar-binding.toml --resume --set steps=2500
 

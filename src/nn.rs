@@ -16,6 +16,28 @@ use crate::vmath::softmax_in_place;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
+/// `dst = a * b` for an (m x k) `a` and a (k x n) `b` into the (m x n) `dst`, each given as
+/// a pointer with its row stride (and column stride for the sources; `dst`'s columns are
+/// contiguous), with the `gemm` crate's kernels (those candle's CPU matmul runs on).
+///
+/// # Safety
+/// The pointers must cover their strided extents, and `dst` must overlap neither source nor
+/// be written by anyone else during the call.
+unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    (dst, dst_rs): (*mut f32, usize),
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    (b, b_rs, b_cs): (*const f32, usize, usize),
+    par: gemm::Parallelism,
+) {
+    // SAFETY: forwarded from the caller; `read_dst = false` (dst is overwritten: dst = 1 * a b).
+    unsafe {
+        gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, a, a_cs as isize, a_rs as isize, b, b_cs as isize, b_rs as isize, 0.0, 1.0, false, false, false, par)
+    }
+}
+
 /// Softmax over the last dimension that passes gradients.
 ///
 /// On the CPU in f32 this is one fused pass per row forward and one backward

@@ -63,37 +63,15 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
-/// `dst (m x n) = a (m x k) * b (k x n)`, each matrix given by its pointer and (row, column)
-/// strides; single-threaded (the callers run one job per (batch, head) in parallel).
+/// `dst (m x n) = a (m x k) * b (k x n)` with row stride `dst_rs`, single-threaded (the
+/// callers run one job per (batch, head) in parallel).
 ///
 /// # Safety
-/// The pointers must cover the strided extents; `dst` must not overlap `a` or `b`.
+/// As [`super::gemm_strided`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: *const f32, a_rs: usize, a_cs: usize, b: *const f32, b_rs: usize, b_cs: usize) {
     // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            false,
-            a,
-            a_cs as isize,
-            a_rs as isize,
-            b,
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    unsafe { super::gemm_strided(m, n, k, (dst, dst_rs), (a, a_rs, a_cs), (b, b_rs, b_cs), gemm::Parallelism::None) }
 }
 
 /// Per-job scratch: rotated q and k, probabilities, their gradient, and row dot products.

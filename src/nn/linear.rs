@@ -40,29 +40,7 @@ fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], a: &[f32], a_rs: usize, a_c
     let threads = rayon::current_num_threads();
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the extents were checked above; dst is a distinct, exclusively borrowed buffer.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    };
+    unsafe { super::gemm_strided(m, n, k, (dst.as_mut_ptr(), n), (a.as_ptr(), a_rs, a_cs), (b.as_ptr(), b_rs, b_cs), par) };
     Ok(())
 }
 

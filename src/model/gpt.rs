@@ -152,12 +152,12 @@ impl Block {
     }
 
     /// Attention from elementary ops (inference with a KV cache, attention dropout, devices
-    /// without the fused kernel): `qkv` (B, S, 3 * dim) -> (B, S, dim).
-    fn attention_composed(&self, qkv: &Tensor, att: &AttnInputs, cache: Option<&mut LayerCache>, ctx: &mut Ctx, drop: &super::config::Dropouts) -> Result<Tensor> {
+    /// without the fused kernel): `qkv` (B, S, 3 * dim) -> (B, S, dim); queries scaled by
+    /// `scale`.
+    fn attention_composed(&self, qkv: &Tensor, scale: f64, att: &AttnInputs, cache: Option<&mut LayerCache>, ctx: &mut Ctx, drop: &super::config::Dropouts) -> Result<Tensor> {
         let (b, s, w) = qkv.dims3()?;
         let (h, hd) = (self.n_head, w / (3 * self.n_head));
         let qkv = qkv.reshape((b, s, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let q = rope::apply(&qkv.get(0)?, att.cos, att.sin, ctx.differentiable)?;
         let q = (q * scale)?;
         let k = rope::apply(&qkv.get(1)?, att.cos, att.sin, ctx.differentiable)?;
@@ -207,7 +207,7 @@ impl Block {
         };
         let y = match fused {
             Some(y) => y,
-            None => self.attention_composed(&qkv, att, cache, ctx, drop)?,
+            None => self.attention_composed(&qkv, scale, att, cache, ctx, drop)?,
         };
         let y = match packed {
             Some(p) => matmul_last(&y, &p.wo)?,

@@ -5,6 +5,8 @@
 # on the 500-sample test split. Every run resumes after an interruption; rerun the script.
 #
 #   STEPS=1500 scripts/ablation.sh           # steps per run (default 1500)
+#   EXTRA="--set binding_token_loss=1" EVAL_FLAGS="--cfg-scale 3 --top-k 10" \
+#     OUT=runs/ablation-binding scripts/ablation.sh  # the previous built-in recipe's ablation
 #   CONFIG=configs/tokenar-builtin.toml STEPS=400 OUT=runs/ablation EXTRA="--set warmup=50 \
 #     --set ckpt_every=100" scripts/ablation.sh  # the earlier ablation (recipe without binding)
 #   RUNS="full no-itd" scripts/ablation.sh    # a subset (e.g. to spread runs over machines)

@@ -10,9 +10,8 @@
 use super::rows_of;
 use crate::error::Result;
 use crate::vmath::softmax_in_place;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Arc;
 
 /// Self-attention of the fused projection `qkv` (B, S, 3 * H * D: the queries, keys and
 /// values of the H heads side by side, as `wqkv` writes them): each head's q and k rotated
@@ -36,10 +35,10 @@ pub fn attention_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64, heads
     let op = FusedAttention {
         heads,
         scale: scale as f32,
-        cos: Arc::new(vec(cos)?),
-        sin: Arc::new(vec(sin)?),
+        cos: vec(cos)?,
+        sin: vec(sin)?,
         mask: match mask {
-            Some(m) => Some(Arc::new((m.dim(0)?, vec(m)?))),
+            Some(m) => Some((m.dim(0)?, vec(m)?)),
             None => None,
         },
     };
@@ -51,9 +50,9 @@ pub fn attention_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64, heads
 struct FusedAttention {
     heads: usize,
     scale: f32,
-    cos: Arc<Vec<f32>>,
-    sin: Arc<Vec<f32>>,
-    mask: Option<Arc<(usize, Vec<f32>)>>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    mask: Option<(usize, Vec<f32>)>,
 }
 
 /// A pointer shared by the (batch, head) jobs, which write disjoint parts of its buffer.
@@ -172,17 +171,36 @@ impl CustomOp1 for FusedAttention {
     }
 
     fn bwd(&self, qkv: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (b, s, w) = qkv.dims3()?;
-        let (h, d) = (self.heads, w / (3 * self.heads));
-        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
-        let (x, ov, gv) = (flat(qkv)?, flat(res)?, flat(grad)?);
+        Ok(Some(qkv.apply_op3_no_bwd(res, &grad.contiguous()?, &AttentionGrad(self))?))
+    }
+}
+
+/// The backward pass of [`FusedAttention`]: `(qkv, output, output gradient) -> d qkv`, read
+/// from the tensors' storage where they lie.
+struct AttentionGrad<'a>(&'a FusedAttention);
+
+impl CustomOp3 for AttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "fused-attention-grad"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, so: &CpuStorage, lo: &Layout, sg: &CpuStorage, lg: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let (b, s, d) = op.dims(lx)?;
+        let (h, w) = (op.heads, 3 * op.heads * d);
+        let (x, _) = rows_of(sx, lx)?;
+        let (ov, _) = rows_of(so, lo)?;
+        let (gv, _) = rows_of(sg, lg)?;
+        if ov.len() != b * s * h * d || gv.len() != ov.len() {
+            candle_core::bail!("fused attention grad: output {:?} and gradient {:?} for qkv {:?}", lo.shape(), lg.shape(), lx.shape());
+        }
         let mut dx = vec![0f32; x.len()];
         let px = Shared(dx.as_mut_ptr());
         (0..b * h).into_par_iter().for_each_init(
-            || (Self::scratch(s, d), vec![0f32; s * d]),
+            || (FusedAttention::scratch(s, d), vec![0f32; s * d]),
             |(t, g), bh| {
                 let (bi, hi) = (bh / h, bh % h);
-                self.probs(&x, (bi, hi), (s, d), t);
+                op.probs(x, (bi, hi), (s, d), t);
                 // This head's output and output gradient: S rows of stride H*D.
                 let at = (bi * s * h + hi) * d;
                 for (i, c) in t.dot.iter_mut().enumerate() {
@@ -210,12 +228,12 @@ impl CustomOp1 for FusedAttention {
                 // their columns. SAFETY: as above; `g` is this job's scratch.
                 unsafe {
                     mm(s, d, s, g.as_mut_ptr(), d, t.dp.as_ptr(), s, 1, t.k.as_ptr(), d, 1);
-                    self.rotate(g, d, s, d, self.scale, true, px.0.add(base), w);
+                    op.rotate(g, d, s, d, op.scale, true, px.0.add(base), w);
                     mm(s, d, s, g.as_mut_ptr(), d, t.dp.as_ptr(), 1, s, t.q.as_ptr(), d, 1);
-                    self.rotate(g, d, s, d, 1.0, true, px.0.add(base + h * d), w);
+                    op.rotate(g, d, s, d, 1.0, true, px.0.add(base + h * d), w);
                 }
             },
         );
-        Ok(Some(Tensor::from_vec(dx, qkv.shape(), qkv.device())?))
+        Ok((CpuStorage::F32(dx), lx.shape().clone()))
     }
 }

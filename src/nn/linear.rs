@@ -20,13 +20,20 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if dims.last() != Some(&din) {
         return Err(crate::error::Error::invalid("linear", format!("input {dims:?} does not end in the weight's {din} inputs ({dout} x {din})")));
     }
-    let mut out = dims.clone();
-    *out.last_mut().unwrap_or(&mut 0) = dout;
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
         return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, FusedLinear)?);
     }
     let n: usize = dims[..dims.len() - 1].iter().product();
-    Ok(x.reshape((n, din))?.matmul(&w.t()?)?.reshape(out)?)
+    Ok(x.reshape((n, din))?.matmul(&w.t()?)?.reshape(with_last(&dims, dout))?)
+}
+
+/// `dims` with the last dimension replaced by `last`.
+fn with_last(dims: &[usize], last: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(l) = d.last_mut() {
+        *l = last;
+    }
+    Shape::from(d)
 }
 
 /// `dst (m x n) = a (m x k) * b (k x n)`, matrices given by slice and (row, column) strides,
@@ -68,9 +75,7 @@ impl CustomOp2 for FusedLinear {
         let mut y = vec![0f32; n * dout];
         // y = x w^T: w^T (in x out) is w read with row stride 1, column stride in.
         mm(n, dout, din, &mut y, x, din, 1, w, 1, din)?;
-        let mut dims = lx.shape().dims().to_vec();
-        *dims.last_mut().unwrap_or(&mut 0) = dout;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((CpuStorage::F32(y), with_last(lx.shape().dims(), dout)))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
@@ -106,9 +111,7 @@ impl CustomOp2 for LinearGrad {
                 let din = width;
                 let mut dx = vec![0f32; n * din];
                 mm(n, din, dout, &mut dx, g, dout, 1, b, din, 1)?;
-                let mut dims = lg.shape().dims().to_vec();
-                *dims.last_mut().unwrap_or(&mut 0) = din;
-                Ok((CpuStorage::F32(dx), Shape::from(dims)))
+                Ok((CpuStorage::F32(dx), with_last(lg.shape().dims(), din)))
             }
             Self::Weight => {
                 // b = x (n x in); g^T (out x n) is g read with row stride 1, column stride out.

@@ -10,6 +10,7 @@ mod linear;
 
 pub use attention::attention_qkv;
 pub use linear::linear;
+pub(crate) use linear::mm;
 
 use crate::error::Result;
 use crate::vmath::softmax_in_place;

@@ -93,6 +93,22 @@ multiversion! {
 }
 
 multiversion! {
+    /// [`softmax_in_place`] that also returns the row's log-sum-exp (`max + ln(sum e^(x - max))`).
+    pub fn softmax_in_place_lse(row: &mut [f32]) -> f32 {
+        let m = max(row);
+        for x in row.iter_mut() {
+            *x = exp(*x - m);
+        }
+        let total = sum(row);
+        let inv = 1.0 / total;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+        m + total.ln()
+    }
+}
+
+multiversion! {
     /// SwiGLU: `out[i] = silu(gate[i]) * up[i]`, `silu(g) = g / (1 + e^-g)`.
     pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {

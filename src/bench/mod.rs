@@ -315,9 +315,8 @@ pub fn bench_train(model: &TokenAr, varmap: &VarMap, n_refs: usize, text: Option
     let mut phases = [0f64; 3];
     let s = timed(o.warmup, o.repeat, || {
         let t0 = Instant::now();
-        let (logits, targets) = model.forward_train(&inputs.cond, &target, true, &mut rng)?;
-        let (b, n, vv) = logits.dims3()?;
-        let loss = crate::model::loss::cross_entropy(&logits.reshape((b * n, vv))?, &targets.reshape(b * n)?)?;
+        let out = model.forward_train_full(&inputs.cond, &target, true, &mut rng)?;
+        let loss = model.token_nll(&out.hidden, &out.targets)?.mean_all()?;
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let mut grads = loss.backward()?;

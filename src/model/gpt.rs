@@ -22,10 +22,11 @@ use rand::Rng as _;
 
 const STD: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
 
-/// Training outputs: logits at the loss positions, their targets, and the final-norm features
-/// of the positions that predict the target image (for the distillation head).
+/// Training outputs: the final-norm features at the loss positions (B, n_loss, dim) (the
+/// head's input: [`TokenAr::token_nll`], [`TokenAr::logits`]), their targets (B, n_loss) u32,
+/// and the features of the positions that predict the target image (for the distillation head).
 pub struct TrainOutput {
-    pub logits: Tensor,
+    pub hidden: Tensor,
     pub targets: Tensor,
     pub target_features: Tensor,
 }
@@ -543,17 +544,35 @@ impl TokenAr {
         let h = self.run_blocks(x, &AttnInputs { cos: &cos, sin: &sin, mask: Some(&mask) }, None, &mut ctx, None)?;
         let r = layout.loss_range();
         let hn = self.norm.forward(&h.narrow(1, r.start, r.len())?, true)?;
-        let logits = linear(&hn, &self.output)?;
         let hw = self.cfg.image_tokens();
         let target_features = hn.narrow(1, r.len() - hw, hw)?;
-        Ok(TrainOutput { logits, targets: gen, target_features })
+        Ok(TrainOutput { hidden: hn, targets: gen, target_features })
     }
 
     /// Teacher-forced forward: logits at the loss positions (B, n_loss, V) and their targets
-    /// (B, n_loss) u32; loss = cross_entropy(logits, targets).
+    /// (B, n_loss) u32; loss = cross_entropy(logits, targets). Training uses
+    /// [`forward_train_full`](Self::forward_train_full) and [`token_nll`](Self::token_nll),
+    /// which never materialise the logits as a graph node.
     pub fn forward_train(&self, cond: &Condition, target: &Tensor, train: bool, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
         let o = self.forward_train_full(cond, target, train, rng)?;
-        Ok((o.logits, o.targets))
+        Ok((self.logits(&o.hidden)?, o.targets))
+    }
+
+    /// The output head on training features (B, n, dim) -> logits (B, n, V).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(hidden, &self.output)
+    }
+
+    /// Per-token cross-entropy (B, n) of the output head on training features `hidden`
+    /// (B, n, dim) against `targets` (B, n): the head and the loss in one op
+    /// ([`loss::head_cross_entropy`](super::loss::head_cross_entropy)).
+    pub fn token_nll(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = hidden.dims3()?;
+        if targets.dims() != [b, n] {
+            return Err(Error::invalid("token targets", format!("shape {:?} for features {:?}", targets.dims(), hidden.dims())));
+        }
+        let nll = super::loss::head_cross_entropy(&hidden.reshape((b * n, d))?, &self.output, &targets.reshape(b * n)?)?;
+        Ok(nll.reshape((b, n))?)
     }
 
     /// The distillation head (`alignment`, Conv2d k=2 s=2) on target features (B, h*w, dim):

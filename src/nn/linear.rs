@@ -39,7 +39,7 @@ fn with_last(dims: &[usize], last: usize) -> Shape {
 /// `dst (m x n) = a (m x k) * b (k x n)`, matrices given by slice and (row, column) strides,
 /// on rayon's pool when it has more than one thread.
 #[allow(clippy::too_many_arguments)]
-fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize) -> candle_core::Result<()> {
+pub(crate) fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize) -> candle_core::Result<()> {
     let reach = |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
     if dst.len() < m * n || a.len() < reach(m, k, a_rs, a_cs) || b.len() < reach(k, n, b_rs, b_cs) {
         candle_core::bail!("linear: buffers too small for a {m} x {k} by {k} x {n} product");

@@ -395,9 +395,10 @@ impl JobParts {
         cond.drop_text = drop_text;
         cond.drop_image = drop_image;
         let out = self.gpt.forward_train_full(&cond, &target, true, rng)?;
-        let (b, n, v) = out.logits.dims3()?;
-        let loss = model::loss::cross_entropy(&out.logits.reshape((b * n, v))?, &out.targets.reshape(b * n)?)?;
-        let (terms, extras) = self.binding_terms(&idx, &cond, &out)?.unwrap_or_default();
+        let (b, n) = out.targets.dims2()?;
+        let nll = self.gpt.token_nll(&out.hidden, &out.targets)?;
+        let loss = nll.mean_all()?;
+        let (terms, extras) = self.binding_terms(&idx, &cond, &out, &nll)?.unwrap_or_default();
         let loss = terms.into_iter().try_fold(loss, |acc, t| acc + t)?;
         Ok(StepOutput { loss, tokens: b * n, extras })
     }
@@ -405,7 +406,8 @@ impl JobParts {
     /// The binding terms to add to a step's loss, in order (the weighted binding loss and, when
     /// configured, the weighted token loss on the same cells), and the figures to log; `None`
     /// without a binding head or without a counted cell in the batch.
-    fn binding_terms(&self, idx: &[usize], cond: &Condition, out: &model::TrainOutput) -> Result<Option<(Vec<Tensor>, Vec<(&'static str, f64)>)>> {
+    /// `nll`: the per-token losses (B, n_loss) of the step.
+    fn binding_terms(&self, idx: &[usize], cond: &Condition, out: &model::TrainOutput, nll: &Tensor) -> Result<Option<(Vec<Tensor>, Vec<(&'static str, f64)>)>> {
         let Some((w, bias)) = &self.binding else {
             return Ok(None);
         };
@@ -423,14 +425,11 @@ impl JobParts {
         ];
         let mut terms = vec![(bl.loss * self.cfg.binding_loss)?];
         if self.cfg.binding_token_loss > 0.0 {
-            // Logit rows of those cells: the target is the last h*w of the n loss positions.
-            let (b, n, v) = out.logits.dims3()?;
+            // Loss rows of those cells: the target is the last h*w of the n loss positions.
+            let (b, n) = nll.dims2()?;
             let rows: Vec<u32> = cells.rows.iter().map(|&r| ((r as usize / hw) * n + n - hw + r as usize % hw) as u32).collect();
-            let rows = Tensor::from_vec(rows, cells.rows.len(), out.logits.device())?;
-            let tl = model::loss::cross_entropy(
-                &out.logits.reshape((b * n, v))?.index_select(&rows, 0)?,
-                &out.targets.reshape(b * n)?.index_select(&rows, 0)?,
-            )?;
+            let rows = Tensor::from_vec(rows, cells.rows.len(), nll.device())?;
+            let tl = nll.reshape(b * n)?.index_select(&rows, 0)?.mean_all()?;
             extras.push(("binding_token_loss", tl.to_scalar::<f32>()? as f64));
             terms.push((tl * self.cfg.binding_token_loss)?);
         }

@@ -228,6 +228,85 @@ impl CustomOp3 for FusedSwigluGrad {
     }
 }
 
+/// `x * mask` for a constant `mask` of `x`'s shape (a dropout mask): the gradient passes to
+/// `x` only (candle's `mul` also computes and accumulates a gradient for the mask, two more
+/// passes and a zero-filled buffer). On the CPU in f32 one op; elsewhere candle's `mul`.
+pub fn mul_mask(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if !elementwise_fusable(&[x, mask]) {
+        return Ok((x * mask.detach())?);
+    }
+    Ok(x.contiguous()?.apply_op2(&mask.contiguous()?, MulMask)?)
+}
+
+/// `x + y * mask` for a constant `mask` (a residual connection around a dropped-out branch),
+/// with gradients to `x` and `y` only: one op on the CPU in f32 instead of a `mul` and an
+/// `add` node; elsewhere the composed ops.
+pub fn add_masked(x: &Tensor, y: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if !elementwise_fusable(&[x, y, mask]) {
+        return Ok((x + (y * mask.detach())?)?);
+    }
+    Ok(x.contiguous()?.apply_op3(&y.contiguous()?, &mask.contiguous()?, AddMasked)?)
+}
+
+/// CPU f32 tensors of one shape.
+fn elementwise_fusable(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.shape() == ts[0].shape())
+}
+
+struct MulMask;
+
+impl CustomOp2 for MulMask {
+    fn name(&self) -> &'static str {
+        "mul-mask"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        map_row_pairs("mul mask", s1, l1, s2, l2, |a, m, o| {
+            for ((o, &a), &m) in o.iter_mut().zip(a).zip(m) {
+                *o = a * m;
+            }
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, mask: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.contiguous()?.apply_op2_no_bwd(mask, &MulMask)?), None))
+    }
+}
+
+struct AddMasked;
+
+impl CustomOp3 for AddMasked {
+    fn name(&self) -> &'static str {
+        "add-masked"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, _) = rows_of(s1, l1)?;
+        let (y, _) = rows_of(s2, l2)?;
+        let (m, _) = rows_of(s3, l3)?;
+        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+            candle_core::bail!("add masked: shapes {:?}, {:?}, {:?}", l1.shape(), l2.shape(), l3.shape());
+        }
+        let mut out = vec![0f32; x.len()];
+        let per = chunk_len(x.len(), 4096);
+        rayon::scope(|sc| {
+            for (((x, y), m), o) in x.chunks(per).zip(y.chunks(per)).zip(m.chunks(per)).zip(out.chunks_mut(per)) {
+                sc.spawn(move |_| {
+                    for (((o, &x), &y), &m) in o.iter_mut().zip(x).zip(y).zip(m) {
+                        *o = x + y * m;
+                    }
+                });
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, mask: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?.apply_op2_no_bwd(mask, &MulMask)?;
+        Ok((Some(grad.clone()), Some(dy), None))
+    }
+}
+
 /// SwiGLU over the two halves of the last dimension: `(.., 2f) -> (.., f)`,
 /// `silu(x[.., :f]) * x[.., f:]`, for a fused `w1 | w3` projection. Inference only: the fused
 /// CPU kernel passes no gradient (the trainable path uses [`swiglu`] on separate inputs).
@@ -585,6 +664,30 @@ mod tests {
         let gt = g.as_tensor().transpose(1, 2).unwrap();
         let ut = u.as_tensor().transpose(1, 2).unwrap();
         close(&swiglu(&gt, &ut).unwrap(), &(candle_nn::ops::silu(&gt).unwrap() * &ut).unwrap());
+    }
+
+    #[test]
+    fn masked_ops_match_composed_and_leave_the_mask_without_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 33), &dev).unwrap()).unwrap();
+        let y = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 33), &dev).unwrap()).unwrap();
+        let keep: Vec<f32> = (0..2 * 5 * 33).map(|i| if i % 3 == 0 { 0.0 } else { 1.25 }).collect();
+        let m = Tensor::from_vec(keep, (2, 5, 33), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (2, 5, 33), &dev).unwrap();
+        let fused = add_masked(x.as_tensor(), &mul_mask(y.as_tensor(), &m).unwrap(), &m).unwrap();
+        let composed = (x.as_tensor() + ((y.as_tensor() * &m).unwrap() * &m).unwrap()).unwrap();
+        assert!(max_diff(&fused, &composed) == 0.0);
+        let gf = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &y] {
+            assert!(max_diff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap()) < 1e-6);
+        }
+        assert!(gf.get(&m).is_none());
+        // Dropped entries pass no gradient to y.
+        let gy = gf.get(y.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(gy.iter().step_by(3).all(|&g| g == 0.0));
+        assert!(mul_mask(x.as_tensor(), &m.narrow(2, 0, 32).unwrap()).is_err());
+        assert!(add_masked(x.as_tensor(), y.as_tensor(), &m.narrow(2, 0, 32).unwrap()).is_err());
     }
 
     #[test]

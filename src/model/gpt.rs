@@ -38,16 +38,31 @@ pub(crate) struct Ctx<'r> {
 }
 
 impl Ctx<'_> {
-    fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
+    /// A dropout mask of `x`'s shape (entries 0 or 1 / (1 - p)); `None` without an RNG or at p = 0.
+    fn dropout_mask(&mut self, x: &Tensor, p: f32) -> Result<Option<Tensor>> {
         let rng = match self.rng.as_deref_mut() {
             Some(r) if p > 0.0 => r,
-            _ => return Ok(x.clone()),
+            _ => return Ok(None),
         };
         let keep = 1.0 - p;
         let n = x.elem_count();
         let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok((x * mask)?)
+        Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?))
+    }
+
+    fn dropout(&mut self, x: &Tensor, p: f32) -> Result<Tensor> {
+        match self.dropout_mask(x, p)? {
+            Some(m) => crate::nn::mul_mask(x, &m),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The residual connection `x + dropout(y)`.
+    fn residual(&mut self, x: &Tensor, y: &Tensor, p: f32) -> Result<Tensor> {
+        match self.dropout_mask(y, p)? {
+            Some(m) => crate::nn::add_masked(x, y, &m),
+            None => Ok((x + y)?),
+        }
     }
 }
 
@@ -210,24 +225,22 @@ impl Block {
             Some(y) => y,
             None => self.attention_composed(&qkv, scale, att, cache, ctx, drop)?,
         };
-        let y = match packed {
-            Some(p) => matmul_last(&y, &p.wo)?,
-            None => ctx.dropout(&linear(&y, &self.wo)?, drop.resid)?,
+        let hres = match packed {
+            Some(p) => (x + matmul_last(&y, &p.wo)?)?,
+            None => ctx.residual(x, &linear(&y, &self.wo)?, drop.resid)?,
         };
-        let hres = (x + y)?;
         let hn = self.ffn_norm.forward(&hres, ctx.differentiable)?;
-        let f = match packed {
+        match packed {
             Some(p) => {
                 let g = crate::nn::swiglu_halves(&matmul_last(&hn, &p.w13)?)?;
-                matmul_last(&g, &p.w2)?
+                Ok((hres + matmul_last(&g, &p.w2)?)?)
             }
             None => {
                 let g = crate::nn::swiglu(&linear(&hn, &self.w1)?, &linear(&hn, &self.w3)?)?;
                 let g = ctx.dropout(&g, drop.ffn)?;
-                ctx.dropout(&linear(&g, &self.w2)?, drop.resid)?
+                ctx.residual(&hres, &linear(&g, &self.w2)?, drop.resid)
             }
-        };
-        Ok((hres + f)?)
+        }
     }
 }
 

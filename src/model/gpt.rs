@@ -44,9 +44,7 @@ impl Ctx<'_> {
             Some(r) if p > 0.0 => r,
             _ => return Ok(None),
         };
-        let keep = 1.0 - p;
-        let n = x.elem_count();
-        let mask: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
+        let mask = crate::nn::dropout_mask_values(x.elem_count(), p, rng.random());
         Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?))
     }
 

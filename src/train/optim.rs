@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout, Shape, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -69,30 +69,89 @@ fn update_tensor(s: &mut Slot, g: &Tensor, k: &Coefs) -> Result<()> {
     Ok(())
 }
 
-/// The same update as [`update_tensor`] in one pass over f32 CPU memory (the element-wise
-/// tensor ops would each allocate and traverse the whole parameter).
+/// The same update as [`update_tensor`] in place on f32 CPU memory: the two moments, then the
+/// parameter, each one element-wise pass reading the gradient and the state where they lie
+/// (copying parameter, gradient and moments out and back cost more than the update itself).
 fn update_cpu(s: &mut Slot, g: &Tensor, k: &Coefs) -> Result<()> {
-    let shape = s.var.shape().clone();
-    let dev = s.var.device().clone();
-    let mut theta = s.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-    let g = g.flatten_all()?.to_vec1::<f32>()?;
-    let mut m = s.m.flatten_all()?.to_vec1::<f32>()?;
-    let mut v = s.v.flatten_all()?.to_vec1::<f32>()?;
-    let decay = if s.decay { k.decay as f32 } else { 1.0 };
-    let (b1, b2, c1, c2) = (k.b1 as f32, k.b2 as f32, (1.0 - k.b1) as f32, (1.0 - k.b2) as f32);
-    let (step, inv_bc2, eps) = (k.step as f32, k.inv_bc2 as f32, k.eps as f32);
-    for i in 0..theta.len() {
-        let gi = g[i];
-        let mi = b1 * m[i] + c1 * gi;
-        let vi = b2 * v[i] + c2 * (gi * gi);
-        theta[i] = theta[i] * decay - step * mi / ((vi * inv_bc2).sqrt() + eps);
-        m[i] = mi;
-        v[i] = vi;
-    }
-    s.m = Tensor::from_vec(m, shape.clone(), &dev)?;
-    s.v = Tensor::from_vec(v, shape.clone(), &dev)?;
-    s.var.set(&Tensor::from_vec(theta, shape, &dev)?)?;
+    let g = g.contiguous()?;
+    s.m.inplace_op2(&g, &Moment { keep: k.b1 as f32, square: false })?;
+    s.v.inplace_op2(&g, &Moment { keep: k.b2 as f32, square: true })?;
+    let step = ParamStep {
+        decay: if s.decay { k.decay as f32 } else { 1.0 },
+        step: k.step as f32,
+        inv_bc2: k.inv_bc2 as f32,
+        eps: k.eps as f32,
+    };
+    s.var.as_tensor().inplace_op3(&s.m, &s.v, &step)?;
     Ok(())
+}
+
+/// The contiguous f32 elements of a CPU storage, mutable.
+fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("AdamW: non-contiguous state".into()))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("AdamW: state is not f32"),
+    }
+}
+
+/// The contiguous f32 elements of a CPU storage.
+fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("AdamW: non-contiguous input".into()))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+/// `state = keep * state + (1 - keep) * g` (or `g^2` when `square`), in place.
+struct Moment {
+    keep: f32,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let state = f32_mut(s1, l1)?;
+        let g = f32_ref(s2, l2)?;
+        if state.len() != g.len() {
+            candle_core::bail!("AdamW: {} state entries for a gradient of {}", state.len(), g.len());
+        }
+        let (keep, add) = (self.keep, 1.0 - self.keep);
+        if self.square {
+            state.iter_mut().zip(g).for_each(|(x, &gi)| *x = keep * *x + add * (gi * gi));
+        } else {
+            state.iter_mut().zip(g).for_each(|(x, &gi)| *x = keep * *x + add * gi);
+        }
+        Ok(())
+    }
+}
+
+/// `p = p * decay - step * m / (sqrt(v * inv_bc2) + eps)`, in place.
+struct ParamStep {
+    decay: f32,
+    step: f32,
+    inv_bc2: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for ParamStep {
+    fn name(&self) -> &'static str {
+        "adamw-step"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<()> {
+        let p = f32_mut(s1, l1)?;
+        let (m, v) = (f32_ref(s2, l2)?, f32_ref(s3, l3)?);
+        if p.len() != m.len() || p.len() != v.len() {
+            candle_core::bail!("AdamW: {} parameters for moments of {} and {}", p.len(), m.len(), v.len());
+        }
+        for ((x, &mi), &vi) in p.iter_mut().zip(m).zip(v) {
+            *x = *x * self.decay - self.step * mi / ((vi * self.inv_bc2).sqrt() + self.eps);
+        }
+        Ok(())
+    }
 }
 
 /// Key prefixes of the optimiser state inside a checkpoint.
@@ -112,8 +171,9 @@ impl AdamW {
             }
             let t = var.as_tensor();
             let decay = t.rank() >= 2;
+            // Two buffers: the CPU update writes each in place.
             let m = t.zeros_like()?.to_dtype(DType::F32)?;
-            let v = m.clone();
+            let v = t.zeros_like()?.to_dtype(DType::F32)?;
             slots.push(Slot { name, var, m, v, decay });
         }
         Ok(Self { params, slots, step: 0 })
@@ -171,7 +231,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// The state to save: `optim.m.<name>`, `optim.v.<name>` tensors and the step count.
+    /// The state to save: `optim.m.<name>`, `optim.v.<name>` tensors and the step count. The
+    /// tensors are handles to the live state, which the next [`step`](Self::step) overwrites
+    /// in place on the CPU: write them out before stepping again.
     pub fn state(&self) -> (HashMap<String, Tensor>, BTreeMap<String, String>) {
         let mut t = HashMap::with_capacity(2 * self.slots.len());
         for s in &self.slots {
@@ -250,14 +312,30 @@ pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
     for (_, v) in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
             sq += if g.device().is_cpu() && g.dtype() == DType::F32 {
-                // One pass, accumulated in f64 (the tensor path allocates the squares).
-                g.flatten_all()?.to_vec1::<f32>()?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
+                // One pass over the gradient where it lies, accumulated in f64 (the tensor path
+                // allocates the squares).
+                g.contiguous()?.apply_op1_no_bwd(&SumSquares)?.to_scalar::<f64>()?
             } else {
                 g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
             };
         }
     }
     Ok(sq.sqrt())
+}
+
+/// The sum of squares of an f32 tensor, accumulated and returned in f64.
+struct SumSquares;
+
+impl CustomOp1 for SumSquares {
+    fn name(&self) -> &'static str {
+        "sum-squares-f64"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_ref(s, l)?;
+        let total = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+        Ok((CpuStorage::F64(vec![total]), Shape::from(())))
+    }
 }
 
 /// Shape of the learning-rate curve after warm-up.

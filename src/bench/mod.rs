@@ -16,7 +16,7 @@ pub use torch::{run_torch, TorchArgs};
 use crate::error::{Error, Result};
 use crate::model::{Condition, GptConfig, TokenAr};
 use crate::sample::{self, DecodePlan, ItdMode, SampleOptions};
-use crate::train::{clip_grad_norm, AdamW, AdamWParams};
+use crate::train::{clip_coef, grad_norm, AdamW, AdamWParams};
 use crate::util::Rng;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
@@ -319,10 +319,10 @@ pub fn bench_train(model: &TokenAr, varmap: &VarMap, n_refs: usize, text: Option
         let loss = model.token_nll(&out.hidden, &out.targets)?.mean_all()?;
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let mut grads = loss.backward()?;
+        let grads = loss.backward()?;
         let t2 = Instant::now();
-        clip_grad_norm(&mut grads, &vars, 1.0)?;
-        optim.step(&grads)?;
+        let norm = grad_norm(&grads, &vars)?;
+        optim.step_scaled(&grads, clip_coef(norm, 1.0))?;
         let t3 = Instant::now();
         phases = [(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64()];
         Ok((t3 - t0).as_secs_f64())

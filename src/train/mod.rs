@@ -30,7 +30,7 @@ pub mod run;
 pub use checkpoint::{Checkpointer, Restored, RngState};
 pub use config::{apply_overrides, apply_overrides_to};
 pub use metrics::{plot_losses, MetricsLog, MetricsRecord, PlotOptions};
-pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWParams, Decay, LrSchedule};
+pub use optim::{clip_coef, clip_grad_norm, grad_norm, AdamW, AdamWParams, Decay, LrSchedule};
 pub use run::{run_loop, Hooks, LoopConfig, LoopSummary, NoHooks, StepOutput, TrainState};
 
 #[cfg(test)]

@@ -72,10 +72,10 @@ fn update_tensor(s: &mut Slot, g: &Tensor, k: &Coefs) -> Result<()> {
 /// The same update as [`update_tensor`] in place on f32 CPU memory: the two moments, then the
 /// parameter, each one element-wise pass reading the gradient and the state where they lie
 /// (copying parameter, gradient and moments out and back cost more than the update itself).
-fn update_cpu(s: &mut Slot, g: &Tensor, k: &Coefs) -> Result<()> {
+fn update_cpu(s: &mut Slot, g: &Tensor, scale: f32, k: &Coefs) -> Result<()> {
     let g = g.contiguous()?;
-    s.m.inplace_op2(&g, &Moment { keep: k.b1 as f32, square: false })?;
-    s.v.inplace_op2(&g, &Moment { keep: k.b2 as f32, square: true })?;
+    s.m.inplace_op2(&g, &Moment { keep: k.b1 as f32, scale, square: false })?;
+    s.v.inplace_op2(&g, &Moment { keep: k.b2 as f32, scale, square: true })?;
     let step = ParamStep {
         decay: if s.decay { k.decay as f32 } else { 1.0 },
         step: k.step as f32,
@@ -101,9 +101,11 @@ fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> 
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 
-/// `state = keep * state + (1 - keep) * g` (or `g^2` when `square`), in place.
+/// `state = keep * state + (1 - keep) * x` with `x = scale * g` (or its square when
+/// `square`), in place.
 struct Moment {
     keep: f32,
+    scale: f32,
     square: bool,
 }
 
@@ -118,11 +120,11 @@ impl InplaceOp2 for Moment {
         if state.len() != g.len() {
             candle_core::bail!("AdamW: {} state entries for a gradient of {}", state.len(), g.len());
         }
-        let (keep, add) = (self.keep, 1.0 - self.keep);
+        let (keep, add, scale) = (self.keep, 1.0 - self.keep, self.scale);
         if self.square {
-            state.iter_mut().zip(g).for_each(|(x, &gi)| *x = keep * *x + add * (gi * gi));
+            state.iter_mut().zip(g).for_each(|(x, &gi)| *x = keep * *x + add * ((gi * scale) * (gi * scale)));
         } else {
-            state.iter_mut().zip(g).for_each(|(x, &gi)| *x = keep * *x + add * gi);
+            state.iter_mut().zip(g).for_each(|(x, &gi)| *x = keep * *x + add * (gi * scale));
         }
         Ok(())
     }
@@ -208,6 +210,12 @@ impl AdamW {
 
     /// Apply one update from `grads` (gradients keyed by the variables' tensors).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// Apply one update from `grads` multiplied by `grad_scale` (the factor of global-norm
+    /// clipping, [`clip_coef`], applied inside the update instead of as a pass of its own).
+    pub fn step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let p = self.params.clone();
         let t = self.step as i32;
@@ -223,7 +231,9 @@ impl AdamW {
         for s in &mut self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else { continue };
             if s.var.device().is_cpu() && s.var.dtype() == DType::F32 && g.dtype() == DType::F32 {
-                update_cpu(s, g, &k)?;
+                update_cpu(s, g, grad_scale as f32, &k)?;
+            } else if grad_scale != 1.0 {
+                update_tensor(s, &g.affine(grad_scale, 0.0)?, &k)?;
             } else {
                 update_tensor(s, g, &k)?;
             }
@@ -292,10 +302,7 @@ impl AdamW {
 /// Returns the norm before clipping. A non-finite norm is returned as is and nothing is scaled.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f64) -> Result<f64> {
     let total = grad_norm(grads, vars)?;
-    if !total.is_finite() {
-        return Ok(total);
-    }
-    let coef = max_norm / (total + 1e-6);
+    let coef = clip_coef(total, max_norm);
     if coef < 1.0 {
         for (_, v) in vars {
             if let Some(g) = grads.remove(v.as_tensor()) {
@@ -304,6 +311,18 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f
         }
     }
     Ok(total)
+}
+
+/// The factor [`clip_grad_norm`] scales the gradients by, for a global norm `total`:
+/// `max_norm / (total + 1e-6)` when that is below 1, else 1 (also for a non-finite norm).
+/// With [`AdamW::step_scaled`] it clips without a pass over the gradients.
+pub fn clip_coef(total: f64, max_norm: f64) -> f64 {
+    let coef = max_norm / (total + 1e-6);
+    if total.is_finite() && coef < 1.0 {
+        coef
+    } else {
+        1.0
+    }
 }
 
 /// Global L2 norm of the gradients of `vars` (accumulated in f64).
@@ -406,8 +425,10 @@ mod tests {
                     inv_bc2: 1.0 / (1.0 - 0.95f64.powi(t)),
                     eps: 1e-8,
                 };
-                update_cpu(&mut a, &g, &k).unwrap();
-                update_tensor(&mut b, &g, &k).unwrap();
+                // A clipping factor on one step: applied inside the CPU update.
+                let scale = if t == 2 { 0.5 } else { 1.0 };
+                update_cpu(&mut a, &g, scale as f32, &k).unwrap();
+                update_tensor(&mut b, &g.affine(scale, 0.0).unwrap(), &k).unwrap();
             }
             for (x, y) in [(a.var.as_tensor(), b.var.as_tensor()), (&a.m, &b.m), (&a.v, &b.v)] {
                 let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

@@ -8,7 +8,7 @@
 
 use super::checkpoint::{group_key, Checkpointer, Restored};
 use super::metrics::{MetricsLog, MetricsRecord};
-use super::optim::{clip_grad_norm, grad_norm, AdamW, AdamWParams, LrSchedule};
+use super::optim::{clip_coef, grad_norm, AdamW, AdamWParams, LrSchedule};
 use crate::error::{Error, Result};
 use crate::util::Rng;
 use candle_core::backprop::GradStore;
@@ -245,10 +245,7 @@ where
                 }
             }
         }
-        let norm = match cfg.max_grad_norm {
-            Some(m) => clip_grad_norm(&mut acc, &vars, m)?,
-            None => grad_norm(&acc, &vars)?,
-        };
+        let norm = grad_norm(&acc, &vars)?;
         if !norm.is_finite() {
             bar.abandon();
             return Err(Error::Numerical(format!(
@@ -256,7 +253,9 @@ where
                 last_good(&last_good_path)
             )));
         }
-        state.optim.step(&acc)?;
+        // Global-norm clipping as a factor inside the update (no pass over the gradients).
+        let scale = cfg.max_grad_norm.map_or(1.0, |m| clip_coef(norm, m));
+        state.optim.step_scaled(&acc, scale)?;
         state.step = step;
         let loss = loss_sum / cfg.accum as f64;
         summary.losses.push((step, loss as f32));

@@ -188,6 +188,39 @@ fn clipping_caps_the_global_norm() {
 }
 
 #[test]
+fn clipping_inside_the_update_equals_clipping_the_gradients() {
+    let run = |fused: bool| {
+        let v = Var::new(&[[1f32, -2.0, 0.5], [3.0, 4.0, -1.0]], &Device::Cpu).unwrap();
+        let b = Var::new(&[0.1f32, -0.2], &Device::Cpu).unwrap();
+        let vars = vec![("w".to_string(), v.clone()), ("b".to_string(), b.clone())];
+        let mut opt = AdamW::new(vars.clone(), AdamWParams { lr: 0.1, ..Default::default() }).unwrap();
+        for step in 0..3 {
+            let mut grads = candle_core::backprop::GradStore::default();
+            let k = step as f32 + 1.0;
+            grads.insert(v.as_tensor(), Tensor::new(&[[3f32 * k, 0.0, -1.0], [0.5, 2.0 * k, 0.0]], &Device::Cpu).unwrap());
+            grads.insert(b.as_tensor(), Tensor::new(&[4f32, -k], &Device::Cpu).unwrap());
+            if fused {
+                let norm = grad_norm(&grads, &vars).unwrap();
+                opt.step_scaled(&grads, clip_coef(norm, 1.0)).unwrap();
+            } else {
+                clip_grad_norm(&mut grads, &vars, 1.0).unwrap();
+                opt.step(&grads).unwrap();
+            }
+        }
+        let mut out = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        out.extend(b.as_tensor().to_vec1::<f32>().unwrap());
+        out
+    };
+    let (a, b) = (run(true), run(false));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
+    }
+    assert_eq!(clip_coef(0.5, 1.0), 1.0);
+    assert_eq!(clip_coef(f64::NAN, 1.0), 1.0);
+    assert!((clip_coef(4.0, 1.0) - 0.25).abs() < 1e-6);
+}
+
+#[test]
 fn nan_loss_stops_and_keeps_last_good_checkpoint() {
     let dir = temp_dir("nan");
     let m = Mlp::new(2);

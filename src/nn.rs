@@ -176,6 +176,51 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, FusedSwiglu)?)
 }
 
+/// [`swiglu`] followed by a constant dropout `mask` (`silu(gate) * up * mask`), one op on the
+/// CPU in f32 (no node of its own for the dropout); gradients to `gate` and `up`.
+pub fn swiglu_masked(gate: &Tensor, up: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let Some(m) = mask else { return swiglu(gate, up) };
+    if !elementwise_fusable(&[gate, up, m]) {
+        return mul_mask(&swiglu(gate, up)?, m);
+    }
+    Ok(gate.contiguous()?.apply_op3(&up.contiguous()?, &m.contiguous()?, FusedSwigluMasked)?)
+}
+
+struct FusedSwigluMasked;
+
+impl CustomOp3 for FusedSwigluMasked {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-masked"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, _) = rows_of(s1, l1)?;
+        let (u, _) = rows_of(s2, l2)?;
+        let (m, _) = rows_of(s3, l3)?;
+        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+            candle_core::bail!("fused swiglu masked: shapes {:?}, {:?}, {:?}", l1.shape(), l2.shape(), l3.shape());
+        }
+        let mut out = vec![0f32; g.len()];
+        let per = chunk_len(g.len(), 4096);
+        rayon::scope(|sc| {
+            for (((g, u), m), o) in g.chunks(per).zip(u.chunks(per)).zip(m.chunks(per)).zip(out.chunks_mut(per)) {
+                sc.spawn(move |_| {
+                    crate::vmath::swiglu(g, u, o);
+                    o.iter_mut().zip(m).for_each(|(o, &m)| *o *= m);
+                });
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, mask: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dout = grad.contiguous()?.apply_op2_no_bwd(mask, &MulMask)?;
+        let both = gate.apply_op3_no_bwd(up, &dout, &FusedSwigluGrad)?;
+        let shape = gate.shape();
+        Ok((Some(both.get(0)?.reshape(shape)?), Some(both.get(1)?.reshape(shape)?), None))
+    }
+}
+
 struct FusedSwiglu;
 
 /// Split `n` elements into one chunk per worker thread (at least `min` elements each).
@@ -702,6 +747,24 @@ mod tests {
         assert_ne!(m, dropout_mask_values(100_003, 0.1, 8));
         assert!(dropout_mask_values(10, 0.0, 1).iter().all(|&x| x == 1.0));
         assert!(dropout_mask_values(10, 1.0, 1).iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn masked_swiglu_matches_swiglu_then_mask() {
+        let dev = Device::Cpu;
+        let g = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 70), &dev).unwrap()).unwrap();
+        let u = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 70), &dev).unwrap()).unwrap();
+        let m = Tensor::from_vec(dropout_mask_values(420, 0.3, 3), (2, 3, 70), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (2, 3, 70), &dev).unwrap();
+        let fused = swiglu_masked(g.as_tensor(), u.as_tensor(), Some(&m)).unwrap();
+        let composed = (swiglu(g.as_tensor(), u.as_tensor()).unwrap() * &m).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-6);
+        let gf = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&g, &u] {
+            assert!(max_diff(gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap()) < 1e-5);
+        }
+        assert!(max_diff(&swiglu_masked(g.as_tensor(), u.as_tensor(), None).unwrap(), &swiglu(g.as_tensor(), u.as_tensor()).unwrap()) == 0.0);
     }
 
     #[test]

@@ -234,8 +234,9 @@ impl Block {
                 Ok((hres + matmul_last(&g, &p.w2)?)?)
             }
             None => {
-                let g = crate::nn::swiglu(&linear(&hn, &self.w1)?, &linear(&hn, &self.w3)?)?;
-                let g = ctx.dropout(&g, drop.ffn)?;
+                let (gate, up) = (linear(&hn, &self.w1)?, linear(&hn, &self.w3)?);
+                let mask = ctx.dropout_mask(&gate, drop.ffn)?;
+                let g = crate::nn::swiglu_masked(&gate, &up, mask.as_ref())?;
                 ctx.residual(&hres, &linear(&g, &self.w2)?, drop.resid)
             }
         }

@@ -4,7 +4,10 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(tokenar_builtin)");
     println!("cargo::rustc-check-cfg=cfg(tokenar_builtin_sampling)");
     println!("cargo:rerun-if-changed=assets/builtin");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/builtin");
+    // Read at run time: `env!` would bake in the folder the build script was first compiled in,
+    // and a target folder shared between checkouts would then look in the wrong one.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| ".".into());
+    let dir = std::path::Path::new(&manifest).join("assets/builtin");
     for f in ["tokenizer.safetensors", "model.safetensors", "text.safetensors", "sampling.toml"] {
         println!("cargo:rerun-if-changed=assets/builtin/{f}");
     }

@@ -25,10 +25,13 @@ $T tokenizer train --config configs/tokenizer-decoder.toml
 $T data encode data/synth64/train --tokenizer runs/vq-small/vq.safetensors --out runs/cache/synth64-train --max-samples 9216
 
 # 5. The GPT with the binding options, without the index embedding
-#    (configs/tokenar-binding.toml): 1,500 steps, then resumed to 2,500 (the cosine schedule
-#    restarts over the longer horizon); 71 min at one thread with the other core busy.
+#    (configs/tokenar-binding.toml): 1,500 steps, then resumed to 2,500, 4,000 and 5,500 (each
+#    resume restarts the cosine schedule over the longer horizon); 0.7-0.8 s per step at two
+#    threads with this version, about 70 min in all.
 $T train --config configs/tokenar-binding.toml --resume
 $T train --config configs/tokenar-binding.toml --resume --set steps=2500
+$T train --config configs/tokenar-binding.toml --resume --set steps=4000
+$T train --config configs/tokenar-binding.toml --resume --set steps=5500
 
 # 6. Ship: the fine-tuned decoder's tokenizer (same codes) with the GPT and text encoder.
 mkdir -p assets/builtin

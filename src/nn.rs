@@ -194,23 +194,10 @@ impl CustomOp3 for FusedSwigluMasked {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, _) = rows_of(s1, l1)?;
-        let (u, _) = rows_of(s2, l2)?;
-        let (m, _) = rows_of(s3, l3)?;
-        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
-            candle_core::bail!("fused swiglu masked: shapes {:?}, {:?}, {:?}", l1.shape(), l2.shape(), l3.shape());
-        }
-        let mut out = vec![0f32; g.len()];
-        let per = chunk_len(g.len(), 4096);
-        rayon::scope(|sc| {
-            for (((g, u), m), o) in g.chunks(per).zip(u.chunks(per)).zip(m.chunks(per)).zip(out.chunks_mut(per)) {
-                sc.spawn(move |_| {
-                    crate::vmath::swiglu(g, u, o);
-                    o.iter_mut().zip(m).for_each(|(o, &m)| *o *= m);
-                });
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map_triples("fused swiglu masked", (s1, l1), (s2, l2), (s3, l3), |g, u, m, o| {
+            crate::vmath::swiglu(g, u, o);
+            o.iter_mut().zip(m).for_each(|(o, &m)| *o *= m);
+        })
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, mask: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -350,24 +337,11 @@ impl CustomOp3 for AddMasked {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, _) = rows_of(s1, l1)?;
-        let (y, _) = rows_of(s2, l2)?;
-        let (m, _) = rows_of(s3, l3)?;
-        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
-            candle_core::bail!("add masked: shapes {:?}, {:?}, {:?}", l1.shape(), l2.shape(), l3.shape());
-        }
-        let mut out = vec![0f32; x.len()];
-        let per = chunk_len(x.len(), 4096);
-        rayon::scope(|sc| {
-            for (((x, y), m), o) in x.chunks(per).zip(y.chunks(per)).zip(m.chunks(per)).zip(out.chunks_mut(per)) {
-                sc.spawn(move |_| {
-                    for (((o, &x), &y), &m) in o.iter_mut().zip(x).zip(y).zip(m) {
-                        *o = x + y * m;
-                    }
-                });
+        map_triples("add masked", (s1, l1), (s2, l2), (s3, l3), |x, y, m, o| {
+            for (((o, &x), &y), &m) in o.iter_mut().zip(x).zip(y).zip(m) {
+                *o = x + y * m;
             }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        })
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, mask: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -437,6 +411,32 @@ fn map_row_pairs(
         let bd = &b[r0 * v..r0 * v + ad.len()];
         for ((ar, br), o) in ad.chunks_exact(v).zip(bd.chunks_exact(v)).zip(o.chunks_exact_mut(v)) {
             f(ar, br, o);
+        }
+    });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
+/// An element-wise op over three same-shape contiguous f32 CPU tensors: `f(a, b, c, out)` on
+/// matching chunks, one chunk per worker thread.
+fn map_triples(
+    what: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+    f: impl Fn(&[f32], &[f32], &[f32], &mut [f32]) + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (a, _) = rows_of(s1, l1)?;
+    let (b, _) = rows_of(s2, l2)?;
+    let (c, _) = rows_of(s3, l3)?;
+    if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+        candle_core::bail!("{what}: shapes {:?}, {:?}, {:?}", l1.shape(), l2.shape(), l3.shape());
+    }
+    let mut out = vec![0f32; a.len()];
+    let per = chunk_len(a.len(), 4096);
+    rayon::scope(|sc| {
+        for (((a, b), c), o) in a.chunks(per).zip(b.chunks(per)).zip(c.chunks(per)).zip(out.chunks_mut(per)) {
+            let f = &f;
+            sc.spawn(move |_| f(a, b, c, o));
         }
     });
     Ok((CpuStorage::F32(out), l1.shape().clone()))

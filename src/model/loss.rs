@@ -62,6 +62,16 @@ pub fn head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Te
     Ok(h.contiguous()?.apply_op2(&w.contiguous()?, HeadCe { targets: t, residual: Mutex::new(None) })?)
 }
 
+/// The features (N x D) and head weight (V x D) of the head ops as slices, with N, V and D.
+fn head_operands<'a>(sh: &'a CpuStorage, lh: &Layout, sw: &'a CpuStorage, lw: &Layout) -> candle_core::Result<(&'a [f32], &'a [f32], usize, usize, usize)> {
+    let (h, d) = rows_of(sh, lh)?;
+    let (w, dw) = rows_of(sw, lw)?;
+    if dw != d {
+        candle_core::bail!("head cross-entropy: features of width {d} for a head of width {dw}");
+    }
+    Ok((h, w, h.len() / d.max(1), w.len() / d.max(1), d))
+}
+
 struct HeadCe {
     targets: Vec<u32>,
     /// `softmax - onehot` (N x V) from the forward pass, for the backward pass.
@@ -74,9 +84,7 @@ impl CustomOp2 for HeadCe {
     }
 
     fn cpu_fwd(&self, sh: &CpuStorage, lh: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (h, d) = rows_of(sh, lh)?;
-        let (w, _) = rows_of(sw, lw)?;
-        let (n, v) = (h.len() / d.max(1), w.len() / d.max(1));
+        let (h, w, n, v, d) = head_operands(sh, lh, sw, lw)?;
         if self.targets.len() != n {
             candle_core::bail!("head cross-entropy: {} targets for {n} rows", self.targets.len());
         }
@@ -131,9 +139,7 @@ impl CustomOp2 for HeadCeGrad {
     }
 
     fn cpu_fwd(&self, sh: &CpuStorage, lh: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (h, d) = rows_of(sh, lh)?;
-        let (w, _) = rows_of(sw, lw)?;
-        let (n, v) = (h.len() / d.max(1), w.len() / d.max(1));
+        let (h, w, n, v, d) = head_operands(sh, lh, sw, lw)?;
         let r = &self.residual[..];
         if r.len() != n * v || self.g.len() != n {
             candle_core::bail!("head cross-entropy grad: {} residuals and {} row gradients for {n} x {v}", r.len(), self.g.len());

@@ -793,9 +793,17 @@ mod tests {
 
     #[test]
     fn fused_attention_matches_composed_value_and_gradients() {
-        use crate::layout::RopeCell;
         let dev = Device::Cpu;
-        let (b, h, s, d) = (2usize, 3usize, 6usize, 8usize);
+        // 6 positions: one query block; 150: two full blocks and a partial one.
+        for s in [6usize, 150] {
+            check_fused_attention(&dev, s);
+        }
+    }
+
+    fn check_fused_attention(dev: &Device, s: usize) {
+        use crate::layout::RopeCell;
+        let dev = dev.clone();
+        let (b, h, d) = (2usize, 3usize, 8usize);
         let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, 3 * h * d), &dev).unwrap()).unwrap();
         let w = Tensor::randn(0f32, 1.0, (b, s, h * d), &dev).unwrap();
         // A caption row (LlamaGen's zero tables) and image cells.
@@ -807,6 +815,10 @@ mod tests {
         let causal = Tensor::from_vec(causal, (1, 1, s, s), &dev).unwrap();
         let pad = Tensor::from_vec((0..b * s).map(|i| if i == s { -1e9f32 } else { 0.0 }).collect::<Vec<_>>(), (b, 1, 1, s), &dev).unwrap();
         let per_sample = causal.broadcast_add(&pad).unwrap();
+        // Sample 1 also never sees its last third of keys (-inf in every row): its query
+        // blocks stop earlier than sample 0's.
+        let late: Vec<f32> = (0..b * s).map(|i| if i >= s && i % s >= s - s / 3 && i % s > 0 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let late = per_sample.broadcast_add(&Tensor::from_vec(late, (b, 1, 1, s), &dev).unwrap()).unwrap();
         let composed = |mask: Option<&Tensor>| {
             let x = qkv.as_tensor().reshape((b, s, 3, h, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();
             let q = (crate::model::rope::apply_composed(&x.get(0).unwrap(), &cos, &sin).unwrap() * scale).unwrap();
@@ -819,7 +831,7 @@ mod tests {
             let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
             p.matmul(&x.get(2).unwrap()).unwrap().transpose(1, 2).unwrap().reshape((b, s, h * d)).unwrap()
         };
-        for mask in [None, Some(&causal), Some(&per_sample)] {
+        for mask in [None, Some(&causal), Some(&per_sample), Some(&late)] {
             let fused = attention_qkv(qkv.as_tensor(), &cos, &sin, scale, h, mask).unwrap().unwrap();
             assert_eq!(fused.dims(), &[b, s, h * d]);
             let want = composed(mask);

@@ -6,6 +6,11 @@
 //! softmax, matmul, transpose) materialises four (B, H, S, L) tensors forward and backward,
 //! each also zero-filled and summed into by candle's gradient store, which made the attention
 //! the largest non-matmul cost of a training step.
+//!
+//! Queries go in blocks of [`ROW_BLOCK`] rows, and each block stops at the last key any of its
+//! rows can see (keys masked with `-inf` for the whole block are skipped): under a causal
+//! mask the scores, the values' product and three of the backward products shrink to about
+//! the lower triangle, with the same result (those keys' probabilities are exactly 0).
 
 use super::rows_of;
 use crate::error::Result;
@@ -32,27 +37,37 @@ pub fn attention_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64, heads
         return Ok(None);
     }
     let vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
-    let op = FusedAttention {
-        heads,
-        scale: scale as f32,
-        cos: vec(cos)?,
-        sin: vec(sin)?,
-        mask: match mask {
-            Some(m) => Some((m.dim(0)?, vec(m)?)),
-            None => None,
-        },
+    let mask = match mask {
+        Some(m) => Some((m.dim(0)?, vec(m)?)),
+        None => None,
     };
+    // Per mask row: the number of keys up to the last one it does not mask with -inf.
+    let seen = match &mask {
+        Some((_, m)) => m.chunks_exact(s.max(1)).map(|row| row.iter().rposition(|&x| x != f32::NEG_INFINITY).map_or(0, |j| j + 1)).collect(),
+        None => Vec::new(),
+    };
+    let op = FusedAttention { heads, scale: scale as f32, cos: vec(cos)?, sin: vec(sin)?, mask, seen };
     Ok(Some(qkv.contiguous()?.apply_op1(op)?))
 }
 
-/// The op: heads, query scale, RoPE tables (S x D/2 each), and the mask (its batch rows, its
-/// (mb, 1, S, S) values).
+/// The op: heads, query scale, RoPE tables (S x D/2 each), the mask (its batch rows, its
+/// (mb, 1, S, S) values) and per mask row the keys it can see (up to its last key not masked
+/// with -inf).
 struct FusedAttention {
     heads: usize,
     scale: f32,
     cos: Vec<f32>,
     sin: Vec<f32>,
     mask: Option<(usize, Vec<f32>)>,
+    seen: Vec<usize>,
+}
+
+/// Query rows per block (see the module documentation).
+const ROW_BLOCK: usize = 64;
+
+/// The query blocks of `s` rows: `(first row, rows)`.
+fn row_blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..s).step_by(ROW_BLOCK).map(move |r0| (r0, ROW_BLOCK.min(s - r0)))
 }
 
 /// A pointer shared by the (batch, head) jobs, which write disjoint parts of its buffer.
@@ -106,25 +121,40 @@ impl FusedAttention {
         }
     }
 
+    /// The keys the query rows `r0..r0 + rows` of batch `bi` need: up to the last one any of
+    /// them sees (at least one, so a fully masked row still gives the composed op's NaN).
+    fn keys(&self, bi: usize, (r0, rows): (usize, usize), s: usize) -> usize {
+        let Some((mb, _)) = &self.mask else { return s };
+        let base = if *mb == 1 { 0 } else { bi * s };
+        self.seen[base + r0..base + r0 + rows].iter().copied().max().unwrap_or(s).max(1)
+    }
+
     /// For batch `bi`, head `hi` of `qkv` (B, S, W): the rotated, scaled queries and rotated
-    /// keys into the scratch, and the probabilities `softmax(q k^T + mask)` (S x S).
+    /// keys into the scratch, and the probabilities `softmax(q k^T + mask)` (S x S; zero past
+    /// each block's keys).
     fn probs(&self, qkv: &[f32], (bi, hi): (usize, usize), (s, d): (usize, usize), t: &mut Scratch) {
         let w = 3 * self.heads * d;
         let at = bi * s * w + hi * d;
-        // SAFETY: the scratch q and k are S x D, p is S x S; all distinct from qkv.
+        // SAFETY: the scratch q and k are S x D; all distinct from qkv.
         unsafe {
             self.rotate(&qkv[at..], w, s, d, self.scale, false, t.q.as_mut_ptr(), d);
             self.rotate(&qkv[at + self.heads * d..], w, s, d, 1.0, false, t.k.as_mut_ptr(), d);
-            mm(s, s, d, t.p.as_mut_ptr(), s, t.q.as_ptr(), d, 1, t.k.as_ptr(), 1, d);
         }
-        for (i, row) in t.p.chunks_exact_mut(s).enumerate() {
-            if let Some(m) = &self.mask {
-                let r = (if m.0 == 1 { 0 } else { bi }) * s + i;
-                for (x, &mv) in row.iter_mut().zip(&m.1[r * s..(r + 1) * s]) {
-                    *x += mv;
+        for (r0, rows) in row_blocks(s) {
+            let n = self.keys(bi, (r0, rows), s);
+            // SAFETY: rows r0.. of p (S x S), columns 0..n; q rows r0.., k rows 0..n.
+            unsafe { mm(rows, n, d, t.p.as_mut_ptr().add(r0 * s), s, t.q.as_ptr().add(r0 * d), d, 1, t.k.as_ptr(), 1, d) };
+            for (i, row) in t.p[r0 * s..(r0 + rows) * s].chunks_exact_mut(s).enumerate() {
+                let (head, tail) = row.split_at_mut(n);
+                if let Some(m) = &self.mask {
+                    let r = (if m.0 == 1 { 0 } else { bi }) * s + r0 + i;
+                    for (x, &mv) in head.iter_mut().zip(&m.1[r * s..r * s + n]) {
+                        *x += mv;
+                    }
                 }
+                softmax_in_place(head);
+                tail.fill(0.0);
             }
-            softmax_in_place(row);
         }
     }
 
@@ -132,7 +162,7 @@ impl FusedAttention {
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
         let &[b, s, w] = l.shape().dims() else { candle_core::bail!("fused attention: qkv {:?} is not (B, S, 3 * H * D)", l.shape()) };
         let d = w / (3 * self.heads);
-        let mask_ok = self.mask.as_ref().is_none_or(|m| (m.0 == 1 || m.0 == b) && m.1.len() == m.0 * s * s);
+        let mask_ok = self.mask.as_ref().is_none_or(|m| (m.0 == 1 || m.0 == b) && m.1.len() == m.0 * s * s && self.seen.len() == m.0 * s);
         if d * 3 * self.heads != w || self.cos.len() != s * d / 2 || self.sin.len() != self.cos.len() || !mask_ok {
             candle_core::bail!("fused attention: qkv {:?} does not fit {} heads, the RoPE tables or the mask", l.shape(), self.heads);
         }
@@ -162,9 +192,12 @@ impl CustomOp1 for FusedAttention {
                 self.probs(qkv, (bi, hi), (s, d), t);
                 let v = &qkv[bi * s * w + 2 * h * d + hi * d..];
                 let o = o;
-                // SAFETY: this job writes rows (bi, 0..S), columns hi*D..(hi+1)*D of the
-                // (B, S, H*D) output, which no other job touches; v covers S rows of stride W.
-                unsafe { mm(s, d, s, o.0.add((bi * s * h + hi) * d), h * d, t.p.as_ptr(), s, 1, v.as_ptr(), w, 1) };
+                for (r0, rows) in row_blocks(s) {
+                    let n = self.keys(bi, (r0, rows), s);
+                    // SAFETY: this job writes rows (bi, r0..), columns hi*D..(hi+1)*D of the
+                    // (B, S, H*D) output, which no other job touches; v covers n rows of stride W.
+                    unsafe { mm(rows, d, n, o.0.add((bi * s * h + r0 * h + hi) * d), h * d, t.p.as_ptr().add(r0 * s), s, 1, v.as_ptr(), w, 1) };
+                }
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))))
@@ -212,22 +245,27 @@ impl CustomOp3 for AttentionGrad<'_> {
                 let px = px;
                 // SAFETY: sources are alive and distinct from the destinations; this job
                 // writes only rows (bi, 0..S), columns of head hi in dq, dk, dv (of stride W).
-                unsafe {
-                    // dV = P^T dO, straight into its columns.
-                    mm(s, d, s, px.0.add(base + 2 * h * d), w, t.p.as_ptr(), 1, s, gv[at..].as_ptr(), h * d, 1);
-                    // dP = dO V^T.
-                    mm(s, s, d, t.dp.as_mut_ptr(), s, gv[at..].as_ptr(), h * d, 1, v.as_ptr(), 1, w);
-                }
-                // dS = P * (dP - rowsum(dP * P)), with rowsum(dP * P) = dO . O.
-                for ((dr, pr), &c) in t.dp.chunks_exact_mut(s).zip(t.p.chunks_exact(s)).zip(t.dot.iter()) {
-                    for (x, &pi) in dr.iter_mut().zip(pr) {
-                        *x = pi * (*x - c);
+                // dV = P^T dO, straight into its columns (P is zero past each block's keys).
+                unsafe { mm(s, d, s, px.0.add(base + 2 * h * d), w, t.p.as_ptr(), 1, s, gv[at..].as_ptr(), h * d, 1) };
+                for (r0, rows) in row_blocks(s) {
+                    let n = op.keys(bi, (r0, rows), s);
+                    // dP = dO V^T on the block's keys. SAFETY: rows r0.. of dp, columns 0..n.
+                    unsafe { mm(rows, n, d, t.dp.as_mut_ptr().add(r0 * s), s, gv[at + r0 * h * d..].as_ptr(), h * d, 1, v.as_ptr(), 1, w) };
+                    // dS = P * (dP - rowsum(dP * P)), with rowsum(dP * P) = dO . O; zero past n.
+                    let rows_of_block = t.dp[r0 * s..(r0 + rows) * s].chunks_exact_mut(s).zip(t.p[r0 * s..].chunks_exact(s)).zip(&t.dot[r0..r0 + rows]);
+                    for ((dr, pr), &c) in rows_of_block {
+                        let (head, tail) = dr.split_at_mut(n);
+                        for (x, &pi) in head.iter_mut().zip(pr) {
+                            *x = pi * (*x - c);
+                        }
+                        tail.fill(0.0);
                     }
+                    // dS k for the block's queries. SAFETY: rows r0.. of g, its own scratch.
+                    unsafe { mm(rows, d, n, g.as_mut_ptr().add(r0 * d), d, t.dp.as_ptr().add(r0 * s), s, 1, t.k.as_ptr(), d, 1) };
                 }
                 // dq = scale R^T (dS k), dk = R^T (dS^T q): back through the rotation, into
                 // their columns. SAFETY: as above; `g` is this job's scratch.
                 unsafe {
-                    mm(s, d, s, g.as_mut_ptr(), d, t.dp.as_ptr(), s, 1, t.k.as_ptr(), d, 1);
                     op.rotate(g, d, s, d, op.scale, true, px.0.add(base), w);
                     mm(s, d, s, g.as_mut_ptr(), d, t.dp.as_ptr(), 1, s, t.q.as_ptr(), d, 1);
                     op.rotate(g, d, s, d, 1.0, true, px.0.add(base + h * d), w);

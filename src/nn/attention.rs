@@ -9,8 +9,9 @@
 //!
 //! Queries go in blocks of [`ROW_BLOCK`] rows, and each block stops at the last key any of its
 //! rows can see (keys masked with `-inf` for the whole block are skipped): under a causal
-//! mask the scores, the values' product and three of the backward products shrink to about
-//! the lower triangle, with the same result (those keys' probabilities are exactly 0).
+//! mask the scores, the values' product and the backward products shrink to about the lower
+//! triangle, with the same result (those keys' probabilities are exactly 0). The products
+//! over keys (dV, dK) go by blocks of keys, from the first query row that sees one of them.
 
 use super::rows_of;
 use crate::error::Result;
@@ -129,6 +130,13 @@ impl FusedAttention {
         self.seen[base + r0..base + r0 + rows].iter().copied().max().unwrap_or(s).max(1)
     }
 
+    /// The first query row of batch `bi` that sees key `c0` or a later one (`s`: none does).
+    fn first_query(&self, bi: usize, c0: usize, s: usize) -> usize {
+        let Some((mb, _)) = &self.mask else { return 0 };
+        let base = if *mb == 1 { 0 } else { bi * s };
+        self.seen[base..base + s].iter().position(|&n| n > c0).unwrap_or(s)
+    }
+
     /// For batch `bi`, head `hi` of `qkv` (B, S, W): the rotated, scaled queries and rotated
     /// keys into the scratch, and the probabilities `softmax(q k^T + mask)` (S x S; zero past
     /// each block's keys).
@@ -245,8 +253,15 @@ impl CustomOp3 for AttentionGrad<'_> {
                 let px = px;
                 // SAFETY: sources are alive and distinct from the destinations; this job
                 // writes only rows (bi, 0..S), columns of head hi in dq, dk, dv (of stride W).
-                // dV = P^T dO, straight into its columns (P is zero past each block's keys).
-                unsafe { mm(s, d, s, px.0.add(base + 2 * h * d), w, t.p.as_ptr(), 1, s, gv[at..].as_ptr(), h * d, 1) };
+                // dV = P^T dO, straight into its columns, per block of keys from the first
+                // query row that sees one of them (P is zero above it).
+                for (c0, cols) in row_blocks(s) {
+                    let r = op.first_query(bi, c0, s);
+                    if r < s {
+                        // SAFETY: dV rows c0.. of this head; P rows r.., columns c0..; dO rows r...
+                        unsafe { mm(cols, d, s - r, px.0.add(base + 2 * h * d + c0 * w), w, t.p.as_ptr().add(r * s + c0), 1, s, gv[at + r * h * d..].as_ptr(), h * d, 1) };
+                    }
+                }
                 for (r0, rows) in row_blocks(s) {
                     let n = op.keys(bi, (r0, rows), s);
                     // dP = dO V^T on the block's keys. SAFETY: rows r0.. of dp, columns 0..n.
@@ -267,7 +282,19 @@ impl CustomOp3 for AttentionGrad<'_> {
                 // their columns. SAFETY: as above; `g` is this job's scratch.
                 unsafe {
                     op.rotate(g, d, s, d, op.scale, true, px.0.add(base), w);
-                    mm(s, d, s, g.as_mut_ptr(), d, t.dp.as_ptr(), 1, s, t.q.as_ptr(), d, 1);
+                }
+                // dS^T q per block of keys, as dV above (dS is zero where P is).
+                for (c0, cols) in row_blocks(s) {
+                    let r = op.first_query(bi, c0, s);
+                    if r < s {
+                        // SAFETY: rows c0.. of this job's scratch g; dS rows r.., columns c0...
+                        unsafe { mm(cols, d, s - r, g.as_mut_ptr().add(c0 * d), d, t.dp.as_ptr().add(r * s + c0), 1, s, t.q.as_ptr().add(r * d), d, 1) };
+                    } else {
+                        g[c0 * d..(c0 + cols) * d].fill(0.0);
+                    }
+                }
+                // SAFETY: as above.
+                unsafe {
                     op.rotate(g, d, s, d, 1.0, true, px.0.add(base + h * d), w);
                 }
             },

@@ -9,7 +9,7 @@ mod attention;
 mod linear;
 
 pub use attention::attention_qkv;
-pub use linear::linear;
+pub use linear::{few_rows_matmul, linear, FEW_ROWS};
 pub(crate) use linear::mm;
 
 use crate::error::Result;
@@ -851,6 +851,28 @@ mod tests {
         assert!(attention_qkv(&f64_qkv, &cos, &sin, scale, h, None).unwrap().is_none());
         let e = attention_qkv(&qkv.as_tensor().narrow(2, 0, 3 * h * d - 3).unwrap(), &cos, &sin, scale, h, None).unwrap_err().to_string();
         assert!(e.contains("heads"), "{e}");
+    }
+
+    #[test]
+    fn few_rows_matmul_matches_matmul() {
+        let dev = Device::Cpu;
+        // Widths that are not multiples of the vector width or of the column block.
+        for (n, k, m) in [(1usize, 300usize, 437usize), (2, 512, 384), (4, 300, 1000)] {
+            let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (k, m), &dev).unwrap();
+            let y = few_rows_matmul(&x, &w).unwrap().unwrap();
+            assert_eq!(y.dims(), &[n, m]);
+            assert!(max_diff(&y, &x.matmul(&w).unwrap()) < 1e-4);
+        }
+        // Exact on integers: row r of x is r + 1 everywhere, the weight all ones.
+        let (k, m) = (512usize, 256usize);
+        let x = Tensor::from_vec((0..2 * k).map(|i| (i / k + 1) as f32).collect::<Vec<_>>(), (2, k), &dev).unwrap();
+        let y = few_rows_matmul(&x, &Tensor::ones((k, m), DType::F32, &dev).unwrap()).unwrap().unwrap();
+        assert!(y.to_vec2::<f32>().unwrap().iter().enumerate().all(|(r, row)| row.iter().all(|&v| v == ((r + 1) * k) as f32)));
+        // More rows than it handles, or a small weight: gemm's job; a mismatched weight is an error.
+        assert!(few_rows_matmul(&Tensor::zeros((5, k), DType::F32, &dev).unwrap(), &Tensor::zeros((k, m), DType::F32, &dev).unwrap()).unwrap().is_none());
+        assert!(few_rows_matmul(&Tensor::zeros((1, 3), DType::F32, &dev).unwrap(), &Tensor::zeros((3, 2), DType::F32, &dev).unwrap()).unwrap().is_none());
+        assert!(few_rows_matmul(&Tensor::zeros((1, 3), DType::F32, &dev).unwrap(), &Tensor::zeros((4, 2), DType::F32, &dev).unwrap()).is_err());
     }
 
     #[test]

@@ -109,6 +109,15 @@ multiversion! {
 }
 
 multiversion! {
+    /// `y += a * x` (the few-rows matrix product's inner loop).
+    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += a * x;
+        }
+    }
+}
+
+multiversion! {
     /// SwiGLU: `out[i] = silu(gate[i]) * up[i]`, `silu(g) = g / (1 + e^-g)`.
     pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {

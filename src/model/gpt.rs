@@ -69,7 +69,11 @@ fn matmul_last(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (din, dout) = wt.dims2()?;
     let n: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((n, din))?.matmul(wt)?;
+    let x = x.reshape((n, din))?;
+    let y = match crate::nn::few_rows_matmul(&x, wt)? {
+        Some(y) => y,
+        None => x.matmul(wt)?,
+    };
     let mut out = dims;
     *out.last_mut().unwrap_or(&mut 0) = dout;
     Ok(y.reshape(out)?)

@@ -10,6 +10,7 @@
 use super::rows_of;
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 /// `x @ w^T` over the last dimension: `x` (..., in), `w` (out, in) -> (..., out). Gradients
 /// pass to both. On the CPU in f32 one op (forward and backward straight to the matrix
@@ -124,5 +125,82 @@ impl CustomOp2 for LinearGrad {
                 Ok((CpuStorage::F32(dw), Shape::from((dout, din))))
             }
         }
+    }
+}
+
+/// Rows up to which [`few_rows_matmul`] takes over from gemm.
+pub const FEW_ROWS: usize = 4;
+
+/// Weights from this many values on (512 KiB in f32) are past the caches, where
+/// [`few_rows_matmul`] beats gemm; smaller ones stay cached and gemm's wider kernels win.
+pub const FEW_ROWS_MIN_WEIGHT: usize = 1 << 17;
+
+/// `x @ wt` for the few rows of a decoding step: `x` (n, in) with n <= [`FEW_ROWS`], `wt` a
+/// pre-transposed (in, out) weight of at least [`FEW_ROWS_MIN_WEIGHT`] values. One pass over
+/// the weight for all rows, with no packing: gemm copies the whole weight into its panel
+/// layout on every call, which for one or two rows of a large weight doubles the memory
+/// traffic the product is bound by. Inference only (no gradient). `None` where it does not
+/// apply (more rows, a small weight, not f32 on the CPU).
+pub fn few_rows_matmul(x: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
+    let (n, din) = x.dims2()?;
+    let (k, _) = wt.dims2()?;
+    if k != din {
+        return Err(crate::error::Error::invalid("matmul", format!("rows of width {din} for a ({k}, ..) weight")));
+    }
+    if n == 0 || n > FEW_ROWS || wt.elem_count() < FEW_ROWS_MIN_WEIGHT || !x.device().is_cpu() || x.dtype() != DType::F32 || wt.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op2_no_bwd(&wt.contiguous()?, &FewRows)?))
+}
+
+struct FewRows;
+
+/// Output columns per parallel job (a multiple of the vector width).
+const COLUMN_BLOCK: usize = 256;
+
+impl CustomOp2 for FewRows {
+    fn name(&self) -> &'static str {
+        "few-rows-matmul"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, k) = rows_of(sx, lx)?;
+        let (w, m) = rows_of(sw, lw)?;
+        let n = x.len() / k.max(1);
+        if w.len() != k * m {
+            candle_core::bail!("few-rows matmul: weight of {} values for ({k}, {m})", w.len());
+        }
+        // Columns c0..c0 + width of every row into `out` (n x width).
+        let block = |c0: usize, width: usize, out: &mut [f32]| {
+            for i in 0..k {
+                let wr = &w[i * m + c0..i * m + c0 + width];
+                for (r, o) in out.chunks_exact_mut(width).enumerate() {
+                    crate::vmath::axpy(x[r * k + i], wr, o);
+                }
+            }
+        };
+        let mut y = vec![0f32; n * m];
+        if rayon::current_num_threads() > 1 && k * m >= 1 << 16 {
+            let parts: Vec<(usize, Vec<f32>)> = (0..m)
+                .step_by(COLUMN_BLOCK)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|c0| {
+                    let width = COLUMN_BLOCK.min(m - c0);
+                    let mut out = vec![0f32; n * width];
+                    block(c0, width, &mut out);
+                    (c0, out)
+                })
+                .collect();
+            for (c0, out) in parts {
+                let width = out.len() / n;
+                for (r, o) in out.chunks_exact(width).enumerate() {
+                    y[r * m + c0..r * m + c0 + width].copy_from_slice(o);
+                }
+            }
+        } else {
+            block(0, m, &mut y);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, m))))
     }
 }

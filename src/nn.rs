@@ -271,11 +271,8 @@ pub fn dropout_mask_values(n: usize, p: f32, seed: u64) -> Vec<f32> {
     let mut state = seed;
     let mut out = vec![0f32; n];
     for chunk in out.chunks_mut(4) {
+        let z = crate::util::splitmix64(state);
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
         for (i, o) in chunk.iter_mut().enumerate() {
             let bits = ((z >> (16 * i)) & 0xFFFF) as u32;
             *o = if bits < threshold { scale } else { 0.0 };

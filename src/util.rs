@@ -39,6 +39,16 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// One SplitMix64 step: `z` advanced by the golden-ratio increment, then finalised. Adjacent
+/// inputs give decorrelated outputs, so `splitmix64(seed + i * 0x9E37_79B9_7F4A_7C15)` for
+/// i = 0, 1, ... is the SplitMix64 stream started at `seed`.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 pub fn rng(seed: u64) -> Rng {
     Rng::seed_from_u64(seed)
 }

@@ -77,19 +77,10 @@ macro_rules! multiversion {
     };
 }
 
-multiversion! {
-    /// Softmax of one row in place, max-subtracted. `-inf` entries get 0; a row of only
-    /// `-inf` gives NaN (as the composed softmax).
-    pub fn softmax_in_place(row: &mut [f32]) {
-        let m = max(row);
-        for x in row.iter_mut() {
-            *x = exp(*x - m);
-        }
-        let inv = 1.0 / sum(row);
-        for x in row.iter_mut() {
-            *x *= inv;
-        }
-    }
+/// Softmax of one row in place, max-subtracted. `-inf` entries get 0; a row of only `-inf`
+/// gives NaN (as the composed softmax).
+pub fn softmax_in_place(row: &mut [f32]) {
+    softmax_in_place_lse(row);
 }
 
 multiversion! {

@@ -43,7 +43,7 @@ fn with_last(dims: &[usize], last: usize) -> Shape {
 pub(crate) fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize) -> candle_core::Result<()> {
     let reach = |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
     if dst.len() < m * n || a.len() < reach(m, k, a_rs, a_cs) || b.len() < reach(k, n, b_rs, b_cs) {
-        candle_core::bail!("linear: buffers too small for a {m} x {k} by {k} x {n} product");
+        candle_core::bail!("matrix product: buffers too small for a {m} x {k} by {k} x {n} product");
     }
     let threads = rayon::current_num_threads();
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -180,7 +180,7 @@ impl CustomOp2 for FewRows {
             }
         };
         let mut y = vec![0f32; n * m];
-        if rayon::current_num_threads() > 1 && k * m >= 1 << 16 {
+        if rayon::current_num_threads() > 1 {
             let parts: Vec<(usize, Vec<f32>)> = (0..m)
                 .step_by(COLUMN_BLOCK)
                 .collect::<Vec<_>>()

@@ -7,6 +7,7 @@
 //! are skipped entirely (as PyTorch skips `grad is None`).
 
 use crate::error::{Error, Result};
+use crate::nn::rows_of;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout, Shape, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
@@ -95,12 +96,6 @@ fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut
     }
 }
 
-/// The contiguous f32 elements of a CPU storage.
-fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("AdamW: non-contiguous input".into()))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
 /// `state = keep * state + (1 - keep) * x` with `x = scale * g` (or its square when
 /// `square`), in place.
 struct Moment {
@@ -116,7 +111,7 @@ impl InplaceOp2 for Moment {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let state = f32_mut(s1, l1)?;
-        let g = f32_ref(s2, l2)?;
+        let g = rows_of(s2, l2)?.0;
         if state.len() != g.len() {
             candle_core::bail!("AdamW: {} state entries for a gradient of {}", state.len(), g.len());
         }
@@ -145,7 +140,7 @@ impl InplaceOp3 for ParamStep {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<()> {
         let p = f32_mut(s1, l1)?;
-        let (m, v) = (f32_ref(s2, l2)?, f32_ref(s3, l3)?);
+        let (m, v) = (rows_of(s2, l2)?.0, rows_of(s3, l3)?.0);
         if p.len() != m.len() || p.len() != v.len() {
             candle_core::bail!("AdamW: {} parameters for moments of {} and {}", p.len(), m.len(), v.len());
         }
@@ -351,7 +346,7 @@ impl CustomOp1 for SumSquares {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_ref(s, l)?;
+        let x = rows_of(s, l)?.0;
         let total = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
         Ok((CpuStorage::F64(vec![total]), Shape::from(())))
     }

@@ -16,7 +16,7 @@ pub mod shapes;
 use super::format::{Meta, SubjectMeta};
 use super::instructar::{write_sample, SampleImages};
 use crate::error::{Error, IoContext, Result};
-use crate::util::{rng, Rng};
+use crate::util::{rng, splitmix64, Rng};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use patterns::{PALETTE, PATTERNS};
 use rand::seq::SliceRandom;
@@ -102,21 +102,13 @@ pub struct SynthSample {
     pub meta: Meta,
 }
 
-/// SplitMix64 finaliser: decorrelates nearby integers.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The seed of sample `index` of a split: independent streams for train and test.
 pub fn sample_seed(seed: u64, split: Split, index: usize) -> u64 {
     let stream = match split {
         Split::Train => 0x7472_6169_6e00_0000u64,
         Split::Test => 0x7465_7374_0000_0000u64,
     };
-    mix(mix(seed ^ stream) ^ mix(index as u64))
+    splitmix64(splitmix64(seed ^ stream) ^ splitmix64(index as u64))
 }
 
 fn draw_identity(rng: &mut Rng, category: usize) -> Identity {

@@ -6,9 +6,11 @@
 //! passes, compositions of elementary ops elsewhere); frozen encoders may use candle's.
 
 mod attention;
+mod kv_attention;
 mod linear;
 
 pub use attention::attention_qkv;
+pub use kv_attention::{cached_attention, CachedStep};
 pub use linear::{few_rows_matmul, linear, FEW_ROWS};
 pub(crate) use linear::mm;
 
@@ -121,6 +123,15 @@ pub(crate) fn rows_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<
     match l.contiguous_offsets() {
         Some((a, b)) => Ok((&s.as_slice::<f32>()?[a..b], v)),
         None => candle_core::bail!("fused CPU kernels need a contiguous tensor, got {:?}", l.shape()),
+    }
+}
+
+/// The values of a contiguous f32 storage, writable (the destination of an in-place op).
+pub(crate) fn rows_of_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("in-place CPU kernels need a contiguous tensor, got {:?}", l.shape()) };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("in-place CPU kernels need an f32 tensor"),
     }
 }
 

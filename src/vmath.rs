@@ -108,6 +108,61 @@ multiversion! {
     }
 }
 
+/// `sum(x[i] * y[i])` in eight lanes (vectorises without reassociation flags).
+#[inline(always)]
+fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in xc.zip(yc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+multiversion! {
+    /// `out[j] = sum_k w[k] * rows[k * stride + j]` for `j < out.len()`: a (1 x K) by (K x n)
+    /// product with the K rows `stride` apart (one query against keys stored transposed), 64
+    /// outputs at a time in registers.
+    pub fn combine_rows(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        const B: usize = 64;
+        let n = out.len();
+        let mut j0 = 0;
+        while j0 + B <= n {
+            let mut acc = [0f32; B];
+            for (k, &wk) in w.iter().enumerate() {
+                let row = &rows[k * stride + j0..][..B];
+                for l in 0..B {
+                    acc[l] += wk * row[l];
+                }
+            }
+            out[j0..j0 + B].copy_from_slice(&acc);
+            j0 += B;
+        }
+        let tail = &mut out[j0..];
+        tail.fill(0.0);
+        for (k, &wk) in w.iter().enumerate() {
+            let row = &rows[k * stride + j0..k * stride + n];
+            for (o, &x) in tail.iter_mut().zip(row) {
+                *o += wk * x;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out[k] += x . rows[k * stride..k * stride + x.len()]` for `k < out.len()` (probabilities
+    /// times values stored transposed).
+    pub fn add_strided_dots(x: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let n = x.len();
+        for (k, o) in out.iter_mut().enumerate() {
+            *o += dot_lanes(x, &rows[k * stride..k * stride + n]);
+        }
+    }
+}
+
 multiversion! {
     /// SwiGLU: `out[i] = silu(gate[i]) * up[i]`, `silu(g) = g / (1 + e^-g)`.
     pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {

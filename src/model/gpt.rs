@@ -150,6 +150,9 @@ pub(crate) struct AttnInputs<'a> {
     pub sin: &'a Tensor,
     /// Broadcastable to (B, H, S, L); `None`: no masking needed.
     pub mask: Option<&'a Tensor>,
+    /// With a KV cache on the CPU: the same inputs for the fused cached attention (causal
+    /// implied, `mask` then unused).
+    pub cached: Option<crate::nn::CachedStep<'a>>,
 }
 
 impl Block {
@@ -219,9 +222,10 @@ impl Block {
         // Training without attention dropout: one fused op from the projection to the heads'
         // outputs (RoPE, scaling, scores, softmax, values), with no (B, H, S, S) tensor kept.
         let fusable = ctx.differentiable && cache.is_none() && (drop.attn == 0.0 || ctx.rng.is_none());
-        let fused = match fusable {
-            true => crate::nn::attention_qkv(&qkv, att.cos, att.sin, scale, h, att.mask)?,
-            false => None,
+        let (fused, cache) = match (fusable, cache, &att.cached) {
+            (true, c, _) => (crate::nn::attention_qkv(&qkv, att.cos, att.sin, scale, h, att.mask)?, c),
+            (false, Some(c), Some(step)) if drop.attn == 0.0 || ctx.rng.is_none() => (c.attend(&qkv, h, scale, step)?, Some(c)),
+            (false, c, _) => (None, c),
         };
         let y = match fused {
             Some(y) => y,
@@ -557,7 +561,7 @@ impl TokenAr {
         if let Some(kp) = self.key_padding(cond, &layout, s)? {
             mask = mask.broadcast_add(&kp)?;
         }
-        let h = self.run_blocks(x, &AttnInputs { cos: &cos, sin: &sin, mask: Some(&mask) }, None, &mut ctx, None)?;
+        let h = self.run_blocks(x, &AttnInputs { cos: &cos, sin: &sin, mask: Some(&mask), cached: None }, None, &mut ctx, None)?;
         let r = layout.loss_range();
         let hn = self.norm.forward(&h.narrow(1, r.start, r.len())?, true)?;
         let hw = self.cfg.image_tokens();
@@ -612,13 +616,19 @@ impl TokenAr {
     /// uncond text embedding) and return the decoding session and the logits (rows, V) of the
     /// first generated token.
     pub fn start(&self, cond: &Condition, cfg_guidance: bool) -> Result<(Session<'_>, Tensor)> {
+        self.start_with(cond, cfg_guidance, true)
+    }
+
+    /// [`TokenAr::start`]; `fused_attention: false` keeps the composed attention on the CPU
+    /// too (the path other devices take), so that tests can compare the two.
+    pub(crate) fn start_with(&self, cond: &Condition, cfg_guidance: bool, fused_attention: bool) -> Result<(Session<'_>, Tensor)> {
         let layout = self.layout_for(cond)?;
         let cond = if cfg_guidance { cond.with_uncond_rows()? } else { cond.clone() };
         let rows = cond.batch()?;
         let (cos, sin) = rope::tables(layout.rope_cells(), self.cfg.head_dim(), self.cfg.rope_base, &self.device)?;
         let keypad = self.key_padding(&cond, &layout, layout.total_len())?;
         let x = self.embed_prefix(&cond, &layout)?;
-        let mut session = Session::new(self, layout, rows, cos, sin, keypad)?;
+        let mut session = Session::new(self, layout, rows, (cos, sin, keypad), fused_attention)?;
         let h = session.prefill(x)?;
         let p = h.dim(1)?;
         let logits = session.head(&h.narrow(1, p - 1, 1)?)?.squeeze(1)?;
@@ -628,6 +638,11 @@ impl TokenAr {
     /// Every variable name that is a buffer in the reference code (not trained).
     pub fn is_buffer(name: &str) -> bool {
         BUFFERS.contains(&name)
+    }
+
+    /// The weights' type.
+    pub fn dtype(&self) -> DType {
+        self.tok_embeddings.dtype()
     }
 
     pub(crate) fn dims(&self) -> (usize, usize, usize) {

@@ -2,25 +2,34 @@
 
 use super::gpt::{AttnInputs, Ctx, Packed, TokenAr};
 use crate::error::{Error, Result};
+use crate::nn::CachedStep;
 use crate::layout::Layout;
 use crate::sample::TokenModel;
 use candle_core::{DType, Tensor};
 
-/// One layer's keys and values, preallocated (rows, H, capacity, head_dim); `len` are valid.
+/// One layer's keys and values, preallocated; the first `len` positions are valid. Layout
+/// (rows, H, capacity, head_dim) for the composed attention ([`LayerCache::append`]), or
+/// (rows, H, head_dim, capacity) for the fused CPU attention ([`LayerCache::attend`]).
 pub struct LayerCache {
     k: Tensor,
     v: Tensor,
     len: usize,
+    transposed: bool,
 }
 
 impl LayerCache {
-    pub fn new(rows: usize, n_head: usize, capacity: usize, head_dim: usize, device: &candle_core::Device) -> Result<Self> {
-        let z = || Tensor::zeros((rows, n_head, capacity, head_dim), DType::F32, device);
-        Ok(Self { k: z()?, v: z()?, len: 0 })
+    /// A cache for the composed attention; `transposed`: for the fused CPU attention.
+    pub fn new(rows: usize, n_head: usize, capacity: usize, head_dim: usize, device: &candle_core::Device, transposed: bool) -> Result<Self> {
+        let shape = if transposed { (rows, n_head, head_dim, capacity) } else { (rows, n_head, capacity, head_dim) };
+        let z = || Tensor::zeros(shape, DType::F32, device);
+        Ok(Self { k: z()?, v: z()?, len: 0, transposed })
     }
 
     /// Append (rows, H, T, hd) keys and values; return all valid keys and values.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.transposed {
+            return Err(Error::invalid("KV cache", "a cache laid out for the fused CPU attention was given to the composed one"));
+        }
         let t = k.dim(2)?;
         let cap = self.k.dim(2)?;
         if self.len + t > cap {
@@ -30,6 +39,24 @@ impl LayerCache {
         self.v.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len += t;
         Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+    }
+
+    /// The fused CPU attention ([`crate::nn::cached_attention`]): appends the step's keys and
+    /// values from `qkv` and attends. `None` for a cache laid out for the composed attention
+    /// (nothing appended).
+    pub fn attend(&mut self, qkv: &Tensor, heads: usize, scale: f64, step: &CachedStep) -> Result<Option<Tensor>> {
+        if !self.transposed {
+            return Ok(None);
+        }
+        if step.start != self.len {
+            return Err(Error::invalid("KV cache", format!("a step at position {} after {} cached positions", step.start, self.len)));
+        }
+        let y = crate::nn::cached_attention(qkv, &self.k, &self.v, heads, scale, step)?;
+        if y.is_none() {
+            return Err(Error::invalid("KV cache", "the fused CPU attention does not apply to these tensors (not f32 on the CPU)"));
+        }
+        self.len += qkv.dim(1)?;
+        Ok(y)
     }
 
     pub fn len(&self) -> usize {
@@ -56,17 +83,37 @@ pub struct Session<'m> {
     keypad: Option<Tensor>,
     fed: usize,
     packed: Packed,
+    /// On the CPU in f32: the RoPE tables and the key mask as values, for the fused cached
+    /// attention ([`CachedStep`]).
+    host: Option<HostTables>,
+}
+
+/// [`Session`]'s tables as plain values: cos and sin (positions x head_dim / 2), key mask
+/// (rows x positions).
+struct HostTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    keypad: Option<Vec<f32>>,
 }
 
 impl<'m> Session<'m> {
-    pub(crate) fn new(model: &'m TokenAr, layout: Layout, rows: usize, cos: Tensor, sin: Tensor, keypad: Option<Tensor>) -> Result<Self> {
+    /// A session over `layout` with the RoPE tables and key mask of its positions; `fused`:
+    /// the fused CPU attention where it applies (CPU, f32), else the composed one.
+    pub(crate) fn new(model: &'m TokenAr, layout: Layout, rows: usize, (cos, sin, keypad): (Tensor, Tensor, Option<Tensor>), fused: bool) -> Result<Self> {
         let (n_layer, n_head, hd) = model.dims();
         let cap = layout.total_len();
+        let fused = fused && model.device().is_cpu() && model.dtype() == DType::F32;
         let caches = (0..n_layer)
-            .map(|_| LayerCache::new(rows, n_head, cap, hd, model.device()))
+            .map(|_| LayerCache::new(rows, n_head, cap, hd, model.device(), fused))
             .collect::<Result<Vec<_>>>()?;
         let packed = model.pack()?;
-        Ok(Self { model, layout, rows, caches, cos, sin, keypad, fed: 0, packed })
+        let host = if fused {
+            let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+            Some(HostTables { cos: values(&cos)?, sin: values(&sin)?, keypad: keypad.as_ref().map(values).transpose()? })
+        } else {
+            None
+        };
+        Ok(Self { model, layout, rows, caches, cos, sin, keypad, fed: 0, packed, host })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -78,6 +125,19 @@ impl<'m> Session<'m> {
     fn step(&mut self, x: Tensor, start: usize) -> Result<Tensor> {
         let t = x.dim(1)?;
         let len = start + t;
+        let mut ctx = Ctx { differentiable: false, rng: None };
+        if let Some(host) = &self.host {
+            let half = self.cos.dim(1)?;
+            let cached = CachedStep {
+                start,
+                cos: &host.cos[start * half..len * half],
+                sin: &host.sin[start * half..len * half],
+                keypad: host.keypad.as_deref().map(|k| (k, self.layout.total_len())),
+            };
+            let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
+            let att = AttnInputs { cos: &cos, sin: &sin, mask: None, cached: Some(cached) };
+            return self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, Some(&self.packed));
+        }
         let causal = if t > 1 { Some(self.model.causal(t, start)?) } else { None };
         let kp = self.keypad.as_ref().map(|k| k.narrow(3, 0, len)).transpose()?;
         let mask = match (causal, kp) {
@@ -86,8 +146,7 @@ impl<'m> Session<'m> {
         };
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
-        let att = AttnInputs { cos: &cos, sin: &sin, mask: mask.as_ref() };
-        let mut ctx = Ctx { differentiable: false, rng: None };
+        let att = AttnInputs { cos: &cos, sin: &sin, mask: mask.as_ref(), cached: None };
         self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, Some(&self.packed))
     }
 

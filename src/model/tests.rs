@@ -67,7 +67,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// Decoding with the KV cache gives the logits of one full (training-path) forward pass.
+/// Decoding with the KV cache gives the logits of one full (training-path) forward pass, with
+/// the fused CPU attention and with the composed one.
 fn check_cache_matches_full(cfg: &GptConfig, n_refs: usize) {
     let (m, _vm) = model(cfg, 1);
     let (cond, target) = condition(cfg, 2, n_refs, 2);
@@ -76,8 +77,8 @@ fn check_cache_matches_full(cfg: &GptConfig, n_refs: usize) {
     let g = gen.dim(1).unwrap();
     assert_eq!(full.dims(), &[2, g, cfg.vocab_size]);
 
-    for cfg_guidance in [false, true] {
-        let (mut s, first) = m.start(&cond, cfg_guidance).unwrap();
+    for (cfg_guidance, fused) in [(false, true), (true, true), (false, false), (true, false)] {
+        let (mut s, first) = m.start_with(&cond, cfg_guidance, fused).unwrap();
         let rows = s.rows();
         assert_eq!(rows, if cfg_guidance { 4 } else { 2 });
         let feed_rows = |t: &Tensor| if cfg_guidance { Tensor::cat(&[t, t], 0).unwrap() } else { t.clone() };
@@ -91,7 +92,7 @@ fn check_cache_matches_full(cfg: &GptConfig, n_refs: usize) {
         assert_eq!(s.generated_len(), g - 1);
         let dec = Tensor::cat(&steps, 1).unwrap().narrow(0, 0, 2).unwrap();
         let d = max_diff(&dec, &full);
-        assert!(d <= 1e-4, "cache vs full: {d} (cfg {cfg_guidance})");
+        assert!(d <= 1e-4, "cache vs full: {d} (cfg {cfg_guidance}, fused attention {fused})");
         if cfg_guidance {
             // The unconditional rows really differ (uncond text embedding).
             let u = Tensor::cat(&steps, 1).unwrap().narrow(0, 2, 2).unwrap();
@@ -101,7 +102,7 @@ fn check_cache_matches_full(cfg: &GptConfig, n_refs: usize) {
         s.truncate(1).unwrap();
         let again = s.feed(&feed_rows(&gen.narrow(1, 1, 1).unwrap())).unwrap();
         let d = max_diff(&again.narrow(0, 0, 2).unwrap(), &full.narrow(1, 2, 1).unwrap());
-        assert!(d <= 1e-4, "after truncate: {d}");
+        assert!(d <= 1e-4, "after truncate: {d} (fused attention {fused})");
         assert!(s.feed(&feed_rows(&gen)).is_err(), "feeding past the layout must fail");
     }
 }

@@ -64,16 +64,16 @@ struct FusedAttention {
 }
 
 /// Query rows per block (see the module documentation).
-const ROW_BLOCK: usize = 64;
+pub(super) const ROW_BLOCK: usize = 64;
 
 /// The query blocks of `s` rows: `(first row, rows)`.
-fn row_blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn row_blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..s).step_by(ROW_BLOCK).map(move |r0| (r0, ROW_BLOCK.min(s - r0)))
 }
 
 /// A pointer shared by the (batch, head) jobs, which write disjoint parts of its buffer.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(super) struct Shared(pub(super) *mut f32);
 // SAFETY: every job writes only its own (batch, head) columns (see the callers).
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
@@ -84,9 +84,34 @@ unsafe impl Sync for Shared {}
 /// # Safety
 /// As [`super::gemm_strided`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: *const f32, a_rs: usize, a_cs: usize, b: *const f32, b_rs: usize, b_cs: usize) {
+pub(super) unsafe fn mm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: *const f32, a_rs: usize, a_cs: usize, b: *const f32, b_rs: usize, b_cs: usize) {
     // SAFETY: forwarded from the caller.
     unsafe { super::gemm_strided(m, n, k, (dst, dst_rs), (a, a_rs, a_cs), (b, b_rs, b_cs), gemm::Parallelism::None) }
+}
+
+/// Rotate the `s` rows of width `d` at `src` (row stride `src_rs`) by the interleaved RoPE
+/// tables (row i of `cos`/`sin`, `d / 2` values each, rotates row i), times `scale`, into the
+/// rows at `dst` (row stride `dst_rs`); with `inverse` the transposed rotation (the
+/// gradient's).
+///
+/// # Safety
+/// `dst` must cover `s` rows of `d` values at stride `dst_rs`, not overlapping `src`; the
+/// tables must hold `s * d / 2` values.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn rotate_rows(src: &[f32], src_rs: usize, s: usize, d: usize, (cos, sin): (&[f32], &[f32]), scale: f32, inverse: bool, dst: *mut f32, dst_rs: usize) {
+    let half = d / 2;
+    let sign = if inverse { -scale } else { scale };
+    for i in 0..s {
+        let x = &src[i * src_rs..i * src_rs + d];
+        // SAFETY: row i of the destination, within the extent the caller guarantees.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.add(i * dst_rs), d) };
+        let (c, sn) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+        for k in 0..half {
+            let (x0, x1, cs, ss) = (x[2 * k], x[2 * k + 1], scale * c[k], sign * sn[k]);
+            o[2 * k] = x0 * cs - x1 * ss;
+            o[2 * k + 1] = x0 * ss + x1 * cs;
+        }
+    }
 }
 
 /// Per-job scratch: rotated q and k, probabilities, their gradient, and row dot products.
@@ -99,27 +124,14 @@ struct Scratch {
 }
 
 impl FusedAttention {
-    /// Rotate the `s` rows of width `d` at `src` (row stride `src_rs`) by the tables, times
-    /// `scale`, into the rows at `dst` (row stride `dst_rs`); with `inverse` the transposed
-    /// rotation (the gradient's).
+    /// [`rotate_rows`] with this op's tables.
     ///
     /// # Safety
-    /// `dst` must cover `s` rows of `d` values at stride `dst_rs`, not overlapping `src`.
+    /// As [`rotate_rows`].
     #[allow(clippy::too_many_arguments)]
     unsafe fn rotate(&self, src: &[f32], src_rs: usize, s: usize, d: usize, scale: f32, inverse: bool, dst: *mut f32, dst_rs: usize) {
-        let half = d / 2;
-        let sign = if inverse { -scale } else { scale };
-        for i in 0..s {
-            let x = &src[i * src_rs..i * src_rs + d];
-            // SAFETY: row i of the destination, within the extent the caller guarantees.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.add(i * dst_rs), d) };
-            let (c, sn) = (&self.cos[i * half..(i + 1) * half], &self.sin[i * half..(i + 1) * half]);
-            for k in 0..half {
-                let (x0, x1, cs, ss) = (x[2 * k], x[2 * k + 1], scale * c[k], sign * sn[k]);
-                o[2 * k] = x0 * cs - x1 * ss;
-                o[2 * k + 1] = x0 * ss + x1 * cs;
-            }
-        }
+        // SAFETY: forwarded from the caller.
+        unsafe { rotate_rows(src, src_rs, s, d, (&self.cos, &self.sin), scale, inverse, dst, dst_rs) }
     }
 
     /// The keys the query rows `r0..r0 + rows` of batch `bi` need: up to the last one any of

@@ -88,14 +88,6 @@ fn update_cpu(s: &mut Slot, g: &Tensor, scale: f32, k: &Coefs) -> Result<()> {
 }
 
 /// The contiguous f32 elements of a CPU storage, mutable.
-fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("AdamW: non-contiguous state".into()))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("AdamW: state is not f32"),
-    }
-}
-
 /// `state = keep * state + (1 - keep) * x` with `x = scale * g` (or its square when
 /// `square`), in place.
 struct Moment {
@@ -110,7 +102,7 @@ impl InplaceOp2 for Moment {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let state = f32_mut(s1, l1)?;
+        let state = crate::nn::rows_of_mut(s1, l1)?;
         let g = rows_of(s2, l2)?.0;
         if state.len() != g.len() {
             candle_core::bail!("AdamW: {} state entries for a gradient of {}", state.len(), g.len());
@@ -139,7 +131,7 @@ impl InplaceOp3 for ParamStep {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<()> {
-        let p = f32_mut(s1, l1)?;
+        let p = crate::nn::rows_of_mut(s1, l1)?;
         let (m, v) = (rows_of(s2, l2)?.0, rows_of(s3, l3)?.0);
         if p.len() != m.len() || p.len() != v.len() {
             candle_core::bail!("AdamW: {} parameters for moments of {} and {}", p.len(), m.len(), v.len());

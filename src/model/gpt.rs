@@ -93,26 +93,42 @@ struct PackedBlock {
     w2: Tensor,
 }
 
-/// A contiguous transpose of a 2D weight. On the CPU in f32 a blocked loop (candle's strided
-/// copy is an order of magnitude slower for this).
-fn transposed(w: &Tensor) -> Result<Tensor> {
-    let (r, c) = w.dims2()?;
-    if !w.device().is_cpu() || w.dtype() != DType::F32 {
-        return Ok(w.t()?.contiguous()?);
+/// The contiguous transposes of 2D weights `(out_i, in)` side by side: `(in, sum out_i)`, so
+/// that one product computes all of their outputs. On the CPU in f32 a blocked loop straight
+/// into the result (candle's strided copy and concatenation are several times slower).
+fn transposed(ws: &[&Tensor]) -> Result<Tensor> {
+    let cpu_f32 = ws.iter().all(|w| w.device().is_cpu() && w.dtype() == DType::F32);
+    if !cpu_f32 {
+        let ts = ws.iter().map(|w| w.t()?.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+        return Ok(Tensor::cat(&ts, 1)?);
     }
-    let src = w.flatten_all()?.to_vec1::<f32>()?;
-    let mut dst = vec![0f32; r * c];
-    const B: usize = 32;
-    for i0 in (0..r).step_by(B) {
-        for j0 in (0..c).step_by(B) {
-            for i in i0..(i0 + B).min(r) {
-                for j in j0..(j0 + B).min(c) {
-                    dst[j * r + i] = src[i * c + j];
+    let mut dims = Vec::with_capacity(ws.len());
+    for w in ws {
+        dims.push(w.dims2()?);
+    }
+    let c = dims.first().map_or(0, |d| d.1);
+    if let Some((r, c2)) = dims.iter().find(|d| d.1 != c) {
+        return Err(crate::error::Error::invalid("weights", format!("a ({r}, {c2}) weight packed with weights of {c} inputs")));
+    }
+    let total: usize = dims.iter().map(|d| d.0).sum();
+    let mut dst = vec![0f32; c * total];
+    let mut off = 0;
+    for (w, &(r, _)) in ws.iter().zip(&dims) {
+        let src = w.flatten_all()?.to_vec1::<f32>()?;
+        // Blocks of B source rows: each destination row j gets B consecutive values.
+        const B: usize = 16;
+        for i0 in (0..r).step_by(B) {
+            let rows = B.min(r - i0);
+            for (j, out) in dst.chunks_exact_mut(total).enumerate() {
+                let out = &mut out[off + i0..off + i0 + rows];
+                for (k, o) in out.iter_mut().enumerate() {
+                    *o = src[(i0 + k) * c + j];
                 }
             }
         }
+        off += r;
     }
-    Ok(Tensor::from_vec(dst, (c, r), w.device())?)
+    Ok(Tensor::from_vec(dst, (c, total), ws[0].device())?)
 }
 
 struct Norm {
@@ -530,10 +546,10 @@ impl TokenAr {
             .iter()
             .map(|b| {
                 Ok(PackedBlock {
-                    wqkv: transposed(&b.wqkv)?,
-                    wo: transposed(&b.wo)?,
-                    w13: Tensor::cat(&[transposed(&b.w1)?, transposed(&b.w3)?], 1)?,
-                    w2: transposed(&b.w2)?,
+                    wqkv: transposed(&[&b.wqkv])?,
+                    wo: transposed(&[&b.wo])?,
+                    w13: transposed(&[&b.w1, &b.w3])?,
+                    w2: transposed(&[&b.w2])?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

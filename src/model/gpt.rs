@@ -226,8 +226,15 @@ impl Block {
         ctx: &mut Ctx,
         drop: &super::config::Dropouts,
         packed: Option<&PackedBlock>,
+        keep: Option<usize>,
     ) -> Result<Tensor> {
-        let d = x.dim(2)?;
+        let (t, d) = (x.dim(1)?, x.dim(2)?);
+        // Outputs of the last `keep` positions only (every position's keys and values are
+        // still cached): the attention output, projection and MLP of the others are skipped.
+        let keep = keep.unwrap_or(t);
+        if keep == 0 || keep > t {
+            return Err(crate::error::Error::invalid("block", format!("the outputs of {keep} of {t} positions asked for")));
+        }
         let (h, hd) = (self.n_head, d / self.n_head);
         let xn = self.attention_norm.forward(x, ctx.differentiable)?;
         let qkv = match packed {
@@ -240,16 +247,18 @@ impl Block {
         let fusable = ctx.differentiable && cache.is_none() && (drop.attn == 0.0 || ctx.rng.is_none());
         let (fused, cache) = match (fusable, cache, &att.cached) {
             (true, c, _) => (crate::nn::attention_qkv(&qkv, att.cos, att.sin, scale, h, att.mask)?, c),
-            (false, Some(c), Some(step)) if drop.attn == 0.0 || ctx.rng.is_none() => (c.attend(&qkv, h, scale, step)?, Some(c)),
+            (false, Some(c), Some(step)) if drop.attn == 0.0 || ctx.rng.is_none() => (c.attend(&qkv, h, scale, step, keep)?, Some(c)),
             (false, c, _) => (None, c),
         };
         let y = match fused {
             Some(y) => y,
             None => self.attention_composed(&qkv, scale, att, cache, ctx, drop)?,
         };
+        let last = |v: &Tensor| -> Result<Tensor> { Ok(if v.dim(1)? > keep { v.narrow(1, v.dim(1)? - keep, keep)? } else { v.clone() }) };
+        let (x, y) = (last(x)?, last(&y)?);
         let hres = match packed {
-            Some(p) => (x + matmul_last(&y, &p.wo)?)?,
-            None => ctx.residual(x, &linear(&y, &self.wo)?, drop.resid)?,
+            Some(p) => (&x + matmul_last(&y, &p.wo)?)?,
+            None => ctx.residual(&x, &linear(&y, &self.wo)?, drop.resid)?,
         };
         let hn = self.ffn_norm.forward(&hres, ctx.differentiable)?;
         match packed {
@@ -512,6 +521,9 @@ impl TokenAr {
         Ok(Tensor::from_vec(v, (1, 1, s, l), &self.device)?)
     }
 
+    /// The transformer blocks over `x` (B, T, dim), caching keys and values when `caches` are
+    /// given; with `keep`, the result holds the last `keep` positions only (the last block
+    /// skips the rest's attention output, projection and MLP).
     pub(crate) fn run_blocks(
         &self,
         mut x: Tensor,
@@ -519,13 +531,15 @@ impl TokenAr {
         caches: Option<&mut [LayerCache]>,
         ctx: &mut Ctx,
         packed: Option<&Packed>,
+        keep: Option<usize>,
     ) -> Result<Tensor> {
         let drop = self.cfg.dropouts;
         let mut caches = caches.map(|c| c.iter_mut());
+        let n = self.layers.len();
         for (i, blk) in self.layers.iter().enumerate() {
             let cache = caches.as_mut().and_then(|c| c.next());
             let p = packed.map(|p| &p.blocks[i]);
-            x = blk.forward(&x, att, cache, ctx, &drop, p)?;
+            x = blk.forward(&x, att, cache, ctx, &drop, p, if i + 1 == n { keep } else { None })?;
         }
         Ok(x)
     }
@@ -577,7 +591,7 @@ impl TokenAr {
         if let Some(kp) = self.key_padding(cond, &layout, s)? {
             mask = mask.broadcast_add(&kp)?;
         }
-        let h = self.run_blocks(x, &AttnInputs { cos: &cos, sin: &sin, mask: Some(&mask), cached: None }, None, &mut ctx, None)?;
+        let h = self.run_blocks(x, &AttnInputs { cos: &cos, sin: &sin, mask: Some(&mask), cached: None }, None, &mut ctx, None, None)?;
         let r = layout.loss_range();
         let hn = self.norm.forward(&h.narrow(1, r.start, r.len())?, true)?;
         let hw = self.cfg.image_tokens();

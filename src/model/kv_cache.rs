@@ -42,16 +42,16 @@ impl LayerCache {
     }
 
     /// The fused CPU attention ([`crate::nn::cached_attention`]): appends the step's keys and
-    /// values from `qkv` and attends. `None` for a cache laid out for the composed attention
-    /// (nothing appended).
-    pub fn attend(&mut self, qkv: &Tensor, heads: usize, scale: f64, step: &CachedStep) -> Result<Option<Tensor>> {
+    /// values from `qkv` and attends from its last `queries` positions. `None` for a cache
+    /// laid out for the composed attention (nothing appended).
+    pub fn attend(&mut self, qkv: &Tensor, heads: usize, scale: f64, step: &CachedStep, queries: usize) -> Result<Option<Tensor>> {
         if !self.transposed {
             return Ok(None);
         }
         if step.start != self.len {
             return Err(Error::invalid("KV cache", format!("a step at position {} after {} cached positions", step.start, self.len)));
         }
-        let y = crate::nn::cached_attention(qkv, &self.k, &self.v, heads, scale, step)?;
+        let y = crate::nn::cached_attention(qkv, &self.k, &self.v, heads, scale, step, queries)?;
         if y.is_none() {
             return Err(Error::invalid("KV cache", "the fused CPU attention does not apply to these tensors (not f32 on the CPU)"));
         }
@@ -121,8 +121,9 @@ impl<'m> Session<'m> {
     }
 
     /// Run `x` (rows, T, dim) at positions `start .. start + T`, appending to the caches;
-    /// returns the hidden states before the final norm.
-    fn step(&mut self, x: Tensor, start: usize) -> Result<Tensor> {
+    /// returns the hidden states before the final norm, of the last `keep` positions (all
+    /// with `None`).
+    fn step(&mut self, x: Tensor, start: usize, keep: Option<usize>) -> Result<Tensor> {
         let t = x.dim(1)?;
         let len = start + t;
         let mut ctx = Ctx { differentiable: false, rng: None };
@@ -136,7 +137,7 @@ impl<'m> Session<'m> {
             };
             let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
             let att = AttnInputs { cos: &cos, sin: &sin, mask: None, cached: Some(cached) };
-            return self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, Some(&self.packed));
+            return self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, Some(&self.packed), keep);
         }
         let causal = if t > 1 { Some(self.model.causal(t, start)?) } else { None };
         let kp = self.keypad.as_ref().map(|k| k.narrow(3, 0, len)).transpose()?;
@@ -147,15 +148,38 @@ impl<'m> Session<'m> {
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
         let att = AttnInputs { cos: &cos, sin: &sin, mask: mask.as_ref(), cached: None };
-        self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, Some(&self.packed))
+        self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, Some(&self.packed), keep)
     }
 
     pub(crate) fn head(&self, h: &Tensor) -> Result<Tensor> {
         self.model.head(h)
     }
 
+    /// Run the prefix; returns the hidden state of its last position (rows, 1, dim).
     pub(crate) fn prefill(&mut self, x: Tensor) -> Result<Tensor> {
-        self.step(x, 0)
+        self.step(x, 0, Some(1))
+    }
+
+    /// Feed `tokens` (rows, T); the hidden states of the last `keep` of them.
+    fn feed_keeping(&mut self, tokens: &Tensor, keep: Option<usize>) -> Result<Tensor> {
+        let (r, t) = tokens.dims2()?;
+        if r != self.rows {
+            return Err(Error::invalid("tokens", format!("{r} rows fed to a session of {} rows", self.rows)));
+        }
+        if t == 0 {
+            return Err(Error::invalid("tokens", "no tokens fed"));
+        }
+        if self.fed + t > self.layout.generated_len() {
+            return Err(Error::invalid(
+                "tokens",
+                format!("{} + {t} tokens exceed the {} generated positions of the layout", self.fed, self.layout.generated_len()),
+            ));
+        }
+        let start = self.layout.prefix_len() + self.fed;
+        let x = self.model.embed_generated(tokens, &self.layout, start)?;
+        let h = self.step(x, start, keep)?;
+        self.fed += t;
+        Ok(h)
     }
 }
 
@@ -173,20 +197,12 @@ impl TokenModel for Session<'_> {
     }
 
     fn feed(&mut self, tokens: &Tensor) -> Result<Tensor> {
-        let (r, t) = tokens.dims2()?;
-        if r != self.rows {
-            return Err(Error::invalid("tokens", format!("{r} rows fed to a session of {} rows", self.rows)));
-        }
-        if self.fed + t > self.layout.generated_len() {
-            return Err(Error::invalid(
-                "tokens",
-                format!("{} + {t} tokens exceed the {} generated positions of the layout", self.fed, self.layout.generated_len()),
-            ));
-        }
-        let start = self.layout.prefix_len() + self.fed;
-        let x = self.model.embed_generated(tokens, &self.layout, start)?;
-        let h = self.step(x, start)?;
-        self.fed += t;
+        let h = self.feed_keeping(tokens, None)?;
+        self.head(&h)
+    }
+
+    fn feed_last(&mut self, tokens: &Tensor) -> Result<Tensor> {
+        let h = self.feed_keeping(tokens, Some(1))?;
         self.head(&h)
     }
 

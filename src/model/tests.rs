@@ -103,6 +103,13 @@ fn check_cache_matches_full(cfg: &GptConfig, n_refs: usize) {
         let again = s.feed(&feed_rows(&gen.narrow(1, 1, 1).unwrap())).unwrap();
         let d = max_diff(&again.narrow(0, 0, 2).unwrap(), &full.narrow(1, 2, 1).unwrap());
         assert!(d <= 1e-4, "after truncate: {d} (fused attention {fused})");
+        // Only the last position's logits (the last block skips the others' outputs).
+        s.truncate(1).unwrap();
+        let last = s.feed_last(&feed_rows(&gen.narrow(1, 1, 3).unwrap())).unwrap();
+        assert_eq!(last.dims(), &[rows, 1, cfg.vocab_size]);
+        let d = max_diff(&last.narrow(0, 0, 2).unwrap(), &full.narrow(1, 4, 1).unwrap());
+        assert!(d <= 1e-4, "last position only: {d} (fused attention {fused})");
+        assert_eq!(s.generated_len(), 4);
         assert!(s.feed(&feed_rows(&gen)).is_err(), "feeding past the layout must fail");
     }
 }

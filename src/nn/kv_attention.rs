@@ -39,10 +39,12 @@ pub struct CachedStep<'a> {
 
 /// Append the step's keys (rotated) and values from `qkv` (R, T, 3 * H * D: queries, keys and
 /// values of the H heads side by side) to the caches `k` and `v` (R, H, D, capacity: position
-/// j of a head's key is column j; written in place at columns `start..start + T`), then attend: returns (R, T, H * D), the heads
-/// side by side, queries scaled by `scale`. `None` off the CPU or outside f32: the caller
-/// composes the same from elementary ops.
-pub fn cached_attention(qkv: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, step: &CachedStep) -> Result<Option<Tensor>> {
+/// j of a head's key is column j; written in place at columns `start..start + T`), then
+/// attend from the last `queries` of the T positions (T for all; fewer where only the last
+/// positions' outputs are needed, as in a prefill's last layer): returns (R, queries, H * D),
+/// the heads side by side, queries scaled by `scale`. `None` off the CPU or outside f32: the
+/// caller composes the same from elementary ops.
+pub fn cached_attention(qkv: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, step: &CachedStep, queries: usize) -> Result<Option<Tensor>> {
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if ![qkv, k, v].into_iter().all(cpu_f32) {
         return Ok(None);
@@ -56,6 +58,9 @@ pub fn cached_attention(qkv: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scal
     let (kr, kh, kd, cap) = k.dims4()?;
     if (kr, kh, kd) != (r, heads, d) || v.dims() != k.dims() || !k.is_contiguous() || !v.is_contiguous() {
         return Err(bad(format!("caches {:?} / {:?} for qkv {:?} with {heads} heads (expected contiguous ({r}, {heads}, {d}, capacity))", k.dims(), v.dims(), qkv.dims())));
+    }
+    if queries == 0 || queries > t {
+        return Err(bad(format!("{queries} queries asked of a step of {t} positions")));
     }
     let len = step.start + t;
     if len > cap {
@@ -73,7 +78,7 @@ pub fn cached_attention(qkv: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scal
     let shape = Dims { rows: r, t, heads, d, cap };
     k.inplace_op2(&qkv, &Append { shape, start: step.start, part: 1, rope: Some((step.cos, step.sin)) })?;
     v.inplace_op2(&qkv, &Append { shape, start: step.start, part: 2, rope: None })?;
-    let op = Attend { shape, start: step.start, scale: scale as f32, step };
+    let op = Attend { shape, start: step.start, first: t - queries, scale: scale as f32, step };
     Ok(Some(qkv.apply_op3_no_bwd(k, v, &op)?))
 }
 
@@ -141,10 +146,12 @@ impl InplaceOp2 for Append<'_> {
     }
 }
 
-/// The attention itself (the caches already hold the step's keys and values).
+/// The attention itself (the caches already hold the step's keys and values), from the step's
+/// positions `first..T`.
 struct Attend<'a> {
     shape: Dims,
     start: usize,
+    first: usize,
     scale: f32,
     step: &'a CachedStep<'a>,
 }
@@ -173,24 +180,28 @@ impl CustomOp3 for Attend<'_> {
         let (kc, _) = rows_of(sk, lk)?;
         let (vc, _) = rows_of(sv, lv)?;
         let len = self.start + t;
-        let mut out = vec![0f32; rows * t * h * d];
+        // Queries: the step's positions first..t, i.e. absolute positions start + first + i.
+        let (m, at) = (t - self.first, self.start + self.first);
+        let mut out = vec![0f32; rows * m * h * d];
         let o = Shared(out.as_mut_ptr());
-        let block = if t <= FEW_QUERIES { 1 } else { ROW_BLOCK.min(t) };
+        let block = if m <= FEW_QUERIES { 1 } else { ROW_BLOCK.min(m) };
         (0..rows * h).into_par_iter().for_each_init(
-            || (vec![0f32; t * d], vec![0f32; block * len]),
+            || (vec![0f32; m * d], vec![0f32; block * len]),
             |(q, p), rh| {
                 let (r, hi) = (rh / h, rh % h);
                 let o = o;
-                // SAFETY: q holds t rows of d values; it is scratch, not qkv.
-                unsafe { rotate_rows(&qkv[r * t * w + hi * d..], w, t, d, (self.step.cos, self.step.sin), self.scale, false, q.as_mut_ptr(), d) };
+                let half = d / 2;
+                let tables = (&self.step.cos[self.first * half..], &self.step.sin[self.first * half..]);
+                // SAFETY: q holds m rows of d values; it is scratch, not qkv.
+                unsafe { rotate_rows(&qkv[(r * t + self.first) * w + hi * d..], w, m, d, tables, self.scale, false, q.as_mut_ptr(), d) };
                 // This (row, head)'s keys and values, (D, capacity) each.
                 let keys = &kc[(r * h + hi) * d * cap..][..d * cap];
                 let values = &vc[(r * h + hi) * d * cap..][..d * cap];
-                // Output row i of this (row, head): (r, i, hi) of (R, T, H, D).
-                let out_at = |i: usize| ((r * t + i) * h + hi) * d;
-                if t <= FEW_QUERIES {
-                    for i in 0..t {
-                        let s = &mut p[..self.start + i + 1];
+                // Output row i of this (row, head): (r, i, hi) of (R, m, H, D).
+                let out_at = |i: usize| ((r * m + i) * h + hi) * d;
+                if m <= FEW_QUERIES {
+                    for i in 0..m {
+                        let s = &mut p[..at + i + 1];
                         combine_rows(&q[i * d..(i + 1) * d], keys, cap, s);
                         self.mask(r, s);
                         softmax_in_place(s);
@@ -200,14 +211,14 @@ impl CustomOp3 for Attend<'_> {
                     }
                     return;
                 }
-                for (r0, nr) in row_blocks(t) {
-                    // Row i of the block sees keys 0..=start + r0 + i.
-                    let n = self.start + r0 + nr;
+                for (r0, nr) in row_blocks(m) {
+                    // Row i of the block sees keys 0..=at + r0 + i.
+                    let n = at + r0 + nr;
                     // SAFETY: p holds nr x n scores (stride n); q rows r0..; the keys' (D x n)
                     // columns 0..n (row stride capacity).
                     unsafe { mm(nr, n, d, p.as_mut_ptr(), n, q.as_ptr().add(r0 * d), d, 1, keys.as_ptr(), cap, 1) };
                     for (i, row) in p[..nr * n].chunks_exact_mut(n).enumerate() {
-                        let (seen, unseen) = row.split_at_mut(self.start + r0 + i + 1);
+                        let (seen, unseen) = row.split_at_mut(at + r0 + i + 1);
                         self.mask(r, seen);
                         softmax_in_place(seen);
                         unseen.fill(0.0);
@@ -218,7 +229,7 @@ impl CustomOp3 for Attend<'_> {
                 }
             },
         );
-        Ok((CpuStorage::F32(out), Shape::from((rows, t, h * d))))
+        Ok((CpuStorage::F32(out), Shape::from((rows, m, h * d))))
     }
 }
 
@@ -281,7 +292,7 @@ mod tests {
             let (c, s) = (cos.narrow(0, start, t).unwrap(), sin.narrow(0, start, t).unwrap());
             let (cv, sv) = (c.flatten_all().unwrap().to_vec1::<f32>().unwrap(), s.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             let step = CachedStep { start, cos: &cv, sin: &sv, keypad: Some((&pad, cap)) };
-            let y = cached_attention(&qkv, &kc, &vc, heads, 0.35, &step).unwrap().unwrap();
+            let y = cached_attention(&qkv, &kc, &vc, heads, 0.35, &step, t).unwrap().unwrap();
             let (want, k, v) = composed(&qkv, past.as_ref().map(|(k, v)| (k, v)), heads, 0.35, &c, &s, Some(&keypad));
             assert_eq!(y.dims(), [rows, t, heads * d]);
             assert!(max_diff(&y, &want) < 1e-5, "step {n} ({t} positions after {start}): {}", max_diff(&y, &want));
@@ -306,7 +317,7 @@ mod tests {
         let run = |qkv: &Tensor, start: usize| {
             let t = qkv.dim(1).unwrap();
             let (c, s) = (table(&cos, start, t), table(&sin, start, t));
-            cached_attention(qkv, &kc, &vc, heads, 0.5, &CachedStep { start, cos: &c, sin: &s, keypad: None }).unwrap().unwrap()
+            cached_attention(qkv, &kc, &vc, heads, 0.5, &CachedStep { start, cos: &c, sin: &s, keypad: None }, t).unwrap().unwrap()
         };
         let a = Tensor::randn(0f32, 1.0, (rows, 6, 3 * heads * d), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, (rows, 3, 3 * heads * d), &dev).unwrap();
@@ -317,8 +328,16 @@ mod tests {
         let vc2 = kc2.zeros_like().unwrap();
         let both = Tensor::cat(&[&a.narrow(1, 0, 4).unwrap(), &b], 1).unwrap();
         let (c, s) = (table(&cos, 0, 7), table(&sin, 0, 7));
-        let full = cached_attention(&both, &kc2, &vc2, heads, 0.5, &CachedStep { start: 0, cos: &c, sin: &s, keypad: None }).unwrap().unwrap();
+        let full = cached_attention(&both, &kc2, &vc2, heads, 0.5, &CachedStep { start: 0, cos: &c, sin: &s, keypad: None }, 7).unwrap().unwrap();
         assert!(max_diff(&y, &full.narrow(1, 4, 3).unwrap()) < 1e-5);
+        // Attending from the last 3 positions only: every key and value is still appended.
+        let (kc3, vc3) = (kc2.zeros_like().unwrap(), vc2.zeros_like().unwrap());
+        let last = cached_attention(&both, &kc3, &vc3, heads, 0.5, &CachedStep { start: 0, cos: &c, sin: &s, keypad: None }, 3).unwrap().unwrap();
+        assert_eq!(last.dims(), [rows, 3, heads * d]);
+        assert!(max_diff(&last, &full.narrow(1, 4, 3).unwrap()) < 1e-6);
+        assert!(max_diff(&kc3, &kc2) == 0.0 && max_diff(&vc3, &vc2) == 0.0);
+        let e = cached_attention(&both, &kc3, &vc3, heads, 0.5, &CachedStep { start: 0, cos: &c, sin: &s, keypad: None }, 8).unwrap_err().to_string();
+        assert!(e.contains("8 queries asked of a step of 7"), "{e}");
     }
 
     #[test]
@@ -328,12 +347,12 @@ mod tests {
         let kc = Tensor::zeros((1, 2, 4, 3), DType::F32, &dev).unwrap();
         let tables = vec![0f32; 4];
         let step = CachedStep { start: 2, cos: &tables, sin: &tables, keypad: None };
-        let e = cached_attention(&qkv, &kc, &kc.zeros_like().unwrap(), 2, 1.0, &step).unwrap_err().to_string();
+        let e = cached_attention(&qkv, &kc, &kc.zeros_like().unwrap(), 2, 1.0, &step, 2).unwrap_err().to_string();
         assert!(e.contains("exceed the capacity 3"), "{e}");
         let step = CachedStep { start: 0, cos: &tables[..2], sin: &tables[..2], keypad: None };
-        let e = cached_attention(&qkv, &kc, &kc.zeros_like().unwrap(), 2, 1.0, &step).unwrap_err().to_string();
+        let e = cached_attention(&qkv, &kc, &kc.zeros_like().unwrap(), 2, 1.0, &step, 2).unwrap_err().to_string();
         assert!(e.contains("RoPE tables"), "{e}");
-        let e = cached_attention(&qkv, &kc, &kc.zeros_like().unwrap(), 3, 1.0, &step).unwrap_err().to_string();
+        let e = cached_attention(&qkv, &kc, &kc.zeros_like().unwrap(), 3, 1.0, &step, 2).unwrap_err().to_string();
         assert!(e.contains("does not split"), "{e}");
     }
 }

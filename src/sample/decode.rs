@@ -251,8 +251,9 @@ pub fn generate(
         ItdMode::Forced => {
             let l = plan.known_len();
             if l > 0 && need_tail {
-                let out = dec.feed(&plan.known)?;
-                pending = dec.position(&out, l - 1)?;
+                // Only the last known token's logits are read (they predict the target's first).
+                let out = dec.feed_last(&plan.known)?;
+                pending = dec.position(&out, 0)?;
             }
             prefix = plan.known.clone();
             dec.advance(l);
@@ -321,19 +322,37 @@ impl Decoder<'_> {
         Ok(g.to_vec3::<f32>()?)
     }
 
-    /// Feed per-sample token columns `(samples, T)` (both guidance rows of a sample get the
-    /// same tokens); returns the guided logits `(samples, T, vocab)` on the CPU.
-    fn feed(&mut self, tokens: &[Vec<u32>]) -> Result<Tensor> {
+    /// Per-sample token columns as the model's input `(rows, T)`: both guidance rows of a
+    /// sample get its tokens.
+    fn columns(&self, tokens: &[Vec<u32>]) -> Result<Tensor> {
         let t = tokens[0].len();
         let mut flat = Vec::with_capacity(self.rows * t);
         for r in 0..self.rows {
             flat.extend_from_slice(&tokens[r % self.samples]);
         }
-        let input = Tensor::from_vec(flat, (self.rows, t), &self.device)?;
+        Ok(Tensor::from_vec(flat, (self.rows, t), &self.device)?)
+    }
+
+    /// Feed per-sample token columns `(samples, T)` (both guidance rows of a sample get the
+    /// same tokens); returns the guided logits `(samples, T, vocab)` on the CPU.
+    fn feed(&mut self, tokens: &[Vec<u32>]) -> Result<Tensor> {
+        let t = tokens[0].len();
+        let input = self.columns(tokens)?;
         let logits = self.model.feed(&input)?;
         self.stats.forward_passes += 1;
         self.stats.positions_fed += t;
         self.check_logits(&logits, t)?;
+        guided(&logits, self.samples, self.opts.cfg_scale)
+    }
+
+    /// [`Decoder::feed`] keeping the last position only: guided logits `(samples, 1, vocab)`.
+    fn feed_last(&mut self, tokens: &[Vec<u32>]) -> Result<Tensor> {
+        let input = self.columns(tokens)?;
+        let t = tokens[0].len();
+        let logits = self.model.feed_last(&input)?;
+        self.stats.forward_passes += 1;
+        self.stats.positions_fed += t;
+        self.check_logits(&logits, 1)?;
         guided(&logits, self.samples, self.opts.cfg_scale)
     }
 

@@ -25,6 +25,16 @@ pub trait TokenModel {
     /// Append `tokens` (rows, T) u32 to every row and return logits (rows, T, vocab) f32:
     /// entry `[:, t]` predicts the token that follows `tokens[:, t]`.
     fn feed(&mut self, tokens: &Tensor) -> Result<Tensor>;
+    /// [`TokenModel::feed`] where only the last position's logits are needed: (rows, 1,
+    /// vocab). A model may skip work for the others.
+    fn feed_last(&mut self, tokens: &Tensor) -> Result<Tensor> {
+        let logits = self.feed(tokens)?;
+        let t = logits.dim(1)?;
+        if t == 0 {
+            return Err(crate::error::Error::invalid("tokens", "no tokens fed"));
+        }
+        Ok(logits.narrow(1, t - 1, 1)?)
+    }
     /// Forget generated tokens beyond the first `len` (KV-cache rollback).
     fn truncate(&mut self, len: usize) -> Result<()>;
 }

@@ -54,7 +54,8 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// Run `f` compiled for AVX2 + FMA when the CPU has them, else for the baseline.
+/// Run `f` compiled for AVX-512 when the CPU has it, else for AVX2 + FMA when it has them,
+/// else for the baseline.
 macro_rules! multiversion {
     ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$doc])*
@@ -63,9 +64,17 @@ macro_rules! multiversion {
             fn generic($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     generic($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `avx512` was compiled for.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports the features `avx2` was compiled for.
@@ -276,6 +285,30 @@ mod tests {
         assert!(xs[3].is_nan());
         assert!(xs[4].is_finite() && xs[4] > 1e38, "{}", xs[4]);
         assert!(xs[5].is_finite() && xs[5] > 1e38, "{}", xs[5]);
+    }
+
+    #[test]
+    fn strided_row_products() {
+        // Lengths around the 64-wide blocks and the 8 lanes; rows `stride` apart with junk
+        // between them that must not be read into the result.
+        let (k, stride) = (5usize, 150usize);
+        let rows: Vec<f32> = (0..k * stride).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let w: Vec<f32> = (0..k).map(|i| i as f32 * 0.5 - 1.0).collect();
+        for n in [1usize, 7, 8, 63, 64, 65, 130] {
+            let mut out = vec![f32::NAN; n];
+            combine_rows(&w, &rows, stride, &mut out);
+            for (j, &o) in out.iter().enumerate() {
+                let want: f32 = (0..k).map(|kk| w[kk] * rows[kk * stride + j]).sum();
+                assert!((o - want).abs() < 1e-4, "combine_rows n {n} j {j}: {o} vs {want}");
+            }
+            let x: Vec<f32> = (0..n).map(|j| (j as f32 * 0.1).sin()).collect();
+            let mut acc = vec![1.0f32; k];
+            add_strided_dots(&x, &rows, stride, &mut acc);
+            for (kk, &a) in acc.iter().enumerate() {
+                let want: f32 = 1.0 + (0..n).map(|j| x[j] * rows[kk * stride + j]).sum::<f32>();
+                assert!((a - want).abs() < 1e-4, "add_strided_dots n {n} row {kk}: {a} vs {want}");
+            }
+        }
     }
 
     #[test]

@@ -218,6 +218,7 @@ impl Block {
         Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * hd))?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,

@@ -2,8 +2,8 @@
 
 use super::gpt::{AttnInputs, Ctx, Packed, TokenAr};
 use crate::error::{Error, Result};
-use crate::nn::CachedStep;
 use crate::layout::Layout;
+use crate::nn::CachedStep;
 use crate::sample::TokenModel;
 use candle_core::{DType, Tensor};
 
@@ -129,10 +129,14 @@ impl<'m> Session<'m> {
         let mut ctx = Ctx { differentiable: false, rng: None };
         if let Some(host) = &self.host {
             let half = self.cos.dim(1)?;
+            let range = start * half..len * half;
+            let (Some(cos), Some(sin)) = (host.cos.get(range.clone()), host.sin.get(range)) else {
+                return Err(Error::invalid("KV cache", format!("positions {start}..{len} beyond the RoPE tables of {} positions", host.cos.len() / half.max(1))));
+            };
             let cached = CachedStep {
                 start,
-                cos: &host.cos[start * half..len * half],
-                sin: &host.sin[start * half..len * half],
+                cos,
+                sin,
                 keypad: host.keypad.as_deref().map(|k| (k, self.layout.total_len())),
             };
             let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);

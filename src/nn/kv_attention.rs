@@ -78,7 +78,7 @@ pub fn cached_attention(qkv: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scal
     let shape = Dims { rows: r, t, heads, d, cap };
     k.inplace_op2(&qkv, &Append { shape, start: step.start, part: 1, rope: Some((step.cos, step.sin)) })?;
     v.inplace_op2(&qkv, &Append { shape, start: step.start, part: 2, rope: None })?;
-    let op = Attend { shape, start: step.start, first: t - queries, scale: scale as f32, step };
+    let op = Attend { shape, first: t - queries, scale: scale as f32, step };
     Ok(Some(qkv.apply_op3_no_bwd(k, v, &op)?))
 }
 
@@ -150,7 +150,6 @@ impl InplaceOp2 for Append<'_> {
 /// positions `first..T`.
 struct Attend<'a> {
     shape: Dims,
-    start: usize,
     first: usize,
     scale: f32,
     step: &'a CachedStep<'a>,
@@ -179,9 +178,9 @@ impl CustomOp3 for Attend<'_> {
         let (qkv, w) = rows_of(sq, lq)?;
         let (kc, _) = rows_of(sk, lk)?;
         let (vc, _) = rows_of(sv, lv)?;
-        let len = self.start + t;
+        let len = self.step.start + t;
         // Queries: the step's positions first..t, i.e. absolute positions start + first + i.
-        let (m, at) = (t - self.first, self.start + self.first);
+        let (m, at) = (t - self.first, self.step.start + self.first);
         let mut out = vec![0f32; rows * m * h * d];
         let o = Shared(out.as_mut_ptr());
         let block = if m <= FEW_QUERIES { 1 } else { ROW_BLOCK.min(m) };

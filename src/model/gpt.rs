@@ -650,6 +650,19 @@ impl TokenAr {
         self.start_with(cond, cfg_guidance, true)
     }
 
+    /// [`TokenAr::start`] for `samples` samples of one condition (`cond` of batch 1): the
+    /// prefix is run once and its keys and values copied to every sample's rows
+    /// ([`Session::repeat_samples`]).
+    pub fn start_samples(&self, cond: &Condition, cfg_guidance: bool, samples: usize) -> Result<(Session<'_>, Tensor)> {
+        let b = cond.batch()?;
+        if b != 1 {
+            return Err(crate::error::Error::invalid("condition", format!("batch of {b}; samples of one condition need a batch of 1")));
+        }
+        let (mut session, first) = self.start(cond, cfg_guidance)?;
+        let first = session.repeat_samples(samples, &first)?;
+        Ok((session, first))
+    }
+
     /// [`TokenAr::start`]; `fused_attention: false` keeps the composed attention on the CPU
     /// too (the path other devices take), so that tests can compare the two.
     pub(crate) fn start_with(&self, cond: &Condition, cfg_guidance: bool, fused_attention: bool) -> Result<(Session<'_>, Tensor)> {

@@ -120,6 +120,41 @@ impl<'m> Session<'m> {
         &self.layout
     }
 
+    /// Turn a session prefilled for one sample (rows `[cond]`, or `[cond; uncond]` with
+    /// guidance) into `samples` samples of that condition (rows `[cond x samples]`, or
+    /// `[cond x samples; uncond x samples]`) by copying the cached keys and values: the
+    /// prefix is run once instead of once per sample. `first` are the logits [`TokenAr::start`]
+    /// returned, `(rows, vocab)`; returns them for the new rows.
+    pub fn repeat_samples(&mut self, samples: usize, first: &Tensor) -> Result<Tensor> {
+        if samples == 0 {
+            return Err(Error::invalid("samples", "0 (at least one is needed)"));
+        }
+        if self.fed != 0 {
+            return Err(Error::invalid("KV cache", format!("{} tokens already fed; samples are repeated right after the prefill", self.fed)));
+        }
+        if !(1..=2).contains(&self.rows) || first.dim(0)? != self.rows {
+            return Err(Error::invalid(
+                "KV cache",
+                format!("a session of {} rows with first logits {:?} is not one sample (1 row, or 2 with guidance)", self.rows, first.dims()),
+            ));
+        }
+        let index: Vec<u32> = (0..self.rows as u32).flat_map(|g| std::iter::repeat_n(g, samples)).collect();
+        let idx = Tensor::new(index.as_slice(), first.device())?;
+        for c in &mut self.caches {
+            c.k = c.k.index_select(&idx, 0)?;
+            c.v = c.v.index_select(&idx, 0)?;
+        }
+        self.keypad = self.keypad.as_ref().map(|k| k.index_select(&idx, 0)).transpose()?;
+        if let Some(host) = &mut self.host {
+            if let Some(k) = &host.keypad {
+                let stride = k.len() / self.rows;
+                host.keypad = Some(index.iter().flat_map(|&g| k[g as usize * stride..(g as usize + 1) * stride].iter().copied()).collect());
+            }
+        }
+        self.rows *= samples;
+        Ok(first.index_select(&idx, 0)?)
+    }
+
     /// Run `x` (rows, T, dim) at positions `start .. start + T`, appending to the caches;
     /// returns the hidden states before the final norm, of the last `keep` positions (all
     /// with `None`).

@@ -114,6 +114,39 @@ fn check_cache_matches_full(cfg: &GptConfig, n_refs: usize) {
     }
 }
 
+/// One condition's prefix run once and repeated for three samples decodes exactly as the
+/// condition repeated three times in the batch.
+#[test]
+fn repeated_samples_equal_a_repeated_condition() {
+    let cfg = tiny(Scheme::Tiles);
+    let (m, _vm) = model(&cfg, 1);
+    let (cond, target) = condition(&cfg, 2, 2, 3);
+    // Sample 0 of the batch (its caption has two padded positions, so the key mask is
+    // repeated too).
+    let one = Condition::new(cond.refs.narrow(0, 0, 1).unwrap(), cond.background.narrow(0, 0, 1).unwrap(), cond.text.narrow(0, 0, 1).unwrap(), cond.text_mask.as_ref().map(|t| t.narrow(0, 0, 1).unwrap()));
+    let three = |t: &Tensor| Tensor::cat(&[t, t, t], 0).unwrap();
+    let rep = Condition::new(three(&one.refs), three(&one.background), three(&one.text), one.text_mask.as_ref().map(three));
+    let gen = m.generated_tokens(&one, &target.narrow(0, 0, 1).unwrap(), &m.layout_for(&one).unwrap()).unwrap();
+    for (cfg_guidance, fused) in [(true, true), (false, true), (true, false)] {
+        let (mut a, fa) = m.start_with(&rep, cfg_guidance, fused).unwrap();
+        let (mut b, fb) = m.start_with(&one, cfg_guidance, fused).unwrap();
+        let fb = b.repeat_samples(3, &fb).unwrap();
+        assert_eq!(b.rows(), a.rows());
+        assert!(max_diff(&fa, &fb) <= 1e-5, "first logits (cfg {cfg_guidance}, fused {fused})");
+        let rows = a.rows();
+        let tokens = gen.narrow(1, 0, 3).unwrap().broadcast_as((rows, 3)).unwrap().contiguous().unwrap();
+        let (la, lb) = (a.feed(&tokens).unwrap(), b.feed(&tokens).unwrap());
+        assert!(max_diff(&la, &lb) <= 1e-5, "after feeding (cfg {cfg_guidance}, fused {fused})");
+        assert!(b.repeat_samples(2, &lb.narrow(1, 0, 1).unwrap().squeeze(1).unwrap()).is_err(), "repeating after feeding must fail");
+    }
+    let (s, _) = m.start_samples(&one, true, 4).unwrap();
+    assert_eq!(s.rows(), 8);
+    let e = m.start_samples(&rep, true, 2).err().unwrap().to_string();
+    assert!(e.contains("batch of 3"), "{e}");
+    let (mut s, first) = m.start(&one, true).unwrap();
+    assert!(s.repeat_samples(0, &first).is_err());
+}
+
 #[test]
 fn kv_cache_decoding_equals_full_forward_tiles() {
     check_cache_matches_full(&tiny(Scheme::Tiles), 2);

@@ -170,12 +170,11 @@ pub fn generate(
     let (ref_codes, bg_codes) = encode_condition(bundle, refs, cond_bg)?;
     let hw = bg_codes.len();
     let nr = ref_codes.len();
-    let ref_flat: Vec<u32> = (0..n).flat_map(|_| ref_codes.iter().flatten().copied()).collect();
-    let bg_flat: Vec<u32> = (0..n).flat_map(|_| bg_codes.iter().copied()).collect();
-    let refs_t = Tensor::from_vec(ref_flat, (n, nr, hw), dev)?;
-    let bg_t = Tensor::from_vec(bg_flat, (n, hw), dev)?;
-    let prompts = vec![req.prompt.clone(); n];
-    let (text, mask_t) = bundle.text.encode(&prompts, cfg.caption_len)?;
+    // One condition; the session repeats its prefix for the samples.
+    let ref_flat: Vec<u32> = ref_codes.iter().flatten().copied().collect();
+    let refs_t = Tensor::from_vec(ref_flat, (1, nr, hw), dev)?;
+    let bg_t = Tensor::from_vec(bg_codes, (1, hw), dev)?;
+    let (text, mask_t) = bundle.text.encode(std::slice::from_ref(&req.prompt), cfg.caption_len)?;
     let cond = Condition::new(refs_t, bg_t, text, Some(mask_t));
     let cond = match cfg.scheme {
         crate::layout::Scheme::Reference { pad_to: Some(slots), .. } if nr < slots => {
@@ -188,7 +187,7 @@ pub fn generate(
     // The ITD draft: the reference codes as the model will see them (padded slots included).
     let known_one: Vec<u32> = cond.refs.get(0)?.flatten_all()?.to_vec1::<u32>()?;
     let guided = req.options.cfg_scale != 1.0;
-    let (mut session, first) = bundle.gpt.start(&cond, guided)?;
+    let (mut session, first) = bundle.gpt.start_samples(&cond, guided, n)?;
     let plan = DecodePlan {
         known: if itd == ItdMode::Off { vec![Vec::new(); n] } else { vec![known_one; n] },
         n_target: hw,

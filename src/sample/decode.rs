@@ -419,9 +419,8 @@ impl Decoder<'_> {
         // naive decoding costs (one token per position), and a well matching one is verified
         // MAX_WINDOW tokens per pass. The window only decides how many positions one pass
         // verifies, never how a position is decided, so the output distribution is unchanged.
-        let envw = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-        let max_window = l.min(envw("TK_MAXW", MAX_WINDOW));
-        let mut window = l.min(envw("TK_FIRSTW", FIRST_WINDOW));
+        let max_window = l.min(MAX_WINDOW);
+        let mut window = l.min(FIRST_WINDOW);
         loop {
             if head.is_none() {
                 if pos == l {

@@ -87,7 +87,6 @@ fn update_cpu(s: &mut Slot, g: &Tensor, scale: f32, k: &Coefs) -> Result<()> {
     Ok(())
 }
 
-/// The contiguous f32 elements of a CPU storage, mutable.
 /// `state = keep * state + (1 - keep) * x` with `x = scale * g` (or its square when
 /// `square`), in place.
 struct Moment {

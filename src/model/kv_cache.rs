@@ -138,6 +138,9 @@ impl<'m> Session<'m> {
                 format!("a session of {} rows with first logits {:?} is not one sample (1 row, or 2 with guidance)", self.rows, first.dims()),
             ));
         }
+        if samples == 1 {
+            return Ok(first.clone());
+        }
         let index: Vec<u32> = (0..self.rows as u32).flat_map(|g| std::iter::repeat_n(g, samples)).collect();
         let idx = Tensor::new(index.as_slice(), first.device())?;
         for c in &mut self.caches {

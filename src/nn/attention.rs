@@ -27,11 +27,8 @@ use rayon::prelude::*;
 /// goes to `qkv` only. `None` where there is no fused kernel (off the CPU, not f32, other
 /// shapes): the caller composes the same from elementary ops.
 pub fn attention_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64, heads: usize, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let (b, s, w) = qkv.dims3()?;
-    if heads == 0 || w % (3 * heads) != 0 || (w / (3 * heads)) % 2 != 0 {
-        return Err(crate::error::Error::invalid("attention", format!("qkv {:?} does not split into {heads} heads of even width", qkv.dims())));
-    }
-    let d = w / (3 * heads);
+    let (b, s, _) = qkv.dims3()?;
+    let d = head_width("attention", qkv, heads)?;
     let tables_ok = [cos, sin].iter().all(|t| t.dims() == [s, d / 2] && t.dtype() == DType::F32);
     let mask_ok = |m: &Tensor| matches!(m.dims4(), Ok((mb, 1, ms, ml)) if (mb == 1 || mb == b) && ms == s && ml == s) && m.dtype() == DType::F32;
     if !qkv.device().is_cpu() || qkv.dtype() != DType::F32 || !tables_ok || !mask.is_none_or(mask_ok) {
@@ -49,6 +46,16 @@ pub fn attention_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64, heads
     };
     let op = FusedAttention { heads, scale: scale as f32, cos: vec(cos)?, sin: vec(sin)?, mask, seen };
     Ok(Some(qkv.contiguous()?.apply_op1(op)?))
+}
+
+/// The head width D of a fused projection `qkv` (.., 3 * H * D) of `heads` heads; an error
+/// naming `what` unless it splits into heads of even width (RoPE rotates pairs).
+pub(super) fn head_width(what: &str, qkv: &Tensor, heads: usize) -> Result<usize> {
+    let w = *qkv.dims().last().unwrap_or(&0);
+    if heads == 0 || w % (3 * heads) != 0 || (w / (3 * heads)) % 2 != 0 {
+        return Err(crate::error::Error::invalid(what, format!("qkv {:?} does not split into {heads} heads of even width", qkv.dims())));
+    }
+    Ok(w / (3 * heads))
 }
 
 /// The op: heads, query scale, RoPE tables (S x D/2 each), the mask (its batch rows, its

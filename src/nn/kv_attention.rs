@@ -13,7 +13,7 @@
 //! [`FEW_QUERIES`] go in blocks of [`ROW_BLOCK`] rows through the matrix kernel, each block
 //! stopping at the last key its rows see (about the lower triangle of a prefill).
 
-use super::attention::{mm, rotate_rows, row_blocks, Shared, ROW_BLOCK};
+use super::attention::{head_width, mm, rotate_rows, row_blocks, Shared, ROW_BLOCK};
 use super::{rows_of, rows_of_mut};
 use crate::error::{Error, Result};
 use crate::vmath::{add_strided_dots, combine_rows, softmax_in_place};
@@ -49,12 +49,9 @@ pub fn cached_attention(qkv: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scal
     if ![qkv, k, v].into_iter().all(cpu_f32) {
         return Ok(None);
     }
-    let (r, t, w) = qkv.dims3()?;
+    let (r, t, _) = qkv.dims3()?;
     let bad = |what: String| Error::invalid("cached attention", what);
-    if heads == 0 || w % (3 * heads) != 0 || (w / (3 * heads)) % 2 != 0 {
-        return Err(bad(format!("qkv {:?} does not split into {heads} heads of even width", qkv.dims())));
-    }
-    let d = w / (3 * heads);
+    let d = head_width("cached attention", qkv, heads)?;
     let (kr, kh, kd, cap) = k.dims4()?;
     if (kr, kh, kd) != (r, heads, d) || v.dims() != k.dims() || !k.is_contiguous() || !v.is_contiguous() {
         return Err(bad(format!("caches {:?} / {:?} for qkv {:?} with {heads} heads (expected contiguous ({r}, {heads}, {d}, capacity))", k.dims(), v.dims(), qkv.dims())));

@@ -252,7 +252,7 @@ pub fn generate(
             let l = plan.known_len();
             if l > 0 && need_tail {
                 // Only the last known token's logits are read (they predict the target's first).
-                let out = dec.feed_last(&plan.known)?;
+                let out = dec.feed(&plan.known, true)?;
                 pending = dec.position(&out, 0)?;
             }
             prefix = plan.known.clone();
@@ -334,25 +334,15 @@ impl Decoder<'_> {
     }
 
     /// Feed per-sample token columns `(samples, T)` (both guidance rows of a sample get the
-    /// same tokens); returns the guided logits `(samples, T, vocab)` on the CPU.
-    fn feed(&mut self, tokens: &[Vec<u32>]) -> Result<Tensor> {
+    /// same tokens); returns the guided logits `(samples, T, vocab)` on the CPU, or with
+    /// `last_only` those of the last position, `(samples, 1, vocab)`.
+    fn feed(&mut self, tokens: &[Vec<u32>], last_only: bool) -> Result<Tensor> {
         let t = tokens[0].len();
         let input = self.columns(tokens)?;
-        let logits = self.model.feed(&input)?;
+        let logits = if last_only { self.model.feed_last(&input)? } else { self.model.feed(&input)? };
         self.stats.forward_passes += 1;
         self.stats.positions_fed += t;
-        self.check_logits(&logits, t)?;
-        guided(&logits, self.samples, self.opts.cfg_scale)
-    }
-
-    /// [`Decoder::feed`] keeping the last position only: guided logits `(samples, 1, vocab)`.
-    fn feed_last(&mut self, tokens: &[Vec<u32>]) -> Result<Tensor> {
-        let input = self.columns(tokens)?;
-        let t = tokens[0].len();
-        let logits = self.model.feed_last(&input)?;
-        self.stats.forward_passes += 1;
-        self.stats.positions_fed += t;
-        self.check_logits(&logits, 1)?;
+        self.check_logits(&logits, if last_only { 1 } else { t })?;
         guided(&logits, self.samples, self.opts.cfg_scale)
     }
 
@@ -375,7 +365,7 @@ impl Decoder<'_> {
             }
             self.advance(1);
             if i + 1 < count || feed_last {
-                let g = self.feed(&col)?;
+                let g = self.feed(&col, false)?;
                 pending = self.position(&g, 0)?;
             }
         }
@@ -454,7 +444,7 @@ impl Decoder<'_> {
                 .collect();
             let t = seq[0].len();
             // Row j of the logits predicts position pos + j.
-            let g = self.feed(&seq)?;
+            let g = self.feed(&seq, false)?;
             let mut per_sample = self.positions(&g)?;
             let mut rejected_at = None;
             for q in pos..end {

@@ -85,16 +85,14 @@ impl SampleOptions {
         let v = x.len();
         if self.top_k > 0 && self.top_k < v {
             // LlamaGen removes `logits < topk(logits, k)[-1]`: ties with the k-th value stay.
-            let mut sorted = x.clone();
-            let (_, &mut kth, _) =
-                sorted.select_nth_unstable_by(self.top_k - 1, |a, b| b.total_cmp(a));
+            let kth = kth_largest(&x, self.top_k);
             for l in x.iter_mut() {
                 if *l < kth {
                     *l = f32::NEG_INFINITY;
                 }
             }
         }
-        let mut p = softmax(&x);
+        let mut p = softmax(x);
         if self.top_p < 1.0 {
             // Walk the tokens from the most likely down and keep a token while the mass before
             // it is still below top_p: the smallest set whose mass reaches top_p (the first
@@ -117,21 +115,50 @@ impl SampleOptions {
     }
 }
 
-/// Softmax of one row; `-inf` entries get 0, `+inf` entries share the whole mass.
-fn softmax(x: &[f32]) -> Vec<f32> {
+/// Up to this `k`, [`kth_largest`] keeps the `k` largest so far in one pass instead of
+/// partitioning a copy of the row.
+const SMALL_K: usize = 32;
+
+/// The `k`-th largest value of `x` (1 <= k <= len, no NaN): the top-k threshold.
+fn kth_largest(x: &[f32], k: usize) -> f32 {
+    if k > SMALL_K {
+        let mut sorted = x.to_vec();
+        let (_, &mut kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        return kth;
+    }
+    let mut top = x[..k].to_vec();
+    top.sort_unstable_by(|a, b| b.total_cmp(a));
+    let mut kth = top[k - 1];
+    // Blocks with nothing above the current k-th are passed over after one branch-free scan.
+    for block in x[k..].chunks(16) {
+        if !block.iter().fold(false, |above, &v| above | (v > kth)) {
+            continue;
+        }
+        for &v in block {
+            if v > kth {
+                let at = top.partition_point(|&t| t >= v);
+                top.copy_within(at..k - 1, at + 1);
+                top[at] = v;
+                kth = top[k - 1];
+            }
+        }
+    }
+    kth
+}
+
+/// Softmax of one row, in place; `-inf` entries get 0, `+inf` entries share the whole mass.
+fn softmax(mut x: Vec<f32>) -> Vec<f32> {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if m == f32::NEG_INFINITY {
         return vec![0.0; x.len()];
     }
-    let mut p: Vec<f32> = if m == f32::INFINITY {
-        x.iter().map(|&l| if l == m { 1.0 } else { 0.0 }).collect()
-    } else {
-        x.iter()
-            .map(|&l| if l == f32::NEG_INFINITY { 0.0 } else { (l - m).exp() })
-            .collect()
-    };
-    normalise(&mut p);
-    p
+    if m == f32::INFINITY {
+        let mut p: Vec<f32> = x.iter().map(|&l| if l == m { 1.0 } else { 0.0 }).collect();
+        normalise(&mut p);
+        return p;
+    }
+    crate::vmath::softmax_in_place(&mut x);
+    x
 }
 
 fn normalise(p: &mut [f32]) {

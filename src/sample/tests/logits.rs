@@ -1,6 +1,7 @@
 //! Logit processing and draws.
 
 use super::*;
+use rand::Rng as _;
 
 #[test]
 fn cfg_scale_one_is_the_conditional_logits() {
@@ -53,6 +54,38 @@ fn top_k_keeps_k_and_temperature_scales() {
     let want = [0.0, 0.0, (1.0f32).exp() / z, (1.5f32).exp() / z];
     for (a, b) in p.iter().zip(want) {
         assert!((a - b).abs() < 1e-6, "{p:?} vs {want:?}");
+    }
+}
+
+#[test]
+fn top_k_keeps_exactly_the_values_from_the_kth_on() {
+    // Rows with many ties and -inf entries; every k around the one-pass selection's limit and
+    // its 16-value blocks, against a full sort.
+    let mut r = rng(11);
+    for len in [7usize, 40, 300] {
+        for trial in 0..4 {
+            let row: Vec<f32> = (0..len)
+                .map(|_| {
+                    let u: f32 = r.random::<f32>();
+                    if trial == 3 && u < 0.1 { f32::NEG_INFINITY } else { (u * 12.0).round() - 6.0 }
+                })
+                .collect();
+            let mut sorted = row.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            for k in [1usize, 2, 5, 16, 17, 31, 32, 33, 100, 299] {
+                if k >= len {
+                    continue;
+                }
+                let p = opts(1.0, 1.0, k, 1.0).probs(&row);
+                let kth = sorted[k - 1];
+                for (i, (&l, &q)) in row.iter().zip(&p).enumerate() {
+                    let kept = l >= kth && l > f32::NEG_INFINITY;
+                    assert_eq!(q > 0.0, kept, "len {len} k {k} index {i}: logit {l}, k-th {kth}, p {q}");
+                }
+                let total: f32 = p.iter().sum();
+                assert!((total - 1.0).abs() < 1e-5, "len {len} k {k}: sum {total}");
+            }
+        }
     }
 }
 

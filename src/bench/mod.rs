@@ -10,7 +10,7 @@
 mod report;
 mod torch;
 
-pub use report::{render_table, BenchReport, DecodeResult, ItdResult, PrefillResult, TorchComparison, TrainResult};
+pub use report::{render_table, BenchReport, DecodeResult, ItdResult, PassResult, PrefillResult, TorchComparison, TrainResult};
 pub use torch::{run_torch, TorchArgs};
 
 use crate::error::{Error, Result};
@@ -80,6 +80,10 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Timed images per ITD mode.
     pub itd_repeat: usize,
+    /// Sizes (generated positions) of single forward passes to time right after the prefill,
+    /// with every position's logits on the host, as `--itd exact` verifies its draft; empty
+    /// skips them.
+    pub pass_sizes: Vec<usize>,
     pub sample: SampleOptions,
     pub seed: u64,
     /// Whether the weights are trained (a bundle); random weights make `exact`'s draft
@@ -110,6 +114,7 @@ impl Default for BenchOptions {
             repeat: 3,
             warmup: 1,
             itd_repeat: 1,
+            pass_sizes: Vec::new(),
             sample: SampleOptions { cfg_scale: 3.0, top_k: 1000, ..SampleOptions::default() },
             seed: 0,
             trained: false,
@@ -293,6 +298,48 @@ pub fn bench_itd(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Res
     Ok(out)
 }
 
+/// One forward pass of `n` generated positions right after the prefill (not timed), for each
+/// `n` of `pass_sizes`: the guided logits of every position copied to the host, as a
+/// verification pass of `--itd exact` sees them. The positions are fed the ITD draft, then
+/// seeded random codes. Its cost per position against the prefill's and a decoding step's is
+/// what decides how long `exact`'s verification windows should be.
+pub fn bench_passes(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Result<Vec<PassResult>> {
+    let layout = model.layout_for(&inputs.cond)?;
+    let max = layout.generated_len();
+    let guided = o.sample.cfg_scale != 1.0;
+    let v = model.config().vocab_size as u32;
+    let mut rng = crate::util::rng(o.seed ^ 0x9a55);
+    let tokens: Vec<u32> = inputs.draft.iter().copied().chain(std::iter::repeat_with(|| rng.random_range(0..v))).take(max).collect();
+    let mut out = Vec::with_capacity(o.pass_sizes.len());
+    check_pass_sizes(&o.pass_sizes, max)?;
+    for &n in &o.pass_sizes {
+        let s = timed(o.warmup, o.repeat, || {
+            let (mut session, _) = model.start(&inputs.cond, guided)?;
+            let rows = crate::sample::TokenModel::rows(&session);
+            let fed: Vec<u32> = (0..rows).flat_map(|_| tokens[..n].iter().copied()).collect();
+            let x = Tensor::from_vec(fed, (rows, n), model.device())?;
+            let t0 = Instant::now();
+            let logits = crate::sample::TokenModel::feed(&mut session, &x)?;
+            let g = sample::guided(&logits, 1, o.sample.cfg_scale)?.to_vec3::<f32>()?;
+            let dt = t0.elapsed().as_secs_f64();
+            if g.first().map(Vec::len) != Some(n) {
+                return Err(Error::invalid("model logits", format!("{} positions back from a pass of {n}", g.first().map_or(0, Vec::len))));
+            }
+            Ok(dt)
+        })?;
+        out.push(PassResult { positions: n, ms: s * 1e3, ms_per_position: s * 1e3 / n as f64 });
+    }
+    Ok(out)
+}
+
+/// Every pass size must feed 1 to `max` (the layout's generated positions).
+fn check_pass_sizes(sizes: &[usize], max: usize) -> Result<()> {
+    match sizes.iter().find(|&&n| n == 0 || n > max) {
+        Some(n) => Err(Error::invalid("--pass-sizes", format!("{n} positions (a pass feeds 1 to {max}, the generated positions of this layout)"))),
+        None => Ok(()),
+    }
+}
+
 /// Trainable variables of a model's `VarMap` (buffers left out, as the trainer does).
 fn trainable(varmap: &VarMap) -> Vec<(String, Var)> {
     crate::nn::named_vars(varmap).into_iter().filter(|(n, _)| !TokenAr::is_buffer(n)).collect()
@@ -348,9 +395,11 @@ pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOpt
     let mut rng = crate::util::rng(o.seed);
     let inputs = bench_inputs(model, o.n_refs, 1, o.codes.as_ref(), text, &mut rng)?;
     let layout = model.layout_for(&inputs.cond)?;
+    check_pass_sizes(&o.pass_sizes, layout.generated_len())?;
     let prefill = bench_prefill(model, &inputs, o)?;
     let decode = bench_decode(model, &inputs, o)?;
     let itd = bench_itd(model, &inputs, o)?;
+    let passes = bench_passes(model, &inputs, o)?;
     let peak_inference = peak_mib();
     let train = if o.train_batch > 0 { Some(bench_train(model, varmap, o.n_refs, text, o)?) } else { None };
     let time_of = |m: &str| itd.iter().find(|r| r.mode == m).and_then(|r| r.seconds_per_image);
@@ -393,6 +442,7 @@ pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOpt
         prefill,
         decode,
         itd,
+        passes,
         exact_over_off,
         train,
         peak_mib_inference: peak_inference,

@@ -52,6 +52,16 @@ impl ItdResult {
     }
 }
 
+/// One forward pass of several generated positions after the prefill (`--pass-sizes`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PassResult {
+    /// Generated positions fed per row.
+    pub positions: usize,
+    /// The pass with every position's guided logits on the host.
+    pub ms: f64,
+    pub ms_per_position: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainResult {
     pub batch: usize,
@@ -104,6 +114,8 @@ pub struct BenchReport {
     pub prefill: PrefillResult,
     pub decode: DecodeResult,
     pub itd: Vec<ItdResult>,
+    /// Single passes of `--pass-sizes` positions (empty when not asked for).
+    pub passes: Vec<PassResult>,
     /// Time of `exact` over `off` per image (goal: at most 1.3).
     pub exact_over_off: Option<f64>,
     pub train: Option<TrainResult>,
@@ -176,6 +188,9 @@ pub fn render_table(r: &BenchReport) -> String {
                 let _ = writeln!(s, "{:<8} skipped: {}", i.mode, i.skipped.as_deref().unwrap_or(""));
             }
         }
+    }
+    for p in &r.passes {
+        let _ = writeln!(s, "pass of {:>4} positions: {:8.3} ms ({:.4} ms per position)", p.positions, p.ms, p.ms_per_position);
     }
     if let Some(x) = r.exact_over_off {
         let _ = writeln!(s, "exact / off = {x:.2} (goal <= 1.3)");

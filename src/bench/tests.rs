@@ -86,3 +86,21 @@ fn given_condition_codes_are_used_and_checked() {
     let r = run(&model, &varmap, None, &o).unwrap();
     assert!(r.acceptance_representative && r.notes.is_empty(), "{:?}", r.notes);
 }
+
+#[test]
+fn pass_sizes_are_timed_and_checked_against_the_layout() {
+    let cfg = bench_config("anchor", &Overrides { layers: Some(1), dim: Some(32), heads: Some(2), vocab: Some(64), grid: Some((2, 2)), caption_len: Some(4), caption_dim: Some(8) }).unwrap();
+    let (model, varmap) = crate::model::build(&cfg, &Device::Cpu, 0).unwrap();
+    let o = BenchOptions { decode_steps: 1, train_batch: 0, repeat: 1, warmup: 0, itd_modes: vec![ItdMode::Off], pass_sizes: vec![1, 4], ..Default::default() };
+    let r = run(&model, &varmap, None, &o).unwrap();
+    assert_eq!(r.passes.iter().map(|p| p.positions).collect::<Vec<_>>(), [1, 4]);
+    for p in &r.passes {
+        assert!(p.ms > 0.0 && (p.ms_per_position * p.positions as f64 - p.ms).abs() < 1e-9, "{p:?}");
+    }
+    assert!(render_table(&r).contains("pass of    4 positions"));
+    // This layout generates 4 positions: a pass of 0 or 5 is refused by name.
+    for n in [0, 5] {
+        let e = run(&model, &varmap, None, &BenchOptions { pass_sizes: vec![n], ..o.clone() }).unwrap_err().to_string();
+        assert!(e.contains("--pass-sizes") && e.contains(&format!("{n} positions")), "{e}");
+    }
+}

@@ -70,6 +70,10 @@ pub struct BenchArgs {
     warmup: usize,
     #[arg(long, default_value_t = 1)]
     itd_repeat: usize,
+    /// Also time single forward passes of these many generated positions right after the
+    /// prefill, every position's logits read (comma-separated), as `--itd exact` verifies.
+    #[arg(long, value_delimiter = ',')]
+    pass_sizes: Vec<usize>,
     #[arg(long, default_value_t = 3.0)]
     cfg_scale: f32,
     #[arg(long, default_value_t = 1000)]
@@ -119,6 +123,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         repeat: a.repeat,
         warmup: a.warmup,
         itd_repeat: a.itd_repeat,
+        pass_sizes: a.pass_sizes.clone(),
         sample,
         seed: a.seed,
         trained: false,

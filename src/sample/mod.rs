@@ -46,3 +46,4 @@ mod tests;
 
 pub use decode::{generate, DecodePlan, DecodeStats, Generated, ItdMode};
 pub use logits::{accept, cfg_combine, draw, residual, SampleOptions};
+pub(crate) use logits::guided;

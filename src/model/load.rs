@@ -32,26 +32,37 @@ pub fn build(cfg: &GptConfig, device: &Device, seed: u64) -> Result<(TokenAr, Va
 /// biases 0, buffers N(0, 1/width), everything else N(0, 0.02). Variables are visited in name
 /// order, so the result depends on the seed only.
 pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
-    init_vars(varmap, seed, |name, dims, rng| {
-        let n: usize = dims.iter().product();
-        let width = *dims.last().unwrap_or(&1) as f32;
-        if name.ends_with("norm.weight") {
-            vec![1.0; n]
-        } else if name == "output.weight" || name.ends_with(".bias") {
-            vec![0.0; n]
-        } else if BUFFERS.contains(&name) {
-            (0..n).map(|_| normal(rng) / width.sqrt()).collect()
-        } else {
-            (0..n).map(|_| normal(rng) * 0.02).collect()
-        }
-    })
+    init_vars(varmap, seed, llamagen_init)
+}
+
+/// LlamaGen's initial value of the variable `name` of shape `dims` (see [`init_weights`]).
+fn llamagen_init(name: &str, dims: &[usize], rng: &mut crate::util::Rng) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    let width = *dims.last().unwrap_or(&1) as f32;
+    if name.ends_with("norm.weight") {
+        vec![1.0; n]
+    } else if name == "output.weight" || name.ends_with(".bias") {
+        vec![0.0; n]
+    } else if BUFFERS.contains(&name) {
+        (0..n).map(|_| normal(rng) / width.sqrt()).collect()
+    } else {
+        (0..n).map(|_| normal(rng) * 0.02).collect()
+    }
 }
 
 /// Set every variable of `varmap` to `value(name, dims, rng)`, visiting them in name order
 /// with one RNG seeded by `seed`, so the result depends on the seed only.
-pub fn init_vars(varmap: &VarMap, seed: u64, mut value: impl FnMut(&str, &[usize], &mut crate::util::Rng) -> Vec<f32>) -> Result<()> {
+pub fn init_vars(varmap: &VarMap, seed: u64, value: impl FnMut(&str, &[usize], &mut crate::util::Rng) -> Vec<f32>) -> Result<()> {
+    init_some_vars(varmap, seed, |_| true, value)
+}
+
+/// [`init_vars`] for the variables whose name passes `pick` only (in name order, one RNG).
+fn init_some_vars(varmap: &VarMap, seed: u64, pick: impl Fn(&str) -> bool, mut value: impl FnMut(&str, &[usize], &mut crate::util::Rng) -> Vec<f32>) -> Result<()> {
     let mut rng = crate::util::rng(seed);
     for (name, var) in crate::nn::named_vars(varmap) {
+        if !pick(&name) {
+            continue;
+        }
         let dims = var.dims().to_vec();
         let v = value(&name, &dims, &mut rng);
         let t = Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?;
@@ -66,13 +77,22 @@ pub fn init_vars(varmap: &VarMap, seed: u64, mut value: impl FnMut(&str, &[usize
 /// variables, which its constructor fixes, so the result depends on the seed only. Variables
 /// already in `varmap` are returned as they are (a wrong shape is an error).
 pub fn seeded_builder(varmap: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    let backend = SeededInit { map: varmap.clone(), rng: std::sync::Mutex::new(crate::util::rng(seed)) };
+    let backend = SeededInit { map: varmap.clone(), rng: Some(std::sync::Mutex::new(crate::util::rng(seed))) };
     VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }
 
+/// A `VarBuilder` over `varmap` whose new variables are zeros, for a model whose weights are
+/// about to be loaded: no random draws (for a large checkpoint, drawing every weight only to
+/// overwrite it took longer than reading the file).
+pub fn zeros_builder(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    let backend = SeededInit { map: varmap.clone(), rng: None };
+    VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+}
+
+/// New variables drawn from `rng` under their `Init` hints, or zeros without one.
 struct SeededInit {
     map: VarMap,
-    rng: std::sync::Mutex<crate::util::Rng>,
+    rng: Option<std::sync::Mutex<crate::util::Rng>>,
 }
 
 /// Values of a fresh variable of `shape` under `init`.
@@ -107,8 +127,11 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
             }
             return Ok(v.as_tensor().clone());
         }
-        let values = init_values(&h, &s, &mut self.rng.lock().unwrap_or_else(|e| e.into_inner()));
-        let var = candle_core::Var::from_tensor(&Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?)?;
+        let value = match &self.rng {
+            Some(rng) => Tensor::from_vec(init_values(&h, &s, &mut rng.lock().unwrap_or_else(|e| e.into_inner())), s, dev)?.to_dtype(dtype)?,
+            None => Tensor::zeros(s, dtype, dev)?,
+        };
+        let var = candle_core::Var::from_tensor(&value)?;
         data.insert(name.to_string(), var.clone());
         Ok(var.as_tensor().clone())
     }
@@ -162,13 +185,16 @@ pub fn config_from_metadata(file: &TensorFile) -> Result<GptConfig> {
 
 /// Load `file` into a model built from `cfg` (see [`load`]).
 pub fn load_with_config(file: &TensorFile, cfg: &GptConfig, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
-    let (model, varmap) = build(cfg, device, 0)?;
+    let varmap = VarMap::new();
+    let model = TokenAr::new(cfg, zeros_builder(&varmap, DType::F32, device))?;
     let opts = LoadOptions {
         allow_missing: ADDITIONS.iter().map(|s| s.to_string()).collect(),
         ignore: IGNORED.iter().map(|s| s.to_string()).collect(),
         strict_unexpected: true,
     };
     let report = weights::load_into_varmap(&varmap, file, &opts)?;
+    // Only what the file lacks is initialised (LlamaGen's rules, seed 0).
+    init_some_vars(&varmap, 0, |name| report.fresh.iter().any(|f| f == name), llamagen_init)?;
     Ok((model, varmap, report))
 }
 

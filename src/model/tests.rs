@@ -328,9 +328,18 @@ fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
         vec!["alignment.bias", "alignment.weight", "cell_embeddings.weight", "img_uncond_embedding", "instruct_token_embeddings.weight", "ref_index_embeddings.weight"]
     );
     assert_eq!(report.loaded.len(), tensors.len());
-    // The shared weights were loaded.
+    // The shared weights were loaded; the fresh ones follow LlamaGen's rules (biases 0,
+    // weights N(0, 0.02)), not the zeros the model is built with before loading.
+    let var = |n: &str| vm2.data().lock().unwrap()[n].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let a = vm2.data().lock().unwrap()["layers.0.attention.wqkv.weight"].as_tensor().clone();
     assert_eq!(max_diff(&a, &tensors["layers.0.attention.wqkv.weight"]), 0.0);
+    assert!(var("alignment.bias").iter().all(|&x| x == 0.0));
+    let w = var("instruct_token_embeddings.weight");
+    let sd = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
+    assert!(w.len() >= 64 && (0.012..0.03).contains(&sd), "{} values, sd {sd}", w.len());
+    // Loading again gives the same fresh values (seeded).
+    let (_, vm3, _) = load::load_with_config(&file, &full, &Device::Cpu).unwrap();
+    assert_eq!(vm3.data().lock().unwrap()["instruct_token_embeddings.weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), w);
     let (cond, target) = condition(&full, 1, 2, 3);
     assert!(m.forward_train(&cond, &target, false, &mut crate::util::rng(0)).is_ok());
 

@@ -19,7 +19,7 @@ use crate::text::{BuiltinTextEncoder, Padding, T5Encoder, T5Options, TextEncoder
 use crate::tokenizer::{self, Vq};
 use crate::weights::{self, LoadReport, TensorFile};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use std::path::{Path, PathBuf};
 
 pub const TOKENIZER_FILE: &str = "tokenizer.safetensors";
@@ -335,7 +335,8 @@ impl Bundle {
 /// Built-in text encoder from its file (config and vocabulary in the metadata).
 pub fn builtin_text_from_file(file: &TensorFile, device: &Device) -> Result<(BuiltinTextEncoder, VarMap)> {
     let vm = VarMap::new();
-    let enc = BuiltinTextEncoder::from_metadata(&file.metadata, VarBuilder::from_varmap(&vm, DType::F32, device).pp(TEXT_PREFIX))?;
+    // Every variable is loaded (strictly): zeros until then, no random draws.
+    let enc = BuiltinTextEncoder::from_metadata(&file.metadata, crate::model::load::zeros_builder(&vm, DType::F32, device).pp(TEXT_PREFIX))?;
     let opts = weights::LoadOptions { strict_unexpected: true, ..Default::default() };
     weights::load_into_varmap(&vm, file, &opts)?;
     Ok((enc, vm))

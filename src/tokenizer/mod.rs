@@ -174,7 +174,9 @@ pub fn load_file(file: &TensorFile, preset: Option<&str>, device: &Device) -> Re
             ))
         }
     };
-    let (vq, varmap) = build(&cfg, device, 0)?;
+    // Every variable is loaded (strictly), so it starts as zeros instead of random draws.
+    let varmap = VarMap::new();
+    let vq = Vq::new(&cfg, crate::model::load::zeros_builder(&varmap, DType::F32, device))?;
     let opts = LoadOptions {
         ignore: IGNORED_KEYS.iter().map(|s| s.to_string()).collect(),
         strict_unexpected: true,

@@ -51,7 +51,16 @@ impl TensorFile {
     }
 
     fn load_safetensors(path: &Path, device: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        // Mapped rather than read: the tensors are copied out of the file once, with no
+        // second copy of a multi-gigabyte checkpoint in memory meanwhile.
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        if file.metadata().map_err(|e| Error::io(path, e))?.len() == 0 {
+            // An empty file cannot be mapped; the parser reports it (header too small).
+            return Self::from_safetensors_bytes(path, &[], device);
+        }
+        // SAFETY: the map is only read, and dropped once the tensors are copied out of it; a
+        // checkpoint rewritten meanwhile is replaced by rename (atomic writes), not in place.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         Self::from_safetensors_bytes(path, &bytes, device)
     }
 
@@ -291,6 +300,16 @@ mod tests {
         assert_eq!(f.get("a.weight", &[2, 3]).unwrap().to_vec2::<f32>().unwrap()[1], vec![3., 4., 5.]);
         let e = f.get("a.weight", &[3, 2]).unwrap_err().to_string();
         assert!(e.contains("a.weight") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+        // Empty, truncated and missing files are errors naming the file.
+        let bytes = std::fs::read(&p).unwrap();
+        for (name, content) in [("empty", &bytes[..0]), ("cut", &bytes[..bytes.len() - 5])] {
+            let q = d.join(format!("{name}.safetensors"));
+            std::fs::write(&q, content).unwrap();
+            let e = TensorFile::load(&q, &Device::Cpu).err().unwrap().to_string();
+            assert!(e.contains(&format!("{name}.safetensors")), "{e}");
+        }
+        let e = TensorFile::load(&d.join("none.safetensors"), &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("none.safetensors"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

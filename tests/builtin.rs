@@ -23,6 +23,7 @@ fn demo_request() -> GenerateRequest {
         itd: None,
         num_samples: 1,
         paste_back: false,
+        decode_itd: false,
     }
 }
 

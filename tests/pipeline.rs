@@ -155,12 +155,18 @@ fn train_resume_export_generate() {
         itd: None,
         num_samples: 2,
         paste_back: true,
+        decode_itd: false,
     };
     for itd in [None, Some(ItdMode::Naive), Some(ItdMode::Forced)] {
         let out = generate(&bundle, &GenerateRequest { itd, ..req.clone() }, None).unwrap();
         assert_eq!(out.images.len(), 2);
         assert_eq!(out.images[0].dimensions(), (16, 16));
+        assert!(out.itd_refs.is_empty());
     }
+    // Asked for, the ITD positions come back decoded: two references per sample.
+    let out = generate(&bundle, &GenerateRequest { decode_itd: true, ..req.clone() }, None).unwrap();
+    assert_eq!(out.itd_refs.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2]);
+    assert_eq!(out.itd_refs[1][0].dimensions(), (16, 16));
     // ITD off is refused for a model trained with ITD; too many references are refused.
     let e = generate(&bundle, &GenerateRequest { itd: Some(ItdMode::Off), ..req.clone() }, None).err().unwrap();
     assert!(e.to_string().contains("ITD"), "{e}");

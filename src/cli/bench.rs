@@ -150,6 +150,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                     itd: None,
                     num_samples: 1,
                     paste_back: false,
+                    decode_itd: false,
                 };
                 let (refs, background) = condition_codes(&bundle, &req)?;
                 if a.refs.is_some_and(|n| n != refs.len()) {

@@ -247,6 +247,7 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
             itd: m.sampling.itd,
             num_samples: 1,
             paste_back: m.sampling.paste_back,
+            decode_itd: false,
         };
         let img = generate(&bundle, &req, None)?.images.remove(0);
         tokenar::imageio::save_rgb(pred_dir.join(format!("{}.png", s.id)), &img)?;

@@ -76,6 +76,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         itd: a.sampling.itd,
         num_samples: a.num_samples,
         paste_back: a.sampling.paste_back,
+        decode_itd: a.save_itd,
     };
     req.validate()?;
     let device = tokenar::util::device(a.gpu)?;

@@ -28,11 +28,15 @@ pub struct GenerateRequest {
     pub itd: Option<ItdMode>,
     pub num_samples: usize,
     pub paste_back: bool,
+    /// Also decode what the model wrote at the ITD positions ([`GenerateResult::itd_refs`]);
+    /// two or three tokenizer decodes per sample that only a caller showing them needs.
+    pub decode_itd: bool,
 }
 
 pub struct GenerateResult {
     pub images: Vec<RgbImage>,
-    /// What the model wrote at the ITD positions, decoded (one list of references per sample).
+    /// What the model wrote at the ITD positions, decoded (one list of references per sample;
+    /// empty unless [`GenerateRequest::decode_itd`]).
     pub itd_refs: Vec<Vec<RgbImage>>,
     pub stats: DecodeStats,
     pub itd: ItdMode,
@@ -205,7 +209,7 @@ pub fn generate(
     }
     let n_slots = cond.refs.dim(1)?;
     let mut itd_refs = Vec::new();
-    for p in &out.prefix {
+    for p in out.prefix.iter().filter(|_| req.decode_itd) {
         let per: Vec<Vec<u32>> = p.chunks(hw).take(n_slots).map(|c| c.to_vec()).collect();
         itd_refs.push(decode_codes(bundle, &per)?);
     }

@@ -209,9 +209,11 @@ pub fn generate(
     }
     let n_slots = cond.refs.dim(1)?;
     let mut itd_refs = Vec::new();
-    for p in out.prefix.iter().filter(|_| req.decode_itd) {
-        let per: Vec<Vec<u32>> = p.chunks(hw).take(n_slots).map(|c| c.to_vec()).collect();
-        itd_refs.push(decode_codes(bundle, &per)?);
+    if req.decode_itd {
+        for p in &out.prefix {
+            let per: Vec<Vec<u32>> = p.chunks(hw).take(n_slots).map(|c| c.to_vec()).collect();
+            itd_refs.push(decode_codes(bundle, &per)?);
+        }
     }
     Ok(GenerateResult { images: imgs, itd_refs, stats: out.stats, itd })
 }

@@ -173,6 +173,49 @@ multiversion! {
 }
 
 multiversion! {
+    /// `out[i] = a * scale + shift` with `a = x[i]`, passed through SiLU (`a / (1 + e^-a)`)
+    /// when `silu` (a normalisation's affine step and its activation in one pass).
+    pub fn affine_silu(x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
+        if silu {
+            for (o, &v) in out.iter_mut().zip(x) {
+                let a = v * scale + shift;
+                *o = a / (1.0 + exp(-a));
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = v * scale + shift;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Mean and (biased) variance of a slice, accumulated in f64 over `LANES` partial sums in
+    /// two passes (the variance from deviations, not from the mean of squares).
+    pub fn mean_var(xs: &[f32]) -> (f64, f64) {
+        let n = xs.len().max(1) as f64;
+        let chunks = xs.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        let mut acc = [0f64; LANES];
+        for c in chunks.clone() {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += x as f64;
+            }
+        }
+        let mean = (acc.iter().sum::<f64>() + tail.iter().map(|&x| x as f64).sum::<f64>()) / n;
+        let mut acc = [0f64; LANES];
+        for c in chunks {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                let d = x as f64 - mean;
+                *a += d * d;
+            }
+        }
+        let var = (acc.iter().sum::<f64>() + tail.iter().map(|&x| (x as f64 - mean) * (x as f64 - mean)).sum::<f64>()) / n;
+        (mean, var)
+    }
+}
+
+multiversion! {
     /// SwiGLU: `out[i] = silu(gate[i]) * up[i]`, `silu(g) = g / (1 + e^-g)`.
     pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
@@ -366,6 +409,26 @@ mod tests {
             let want_u = di * (f(gi, ui + h) - f(gi, ui - h)) / (2.0 * h);
             assert!((dg[i] as f64 - want_g).abs() < 1e-4, "{i}: dgate {} vs {want_g}", dg[i]);
             assert!((du[i] as f64 - want_u).abs() < 1e-4, "{i}: dup {} vs {want_u}", du[i]);
+        }
+    }
+
+    #[test]
+    fn affine_silu_and_mean_var() {
+        for n in [1usize, 7, 8, 9, 100] {
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin() * 5.0 + 3.0).collect();
+            for silu in [false, true] {
+                let mut out = vec![0f32; n];
+                affine_silu(&x, 1.5, -0.25, silu, &mut out);
+                for (o, &v) in out.iter().zip(&x) {
+                    let a = v as f64 * 1.5 - 0.25;
+                    let want = if silu { a / (1.0 + (-a).exp()) } else { a };
+                    assert!((*o as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "n {n} silu {silu}: {o} vs {want}");
+                }
+            }
+            let (m, v) = mean_var(&x);
+            let wm = x.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
+            let wv = x.iter().map(|&a| (a as f64 - wm).powi(2)).sum::<f64>() / n as f64;
+            assert!((m - wm).abs() < 1e-12 && (v - wv).abs() < 1e-9, "n {n}: ({m}, {v}) vs ({wm}, {wv})");
         }
     }
 

@@ -74,9 +74,7 @@ impl GroupNormOp {
 
     /// Mean and 1/std of one group's values.
     fn stats(&self, v: &[f32]) -> (f32, f32) {
-        let n = v.len().max(1) as f64;
-        let mean = v.iter().map(|&a| a as f64).sum::<f64>() / n;
-        let var = v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n;
+        let (mean, var) = crate::vmath::mean_var(v);
         (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
     }
 }
@@ -104,16 +102,7 @@ impl CustomOp3 for GroupNormOp {
                 for ci in g * cpg..(g + 1) * cpg {
                     let (scale, shift) = (rstd * gamma[ci], beta[ci] - mean * rstd * gamma[ci]);
                     let (xs, os) = (&xb[ci * sp..(ci + 1) * sp], &mut o[ci * sp..(ci + 1) * sp]);
-                    if self.silu {
-                        for (o, &v) in os.iter_mut().zip(xs) {
-                            let a = v * scale + shift;
-                            *o = a * sigmoid(a);
-                        }
-                    } else {
-                        for (o, &v) in os.iter_mut().zip(xs) {
-                            *o = v * scale + shift;
-                        }
-                    }
+                    crate::vmath::affine_silu(xs, scale, shift, self.silu, os);
                 }
             }
         });

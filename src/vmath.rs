@@ -172,14 +172,19 @@ multiversion! {
     }
 }
 
+/// SiLU, `x / (1 + e^-x)`, with [`exp`] (inlined into the kernels that use it).
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
 multiversion! {
     /// `out[i] = a * scale + shift` with `a = x[i]`, passed through SiLU (`a / (1 + e^-a)`)
-    /// when `silu` (a normalisation's affine step and its activation in one pass).
-    pub fn affine_silu(x: &[f32], scale: f32, shift: f32, silu: bool, out: &mut [f32]) {
-        if silu {
+    /// when `activate` (a normalisation's affine step and its activation in one pass).
+    pub fn affine_silu(x: &[f32], scale: f32, shift: f32, activate: bool, out: &mut [f32]) {
+        if activate {
             for (o, &v) in out.iter_mut().zip(x) {
-                let a = v * scale + shift;
-                *o = a / (1.0 + exp(-a));
+                *o = silu(v * scale + shift);
             }
         } else {
             for (o, &v) in out.iter_mut().zip(x) {
@@ -219,7 +224,7 @@ multiversion! {
     /// SwiGLU: `out[i] = silu(gate[i]) * up[i]`, `silu(g) = g / (1 + e^-g)`.
     pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + exp(-g)) * u;
+            *o = silu(g) * u;
         }
     }
 }

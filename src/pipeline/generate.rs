@@ -207,9 +207,9 @@ pub fn generate(
             }
         }
     }
-    let n_slots = cond.refs.dim(1)?;
     let mut itd_refs = Vec::new();
     if req.decode_itd {
+        let n_slots = cond.refs.dim(1)?;
         for p in &out.prefix {
             let per: Vec<Vec<u32>> = p.chunks(hw).take(n_slots).map(|c| c.to_vec()).collect();
             itd_refs.push(decode_codes(bundle, &per)?);

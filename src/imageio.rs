@@ -11,15 +11,25 @@ use std::path::Path;
 pub fn open(path: impl AsRef<Path>) -> Result<DynamicImage> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode(&bytes).map_err(|msg| Error::bad_file(path, msg))
+}
+
+/// Decode image bytes (PNG/JPEG/WebP); the error says what is wrong, for the caller to name
+/// the source (a file, a field of a request).
+pub fn decode(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
     if bytes.is_empty() {
-        return Err(Error::bad_file(path, "empty file, not an image"));
+        return Err("empty, not an image".into());
     }
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| Error::bad_file(path, format!("cannot decode image: {e}")))?;
+    let img = image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
     if img.width() == 0 || img.height() == 0 {
-        return Err(Error::bad_file(path, "image has zero width or height"));
+        return Err("image has zero width or height".into());
     }
     Ok(img)
+}
+
+/// Threshold a luminance image into a mask: 255 where luminance > 127 ("inside"), else 0.
+pub fn binarize(img: &GrayImage) -> GrayImage {
+    GrayImage::from_fn(img.width(), img.height(), |x, y| image::Luma([if img.get_pixel(x, y)[0] > 127 { 255 } else { 0 }]))
 }
 
 /// RGB with any alpha composited onto white (as the reference data loader does).
@@ -61,9 +71,7 @@ pub fn load_mask(path: impl AsRef<Path>, size: Option<u32>) -> Result<GrayImage>
         }
         _ => img,
     };
-    Ok(GrayImage::from_fn(img.width(), img.height(), |x, y| {
-        image::Luma([if img.get_pixel(x, y)[0] > 127 { 255 } else { 0 }])
-    }))
+    Ok(binarize(&img))
 }
 
 /// (3, H, W) f32 tensor in [-1, 1].

@@ -5,6 +5,7 @@
 //! `layout`.
 
 pub mod bench;
+pub mod curate;
 pub mod data;
 pub mod error;
 pub mod eval;
@@ -14,6 +15,7 @@ pub mod model;
 pub mod nn;
 pub mod pipeline;
 pub mod sample;
+pub mod serve;
 pub mod text;
 pub mod tokenizer;
 pub mod train;

@@ -27,6 +27,9 @@ enum Command {
     /// Datasets: validate, generate the synthetic benchmark, encode to a code cache.
     #[command(subcommand)]
     Data(cli::data::DataCmd),
+    /// Build a dataset: split targets by their mattes, filter samples with a VLM or by DINO identity.
+    #[command(subcommand)]
+    Curate(cli::curate::CurateCmd),
     /// Train the TokenAR GPT on a code cache.
     Train(cli::train::TrainArgs),
     /// Generate an image from reference subjects, a background, a mask and a prompt.
@@ -37,6 +40,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Speed: prefill, decode, ITD modes, train step (optionally against PyTorch).
     Bench(cli::bench::BenchArgs),
+    /// The web page: generate from the browser (and its JSON API) on a local port.
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,11 +53,13 @@ fn main() -> ExitCode {
     let result = tokenar::util::in_pool(move || match cli.command {
         Command::Tokenizer(c) => cli::tokenizer::run(c),
         Command::Data(c) => cli::data::run(c),
+        Command::Curate(c) => cli::curate::run(c),
         Command::Eval(a) => cli::eval::run(a),
         Command::Train(a) => cli::train::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Info(a) => cli::info::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Serve(a) => cli::serve::run(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

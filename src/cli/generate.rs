@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
 use tokenar::pipeline::bundle::LoadHints;
-use tokenar::pipeline::{generate, Bundle, GenerateRequest};
+use tokenar::pipeline::{generate, GenerateRequest};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -80,13 +80,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     req.validate()?;
     let device = tokenar::util::device(a.gpu)?;
-    let bundle = match &a.weights {
-        Some(dir) => {
-            let hints = LoadHints { preset: a.preset.clone(), tokenizer_preset: a.tokenizer_preset.clone() };
-            Bundle::load(dir, &hints, &device)?
-        }
-        None => Bundle::builtin(&device)?,
-    };
+    let hints = LoadHints { preset: a.preset.clone(), tokenizer_preset: a.tokenizer_preset.clone() };
+    let bundle = super::load_bundle(a.weights.as_deref(), &hints, &device)?;
     req.options = a.sampling.options(&bundle.sampling, 0);
     req.validate()?;
     for k in &bundle.report.fresh {

@@ -1,10 +1,12 @@
 //! One file per command group; each parses its flags and calls the library.
 
 pub mod bench;
+pub mod curate;
 pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod info;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 
@@ -46,6 +48,14 @@ impl SamplingArgs {
             top_p: self.top_p.unwrap_or(defaults.top_p),
             seed: self.seed + seed_offset,
         }
+    }
+}
+
+/// The bundle in `weights`, or the built-in model without it.
+pub fn load_bundle(weights: Option<&std::path::Path>, hints: &tokenar::pipeline::bundle::LoadHints, device: &candle_core::Device) -> tokenar::Result<tokenar::pipeline::Bundle> {
+    match weights {
+        Some(dir) => tokenar::pipeline::Bundle::load(dir, hints, device),
+        None => tokenar::pipeline::Bundle::builtin(device),
     }
 }
 

@@ -1,0 +1,310 @@
+//! `tokenar serve`: a web page for generation and the JSON API behind it, over one loaded
+//! bundle.
+//!
+//! [`App::handle`] maps a request (method, path, body) to a [`Reply`] without any network, so
+//! the API is tested directly; [`WebServer`] is the HTTP loop around it (one request at a
+//! time: a generation holds the model and the CPU anyway).
+//!
+//! Routes:
+//! - `GET /`: the page (one self-contained HTML file, no external resources);
+//! - `GET /api/info`: the model (image size, references, ITD, sampling defaults) as JSON;
+//! - `POST /api/generate`: a [`GenerateJson`] body, images as data URLs (or bare base64) of
+//!   PNG, JPEG or WebP; answers with the generated images as PNG data URLs and the decoding
+//!   statistics;
+//! - `GET /demo/<name>.png`: the demo scene (two references, background, mask).
+//!
+//! Errors answer with a status (400 bad request, 404, 405, 413, 500) and `{"error": "..."}`
+//! naming the field and what is wrong.
+
+use crate::error::{Error, Result};
+use crate::imageio;
+use crate::pipeline::{generate, Bundle, GenerateRequest};
+use crate::sample::ItdMode;
+use base64::Engine;
+use image::{GrayImage, RgbImage};
+use std::io::Read;
+use std::net::SocketAddr;
+
+#[cfg(test)]
+mod tests;
+
+/// The largest request body accepted (images travel base64-encoded in JSON).
+pub const MAX_BODY: usize = 32 << 20;
+/// The most images one request may ask for.
+pub const MAX_SAMPLES: usize = 8;
+/// The largest side of an uploaded image (they are resized to the model's size anyway).
+pub const MAX_SIDE: u32 = 4096;
+
+const PAGE: &str = include_str!("page.html");
+const DEMO_PROMPT: &str = "a heart above a square";
+const DEMO: [(&str, &[u8]); 4] = [
+    ("ref0", include_bytes!("../../tests/fixtures/demo/ref0.png")),
+    ("ref1", include_bytes!("../../tests/fixtures/demo/ref1.png")),
+    ("background", include_bytes!("../../tests/fixtures/demo/background.png")),
+    ("mask", include_bytes!("../../tests/fixtures/demo/mask.png")),
+];
+
+/// An answer: status, content type and body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(status: u16, value: &serde_json::Value) -> Self {
+        Reply { status, content_type: "application/json", body: value.to_string().into_bytes() }
+    }
+
+    pub fn error(status: u16, msg: impl std::fmt::Display) -> Self {
+        Self::json(status, &serde_json::json!({ "error": msg.to_string() }))
+    }
+}
+
+/// The body of `POST /api/generate`. Unset sampling fields take the bundle's defaults.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateJson {
+    /// One image per subject, in order.
+    pub refs: Vec<String>,
+    #[serde(default)]
+    pub background: Option<String>,
+    /// White where the subjects go, the size of the background.
+    #[serde(default)]
+    pub mask: Option<String>,
+    pub prompt: String,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub cfg_scale: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub itd: Option<ItdMode>,
+    #[serde(default)]
+    pub num_samples: Option<usize>,
+    #[serde(default)]
+    pub paste_back: bool,
+    /// Also return what the model wrote at the ITD positions, decoded.
+    #[serde(default)]
+    pub show_itd: bool,
+}
+
+/// The bytes of a data URL (`data:<type>;base64,<data>`) or of bare base64.
+pub fn data_url_bytes(s: &str) -> std::result::Result<Vec<u8>, String> {
+    let payload = match s.strip_prefix("data:") {
+        Some(rest) => {
+            let (head, data) = rest.split_once(',').ok_or("a data URL without a comma")?;
+            if !head.ends_with(";base64") {
+                return Err(format!("a data URL must be base64-encoded (got `data:{head},...`)"));
+            }
+            data
+        }
+        None => s,
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map_err(|e| format!("not valid base64: {e}"))
+}
+
+/// A PNG data URL of an image.
+pub fn png_data_url(img: &RgbImage) -> Result<String> {
+    let png = crate::data::instructar::png_bytes(&image::DynamicImage::ImageRgb8(img.clone()))?;
+    Ok(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)))
+}
+
+/// The request field a library error names: the library names the command-line flag
+/// (`--ref`, `--num-samples`), the API its JSON field (`refs`, `num_samples`).
+fn field_name(what: &str) -> String {
+    match what.strip_prefix("--") {
+        Some("ref") => "refs".into(),
+        Some(flag) => flag.replace('-', "_"),
+        None => what.to_string(),
+    }
+}
+
+/// Decode the image of request field `field`.
+fn field_image(field: &str, s: &str) -> Result<image::DynamicImage> {
+    let bytes = data_url_bytes(s).map_err(|m| Error::invalid(field, m))?;
+    let img = imageio::decode(&bytes).map_err(|m| Error::invalid(field, m))?;
+    if img.width() > MAX_SIDE || img.height() > MAX_SIDE {
+        return Err(Error::invalid(field, format!("{}x{} is larger than {MAX_SIDE} pixels a side", img.width(), img.height())));
+    }
+    Ok(img)
+}
+
+/// The page's model, loaded once.
+pub struct App {
+    bundle: Bundle,
+}
+
+impl App {
+    pub fn new(bundle: Bundle) -> Self {
+        App { bundle }
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    /// Answer one request. Never panics on any input; errors become 4xx/5xx replies.
+    pub fn handle(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        let path = path.split(['?', '#']).next().unwrap_or("");
+        match (method, path) {
+            ("GET", "/") | ("GET", "/index.html") => {
+                Reply { status: 200, content_type: "text/html; charset=utf-8", body: PAGE.as_bytes().to_vec() }
+            }
+            ("GET", "/api/info") => Reply::json(200, &self.info()),
+            ("POST", "/api/generate") => match self.generate(body) {
+                Ok(v) => Reply::json(200, &v),
+                // A request the model cannot serve is the client's to fix; anything else
+                // (a failing op) is the server's.
+                Err(Error::Invalid { what, msg }) => Reply::error(400, Error::invalid(field_name(&what), msg)),
+                Err(e @ Error::BadFile { .. }) => Reply::error(400, e),
+                Err(e) => Reply::error(500, e),
+            },
+            ("GET", p) if p.starts_with("/demo/") => {
+                let name = p.trim_start_matches("/demo/").trim_end_matches(".png");
+                match DEMO.iter().find(|(n, _)| *n == name) {
+                    Some((_, bytes)) => Reply { status: 200, content_type: "image/png", body: bytes.to_vec() },
+                    None => Reply::error(404, format!("no demo image `{name}`")),
+                }
+            }
+            (_, "/" | "/index.html" | "/api/info" | "/api/generate") => {
+                Reply::error(405, format!("{method} is not allowed on {path}"))
+            }
+            _ => Reply::error(404, format!("no such page: {path}")),
+        }
+    }
+
+    fn info(&self) -> serde_json::Value {
+        let c = self.bundle.config();
+        let s = &self.bundle.sampling;
+        serde_json::json!({
+            "source": self.bundle.source,
+            "image_size": self.bundle.image_size(),
+            "max_refs": c.max_refs,
+            "itd": c.itd,
+            "text": self.bundle.text.describe(),
+            "params": c.num_params(),
+            "sampling": { "cfg_scale": s.cfg_scale, "top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature },
+            "max_samples": MAX_SAMPLES,
+            "demo_prompt": DEMO_PROMPT,
+        })
+    }
+
+    /// Parse, check and run a generation request.
+    pub fn request(&self, body: &[u8]) -> Result<GenerateRequest> {
+        let j: GenerateJson = serde_json::from_slice(body).map_err(|e| Error::invalid("request body", format!("not a generation request: {e}")))?;
+        let refs = j
+            .refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| field_image(&format!("refs[{i}]"), r).map(|img| imageio::to_rgb_on_white(&img)))
+            .collect::<Result<Vec<RgbImage>>>()?;
+        let background = j.background.as_deref().map(|b| field_image("background", b).map(|img| imageio::to_rgb_on_white(&img))).transpose()?;
+        let mask: Option<GrayImage> = j.mask.as_deref().map(|m| field_image("mask", m).map(|img| imageio::binarize(&img.to_luma8()))).transpose()?;
+        let n = j.num_samples.unwrap_or(1);
+        if n > MAX_SAMPLES {
+            return Err(Error::invalid("num_samples", format!("{n} asked; this server makes at most {MAX_SAMPLES} per request")));
+        }
+        let d = &self.bundle.sampling;
+        let req = GenerateRequest {
+            refs,
+            background,
+            mask,
+            prompt: j.prompt,
+            options: crate::sample::SampleOptions {
+                cfg_scale: j.cfg_scale.unwrap_or(d.cfg_scale),
+                temperature: j.temperature.unwrap_or(d.temperature),
+                top_k: j.top_k.unwrap_or(d.top_k),
+                top_p: j.top_p.unwrap_or(d.top_p),
+                seed: j.seed,
+            },
+            itd: j.itd,
+            num_samples: n,
+            paste_back: j.paste_back,
+            decode_itd: j.show_itd,
+        };
+        req.validate()?;
+        Ok(req)
+    }
+
+    fn generate(&self, body: &[u8]) -> Result<serde_json::Value> {
+        let req = self.request(body)?;
+        let t0 = std::time::Instant::now();
+        let out = generate(&self.bundle, &req, None)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let images = out.images.iter().map(png_data_url).collect::<Result<Vec<_>>>()?;
+        let itd_refs = out
+            .itd_refs
+            .iter()
+            .map(|per| per.iter().map(png_data_url).collect::<Result<Vec<_>>>())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(serde_json::json!({
+            "images": images,
+            "itd_refs": itd_refs,
+            "itd": out.itd.to_string(),
+            "seconds": seconds,
+            "forward_passes": out.stats.forward_passes,
+            "draft_accepted": out.stats.draft_accepted,
+            "draft_rejected": out.stats.draft_rejected,
+            "seed": req.options.seed,
+        }))
+    }
+}
+
+/// The HTTP loop around an [`App`].
+pub struct WebServer {
+    server: tiny_http::Server,
+}
+
+impl WebServer {
+    /// Listen on `addr` (`host:port`; port 0 picks a free one).
+    pub fn bind(addr: &str) -> Result<Self> {
+        let server = tiny_http::Server::http(addr).map_err(|e| Error::invalid("--addr", format!("cannot listen on {addr}: {e}")))?;
+        Ok(WebServer { server })
+    }
+
+    /// The address actually listened on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.server.server_addr().to_ip().ok_or_else(|| Error::invalid("--addr", "not an IP address"))
+    }
+
+    /// Answer requests one after the other; after `max_requests` of them if given, else
+    /// forever. Each is logged to stderr with its status and time.
+    pub fn run(&self, app: &App, max_requests: Option<usize>) -> Result<()> {
+        let mut served = 0usize;
+        while max_requests.is_none_or(|m| served < m) {
+            let mut req = self.server.recv().map_err(|e| Error::invalid("server", format!("cannot accept a request: {e}")))?;
+            let t0 = std::time::Instant::now();
+            let method = req.method().as_str().to_ascii_uppercase();
+            let url = req.url().to_string();
+            let reply = if req.body_length().is_some_and(|n| n > MAX_BODY) {
+                Reply::error(413, format!("request body over {} MiB", MAX_BODY >> 20))
+            } else {
+                let mut body = Vec::new();
+                match req.as_reader().take(MAX_BODY as u64 + 1).read_to_end(&mut body) {
+                    Ok(_) if body.len() > MAX_BODY => Reply::error(413, format!("request body over {} MiB", MAX_BODY >> 20)),
+                    Ok(_) => app.handle(&method, &url, &body),
+                    Err(e) => Reply::error(400, format!("cannot read the request body: {e}")),
+                }
+            };
+            let status = reply.status;
+            let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes())
+                .map_err(|_| Error::invalid("server", "bad content type (internal)"))?;
+            let response = tiny_http::Response::from_data(reply.body).with_status_code(status).with_header(header);
+            if let Err(e) = req.respond(response) {
+                eprintln!("warning: {method} {url}: the answer could not be sent: {e}");
+            }
+            eprintln!("{method} {url} -> {status} ({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);
+            served += 1;
+        }
+        Ok(())
+    }
+}

@@ -277,34 +277,76 @@ impl WebServer {
     }
 
     /// Answer requests one after the other; after `max_requests` of them if given, else
-    /// forever. Each is logged to stderr with its status and time.
+    /// forever. Each is logged to stderr with its status and time. Bodies are read on a
+    /// thread per request, so that a client that stalls in the middle of its upload holds
+    /// up only its own thread, not the model's.
     pub fn run(&self, app: &App, max_requests: Option<usize>) -> Result<()> {
-        let mut served = 0usize;
-        while max_requests.is_none_or(|m| served < m) {
-            let mut req = self.server.recv().map_err(|e| Error::invalid("server", format!("cannot accept a request: {e}")))?;
-            let t0 = std::time::Instant::now();
-            let method = req.method().as_str().to_ascii_uppercase();
-            let url = req.url().to_string();
-            let reply = if req.body_length().is_some_and(|n| n > MAX_BODY) {
-                Reply::error(413, format!("request body over {} MiB", MAX_BODY >> 20))
-            } else {
-                let mut body = Vec::new();
-                match req.as_reader().take(MAX_BODY as u64 + 1).read_to_end(&mut body) {
-                    Ok(_) if body.len() > MAX_BODY => Reply::error(413, format!("request body over {} MiB", MAX_BODY >> 20)),
-                    Ok(_) => app.handle(&method, &url, &body),
-                    Err(e) => Reply::error(400, format!("cannot read the request body: {e}")),
+        let stopping = std::sync::atomic::AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel::<(tiny_http::Request, std::result::Result<Vec<u8>, Reply>)>();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let tx = tx;
+                loop {
+                    match self.server.recv() {
+                        Ok(mut req) => {
+                            let tx = tx.clone();
+                            scope.spawn(move || {
+                                let body = read_body(&mut req);
+                                // The receiver is gone only when the server stops.
+                                let _ = tx.send((req, body));
+                            });
+                        }
+                        Err(_) if stopping.load(std::sync::atomic::Ordering::SeqCst) => break,
+                        Err(e) => {
+                            eprintln!("warning: cannot accept a connection: {e}");
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
+                    }
                 }
-            };
-            let status = reply.status;
-            let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes())
-                .map_err(|_| Error::invalid("server", "bad content type (internal)"))?;
-            let response = tiny_http::Response::from_data(reply.body).with_status_code(status).with_header(header);
-            if let Err(e) = req.respond(response) {
-                eprintln!("warning: {method} {url}: the answer could not be sent: {e}");
+            });
+            let mut served = 0usize;
+            while max_requests.is_none_or(|m| served < m) {
+                let Ok((req, body)) = rx.recv() else { break };
+                respond(app, req, body);
+                served += 1;
             }
-            eprintln!("{method} {url} -> {status} ({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);
-            served += 1;
-        }
+            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.server.unblock();
+        });
         Ok(())
     }
+}
+
+/// A request's body, or the reply refusing it (too large, unreadable).
+fn read_body(req: &mut tiny_http::Request) -> std::result::Result<Vec<u8>, Reply> {
+    let too_large = || Reply::error(413, format!("request body over {} MiB", MAX_BODY >> 20));
+    if req.body_length().is_some_and(|n| n > MAX_BODY) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    match req.as_reader().take(MAX_BODY as u64 + 1).read_to_end(&mut body) {
+        Ok(_) if body.len() > MAX_BODY => Err(too_large()),
+        Ok(_) => Ok(body),
+        Err(e) => Err(Reply::error(400, format!("cannot read the request body: {e}"))),
+    }
+}
+
+/// Answer one request whose body has been read, and log it.
+fn respond(app: &App, req: tiny_http::Request, body: std::result::Result<Vec<u8>, Reply>) {
+    let t0 = std::time::Instant::now();
+    let method = req.method().as_str().to_ascii_uppercase();
+    let url = req.url().to_string();
+    let reply = match body {
+        Ok(body) => app.handle(&method, &url, &body),
+        Err(reply) => reply,
+    };
+    let status = reply.status;
+    let mut response = tiny_http::Response::from_data(reply.body).with_status_code(status);
+    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes()) {
+        response = response.with_header(h);
+    }
+    if let Err(e) = req.respond(response) {
+        eprintln!("warning: {method} {url}: the answer could not be sent: {e}");
+    }
+    eprintln!("{method} {url} -> {status} ({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);
 }

@@ -219,3 +219,20 @@ fn the_server_answers_over_http() {
     });
     assert!(WebServer::bind("no-such-host-name.invalid:80").is_err());
 }
+
+#[test]
+fn a_stalled_upload_does_not_hold_up_other_requests() {
+    let server = WebServer::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| server.run(app(), Some(1)));
+        // Announces 100 bytes, sends one, and waits.
+        let mut stalled = TcpStream::connect(addr).unwrap();
+        stalled.write_all(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let (status, _) = http(addr, b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert_eq!(status, 200);
+        drop(stalled);
+        handle.join().unwrap().unwrap();
+    });
+}

@@ -1,0 +1,155 @@
+//! `tokenar curate ...`: build a dataset from generated targets: split them by their alpha
+//! mattes, filter the samples with a vision-language model and by DINO identity.
+
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokenar::curate::{identity, matte, vlm, IdentityOptions, Summary, VlmOptions};
+use tokenar::data::{self, Dataset, OpenOptions};
+
+#[derive(Subcommand)]
+pub enum CurateCmd {
+    /// Split each sample's target (`real.png`) by its alpha matte `MATTES/<sample folder>.png`
+    /// into `background.png` (subjects blacked out), `mask.png` and `foreground.png` (RGBA).
+    Matte {
+        /// InstructAR folder tree (one folder per sample holding `real.png`).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Folder of alpha mattes named after the sample folders (grayscale, or the alpha of a cut-out).
+        #[arg(long)]
+        mattes: PathBuf,
+        /// Rewrite samples that already hold all three files (a hand-refined mask is lost).
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Ask a vision-language model behind an OpenAI-compatible endpoint whether each target
+    /// shows its references and fits its description; keep the samples it answers Yes to.
+    /// Writes `OUT/vlm.jsonl` (one line per sample; a rerun resumes) and `OUT/vlm_kept.jsonl`.
+    Vlm {
+        /// Dataset folder or .jsonl manifest.
+        #[arg(long)]
+        dataset: PathBuf,
+        /// http://HOST:PORT of the server (`/v1/chat/completions` is added).
+        #[arg(long)]
+        endpoint: String,
+        /// Model name sent with each request.
+        #[arg(long)]
+        model: String,
+        /// Seconds one request may take before the sample is dropped.
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+        #[arg(long)]
+        out: PathBuf,
+        /// Ask again about the samples an earlier run dropped because a request failed.
+        #[arg(long)]
+        retry_errors: bool,
+        #[arg(long, default_value_t = data::format::DEFAULT_MAX_REFS)]
+        max_refs: usize,
+    },
+    /// Keep the samples whose every reference resembles the target: 100 x cosine of DINO v1
+    /// ViT-S/16 CLS embeddings, lowest over the references above --min. Writes
+    /// `OUT/identity.jsonl` (one line per sample; a rerun resumes) and `OUT/identity_kept.jsonl`.
+    Identity {
+        /// Dataset folder or .jsonl manifest.
+        #[arg(long)]
+        dataset: PathBuf,
+        /// `dino_deitsmall16_pretrain.pth` (or timm's `dino_vits16.safetensors`), or a folder holding it.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Keep a sample when its lowest score is above this.
+        #[arg(long, default_value_t = identity::DEFAULT_MIN_SCORE)]
+        min: f64,
+        #[arg(long)]
+        out: PathBuf,
+        /// Images per network call.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Score again the samples an earlier run dropped because an image could not be read.
+        #[arg(long)]
+        retry_errors: bool,
+        #[arg(long, default_value_t = data::format::DEFAULT_MAX_REFS)]
+        max_refs: usize,
+    },
+}
+
+const BAR: &str = "{bar:40} {pos}/{len} samples {per_sec} [{elapsed_precise}<{eta_precise}]";
+
+fn open(dataset: &Path, max_refs: usize) -> anyhow::Result<Dataset> {
+    let ds = Dataset::open(dataset, &OpenOptions { max_refs, ..OpenOptions::default() })?;
+    if ds.is_empty() {
+        anyhow::bail!("{}: no usable samples (run `tokenar data check` for the reasons)", dataset.display());
+    }
+    Ok(ds)
+}
+
+/// Print the counts; an error when every sample decided now failed (a server that is down,
+/// weights that do not fit): the report holds the reasons and `--retry-errors` redoes them.
+fn finish(what: &str, sum: &Summary, out: &Path, report: &str, kept: &str) -> anyhow::Result<()> {
+    eprintln!(
+        "{what}: {} samples ({} decided now, {} from an earlier run): kept {}, dropped {} ({} because something failed)",
+        sum.total, sum.decided, sum.resumed, sum.kept, sum.dropped, sum.errors
+    );
+    eprintln!("report {}, kept samples {}", out.join(report).display(), out.join(kept).display());
+    if let Some((id, reason)) = &sum.first_error {
+        if sum.errors_now == sum.decided {
+            anyhow::bail!("all {} samples decided now failed (first: {id}: {reason}); fix the cause and rerun with --retry-errors", sum.decided);
+        }
+        eprintln!("warning: {} samples failed now (first: {id}: {reason}); rerun with --retry-errors to decide them again", sum.errors_now);
+    }
+    Ok(())
+}
+
+pub fn run(cmd: CurateCmd) -> anyhow::Result<()> {
+    match cmd {
+        CurateCmd::Matte { dataset, mattes, overwrite } => {
+            let bar = super::progress_bar(0, BAR);
+            let run = matte::run_matte(&dataset, &mattes, overwrite, Some(&|k, n| {
+                bar.set_length(n as u64);
+                bar.set_position(k as u64);
+            }))?;
+            bar.finish_and_clear();
+            for (id, reason) in &run.failed {
+                println!("FAIL {id}: {reason}");
+            }
+            println!(
+                "{}: split {}, already split {} (kept as they are; --overwrite to redo), failed {}",
+                dataset.display(),
+                run.written.len(),
+                run.existing.len(),
+                run.failed.len()
+            );
+            if run.failed.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!("{} sample(s) of {} could not be split", run.failed.len(), dataset.display())
+            }
+        }
+        CurateCmd::Vlm { dataset, endpoint, model, timeout_s, out, retry_errors, max_refs } => {
+            let ds = open(&dataset, max_refs)?;
+            let opts = VlmOptions { timeout: Duration::from_secs(timeout_s), retry_errors, ..VlmOptions::new(endpoint, model) };
+            let bar = super::progress_bar(ds.len() as u64, BAR);
+            let sum = vlm::run_vlm(&ds, &opts, &out, Some(&|k, n| {
+                bar.set_length(n as u64);
+                bar.set_position(k as u64);
+            }))?;
+            bar.finish_and_clear();
+            finish("vlm", &sum, &out, vlm::REPORT, vlm::KEPT)
+        }
+        CurateCmd::Identity { dataset, weights, min, out, batch, retry_errors, max_refs } => {
+            if batch == 0 {
+                anyhow::bail!("--batch must be at least 1");
+            }
+            let ds = open(&dataset, max_refs)?;
+            let device = tokenar::util::best_device();
+            let net = identity::load_dino(&weights, tokenar::eval::nets::DinoConfig::vit_s16(), &device)?;
+            let opts = IdentityOptions { min_score: min, batch, retry_errors };
+            let bar = super::progress_bar(ds.len() as u64, BAR);
+            let sum = identity::run_identity(&ds, &net, &device, &opts, &out, Some(&|k, n| {
+                bar.set_length(n as u64);
+                bar.set_position(k as u64);
+            }))?;
+            bar.finish_and_clear();
+            finish("identity", &sum, &out, identity::REPORT, identity::KEPT)
+        }
+    }
+}

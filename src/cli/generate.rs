@@ -3,7 +3,6 @@
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
-use tokenar::pipeline::bundle::LoadHints;
 use tokenar::pipeline::{generate, GenerateRequest};
 
 #[derive(Args)]
@@ -22,15 +21,8 @@ pub struct GenerateArgs {
     /// Output PNG; with --num-samples > 1, `_<i>` is added before the extension.
     #[arg(long)]
     out: PathBuf,
-    /// Bundle folder (tokenizer, model, text encoder); default: the built-in model.
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    /// Architecture preset for a .pt GPT checkpoint (e.g. tokenar-xl, editar-xl, XL).
-    #[arg(long)]
-    preset: Option<String>,
-    /// Tokenizer preset for a .pt tokenizer (default vq-16).
-    #[arg(long)]
-    tokenizer_preset: Option<String>,
+    #[command(flatten)]
+    model: super::ModelArgs,
     #[command(flatten)]
     sampling: super::SamplingArgs,
     /// Images to generate (one batch).
@@ -39,8 +31,6 @@ pub struct GenerateArgs {
     /// Also write the references the model reproduced (ITD) next to the output.
     #[arg(long)]
     save_itd: bool,
-    #[arg(long)]
-    gpu: bool,
 }
 
 fn numbered(path: &std::path::Path, i: usize, n: usize) -> PathBuf {
@@ -79,14 +69,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         decode_itd: a.save_itd,
     };
     req.validate()?;
-    let device = tokenar::util::device(a.gpu)?;
-    let hints = LoadHints { preset: a.preset.clone(), tokenizer_preset: a.tokenizer_preset.clone() };
-    let bundle = super::load_bundle(a.weights.as_deref(), &hints, &device)?;
+    let bundle = a.model.load()?;
     req.options = a.sampling.options(&bundle.sampling, 0);
     req.validate()?;
-    for k in &bundle.report.fresh {
-        eprintln!("note: `{k}` is not in the checkpoint and was freshly initialised");
-    }
     let bar = super::progress_bar(0, "decoding {bar:40} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]");
     let t0 = std::time::Instant::now();
     let out = generate(&bundle, &req, Some(&|k, n| {

@@ -51,11 +51,37 @@ impl SamplingArgs {
     }
 }
 
-/// The bundle in `weights`, or the built-in model without it.
-pub fn load_bundle(weights: Option<&std::path::Path>, hints: &tokenar::pipeline::bundle::LoadHints, device: &candle_core::Device) -> tokenar::Result<tokenar::pipeline::Bundle> {
-    match weights {
-        Some(dir) => tokenar::pipeline::Bundle::load(dir, hints, device),
-        None => tokenar::pipeline::Bundle::builtin(device),
+/// The model to load: a bundle folder or public checkpoints, else the built-in model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Bundle folder (tokenizer, model, text encoder); default: the built-in model.
+    #[arg(long)]
+    pub weights: Option<std::path::PathBuf>,
+    /// Architecture preset for a .pt GPT checkpoint (e.g. tokenar-xl, editar-xl, XL).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Tokenizer preset for a .pt tokenizer (default vq-16).
+    #[arg(long)]
+    pub tokenizer_preset: Option<String>,
+    /// Run on the GPU (a build with the `cuda` feature).
+    #[arg(long)]
+    pub gpu: bool,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> tokenar::Result<tokenar::pipeline::Bundle> {
+        let device = tokenar::util::device(self.gpu)?;
+        let bundle = match &self.weights {
+            Some(dir) => {
+                let hints = tokenar::pipeline::bundle::LoadHints { preset: self.preset.clone(), tokenizer_preset: self.tokenizer_preset.clone() };
+                tokenar::pipeline::Bundle::load(dir, &hints, &device)?
+            }
+            None => tokenar::pipeline::Bundle::builtin(&device)?,
+        };
+        for k in &bundle.report.fresh {
+            eprintln!("note: `{k}` is not in the checkpoint and was freshly initialised");
+        }
+        Ok(bundle)
     }
 }
 

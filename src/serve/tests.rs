@@ -193,12 +193,20 @@ fn http(addr: SocketAddr, request: &[u8]) -> (u16, Vec<u8>) {
     (status, raw[split + 4..].to_vec())
 }
 
-#[test]
-fn the_server_answers_over_http() {
+/// Run a server on a free port for `max` requests while `client` talks to it.
+fn with_server(max: usize, client: impl FnOnce(SocketAddr)) {
     let server = WebServer::bind("127.0.0.1:0").unwrap();
     let addr = server.local_addr().unwrap();
     std::thread::scope(|scope| {
-        let handle = scope.spawn(|| server.run(app(), Some(3)));
+        let handle = scope.spawn(|| server.run(app(), Some(max)));
+        client(addr);
+        handle.join().unwrap().unwrap();
+    });
+}
+
+#[test]
+fn the_server_answers_over_http() {
+    with_server(3, |addr| {
         let (status, body) = http(addr, b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         assert_eq!(status, 200);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -215,17 +223,13 @@ fn the_server_answers_over_http() {
         let req = format!("POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{{}}", MAX_BODY + 1);
         let (status, _) = http(addr, req.as_bytes());
         assert_eq!(status, 413);
-        handle.join().unwrap().unwrap();
     });
     assert!(WebServer::bind("no-such-host-name.invalid:80").is_err());
 }
 
 #[test]
 fn a_stalled_upload_does_not_hold_up_other_requests() {
-    let server = WebServer::bind("127.0.0.1:0").unwrap();
-    let addr = server.local_addr().unwrap();
-    std::thread::scope(|scope| {
-        let handle = scope.spawn(|| server.run(app(), Some(1)));
+    with_server(1, |addr| {
         // Announces 100 bytes, sends one, and waits.
         let mut stalled = TcpStream::connect(addr).unwrap();
         stalled.write_all(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{").unwrap();
@@ -233,6 +237,5 @@ fn a_stalled_upload_does_not_hold_up_other_requests() {
         let (status, _) = http(addr, b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         assert_eq!(status, 200);
         drop(stalled);
-        handle.join().unwrap().unwrap();
     });
 }

@@ -387,11 +387,16 @@ pub fn bench_train(model: &TokenAr, varmap: &VarMap, n_refs: usize, text: Option
     })
 }
 
-/// Run every measurement on `model` (its variables in `varmap`). `text`: features (1, L, C)
+/// Run every measurement on the model of `varmap` (`model` gives its config and device).
+/// `text`: features (1, L, C)
 /// to condition on (random when `None`).
 pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOptions) -> Result<BenchReport> {
     let load_start = loadavg();
     let cfg = model.config().clone();
+    // Two views of the same weights: inference as `generate` runs it (detached, recording no
+    // backprop graph), the train step on the variables themselves.
+    let trainable = TokenAr::new(&cfg, candle_nn::VarBuilder::from_varmap(varmap, DType::F32, model.device()))?;
+    let model = &TokenAr::new(&cfg, crate::model::load::zeros_builder(varmap, DType::F32, model.device()))?;
     let mut rng = crate::util::rng(o.seed);
     let inputs = bench_inputs(model, o.n_refs, 1, o.codes.as_ref(), text, &mut rng)?;
     let layout = model.layout_for(&inputs.cond)?;
@@ -401,7 +406,7 @@ pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOpt
     let itd = bench_itd(model, &inputs, o)?;
     let passes = bench_passes(model, &inputs, o)?;
     let peak_inference = peak_mib();
-    let train = if o.train_batch > 0 { Some(bench_train(model, varmap, o.n_refs, text, o)?) } else { None };
+    let train = if o.train_batch > 0 { Some(bench_train(&trainable, varmap, o.n_refs, text, o)?) } else { None };
     let time_of = |m: &str| itd.iter().find(|r| r.mode == m).and_then(|r| r.seconds_per_image);
     let exact_over_off = match (time_of("exact"), time_of("off")) {
         (Some(e), Some(f)) if f > 0.0 => Some(e / f),

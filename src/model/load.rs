@@ -77,15 +77,22 @@ fn init_some_vars(varmap: &VarMap, seed: u64, pick: impl Fn(&str) -> bool, mut v
 /// variables, which its constructor fixes, so the result depends on the seed only. Variables
 /// already in `varmap` are returned as they are (a wrong shape is an error).
 pub fn seeded_builder(varmap: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    let backend = SeededInit { map: varmap.clone(), rng: Some(std::sync::Mutex::new(crate::util::rng(seed))) };
+    let backend = SeededInit { map: varmap.clone(), rng: Some(std::sync::Mutex::new(crate::util::rng(seed))), detached: false };
     VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }
 
-/// A `VarBuilder` over `varmap` whose new variables are zeros, for a model whose weights are
-/// about to be loaded: no random draws (a normal draw costs tens of nanoseconds per weight,
-/// many times what reading the weight from the file costs).
+/// A `VarBuilder` over `varmap` whose new variables are zeros, for an inference model whose
+/// weights are about to be loaded: no random draws (a normal draw costs tens of nanoseconds
+/// per weight, many times what reading the weight from the file costs).
+///
+/// The model gets detached views of the variables: the same storage (loading into `varmap`
+/// sets the model's weights), but not marked as variables, so its ops record no backprop
+/// graph. With variables, every output of a forward pass would keep all the activations it
+/// was computed from alive until it is dropped (a batch of 8 images through the tokenizer's
+/// decoder held hundreds of MB). Models that train are built with
+/// `VarBuilder::from_varmap` or [`seeded_builder`].
 pub fn zeros_builder(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    let backend = SeededInit { map: varmap.clone(), rng: None };
+    let backend = SeededInit { map: varmap.clone(), rng: None, detached: true };
     VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
 }
 
@@ -93,6 +100,8 @@ pub fn zeros_builder(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuild
 struct SeededInit {
     map: VarMap,
     rng: Option<std::sync::Mutex<crate::util::Rng>>,
+    /// Hand out detached views of the variables (inference) instead of the variables.
+    detached: bool,
 }
 
 /// Values of a fresh variable of `shape` under `init`.
@@ -118,6 +127,16 @@ fn init_values(init: &candle_nn::Init, shape: &candle_core::Shape, rng: &mut cra
     }
 }
 
+impl SeededInit {
+    fn view(&self, var: &candle_core::Var) -> Tensor {
+        if self.detached {
+            var.as_detached_tensor()
+        } else {
+            var.as_tensor().clone()
+        }
+    }
+}
+
 impl candle_nn::var_builder::SimpleBackend for SeededInit {
     fn get(&self, s: candle_core::Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let mut data = self.map.data().lock().unwrap_or_else(|e| e.into_inner());
@@ -125,15 +144,16 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
             if v.shape() != &s {
                 candle_core::bail!("variable {name}: shape {:?} asked for, {:?} exists", s.dims(), v.shape().dims());
             }
-            return Ok(v.as_tensor().clone());
+            return Ok(self.view(v));
         }
         let value = match &self.rng {
             Some(rng) => Tensor::from_vec(init_values(&h, &s, &mut rng.lock().unwrap_or_else(|e| e.into_inner())), s, dev)?.to_dtype(dtype)?,
             None => Tensor::zeros(s, dtype, dev)?,
         };
         let var = candle_core::Var::from_tensor(&value)?;
-        data.insert(name.to_string(), var.clone());
-        Ok(var.as_tensor().clone())
+        let t = self.view(&var);
+        data.insert(name.to_string(), var);
+        Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {

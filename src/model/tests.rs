@@ -295,6 +295,9 @@ fn checkpoint_round_trips_reproduce_logits() {
     assert!(report.fresh.is_empty() && report.unused.is_empty(), "{report:?}");
     let (got, _) = m2.forward_train(&cond, &target, false, &mut rng).unwrap();
     assert!(max_diff(&got, &want) <= 1e-6);
+    // A loaded model is for inference: its outputs record no backprop graph (which would keep
+    // every activation alive), while the model it was saved from (built to train) does.
+    assert!(!got.track_op() && want.track_op());
 
     // As this project's safetensors: the config travels in the metadata.
     let st = tmp("own.safetensors");

@@ -2,8 +2,10 @@
 //! bundle.
 //!
 //! [`App::handle`] maps a request (method, path, body) to a [`Reply`] without any network, so
-//! the API is tested directly; [`WebServer`] is the HTTP loop around it (one request at a
-//! time: a generation holds the model and the CPU anyway).
+//! the API is tested directly; [`WebServer`] is the HTTP loop around it. Generations run one
+//! at a time (each holds the model and the CPU); everything else (the page, the model's
+//! description, the progress of the running generation) is answered at once, also while a
+//! generation runs.
 //!
 //! Routes:
 //! - `GET /`: the page (one self-contained HTML file, no external resources);
@@ -11,6 +13,7 @@
 //! - `POST /api/generate`: a [`GenerateJson`] body, images as data URLs (or bare base64) of
 //!   PNG, JPEG or WebP; answers with the generated images as PNG data URLs and the decoding
 //!   statistics;
+//! - `GET /api/progress`: the running generation's decoded tokens and the requests waiting;
 //! - `GET /demo/<name>.png`: the demo scene (two references, background, mask).
 //!
 //! Errors answer with a status (400 bad request, 404, 405, 413, 500) and `{"error": "..."}`
@@ -24,6 +27,8 @@ use base64::Engine;
 use image::{GrayImage, RgbImage};
 use std::io::Read;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
 
 #[cfg(test)]
 mod tests;
@@ -138,14 +143,26 @@ fn field_image(field: &str, s: &str) -> Result<image::DynamicImage> {
     Ok(img)
 }
 
-/// The page's model, loaded once.
+/// The page's model, loaded once, and the state of its generations.
 pub struct App {
     bundle: Bundle,
+    busy: AtomicBool,
+    /// Tokens decoded so far of the running generation, and its total.
+    done: AtomicUsize,
+    total: AtomicUsize,
+    /// Generation requests received and not yet started.
+    queued: AtomicUsize,
 }
 
 impl App {
     pub fn new(bundle: Bundle) -> Self {
-        App { bundle }
+        App { bundle, busy: AtomicBool::new(false), done: AtomicUsize::new(0), total: AtomicUsize::new(0), queued: AtomicUsize::new(0) }
+    }
+
+    /// Whether a request is answered at once, without waiting for the model: everything but
+    /// a generation.
+    pub fn is_quick(method: &str, path: &str) -> bool {
+        !(method == "POST" && path.split(['?', '#']).next() == Some("/api/generate"))
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -160,6 +177,15 @@ impl App {
                 Reply { status: 200, content_type: "text/html; charset=utf-8", body: PAGE.as_bytes().to_vec() }
             }
             ("GET", "/api/info") => Reply::json(200, &self.info()),
+            ("GET", "/api/progress") => Reply::json(
+                200,
+                &serde_json::json!({
+                    "busy": self.busy.load(Ordering::SeqCst),
+                    "done": self.done.load(Ordering::SeqCst),
+                    "total": self.total.load(Ordering::SeqCst),
+                    "queued": self.queued.load(Ordering::SeqCst),
+                }),
+            ),
             ("POST", "/api/generate") => match self.generate(body) {
                 Ok(v) => Reply::json(200, &v),
                 // A request the model cannot serve is the client's to fix; anything else
@@ -175,7 +201,7 @@ impl App {
                     None => Reply::error(404, format!("no demo image `{name}`")),
                 }
             }
-            (_, "/" | "/index.html" | "/api/info" | "/api/generate") => {
+            (_, "/" | "/index.html" | "/api/info" | "/api/progress" | "/api/generate") => {
                 Reply::error(405, format!("{method} is not allowed on {path}"))
             }
             _ => Reply::error(404, format!("no such page: {path}")),
@@ -237,8 +263,20 @@ impl App {
 
     fn generate(&self, body: &[u8]) -> Result<serde_json::Value> {
         let req = self.request(body)?;
-        let t0 = std::time::Instant::now();
-        let out = generate(&self.bundle, &req, None)?;
+        let t0 = Instant::now();
+        self.done.store(0, Ordering::SeqCst);
+        self.total.store(0, Ordering::SeqCst);
+        self.busy.store(true, Ordering::SeqCst);
+        let out = generate(
+            &self.bundle,
+            &req,
+            Some(&|k, n| {
+                self.done.store(k, Ordering::SeqCst);
+                self.total.store(n, Ordering::SeqCst);
+            }),
+        );
+        self.busy.store(false, Ordering::SeqCst);
+        let out = out?;
         let seconds = t0.elapsed().as_secs_f64();
         let images = out.images.iter().map(png_data_url).collect::<Result<Vec<_>>>()?;
         let itd_refs = out
@@ -276,42 +314,50 @@ impl WebServer {
         self.server.server_addr().to_ip().ok_or_else(|| Error::invalid("--addr", "not an IP address"))
     }
 
-    /// Answer requests one after the other; after `max_requests` of them if given, else
-    /// forever. Each is logged to stderr with its status and time. Bodies are read on a
-    /// thread per request, so that a client that stalls in the middle of its upload holds
-    /// up only its own thread, not the model's.
+    /// Answer requests: `max_requests` of them if given, else forever. Each connection's
+    /// request is read on a thread of its own (a client that stalls in the middle of its
+    /// upload holds up only that thread) and answered there, except generations, which go to
+    /// this thread one after the other. Each answer is logged to stderr with its status and
+    /// time (waiting included).
     pub fn run(&self, app: &App, max_requests: Option<usize>) -> Result<()> {
-        let stopping = std::sync::atomic::AtomicBool::new(false);
-        let (tx, rx) = std::sync::mpsc::channel::<(tiny_http::Request, std::result::Result<Vec<u8>, Reply>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<(tiny_http::Request, Vec<u8>, Instant)>();
         std::thread::scope(|scope| {
-            scope.spawn(|| {
-                let tx = tx;
-                loop {
-                    match self.server.recv() {
-                        Ok(mut req) => {
-                            let tx = tx.clone();
-                            scope.spawn(move || {
-                                let body = read_body(&mut req);
-                                // The receiver is gone only when the server stops.
-                                let _ = tx.send((req, body));
-                            });
-                        }
-                        Err(_) if stopping.load(std::sync::atomic::Ordering::SeqCst) => break,
+            scope.spawn(move || {
+                let mut accepted = 0usize;
+                while max_requests.is_none_or(|m| accepted < m) {
+                    let mut req = match self.server.recv() {
+                        Ok(req) => req,
                         Err(e) => {
                             eprintln!("warning: cannot accept a connection: {e}");
                             std::thread::sleep(std::time::Duration::from_millis(100));
+                            continue;
                         }
-                    }
+                    };
+                    accepted += 1;
+                    let tx = tx.clone();
+                    scope.spawn(move || {
+                        let t0 = Instant::now();
+                        match read_body(&mut req) {
+                            Err(reply) => respond(req, reply, t0),
+                            Ok(body) if App::is_quick(req.method().as_str(), req.url()) => {
+                                let reply = app.handle(req.method().as_str(), req.url(), &body);
+                                respond(req, reply, t0);
+                            }
+                            Ok(body) => {
+                                app.queued.fetch_add(1, Ordering::SeqCst);
+                                // The receiver lives as long as the server.
+                                let _ = tx.send((req, body, t0));
+                            }
+                        }
+                    });
                 }
             });
-            let mut served = 0usize;
-            while max_requests.is_none_or(|m| served < m) {
-                let Ok((req, body)) = rx.recv() else { break };
-                respond(app, req, body);
-                served += 1;
+            // Ends when the acceptor and every reader are done (never without a maximum).
+            for (req, body, t0) in rx {
+                app.queued.fetch_sub(1, Ordering::SeqCst);
+                let reply = app.handle(req.method().as_str(), req.url(), &body);
+                respond(req, reply, t0);
             }
-            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-            self.server.unblock();
         });
         Ok(())
     }
@@ -331,15 +377,10 @@ fn read_body(req: &mut tiny_http::Request) -> std::result::Result<Vec<u8>, Reply
     }
 }
 
-/// Answer one request whose body has been read, and log it.
-fn respond(app: &App, req: tiny_http::Request, body: std::result::Result<Vec<u8>, Reply>) {
-    let t0 = std::time::Instant::now();
-    let method = req.method().as_str().to_ascii_uppercase();
+/// Send `reply` to `req` and log it; `t0` is when the request came in.
+fn respond(req: tiny_http::Request, reply: Reply, t0: Instant) {
+    let method = req.method().as_str().to_string();
     let url = req.url().to_string();
-    let reply = match body {
-        Ok(body) => app.handle(&method, &url, &body),
-        Err(reply) => reply,
-    };
     let status = reply.status;
     let mut response = tiny_http::Response::from_data(reply.body).with_status_code(status);
     if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes()) {

@@ -73,6 +73,9 @@ fn pages_info_and_demo_images_are_served() {
     assert_eq!(app().handle("GET", "/nothing", b"").status, 404);
     assert_eq!(app().handle("GET", "/api/generate", b"").status, 405);
     assert_eq!(app().handle("DELETE", "/", b"").status, 405);
+    assert_eq!(app().handle("POST", "/api/progress", b"").status, 405);
+    assert!(App::is_quick("GET", "/api/generate") && App::is_quick("POST", "/api/info"));
+    assert!(!App::is_quick("POST", "/api/generate?x=1"));
 }
 
 #[test]
@@ -103,6 +106,13 @@ fn generation_over_the_api_equals_the_library_call() {
     let direct = generate(bundle, &req, None).unwrap();
     assert_eq!(images[0].as_str().unwrap(), png_data_url(&direct.images[0]).unwrap());
     assert_eq!(v["draft_accepted"], direct.stats.draft_accepted);
+
+    // The progress of the last generation: every target token decoded, nothing running.
+    let p: serde_json::Value = serde_json::from_slice(&app().handle("GET", "/api/progress", b"").body).unwrap();
+    assert_eq!(p["busy"], false);
+    assert_eq!(p["queued"], 0);
+    assert!(p["total"].as_u64().unwrap() >= 64, "{p}");
+    assert_eq!(p["done"], p["total"]);
 
     // Two samples with their ITD copies: one list of references per image.
     let mut two = demo_request();
@@ -229,10 +239,12 @@ fn the_server_answers_over_http() {
 
 #[test]
 fn a_stalled_upload_does_not_hold_up_other_requests() {
-    with_server(1, |addr| {
-        // Announces 100 bytes, sends one, and waits.
+    with_server(2, |addr| {
+        // Announces 5000 bytes, sends one, and waits (tiny_http reads bodies of up to 1 KiB
+        // itself before handing the request over; a longer one is read by the server's
+        // reader thread).
         let mut stalled = TcpStream::connect(addr).unwrap();
-        stalled.write_all(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{").unwrap();
+        stalled.write_all(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(200));
         let (status, _) = http(addr, b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         assert_eq!(status, 200);

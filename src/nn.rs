@@ -26,7 +26,7 @@ use candle_nn::VarBuilder;
 /// # Safety
 /// The pointers must cover their strided extents, and `dst` must overlap neither source nor
 /// be written by anyone else during the call.
-unsafe fn gemm_strided(
+pub(crate) unsafe fn gemm_strided(
     m: usize,
     n: usize,
     k: usize,

@@ -42,9 +42,14 @@ impl Conv {
             return Err(crate::Error::invalid("conv input", format!("{h}x{w} is smaller than the kernel {k}")));
         }
         let (ho, wo) = ((hp - k) / s + 1, (wp - k) / s + 1);
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        if cpu_f32 && !x.track_op() && !self.weight.track_op() && !self.bias.track_op() && k > 1 {
+            // Inference: no patch matrix of the whole batch, no graph.
+            return super::ops::conv_infer(x, &self.weight.reshape((o, c * k * k))?, &self.bias, k, s, self.pad);
+        }
         let cols = if k == 1 && s == 1 && self.pad == [0; 4] {
             x.reshape((b, c, h * w))?
-        } else if x.device().is_cpu() && x.dtype() == DType::F32 {
+        } else if cpu_f32 {
             super::ops::im2col(x, k, s, self.pad)?
         } else {
             self.im2col_views(x, ho, wo)?

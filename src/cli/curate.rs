@@ -43,6 +43,9 @@ pub enum CurateCmd {
         /// Ask again about the samples an earlier run dropped because a request failed.
         #[arg(long)]
         retry_errors: bool,
+        /// Requests in flight at once (servers such as vLLM batch concurrent requests).
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
         #[arg(long, default_value_t = data::format::DEFAULT_MAX_REFS)]
         max_refs: usize,
     },
@@ -124,9 +127,9 @@ pub fn run(cmd: CurateCmd) -> anyhow::Result<()> {
                 anyhow::bail!("{} sample(s) of {} could not be split", run.failed.len(), dataset.display())
             }
         }
-        CurateCmd::Vlm { dataset, endpoint, model, timeout_s, out, retry_errors, max_refs } => {
+        CurateCmd::Vlm { dataset, endpoint, model, timeout_s, out, retry_errors, concurrency, max_refs } => {
             let ds = open(&dataset, max_refs)?;
-            let opts = VlmOptions { timeout: Duration::from_secs(timeout_s), retry_errors, ..VlmOptions::new(endpoint, model) };
+            let opts = VlmOptions { timeout: Duration::from_secs(timeout_s), retry_errors, concurrency, ..VlmOptions::new(endpoint, model) };
             let bar = super::progress_bar(ds.len() as u64, BAR);
             let sum = vlm::run_vlm(&ds, &opts, &out, Some(&|k, n| {
                 bar.set_length(n as u64);

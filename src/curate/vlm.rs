@@ -38,6 +38,8 @@ pub struct VlmOptions {
     /// Decide again the samples an earlier run dropped because something failed.
     pub retry_errors: bool,
     pub prompt_template: String,
+    /// Requests in flight at once (a model server batches concurrent requests).
+    pub concurrency: usize,
 }
 
 impl VlmOptions {
@@ -48,6 +50,7 @@ impl VlmOptions {
             timeout: Duration::from_secs(120),
             retry_errors: false,
             prompt_template: PROMPT_TEMPLATE.to_string(),
+            concurrency: 1,
         }
     }
 }
@@ -204,23 +207,47 @@ pub fn filter_label(model: &str) -> String {
     format!("vlm model={model}")
 }
 
-/// Ask about every sample of `ds` not yet in `out/vlm.jsonl`, one request at a time, appending
-/// each verdict there as it comes, then write the kept samples of the whole report to
-/// `out/vlm_kept.jsonl`. `progress(done, todo)` counts the samples of this run.
+/// Ask about every sample of `ds` not yet in `out/vlm.jsonl`, `opts.concurrency` requests at
+/// a time, appending each verdict there as it comes (in the order the answers arrive), then
+/// write the kept samples of the whole report to `out/vlm_kept.jsonl`. `progress(done, todo)`
+/// counts the samples of this run.
 pub fn run_vlm(ds: &Dataset, opts: &VlmOptions, out: &Path, progress: Option<&dyn Fn(usize, usize)>) -> Result<Summary> {
     if opts.model.trim().is_empty() {
         return Err(Error::invalid("--model", "empty model name"));
+    }
+    if opts.concurrency == 0 {
+        return Err(Error::invalid("--concurrency", "must be at least 1"));
     }
     let client = VlmClient::new(&opts.endpoint, opts.timeout)?;
     let label = filter_label(&opts.model);
     let mut report = Report::open(&out.join(REPORT), &label)?;
     let todo: Vec<&Sample> = ds.samples.iter().filter(|s| report.pending(&s.id, opts.retry_errors)).collect();
-    for (i, s) in todo.iter().enumerate() {
-        report.record(client.decide(s, &opts.model, &opts.prompt_template, &label))?;
-        if let Some(p) = progress {
-            p(i + 1, todo.len());
+    // Workers take the next sample in turn and send their verdicts here, where the report
+    // is written (one writer).
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<Verdict>();
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..opts.concurrency.min(todo.len()) {
+            let tx = tx.clone();
+            let (next, todo, client, label) = (&next, &todo, &client, &label);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(s) = todo.get(i) else { break };
+                // The receiver is gone only when writing the report failed: stop.
+                if tx.send(client.decide(s, &opts.model, &opts.prompt_template, label)).is_err() {
+                    break;
+                }
+            });
         }
-    }
+        drop(tx);
+        for (i, v) in rx.iter().enumerate() {
+            report.record(v)?;
+            if let Some(p) = progress {
+                p(i + 1, todo.len());
+            }
+        }
+        Ok(())
+    })?;
     report.write_kept(&ds.samples, &out.join(KEPT))?;
     Ok(Summary { decided: todo.len(), resumed: ds.samples.len() - todo.len(), ..report.summary(&ds.samples) })
 }

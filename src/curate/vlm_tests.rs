@@ -242,3 +242,63 @@ fn unreachable_endpoint_drops_every_sample_with_the_reason() {
     assert!(vlm::run_vlm(&ds, &zero, &root.join("o2"), None).unwrap_err().to_string().contains("--timeout-s"));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn concurrent_requests_overlap_and_every_sample_is_decided_once() {
+    let root = temp_dir("vlm-concurrent");
+    let data = root.join("data");
+    for i in 1..=6u32 {
+        write_sample(&data, &format!("s_{i}"), &pattern(i, 6, 6), &[pattern(i + 1, 6, 6), pattern(i + 2, 6, 6)], "a pair", true);
+    }
+    let ds = Dataset::open_quiet(&data, &OpenOptions::default()).unwrap();
+    // A server that answers Yes after 200 ms and records the most requests it held at once.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (now, most, seen) = (Arc::new(Mutex::new(0usize)), Arc::new(Mutex::new(0usize)), Arc::new(Mutex::new(0usize)));
+    let (n, m, k) = (now.clone(), most.clone(), seen.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (n, m, k) = (n.clone(), m.clone(), k.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut len = 0;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap() == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((key, v)) = h.split_once(':') {
+                        if key.eq_ignore_ascii_case("content-length") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                }
+                let mut raw = vec![0; len];
+                reader.read_exact(&mut raw).unwrap();
+                {
+                    let mut now = n.lock().unwrap();
+                    *now += 1;
+                    let mut most = m.lock().unwrap();
+                    *most = (*most).max(*now);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                *n.lock().unwrap() -= 1;
+                *k.lock().unwrap() += 1;
+                respond(&mut { stream }, "200 OK", &chat(json!("Yes")));
+            });
+        }
+    });
+    let out = root.join("out");
+    let opts = VlmOptions { concurrency: 3, ..VlmOptions::new(url.clone(), "m") };
+    let sum = vlm::run_vlm(&ds, &opts, &out, None).unwrap();
+    assert_eq!((sum.decided, sum.kept, sum.errors), (6, 6, 0));
+    assert_eq!(*seen.lock().unwrap(), 6);
+    assert!(*most.lock().unwrap() >= 2, "requests never overlapped");
+    let report = std::fs::read_to_string(out.join(vlm::REPORT)).unwrap();
+    assert_eq!(report.lines().count(), 6);
+    let kept = Dataset::open_quiet(&out.join(vlm::KEPT), &OpenOptions::default()).unwrap();
+    assert_eq!(kept.samples.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s_1", "s_2", "s_3", "s_4", "s_5", "s_6"]);
+    let zero = VlmOptions { concurrency: 0, ..VlmOptions::new(url, "m") };
+    assert!(vlm::run_vlm(&ds, &zero, &root.join("o2"), None).unwrap_err().to_string().contains("--concurrency"));
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -266,7 +266,15 @@ impl App {
         let t0 = Instant::now();
         self.done.store(0, Ordering::SeqCst);
         self.total.store(0, Ordering::SeqCst);
+        // Busy until this returns, however it returns.
+        struct Busy<'a>(&'a AtomicBool);
+        impl Drop for Busy<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
         self.busy.store(true, Ordering::SeqCst);
+        let busy = Busy(&self.busy);
         let out = generate(
             &self.bundle,
             &req,
@@ -275,7 +283,7 @@ impl App {
                 self.total.store(n, Ordering::SeqCst);
             }),
         );
-        self.busy.store(false, Ordering::SeqCst);
+        drop(busy);
         let out = out?;
         let seconds = t0.elapsed().as_secs_f64();
         let images = out.images.iter().map(png_data_url).collect::<Result<Vec<_>>>()?;
@@ -340,7 +348,7 @@ impl WebServer {
                         match read_body(&mut req) {
                             Err(reply) => respond(req, reply, t0),
                             Ok(body) if App::is_quick(req.method().as_str(), req.url()) => {
-                                let reply = app.handle(req.method().as_str(), req.url(), &body);
+                                let reply = answer(app, &req, &body);
                                 respond(req, reply, t0);
                             }
                             Ok(body) => {
@@ -355,7 +363,7 @@ impl WebServer {
             // Ends when the acceptor and every reader are done (never without a maximum).
             for (req, body, t0) in rx {
                 app.queued.fetch_sub(1, Ordering::SeqCst);
-                let reply = app.handle(req.method().as_str(), req.url(), &body);
+                let reply = answer(app, &req, &body);
                 respond(req, reply, t0);
             }
         });
@@ -375,6 +383,16 @@ fn read_body(req: &mut tiny_http::Request) -> std::result::Result<Vec<u8>, Reply
         Ok(_) => Ok(body),
         Err(e) => Err(Reply::error(400, format!("cannot read the request body: {e}"))),
     }
+}
+
+/// [`App::handle`] for `req`; a panic inside (a bug) becomes a 500 answer instead of stopping
+/// the server.
+fn answer(app: &App, req: &tiny_http::Request, body: &[u8]) -> Reply {
+    let run = std::panic::AssertUnwindSafe(|| app.handle(req.method().as_str(), req.url(), body));
+    std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+        Reply::error(500, format!("internal error: {what}"))
+    })
 }
 
 /// Send `reply` to `req` and log it; `t0` is when the request came in.

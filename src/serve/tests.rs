@@ -107,12 +107,6 @@ fn generation_over_the_api_equals_the_library_call() {
     assert_eq!(images[0].as_str().unwrap(), png_data_url(&direct.images[0]).unwrap());
     assert_eq!(v["draft_accepted"], direct.stats.draft_accepted);
 
-    // The progress of the last generation: every target token decoded, nothing running.
-    let p: serde_json::Value = serde_json::from_slice(&app().handle("GET", "/api/progress", b"").body).unwrap();
-    assert_eq!(p["busy"], false);
-    assert_eq!(p["queued"], 0);
-    assert!(p["total"].as_u64().unwrap() >= 64, "{p}");
-    assert_eq!(p["done"], p["total"]);
 
     // Two samples with their ITD copies: one list of references per image.
     let mut two = demo_request();
@@ -126,6 +120,25 @@ fn generation_over_the_api_equals_the_library_call() {
     let itd = v["itd_refs"].as_array().unwrap();
     assert_eq!(itd.len(), 2);
     assert!(itd.iter().all(|per| per.as_array().unwrap().len() == 2));
+}
+
+#[test]
+fn progress_follows_the_generations() {
+    // An app of its own: the shared one serves other tests at the same time.
+    let own = App::new(Bundle::builtin(&candle_core::Device::Cpu).unwrap());
+    let progress = || -> serde_json::Value { serde_json::from_slice(&own.handle("GET", "/api/progress", b"").body).unwrap() };
+    assert_eq!(progress(), serde_json::json!({"busy": false, "done": 0, "total": 0, "queued": 0}));
+    assert_eq!(own.handle("POST", "/api/generate", demo_request().to_string().as_bytes()).status, 200);
+    // Every token of the generation decoded, nothing running.
+    let p = progress();
+    assert_eq!(p["busy"], false);
+    assert!(p["total"].as_u64().unwrap() >= 64, "{p}");
+    assert_eq!(p["done"], p["total"]);
+    // A generation that fails once started (ITD off on an ITD model) leaves it idle too.
+    let mut r = demo_request();
+    r["itd"] = "off".into();
+    assert_eq!(own.handle("POST", "/api/generate", r.to_string().as_bytes()).status, 400);
+    assert_eq!(progress()["busy"], false);
 }
 
 #[test]

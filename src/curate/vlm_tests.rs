@@ -44,8 +44,8 @@ fn chat(content: Value) -> String {
         .to_string()
 }
 
-/// Read one request, log it, and answer as its description asks ("answer yes", ...).
-fn serve_one(stream: TcpStream, log: Log) {
+/// Read one HTTP request from `stream`: its method, path and body.
+fn read_request(stream: &TcpStream) -> (String, String, Vec<u8>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
@@ -65,6 +65,12 @@ fn serve_one(stream: TcpStream, log: Log) {
     }
     let mut raw = vec![0; len];
     reader.read_exact(&mut raw).unwrap();
+    (method, path, raw)
+}
+
+/// Read one request, log it, and answer as its description asks ("answer yes", ...).
+fn serve_one(stream: TcpStream, log: Log) {
+    let (method, path, raw) = read_request(&stream);
     let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     let q = question(&body);
     log.lock().unwrap().push(Seen { method, path, body });
@@ -260,21 +266,7 @@ fn concurrent_requests_overlap_and_every_sample_is_decided_once() {
         for stream in listener.incoming().flatten() {
             let (n, m, k) = (n.clone(), m.clone(), k.clone());
             std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut len = 0;
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).unwrap() == 0 || h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((key, v)) = h.split_once(':') {
-                        if key.eq_ignore_ascii_case("content-length") {
-                            len = v.trim().parse().unwrap();
-                        }
-                    }
-                }
-                let mut raw = vec![0; len];
-                reader.read_exact(&mut raw).unwrap();
+                read_request(&stream);
                 {
                     let mut now = n.lock().unwrap();
                     *now += 1;

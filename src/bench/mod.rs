@@ -388,8 +388,7 @@ pub fn bench_train(model: &TokenAr, varmap: &VarMap, n_refs: usize, text: Option
 }
 
 /// Run every measurement on the model of `varmap` (`model` gives its config and device).
-/// `text`: features (1, L, C)
-/// to condition on (random when `None`).
+/// `text`: features (1, L, C) to condition on (random when `None`).
 pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOptions) -> Result<BenchReport> {
     let load_start = loadavg();
     let cfg = model.config().clone();

@@ -91,7 +91,8 @@ impl Vq {
 
     /// Images (B, 3, H, W) f32 in [-1, 1] -> codes (B, H/ds, W/ds) u32.
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
-        self.quantize.encode(&self.latent(&images.detach())?)
+        self.check_images(images)?;
+        in_chunks(&images.detach(), |x| self.quantize.encode(&self.latent(x)?))
     }
 
     /// Codes (B, h, w) u32 -> images (B, 3, h*ds, w*ds) f32 (roughly [-1, 1], not clamped).
@@ -102,7 +103,7 @@ impl Vq {
                 format!("expected a (B, h, w) u32 tensor, got {:?} {:?}", codes.dims(), codes.dtype()),
             ));
         }
-        self.decode_latent(&self.quantize.lookup(codes)?)
+        in_chunks(codes, |c| self.decode_latent(&self.quantize.lookup(c)?))
     }
 
     fn decode_latent(&self, z_q: &Tensor) -> Result<Tensor> {
@@ -127,6 +128,22 @@ impl Vq {
         let recon = self.decode_latent(&z_q)?;
         Ok(TrainOut { recon, quant: QuantOut { z_q, codebook_loss: zero.clone(), commit_loss: zero, ..quant } })
     }
+}
+
+/// Images per pass of [`Vq::encode`] and [`Vq::decode`]. Every image goes through the model on
+/// its own (per-image norms and convolutions), so the result does not depend on the chunking;
+/// small chunks keep the activations small enough for the allocator to reuse its memory
+/// instead of mapping fresh, zero-filled pages for each large tensor of a large batch.
+const INFER_CHUNK: usize = 8;
+
+/// `f` over `x` in chunks of [`INFER_CHUNK`] along the batch, the outputs concatenated.
+fn in_chunks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    if b <= INFER_CHUNK {
+        return f(x);
+    }
+    let parts = (0..b).step_by(INFER_CHUNK).map(|i| f(&x.narrow(0, i, INFER_CHUNK.min(b - i))?)).collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// Build a fresh model on `device` with its `VarMap`, initialised from `seed` (the same seed

@@ -422,3 +422,26 @@ fn fresh_tokenizers_depend_on_the_seed_only() {
     assert!((std / want - 1.0).abs() < 0.25, "std {std}, Kaiming {want}");
     assert!(get("encoder.conv_in.bias").iter().all(|v| v.abs() <= 1.0 / fan_in.sqrt()));
 }
+
+#[test]
+fn batches_are_coded_as_their_images_one_by_one() {
+    // A loaded (inference) tokenizer; 11 images go through it in chunks of 8 and 3.
+    let cfg = VqConfig::preset("vq-tiny").unwrap();
+    let (_, vm) = build(&cfg, &Device::Cpu, 3).unwrap();
+    let d = tmpdir("chunks");
+    let p = d.join("vq.safetensors");
+    save(&p, &cfg, &vm).unwrap();
+    let (vq, _) = load(&p, None, &Device::Cpu).unwrap();
+    let x = images(11, 16, 4);
+    let codes = vq.encode(&x).unwrap();
+    let recon = vq.decode(&codes).unwrap();
+    assert_eq!(codes.dims()[0], 11);
+    for i in [0, 7, 8, 10] {
+        let one = vq.encode(&x.narrow(0, i, 1).unwrap()).unwrap();
+        assert_eq!(one.flatten_all().unwrap().to_vec1::<u32>().unwrap(), codes.get(i).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap());
+        let r = vq.decode(&one).unwrap().squeeze(0).unwrap();
+        let diff = (r - recon.get(i).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "image {i}");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}

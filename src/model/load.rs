@@ -180,7 +180,7 @@ pub fn normal(rng: &mut crate::util::Rng) -> f32 {
 /// are freshly initialised and listed in the report's `fresh`. Any other missing key, a shape
 /// mismatch, or an unknown key is an error naming it.
 pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
-    let file = TensorFile::load(path, device)?;
+    let mut file = TensorFile::load(path, device)?;
     let cfg = match (file.metadata.get(CONFIG_KEY), preset) {
         (Some(_), _) => config_from_metadata(&file)?,
         (None, Some(p)) => GptConfig::preset(p)?,
@@ -188,7 +188,7 @@ pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(Token
             return Err(Error::bad_file(path, "no model config in the file; name a preset (e.g. XL, tokenar-xl)"))
         }
     };
-    load_with_config(&file, &cfg, device)
+    load_with_config(&mut file, &cfg, device)
 }
 
 /// The config this project writes into its checkpoints' metadata.
@@ -204,7 +204,7 @@ pub fn config_from_metadata(file: &TensorFile) -> Result<GptConfig> {
 }
 
 /// Load `file` into a model built from `cfg` (see [`load`]).
-pub fn load_with_config(file: &TensorFile, cfg: &GptConfig, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
+pub fn load_with_config(file: &mut TensorFile, cfg: &GptConfig, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
     let varmap = VarMap::new();
     let model = TokenAr::new(cfg, zeros_builder(&varmap, DType::F32, device))?;
     let opts = LoadOptions {

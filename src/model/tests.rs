@@ -291,7 +291,7 @@ fn checkpoint_round_trips_reproduce_logits() {
     let pt = tmp("ref.pt");
     torch_zip::write_checkpoint(&pt, Some("model"), &named).unwrap();
     let file = TensorFile::load(&pt, &Device::Cpu).unwrap();
-    let (m2, vm2, report) = load::load_with_config(&file, &cfg, &Device::Cpu).unwrap();
+    let (m2, vm2, report) = load::load_with_config(&mut file.clone(), &cfg, &Device::Cpu).unwrap();
     assert!(report.fresh.is_empty() && report.unused.is_empty(), "{report:?}");
     let (got, _) = m2.forward_train(&cond, &target, false, &mut rng).unwrap();
     assert!(max_diff(&got, &want) <= 1e-6);
@@ -323,7 +323,7 @@ fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
     let pt = tmp("llamagen.pt");
     torch_zip::write_checkpoint(&pt, Some("model"), &named).unwrap();
     let file = TensorFile::load(&pt, &Device::Cpu).unwrap();
-    let (m, vm2, report) = load::load_with_config(&file, &full, &Device::Cpu).unwrap();
+    let (m, vm2, report) = load::load_with_config(&mut file.clone(), &full, &Device::Cpu).unwrap();
     let mut fresh = report.fresh.clone();
     fresh.sort();
     assert_eq!(
@@ -341,7 +341,7 @@ fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
     let sd = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
     assert!(w.len() >= 64 && (0.012..0.03).contains(&sd), "{} values, sd {sd}", w.len());
     // Loading again gives the same fresh values (seeded).
-    let (_, vm3, _) = load::load_with_config(&file, &full, &Device::Cpu).unwrap();
+    let (_, vm3, _) = load::load_with_config(&mut file.clone(), &full, &Device::Cpu).unwrap();
     assert_eq!(vm3.data().lock().unwrap()["instruct_token_embeddings.weight"].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), w);
     let (cond, target) = condition(&full, 1, 2, 3);
     assert!(m.forward_train(&cond, &target, false, &mut crate::util::rng(0)).is_ok());
@@ -349,15 +349,15 @@ fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
     // Mismatches are errors that name the key.
     let mut bad = file.clone_for_test();
     bad.tensors.insert("norm.weight".into(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
-    let e = load::load_with_config(&bad, &full, &Device::Cpu).err().unwrap().to_string();
+    let e = load::load_with_config(&mut bad, &full, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("norm.weight") && e.contains("[7]"), "{e}");
     let mut extra = file.clone_for_test();
     extra.tensors.insert("mystery.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
-    let e = load::load_with_config(&extra, &full, &Device::Cpu).err().unwrap().to_string();
+    let e = load::load_with_config(&mut extra, &full, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("mystery.weight"), "{e}");
     let mut missing = file.clone_for_test();
     missing.tensors.remove("layers.1.feed_forward.w2.weight");
-    let e = load::load_with_config(&missing, &full, &Device::Cpu).err().unwrap().to_string();
+    let e = load::load_with_config(&mut missing, &full, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("layers.1.feed_forward.w2.weight"), "{e}");
     // A file without config needs a preset.
     assert!(load(&pt, None, &Device::Cpu).is_err());

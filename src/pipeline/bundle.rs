@@ -229,8 +229,7 @@ impl Bundle {
         let (gpt, gpt_vars, report) = model::load(&paths.model, hints.preset.as_deref(), device)?;
         let (text, text_vars) = match &paths.text {
             TextSource::Builtin(t) => {
-                let file = TensorFile::load(t, device)?;
-                let (enc, vm) = builtin_text_from_file(&file, device)?;
+                let (enc, vm) = builtin_text_from_file(&mut TensorFile::load(t, device)?, device)?;
                 (TextModel::Builtin(enc), Some(vm))
             }
             TextSource::T5(folder) => {
@@ -253,13 +252,13 @@ impl Bundle {
     /// Build a bundle from the three safetensors files held in memory (the built-in model) and
     /// the text of its `sampling.toml`, if any.
     pub fn from_bytes(tokenizer: &[u8], model: &[u8], text: &[u8], sampling: Option<&str>, source: &str, device: &Device) -> Result<Self> {
-        let tf = TensorFile::from_safetensors_bytes(&format!("{source}/{TOKENIZER_FILE}"), tokenizer, device)?;
-        let (vq, vq_vars) = tokenizer::load_file(&tf, None, device)?;
-        let mf = TensorFile::from_safetensors_bytes(&format!("{source}/{MODEL_FILE}"), model, device)?;
+        let mut tf = TensorFile::from_safetensors_bytes(&format!("{source}/{TOKENIZER_FILE}"), tokenizer, device)?;
+        let (vq, vq_vars) = tokenizer::load_file(&mut tf, None, device)?;
+        let mut mf = TensorFile::from_safetensors_bytes(&format!("{source}/{MODEL_FILE}"), model, device)?;
         let cfg = model::config_from_metadata(&mf)?;
-        let (gpt, gpt_vars, report) = model::load_with_config(&mf, &cfg, device)?;
-        let xf = TensorFile::from_safetensors_bytes(&format!("{source}/{TEXT_FILE}"), text, device)?;
-        let (enc, text_vars) = builtin_text_from_file(&xf, device)?;
+        let (gpt, gpt_vars, report) = model::load_with_config(&mut mf, &cfg, device)?;
+        let mut xf = TensorFile::from_safetensors_bytes(&format!("{source}/{TEXT_FILE}"), text, device)?;
+        let (enc, text_vars) = builtin_text_from_file(&mut xf, device)?;
         let b = Self {
             vq,
             vq_vars,
@@ -333,7 +332,7 @@ impl Bundle {
 }
 
 /// Built-in text encoder from its file (config and vocabulary in the metadata).
-pub fn builtin_text_from_file(file: &TensorFile, device: &Device) -> Result<(BuiltinTextEncoder, VarMap)> {
+pub fn builtin_text_from_file(file: &mut TensorFile, device: &Device) -> Result<(BuiltinTextEncoder, VarMap)> {
     let vm = VarMap::new();
     // Every variable is loaded (strictly): zeros until then, no random draws.
     let enc = BuiltinTextEncoder::from_metadata(&file.metadata, crate::model::load::zeros_builder(&vm, DType::F32, device).pp(TEXT_PREFIX))?;

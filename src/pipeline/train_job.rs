@@ -257,13 +257,13 @@ impl TrainJob {
         init_text_encoder(&text_vars, cfg.seed ^ 0x7e47)?;
 
         if let (Some(init), false) = (&cfg.init, resume) {
-            let file = crate::weights::TensorFile::load(init, device)?;
+            let mut file = crate::weights::TensorFile::load(init, device)?;
             let opts = crate::weights::LoadOptions {
                 allow_missing: model::ADDITIONS.iter().map(|s| s.to_string()).collect(),
                 ignore: vec!["alignment.".into()],
                 strict_unexpected: false,
             };
-            let report = crate::weights::load_into_varmap(&gpt_vars, &file, &opts)?;
+            let report = crate::weights::load_into_varmap(&gpt_vars, &mut file, &opts)?;
             eprintln!(
                 "initialised from {}: {} tensors loaded, fresh: [{}], unused: [{}]",
                 init.display(),

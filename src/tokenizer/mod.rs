@@ -162,11 +162,11 @@ pub fn build(cfg: &VqConfig, device: &Device, seed: u64) -> Result<(Vq, VarMap)>
 /// required. Loading is strict: a missing, misshapen or unknown key is an error naming it
 /// (LlamaGen's `quantize.codebook_used` buffer is ignored).
 pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(Vq, VarMap)> {
-    load_file(&TensorFile::load(path, device)?, preset, device)
+    load_file(&mut TensorFile::load(path, device)?, preset, device)
 }
 
 /// [`load`] from a checkpoint already read (e.g. one compiled into the binary).
-pub fn load_file(file: &TensorFile, preset: Option<&str>, device: &Device) -> Result<(Vq, VarMap)> {
+pub fn load_file(file: &mut TensorFile, preset: Option<&str>, device: &Device) -> Result<(Vq, VarMap)> {
     let path = file.path.as_path();
     let from_meta = match file.metadata.get(META_CONFIG) {
         Some(json) => Some(serde_json::from_str::<VqConfig>(json).map_err(|e| {
@@ -199,7 +199,7 @@ pub fn load_file(file: &TensorFile, preset: Option<&str>, device: &Device) -> Re
         strict_unexpected: true,
         ..Default::default()
     };
-    weights::load_into_varmap(&varmap, &file, &opts)?;
+    weights::load_into_varmap(&varmap, file, &opts)?;
     Ok((vq, varmap))
 }
 

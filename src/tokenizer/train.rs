@@ -277,11 +277,11 @@ pub fn train(cfg: &TrainConfig, device: &Device, on_step: &mut dyn FnMut(&StepIn
     let mut start = 0usize;
     let strict = LoadOptions { strict_unexpected: true, ..Default::default() };
     if cfg.resume && ckpt.exists() {
-        let file = TensorFile::load(&ckpt, device)?;
-        weights::load_into_varmap(&varmap, &file, &strict)?;
+        let mut file = TensorFile::load(&ckpt, device)?;
+        weights::load_into_varmap(&varmap, &mut file, &strict)?;
         start = file.metadata.get(META_STEP).and_then(|s| s.parse().ok()).unwrap_or(0);
     } else if let Some(init) = &cfg.init {
-        weights::load_into_varmap(&varmap, &TensorFile::load(init, device)?, &strict)?;
+        weights::load_into_varmap(&varmap, &mut TensorFile::load(init, device)?, &strict)?;
     }
     let params = AdamWParams {
         lr: cfg.lr,

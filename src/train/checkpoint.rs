@@ -187,11 +187,11 @@ impl Checkpointer {
         optim.load_state(&file.tensors, meta, path)?;
         let opts = crate::weights::LoadOptions { strict_unexpected: true, ..Default::default() };
         for (group, vm) in models {
-            let part = file.strip_prefix(&format!("{group}/"));
+            let mut part = file.strip_prefix(&format!("{group}/"));
             if part.tensors.is_empty() {
                 return Err(Error::bad_file(path, format!("no variables of model group `{group}`")));
             }
-            crate::weights::load_into_varmap(vm, &part, &opts)?;
+            crate::weights::load_into_varmap(vm, &mut part, &opts)?;
         }
         Ok(Restored { path: path.to_path_buf(), step, rng, metadata: meta.clone() })
     }

@@ -204,8 +204,11 @@ fn matches_any(name: &str, patterns: &[String]) -> bool {
 }
 
 /// Set every variable of `varmap` from `file`, converting dtype and device. A missing key
-/// (not allowed by `opts`) or a shape mismatch is an error naming the key and both shapes.
-pub fn load_into_varmap(varmap: &VarMap, file: &TensorFile, opts: &LoadOptions) -> Result<LoadReport> {
+/// (not allowed by `opts`) or a shape mismatch is an error naming the key and both shapes,
+/// and leaves both untouched. Each loaded tensor is taken out of `file` once copied, so that
+/// it is freed at once: loading holds about one copy of the weights, not two (the file's and
+/// the model's). The unused tensors stay in `file`.
+pub fn load_into_varmap(varmap: &VarMap, file: &mut TensorFile, opts: &LoadOptions) -> Result<LoadReport> {
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
     let mut report = LoadReport::default();
     let mut names: Vec<&String> = data.keys().collect();
@@ -248,7 +251,7 @@ pub fn load_into_varmap(varmap: &VarMap, file: &TensorFile, opts: &LoadOptions) 
     }
     for name in names {
         let var = &data[name];
-        match file.tensors.get(name) {
+        match file.tensors.remove(name) {
             Some(t) => {
                 let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
                 var.set(&t)?;
@@ -326,7 +329,7 @@ mod tests {
 
         let vm = VarMap::new();
         model(&vm);
-        let r = load_into_varmap(&vm, &f, &LoadOptions::default()).unwrap();
+        let r = load_into_varmap(&vm, &mut f.clone(), &LoadOptions::default()).unwrap();
         assert_eq!(r.loaded.len(), 2);
         let got = varmap_tensors(&vm)["b.bias"].to_vec1::<f32>().unwrap();
         assert_eq!(got, vec![1., 2., 3., 4.]);
@@ -345,22 +348,26 @@ mod tests {
         let f = TensorFile::load(&p, &Device::Cpu).unwrap();
         let vm = VarMap::new();
         model(&vm);
-        let e = load_into_varmap(&vm, &f, &LoadOptions::default()).unwrap_err().to_string();
+        let e = load_into_varmap(&vm, &mut f.clone(), &LoadOptions::default()).unwrap_err().to_string();
         assert!(e.contains("a.weight") && e.contains("[3, 2]") && e.contains("[2, 3]"), "{e}");
 
         let mut good = f.clone();
         good.tensors.insert("a.weight".into(), Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap());
         let strict = LoadOptions { strict_unexpected: true, ..Default::default() };
-        let e = load_into_varmap(&vm, &good, &strict).unwrap_err().to_string();
+        let e = load_into_varmap(&vm, &mut good, &strict).unwrap_err().to_string();
         assert!(e.contains("extra"), "{e}");
+        assert_eq!(good.tensors.len(), 3, "a failed load takes nothing");
         let ok = LoadOptions { strict_unexpected: true, ignore: vec!["extra".into()], ..Default::default() };
-        load_into_varmap(&vm, &good, &ok).unwrap();
+        let mut taken = good.clone();
+        load_into_varmap(&vm, &mut taken, &ok).unwrap();
+        // The loaded tensors are taken out (freed once copied); the unused one stays.
+        assert_eq!(taken.tensors.keys().collect::<Vec<_>>(), ["extra"]);
 
         good.tensors.remove("b.bias");
-        let e = load_into_varmap(&vm, &good, &LoadOptions::default()).unwrap_err().to_string();
+        let e = load_into_varmap(&vm, &mut good, &LoadOptions::default()).unwrap_err().to_string();
         assert!(e.contains("missing key `b.bias`"), "{e}");
         let lenient = LoadOptions { allow_missing: vec!["b.".into()], ..Default::default() };
-        let r = load_into_varmap(&vm, &good, &lenient).unwrap();
+        let r = load_into_varmap(&vm, &mut good, &lenient).unwrap();
         assert_eq!(r.fresh, vec!["b.bias".to_string()]);
         assert_eq!(r.unused, vec!["extra".to_string()]);
 

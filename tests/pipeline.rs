@@ -322,3 +322,57 @@ fn generate_reports_bad_input_with_status_2() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn serve_and_curate_commands_answer_and_refuse_bad_input() {
+    use std::io::{BufRead, Read, Write};
+    // `serve` on a free port answers the API; it is stopped by the test.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenar"))
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let addr = loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            panic!("serve ended before listening: {seen}");
+        }
+        seen.push_str(&line);
+        if let Some(rest) = line.trim().strip_prefix("serving on http://") {
+            break rest.split('/').next().unwrap().to_string();
+        }
+    };
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("\"image_size\":64"), "{answer}");
+
+    let (code, err) = tokenar_cmd(&["serve", "--addr", "not-an-address"]);
+    assert!(code == 2 && err.contains("--addr") && !err.contains("panicked"), "{err}");
+
+    let root = tmp("curate-cli");
+    let data = root.join("data");
+    let (code, err) = tokenar_cmd(&["data", "synth", "--out", data.to_str().unwrap(), "--n", "2", "--seed", "1", "--size", "32"]);
+    assert_eq!(code, 0, "{err}");
+    let out = root.join("out");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["vlm", "--dataset", data.to_str().unwrap(), "--endpoint", "https://x:1", "--model", "m", "--out", out.to_str().unwrap()], "https"),
+        (vec!["vlm", "--dataset", "nowhere", "--endpoint", "http://x:1", "--model", "m", "--out", out.to_str().unwrap()], "nowhere"),
+        (vec!["identity", "--dataset", data.to_str().unwrap(), "--weights", "no-dino.pth", "--out", out.to_str().unwrap()], "no-dino.pth"),
+        (vec!["matte", "--dataset", data.to_str().unwrap(), "--mattes", "no-mattes"], "no-mattes"),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["curate"];
+        full.extend(args.iter());
+        let (code, err) = tokenar_cmd(&full);
+        assert_eq!(code, 2, "{full:?}: {err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{full:?}: `{err}` should name `{needle}`");
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -27,6 +27,12 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
     Ok(img)
 }
 
+/// A `data:image/png;base64,...` URL of PNG bytes (images in JSON requests and answers).
+pub fn png_data_url(png: &[u8]) -> String {
+    use base64::Engine;
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png))
+}
+
 /// Threshold a luminance image into a mask: 255 where luminance > 127 ("inside"), else 0.
 pub fn binarize(img: &GrayImage) -> GrayImage {
     GrayImage::from_fn(img.width(), img.height(), |x, y| image::Luma([if img.get_pixel(x, y)[0] > 127 { 255 } else { 0 }]))

@@ -106,10 +106,7 @@ pub fn run(cmd: CurateCmd) -> anyhow::Result<()> {
     match cmd {
         CurateCmd::Matte { dataset, mattes, overwrite } => {
             let bar = super::progress_bar(0, BAR);
-            let run = matte::run_matte(&dataset, &mattes, overwrite, Some(&|k, n| {
-                bar.set_length(n as u64);
-                bar.set_position(k as u64);
-            }))?;
+            let run = matte::run_matte(&dataset, &mattes, overwrite, Some(&super::bar_progress(&bar)))?;
             bar.finish_and_clear();
             for (id, reason) in &run.failed {
                 println!("FAIL {id}: {reason}");
@@ -131,10 +128,7 @@ pub fn run(cmd: CurateCmd) -> anyhow::Result<()> {
             let ds = open(&dataset, max_refs)?;
             let opts = VlmOptions { timeout: Duration::from_secs(timeout_s), retry_errors, concurrency, ..VlmOptions::new(endpoint, model) };
             let bar = super::progress_bar(ds.len() as u64, BAR);
-            let sum = vlm::run_vlm(&ds, &opts, &out, Some(&|k, n| {
-                bar.set_length(n as u64);
-                bar.set_position(k as u64);
-            }))?;
+            let sum = vlm::run_vlm(&ds, &opts, &out, Some(&super::bar_progress(&bar)))?;
             bar.finish_and_clear();
             finish("vlm", &sum, &out, vlm::REPORT, vlm::KEPT)
         }
@@ -147,10 +141,7 @@ pub fn run(cmd: CurateCmd) -> anyhow::Result<()> {
             let net = identity::load_dino(&weights, tokenar::eval::nets::DinoConfig::vit_s16(), &device)?;
             let opts = IdentityOptions { min_score: min, batch, retry_errors };
             let bar = super::progress_bar(ds.len() as u64, BAR);
-            let sum = identity::run_identity(&ds, &net, &device, &opts, &out, Some(&|k, n| {
-                bar.set_length(n as u64);
-                bar.set_position(k as u64);
-            }))?;
+            let sum = identity::run_identity(&ds, &net, &device, &opts, &out, Some(&super::bar_progress(&bar)))?;
             bar.finish_and_clear();
             finish("identity", &sum, &out, identity::REPORT, identity::KEPT)
         }

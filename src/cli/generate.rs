@@ -74,10 +74,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     req.validate()?;
     let bar = super::progress_bar(0, "decoding {bar:40} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]");
     let t0 = std::time::Instant::now();
-    let out = generate(&bundle, &req, Some(&|k, n| {
-        bar.set_length(n as u64);
-        bar.set_position(k as u64);
-    }))?;
+    let out = generate(&bundle, &req, Some(&super::bar_progress(&bar)))?;
     bar.finish_and_clear();
     let n = out.images.len();
     for (i, img) in out.images.iter().enumerate() {

@@ -85,6 +85,14 @@ impl ModelArgs {
     }
 }
 
+/// A progress callback `(done, total)` that moves `bar`, for the library's long loops.
+pub fn bar_progress(bar: &indicatif::ProgressBar) -> impl Fn(usize, usize) + '_ {
+    move |k, n| {
+        bar.set_length(n as u64);
+        bar.set_position(k as u64);
+    }
+}
+
 /// A progress bar with the given template (`{bar}`, `{pos}`, `{len}`, ... as indicatif).
 pub fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);

@@ -7,16 +7,12 @@
 use super::report::{Report, Summary, Verdict};
 use crate::data::{Dataset, Sample};
 use crate::error::{Error, Result};
-use crate::eval::nets::{DinoConfig, DinoEncoder, ImageEmbedder};
+use crate::eval::nets::{find_weight_file, to_batch, DinoConfig, DinoEncoder, ImageEmbedder, DINO_V1_FILES};
 use crate::imageio;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use image::RgbImage;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// File names of the DINO v1 ViT-S/16 weights looked for in a weights folder, as the DINO
-/// metric looks for them.
-pub const DINO_WEIGHT_FILES: [&str; 2] = ["dino_deitsmall16_pretrain.pth", "dino_vits16.safetensors"];
 
 /// The reference pipeline's threshold on the lowest score.
 pub const DEFAULT_MIN_SCORE: f64 = 20.0;
@@ -26,12 +22,11 @@ pub const REPORT: &str = "identity.jsonl";
 pub const KEPT: &str = "identity_kept.jsonl";
 
 /// The weight file for `path`: the file itself, or in a folder the first of
-/// [`DINO_WEIGHT_FILES`] present (else the first name, which the loader reports as missing
-/// together with where the file comes from).
+/// [`DINO_V1_FILES`] present (else the first name, which the loader reports as missing
+/// together with where the file comes from), as the DINO metric looks for it.
 pub fn find_dino_weights(path: &Path) -> PathBuf {
     if path.is_dir() {
-        let found = DINO_WEIGHT_FILES.iter().map(|n| path.join(n)).find(|p| p.is_file());
-        found.unwrap_or_else(|| path.join(DINO_WEIGHT_FILES[0]))
+        find_weight_file(path, &DINO_V1_FILES)
     } else {
         path.to_path_buf()
     }
@@ -88,8 +83,8 @@ pub fn embed_images(net: &dyn ImageEmbedder, images: &[&RgbImage], batch: usize,
     let mut out = vec![Vec::new(); images.len()];
     for idx in by_size.values() {
         for part in idx.chunks(batch) {
-            let ts = part.iter().map(|&i| imageio::rgb_to_tensor(images[i], device)).collect::<Result<Vec<_>>>()?;
-            let emb = net.embed(&Tensor::stack(&ts, 0)?)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+            let imgs: Vec<&RgbImage> = part.iter().map(|&i| images[i]).collect();
+            let emb = net.embed(&to_batch(&imgs, device)?)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
             if emb.len() != part.len() {
                 return Err(Error::invalid(net.name(), format!("{} embeddings for {} images", emb.len(), part.len())));
             }

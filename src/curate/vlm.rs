@@ -9,7 +9,6 @@
 use super::report::{Report, Summary, Verdict};
 use crate::data::{instructar::png_bytes, Dataset, Sample};
 use crate::error::{Error, IoContext, Result};
-use base64::Engine;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Duration;
@@ -89,9 +88,9 @@ pub fn prompt_text(template: &str, description: &str) -> String {
 /// checking that it decodes), any other format re-encoded as PNG.
 pub fn png_data_url(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_path(path)?;
-    let img = image::load_from_memory(&bytes).map_err(|e| Error::bad_file(path, format!("cannot decode image: {e}")))?;
+    let img = crate::imageio::decode(&bytes).map_err(|m| Error::bad_file(path, m))?;
     let png = if bytes.starts_with(b"\x89PNG\r\n\x1a\n") { bytes } else { png_bytes(&img)? };
-    Ok(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)))
+    Ok(crate::imageio::png_data_url(&png))
 }
 
 /// The request body for one sample: the images [target, refs...] then the question.

@@ -16,12 +16,7 @@ fn find(ctx: &MetricContext, names: &[&str]) -> Result<PathBuf> {
     let dir = ctx.weights_dir.as_deref().ok_or_else(|| {
         Error::invalid("--weights", format!("network metrics need a weights folder (--weights DIR) holding one of: {}", names.join(", ")))
     })?;
-    Ok(names.iter().map(|n| dir.join(n)).find(|p| p.is_file()).unwrap_or_else(|| dir.join(names[0])))
-}
-
-fn to_batch(images: &[&RgbImage], device: &Device) -> Result<Tensor> {
-    let ts = images.iter().map(|i| crate::imageio::rgb_to_tensor(i, device)).collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&ts, 0)?)
+    Ok(nets::find_weight_file(dir, names))
 }
 
 pub struct LpipsMetric {
@@ -48,8 +43,8 @@ impl SampleMetric for LpipsMetric {
     }
     fn score(&self, d: &SampleData) -> Result<Vec<Option<f64>>> {
         let Some(t) = d.target else { return Ok(vec![None]) };
-        let a = to_batch(&[d.pred], &self.device)?;
-        let b = to_batch(&[t], &self.device)?;
+        let a = nets::to_batch(&[d.pred], &self.device)?;
+        let b = nets::to_batch(&[t], &self.device)?;
         Ok(vec![Some(self.net.score(&a, &b)?)])
     }
 }
@@ -69,11 +64,11 @@ impl SampleMetric for Fidelity {
         if d.refs.is_empty() {
             return Ok(vec![None]);
         }
-        let pred = to_batch(&[d.pred], &self.device)?;
+        let pred = nets::to_batch(&[d.pred], &self.device)?;
         let refs: Vec<&RgbImage> = d.refs.iter().collect();
         let subjects: Vec<(Tensor, Tensor)> = refs
             .iter()
-            .map(|r| Ok((pred.clone(), to_batch(&[*r], &self.device)?)))
+            .map(|r| Ok((pred.clone(), nets::to_batch(&[*r], &self.device)?)))
             .collect::<Result<_>>()?;
         Ok(vec![Some(nets::subject_fidelity(self.net.as_ref(), &subjects)?)])
     }
@@ -86,7 +81,7 @@ pub fn clip_i(ctx: &MetricContext) -> Result<Box<dyn SampleMetric>> {
 }
 
 pub fn dino(ctx: &MetricContext) -> Result<Box<dyn SampleMetric>> {
-    let p = find(ctx, &["dino_deitsmall16_pretrain.pth", "dino_vits16.safetensors"])?;
+    let p = find(ctx, &nets::DINO_V1_FILES)?;
     let net = DinoEncoder::load(DinoConfig::vit_s16(), &p, &ctx.device)?;
     Ok(Box::new(Fidelity { net: Box::new(net), column: Column::new("dino", "DINO", true), device: ctx.device.clone() }))
 }
@@ -111,7 +106,7 @@ impl SetMetric for FidFeatures {
         if let Some(t) = d.target {
             imgs.push(t);
         }
-        let f = self.net.features_f64(&to_batch(&imgs, &self.device)?)?;
+        let f = self.net.features_f64(&nets::to_batch(&imgs, &self.device)?)?;
         let mut it = f.into_iter();
         let pred = it.next().ok_or_else(|| Error::invalid("FID", "no features"))?;
         Ok(SetFeatures { pred, target: it.next() })

@@ -347,29 +347,20 @@ fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
     assert!(m.forward_train(&cond, &target, false, &mut crate::util::rng(0)).is_ok());
 
     // Mismatches are errors that name the key.
-    let mut bad = file.clone_for_test();
+    let mut bad = file.clone();
     bad.tensors.insert("norm.weight".into(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
     let e = load::load_with_config(&mut bad, &full, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("norm.weight") && e.contains("[7]"), "{e}");
-    let mut extra = file.clone_for_test();
+    let mut extra = file.clone();
     extra.tensors.insert("mystery.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
     let e = load::load_with_config(&mut extra, &full, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("mystery.weight"), "{e}");
-    let mut missing = file.clone_for_test();
+    let mut missing = file.clone();
     missing.tensors.remove("layers.1.feed_forward.w2.weight");
     let e = load::load_with_config(&mut missing, &full, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("layers.1.feed_forward.w2.weight"), "{e}");
     // A file without config needs a preset.
     assert!(load(&pt, None, &Device::Cpu).is_err());
-}
-
-trait CloneForTest {
-    fn clone_for_test(&self) -> TensorFile;
-}
-impl CloneForTest for TensorFile {
-    fn clone_for_test(&self) -> TensorFile {
-        TensorFile { path: self.path.clone(), tensors: self.tensors.clone(), metadata: self.metadata.clone() }
-    }
 }
 
 #[test]

@@ -120,7 +120,7 @@ pub fn data_url_bytes(s: &str) -> std::result::Result<Vec<u8>, String> {
 /// A PNG data URL of an image.
 pub fn png_data_url(img: &RgbImage) -> Result<String> {
     let png = crate::data::instructar::png_bytes(&image::DynamicImage::ImageRgb8(img.clone()))?;
-    Ok(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)))
+    Ok(imageio::png_data_url(&png))
 }
 
 /// The request field a library error names: the library names the command-line flag

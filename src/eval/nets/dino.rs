@@ -17,6 +17,9 @@ use super::{layer_norm, linear, open_weights, var_builder, Conv, ImageEmbedder};
 use crate::weights::TensorFile;
 use crate::{Error, Result};
 
+/// The file names of the DINO v1 ViT-S/16 weights looked for in a weights folder, in order.
+pub const DINO_V1_FILES: [&str; 2] = ["dino_deitsmall16_pretrain.pth", "dino_vits16.safetensors"];
+
 const DINO_NEEDS: &str = "DINO needs the DINO v1 ViT-S/16 backbone dino_deitsmall16_pretrain.pth from \
 facebookresearch/dino (dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/), or timm's \
 vit_small_patch16_224.dino safetensors";

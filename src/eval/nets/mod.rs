@@ -17,7 +17,8 @@ pub mod lpips;
 pub mod preprocess;
 
 use std::collections::HashMap;
-use std::path::Path;
+use image::RgbImage;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -25,7 +26,7 @@ use crate::weights::TensorFile;
 use crate::{Error, Result};
 
 pub use clip::{ClipImageEncoder, ClipVisionSettings};
-pub use dino::{DinoConfig, DinoEncoder, DinoV2Encoder};
+pub use dino::{DinoConfig, DinoEncoder, DinoV2Encoder, DINO_V1_FILES};
 pub use fid::{fid_from_features, GaussianStats};
 pub use inception::{FidInception, InceptionConfig};
 pub use lpips::{Lpips, LpipsConfig, LpipsNet};
@@ -51,6 +52,18 @@ pub fn open_weights(path: &Path, needs: &str, device: &Device) -> Result<TensorF
 pub(crate) fn var_builder(tensors: HashMap<String, Tensor>, device: &Device) -> Result<candle_nn::VarBuilder<'static>> {
     let tensors = crate::weights::to_dtype(&tensors, DType::F32)?;
     Ok(candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device))
+}
+
+/// The first of `names` present in the folder `dir`; otherwise the first name's path (the
+/// network's loader then reports it as missing, with where it comes from).
+pub fn find_weight_file(dir: &Path, names: &[&str]) -> PathBuf {
+    names.iter().map(|n| dir.join(n)).find(|p| p.is_file()).unwrap_or_else(|| dir.join(names[0]))
+}
+
+/// Images as one (N, 3, H, W) batch in [-1, 1] (all of one size).
+pub fn to_batch(images: &[&RgbImage], device: &Device) -> Result<Tensor> {
+    let ts = images.iter().map(|i| crate::imageio::rgb_to_tensor(i, device)).collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&ts, 0)?)
 }
 
 /// Embeddings of a large image set, `batch` images at a time (bounds the activation memory,

@@ -177,11 +177,13 @@ impl Layout {
                 if !matches!(seg.kind, SegmentKind::Text | SegmentKind::Instruct) {
                     image_cells[p] = Some((j / w, j % w));
                 }
-                cells[p] = match spec.scheme {
-                    Scheme::Tiles => tile_cell(seg.kind, j, spec),
-                    Scheme::Reference { .. } => reference_cell(seg, j, spec, n_cond, generated_len, prefix_len),
-                };
+                if spec.scheme == Scheme::Tiles {
+                    cells[p] = tile_cell(seg.kind, j, spec);
+                }
             }
+        }
+        if let Scheme::Reference { .. } = spec.scheme {
+            reference_cells(&segments, spec, n_cond, prefix_len, generated_len, &mut cells)?;
         }
         Ok(Self {
             spec: spec.clone(),
@@ -265,42 +267,124 @@ fn tile_cell(kind: SegmentKind, j: usize, spec: &LayoutSpec) -> RopeCell {
     RopeCell::Cell(j / w, tile * w + j % w)
 }
 
-/// Reference scheme (REFERENCE.md sections 1, 3, 4). Text and instruct get the zero quirk.
-/// - no condition image (LlamaGen t2i): the target on its own `h x w` grid;
-/// - one condition image (EditAR): a `2h x 2w` grid, condition on block [0:h, 0:w], target on
-///   block [h:2h, w:2w];
-/// - two or more (TokenAR): the condition images flattened row-major onto a grid `2w` wide
-///   (a 32x32 image fills 16 rows x 64 columns), the generated tokens on the last cells of the
-///   `2h x 2w` grid (ITD with 4 slots: the whole grid again).
-fn reference_cell(
-    seg: &Segment,
-    j: usize,
-    spec: &LayoutSpec,
-    n_cond: usize,
-    generated_len: usize,
-    prefix_len: usize,
-) -> RopeCell {
-    let (h, w) = spec.grid;
-    if matches!(seg.kind, SegmentKind::Text | SegmentKind::Instruct) {
-        return RopeCell::Zero;
-    }
-    let hw = h * w;
-    match n_cond {
-        0 => RopeCell::Cell(j / w, j % w),
-        1 if !seg.kind.is_generated() => RopeCell::Cell(j / w, j % w),
-        1 if !spec.itd => RopeCell::Cell(h + j / w, w + j % w),
-        _ => {
-            let width = 2 * w;
-            let flat = if seg.kind.is_generated() {
-                let g = seg.start - prefix_len + j;
-                (4 * hw).saturating_sub(generated_len) + g
-            } else {
-                // Condition images come first in the sequence: position = flattened index.
-                seg.start + j
-            };
-            RopeCell::Cell(flat / width, flat % width)
+/// Reference scheme: the RoPE tables of the reference code, chosen by the number `n` of
+/// condition images (reference slots plus background). Text and instruct tokens get the zero
+/// quirk. Each table places the condition images, flattened row-major, on one block of cells
+/// and the generated tokens, flattened row-major, on another:
+///
+/// | n | reference function | table | conditions | generated |
+/// |---|---|---|---|---|
+/// | 0 | LlamaGen `precompute_freqs_cis_2d` | `h x w` | - | the whole table |
+/// | 1 | EditAR `precompute_freqs_cis_2d_edit` | `2h x 2w` | `[0:h, 0:w]` | `[h:2h, w:2w]` |
+/// | 2 | TokenAR `precompute_freqs_cis_2d_edit2` | `4h x 4w` | `[0:h, 0:2w]` | `[3h:4h, 3w:4w]` |
+/// | >= 3 | TokenAR `precompute_freqs_cis_2d_editplus` | `(m+e)h x (m+e)w` | `[0:mh, 0:mw]` | the last `eh x ew` |
+///
+/// with `m = isqrt(n)` and `e = isqrt(edited)`, where `edited = n` when ITD is on (the
+/// reference's training script sets `max_edited_num = max_ref_num` when the target is
+/// concatenated) and 1 otherwise. With ITD and four slots (TokenAR) the 4 generated images thus
+/// sit on their own `2h x 2w` block, each image a strip of `h/2` rows by `2w` columns.
+///
+/// Where the reference's table has fewer cells than the sequence needs (ITD with one or two
+/// condition images, or `n` that is not a square for `editplus`) the reference code cannot run
+/// that sequence; this is an error here too.
+struct ReferenceTable {
+    /// (row, col) of the first cell and the width of the condition block.
+    cond: (usize, usize, usize),
+    cond_cells: usize,
+    /// (row, col) of the first cell and the width of the generated block.
+    gen: (usize, usize, usize),
+    gen_cells: usize,
+}
+
+impl ReferenceTable {
+    fn new(n_cond: usize, itd: bool, (h, w): (usize, usize)) -> Self {
+        let hw = h * w;
+        match n_cond {
+            0 => Self { cond: (0, 0, w), cond_cells: 0, gen: (0, 0, w), gen_cells: hw },
+            1 => Self { cond: (0, 0, w), cond_cells: hw, gen: (h, w, w), gen_cells: hw },
+            2 => Self { cond: (0, 0, 2 * w), cond_cells: 2 * hw, gen: (3 * h, 3 * w, w), gen_cells: hw },
+            n => {
+                let m = isqrt(n);
+                let e = if itd { isqrt(n).max(1) } else { 1 };
+                Self {
+                    cond: (0, 0, m * w),
+                    cond_cells: m * m * hw,
+                    gen: (m * h, m * w, e * w),
+                    gen_cells: e * e * hw,
+                }
+            }
         }
     }
+
+    fn cell(&self, generated: bool, flat: usize) -> RopeCell {
+        let (r0, c0, width) = if generated { self.gen } else { self.cond };
+        RopeCell::Cell(r0 + flat / width, c0 + flat % width)
+    }
+}
+
+fn isqrt(n: usize) -> usize {
+    let mut r = (n as f64).sqrt() as usize;
+    while r * r > n {
+        r -= 1;
+    }
+    while (r + 1) * (r + 1) <= n {
+        r += 1;
+    }
+    r
+}
+
+fn reference_cells(
+    segments: &[Segment],
+    spec: &LayoutSpec,
+    n_cond: usize,
+    prefix_len: usize,
+    generated_len: usize,
+    cells: &mut [RopeCell],
+) -> Result<()> {
+    let hw = spec.grid.0 * spec.grid.1;
+    let table = ReferenceTable::new(n_cond, spec.itd, spec.grid);
+    let function = match n_cond {
+        0 => "precompute_freqs_cis_2d",
+        1 => "precompute_freqs_cis_2d_edit",
+        2 => "precompute_freqs_cis_2d_edit2",
+        _ => "precompute_freqs_cis_2d_editplus",
+    };
+    if n_cond * hw > table.cond_cells {
+        return Err(Error::invalid(
+            "layout",
+            format!(
+                "{n_cond} condition images need {} RoPE cells but the reference table ({function}) has {}; \
+                 the reference code supports 1, 2, 4, 9, ... condition images",
+                n_cond * hw,
+                table.cond_cells
+            ),
+        ));
+    }
+    if generated_len > table.gen_cells {
+        return Err(Error::invalid(
+            "layout",
+            format!(
+                "{generated_len} generated tokens need more RoPE cells than the reference table \
+                 ({function}) has for them ({}); ITD needs 4, 9, ... condition images in this scheme",
+                table.gen_cells
+            ),
+        ));
+    }
+    for seg in segments {
+        if matches!(seg.kind, SegmentKind::Text | SegmentKind::Instruct) {
+            continue; // RopeCell::Zero
+        }
+        for j in 0..seg.len {
+            let p = seg.start + j;
+            cells[p] = if seg.kind.is_generated() {
+                table.cell(true, p - prefix_len)
+            } else {
+                // Condition images come first in the sequence: position = flattened index.
+                table.cell(false, p)
+            };
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -401,21 +485,27 @@ mod tests {
         assert_eq!(c[5], RopeCell::Cell(1, 1));
         assert_eq!(c[15], RopeCell::Cell(3, 3));
         assert!(c[16..21].iter().all(|x| *x == RopeCell::Zero));
-        // Target: the last 4 cells of the 4x4 grid.
-        assert_eq!(&c[21..25], &[RopeCell::Cell(3, 0), RopeCell::Cell(3, 1), RopeCell::Cell(3, 2), RopeCell::Cell(3, 3)]);
+        // editplus with 4 conditions and no ITD (m = 2, e = 1): a 6x6 table, the target on its
+        // bottom-right 2x2 block.
+        assert_eq!(&c[21..25], &[RopeCell::Cell(4, 4), RopeCell::Cell(4, 5), RopeCell::Cell(5, 4), RopeCell::Cell(5, 5)]);
         // Distinct ids when the quirk is off.
         let l2 = Layout::new(&spec(2, false, Scheme::Reference { pad_to: Some(3), quirk_index: false })).unwrap();
         assert_eq!(l2.index_ids()[12], Some(3));
     }
 
     #[test]
-    fn reference_itd_covers_whole_grid() {
+    fn reference_itd_on_its_own_block() {
         let s = spec(3, true, Scheme::Reference { pad_to: Some(3), quirk_index: true });
         let l = Layout::new(&s).unwrap();
         assert_eq!(l.generated_len(), 16);
         let c = l.rope_cells();
-        assert_eq!(c[21], RopeCell::Cell(0, 0));
-        assert_eq!(c[36], RopeCell::Cell(3, 3));
+        // editplus with ITD (m = e = 2): an 8x8 table; the 16 generated tokens flattened
+        // row-major over its bottom-right 4x4 block, away from the conditions' 4x4 block.
+        assert_eq!(c[21], RopeCell::Cell(4, 4));
+        assert_eq!(c[22], RopeCell::Cell(4, 5));
+        assert_eq!(c[25], RopeCell::Cell(5, 4));
+        assert_eq!(c[36], RopeCell::Cell(7, 7));
+        assert_eq!(c[15], RopeCell::Cell(3, 3));
         assert_eq!(l.target_offset_in_generated(), 12);
         assert_eq!(l.loss_range(), 20..36);
     }
@@ -436,6 +526,61 @@ mod tests {
         assert_eq!((l.prefix_len(), l.total_len()), (3, 7));
         assert_eq!(l.rope_cells()[6], RopeCell::Cell(1, 1));
         assert_eq!(l.loss_range(), 2..6);
+    }
+
+    /// The reference code's tables for a 32x32 grid, written out from
+    /// `precompute_freqs_cis_2d_edit`, `_edit2` and `_editplus` (gpt_edit.py of TokenAR).
+    #[test]
+    fn reference_tables_at_full_size() {
+        let full = |n_refs: usize, background: bool, itd: bool| LayoutSpec {
+            n_refs,
+            max_refs: 3,
+            grid: (32, 32),
+            text_len: 120,
+            n_instruct: 120,
+            itd,
+            background,
+            scheme: Scheme::Reference { pad_to: None, quirk_index: true },
+        };
+        let cell = |l: &Layout, p: usize| match l.rope_cells()[p] {
+            RopeCell::Cell(r, c) => (r, c),
+            RopeCell::Zero => panic!("zero cell at {p}"),
+        };
+        // TokenAR, 3 refs + background, ITD: 128x128 table, conditions on [0:64, 0:64],
+        // generated on [64:128, 64:128], each flattened row-major.
+        let l = Layout::new(&full(3, true, true)).unwrap();
+        let g0 = l.prefix_len();
+        assert_eq!(g0, 4096 + 240);
+        assert_eq!(cell(&l, 1023), (15, 63));
+        assert_eq!(cell(&l, 4095), (63, 63));
+        assert_eq!(l.rope_cells()[4096], RopeCell::Zero);
+        assert_eq!(cell(&l, g0), (64, 64));
+        assert_eq!(cell(&l, g0 + 63), (64, 127));
+        assert_eq!(cell(&l, g0 + 64), (65, 64));
+        assert_eq!(cell(&l, g0 + 1024), (80, 64));
+        assert_eq!(cell(&l, l.total_len() - 1), (127, 127));
+        // Without ITD (max_edited_num 1): a 96x96 table, the target on [64:96, 64:96].
+        let l = Layout::new(&full(3, true, false)).unwrap();
+        let g0 = l.prefix_len();
+        assert_eq!(cell(&l, g0), (64, 64));
+        assert_eq!(cell(&l, g0 + 33), (65, 65));
+        assert_eq!(cell(&l, l.total_len() - 1), (95, 95));
+        // Two conditions (edit2): conditions on [0:32, 0:64], the target on [96:128, 96:128].
+        let l = Layout::new(&full(1, true, false)).unwrap();
+        assert_eq!(cell(&l, 1024), (16, 0));
+        assert_eq!(cell(&l, 2047), (31, 63));
+        let g0 = l.prefix_len();
+        assert_eq!(cell(&l, g0), (96, 96));
+        assert_eq!(cell(&l, l.total_len() - 1), (127, 127));
+        // EditAR's one condition (edit): [0:32, 0:32] and [32:64, 32:64].
+        let l = Layout::new(&full(0, true, false)).unwrap();
+        assert_eq!(cell(&l, 33), (1, 1));
+        assert_eq!(cell(&l, l.prefix_len()), (32, 32));
+        // Sequences the reference tables cannot hold.
+        let err = Layout::new(&full(2, true, false)).unwrap_err().to_string();
+        assert!(err.contains("precompute_freqs_cis_2d_editplus"), "{err}");
+        assert!(Layout::new(&full(1, true, true)).is_err());
+        assert!(Layout::new(&full(0, true, true)).is_ok(), "no references: nothing to copy");
     }
 
     #[test]

@@ -217,7 +217,7 @@ pub fn pin_threads() -> usize {
 
 /// Prefill of the CFG batch (2 rows) through [`TokenAr::start`].
 pub fn bench_prefill(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Result<PrefillResult> {
-    let guided = o.sample.cfg_scale != 1.0;
+    let guided = o.sample.guides();
     let mut positions = (0, 0);
     let s = timed(o.warmup, o.repeat, || {
         let t0 = Instant::now();
@@ -238,7 +238,7 @@ pub fn bench_decode(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> 
     if steps == 0 {
         return Err(Error::invalid("--decode", "no decoding steps (the layout generates at most one token)"));
     }
-    let guided = o.sample.cfg_scale != 1.0;
+    let guided = o.sample.guides();
     let mut rows = 0;
     let s = timed(o.warmup, o.repeat, || {
         let (mut session, first) = model.start(&inputs.cond, guided)?;
@@ -264,7 +264,7 @@ pub fn bench_decode(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> 
 pub fn bench_itd(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Result<Vec<ItdResult>> {
     let cfg = model.config();
     let hw = cfg.image_tokens();
-    let guided = o.sample.cfg_scale != 1.0;
+    let guided = o.sample.guides();
     let mut out = Vec::new();
     for &mode in &o.itd_modes {
         if mode != ItdMode::Off && (!cfg.itd || inputs.draft.is_empty()) {
@@ -306,7 +306,7 @@ pub fn bench_itd(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Res
 pub fn bench_passes(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> Result<Vec<PassResult>> {
     let layout = model.layout_for(&inputs.cond)?;
     let max = layout.generated_len();
-    let guided = o.sample.cfg_scale != 1.0;
+    let guided = o.sample.guides();
     let v = model.config().vocab_size as u32;
     let mut rng = crate::util::rng(o.seed ^ 0x9a55);
     let tokens: Vec<u32> = inputs.draft.iter().copied().chain(std::iter::repeat_with(|| rng.random_range(0..v))).take(max).collect();
@@ -320,7 +320,7 @@ pub fn bench_passes(model: &TokenAr, inputs: &BenchInputs, o: &BenchOptions) -> 
             let x = Tensor::from_vec(fed, (rows, n), model.device())?;
             let t0 = Instant::now();
             let logits = crate::sample::TokenModel::feed(&mut session, &x)?;
-            let g = sample::guided(&logits, 1, o.sample.cfg_scale)?.to_vec3::<f32>()?;
+            let g = sample::guided(&logits, 1, &o.sample, 1)?.to_vec3::<f32>()?;
             let dt = t0.elapsed().as_secs_f64();
             if g.first().map(Vec::len) != Some(n) {
                 return Err(Error::invalid("model logits", format!("{} positions back from a pass of {n}", g.first().map_or(0, Vec::len))));

@@ -16,9 +16,14 @@ use tokenar::sample::{ItdMode, SampleOptions};
 /// The sampling flags shared by `generate` and `eval --model`.
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
-    /// Classifier-free guidance scale (1 = off) [default: the model's sampling.toml, else 3].
+    /// Classifier-free guidance scale; 1 or less = no guidance, as LlamaGen [default: the
+    /// model's sampling.toml, else 3].
     #[arg(long)]
     pub cfg_scale: Option<f32>,
+    /// Guidance stops after this many decode steps, as LlamaGen's `--cfg-interval` (tokens
+    /// 0..=N+1 guided) [default: the model's, else guided throughout].
+    #[arg(long)]
+    pub cfg_interval: Option<usize>,
     /// Keep the k most likely tokens (0 = all) [default: the model's, else 1000].
     #[arg(long)]
     pub top_k: Option<usize>,
@@ -47,6 +52,7 @@ impl SamplingArgs {
             top_k: self.top_k.unwrap_or(defaults.top_k),
             top_p: self.top_p.unwrap_or(defaults.top_p),
             seed: self.seed + seed_offset,
+            cfg_interval: self.cfg_interval.or(defaults.cfg_interval),
         }
     }
 }

@@ -90,12 +90,14 @@ pub struct SamplingDefaults {
     pub temperature: f32,
     pub top_k: usize,
     pub top_p: f32,
+    /// LlamaGen's `cfg_interval` (see [`SampleOptions::cfg_interval`]); absent: guided throughout.
+    pub cfg_interval: Option<usize>,
 }
 
 impl Default for SamplingDefaults {
     fn default() -> Self {
         let o = SampleOptions::default();
-        Self { cfg_scale: o.cfg_scale, temperature: o.temperature, top_k: o.top_k, top_p: o.top_p }
+        Self { cfg_scale: o.cfg_scale, temperature: o.temperature, top_k: o.top_k, top_p: o.top_p, cfg_interval: o.cfg_interval }
     }
 }
 
@@ -118,14 +120,25 @@ impl SamplingDefaults {
     }
 
     pub fn options(&self, seed: u64) -> SampleOptions {
-        SampleOptions { cfg_scale: self.cfg_scale, temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed }
+        SampleOptions {
+            cfg_scale: self.cfg_scale,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed,
+            cfg_interval: self.cfg_interval,
+        }
     }
 
     pub fn to_toml(&self) -> String {
-        format!(
+        let mut s = format!(
             "# Sampling settings this model is meant to be used with (flags override them).\ncfg_scale = {:?}\ntemperature = {:?}\ntop_k = {}\ntop_p = {:?}\n",
             self.cfg_scale, self.temperature, self.top_k, self.top_p
-        )
+        );
+        if let Some(i) = self.cfg_interval {
+            s.push_str(&format!("cfg_interval = {i}\n"));
+        }
+        s
     }
 }
 

@@ -190,7 +190,7 @@ pub fn generate(
     };
     // The ITD draft: the reference codes as the model will see them (padded slots included).
     let known_one: Vec<u32> = cond.refs.get(0)?.flatten_all()?.to_vec1::<u32>()?;
-    let guided = req.options.cfg_scale != 1.0;
+    let guided = req.options.guides();
     let (mut session, first) = bundle.gpt.start_samples(&cond, guided, n)?;
     let plan = DecodePlan {
         known: if itd == ItdMode::Off { vec![Vec::new(); n] } else { vec![known_one; n] },

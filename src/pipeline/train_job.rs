@@ -483,7 +483,7 @@ impl JobParts {
         let (cond, target) = self.batch_tensors(&idx, &device)?;
         let cfg = self.gpt.config();
         let itd = if cfg.itd { ItdMode::Exact } else { ItdMode::Off };
-        let opts = SampleOptions { cfg_scale: 1.0, temperature: 1.0, top_k: 0, top_p: 1.0, seed };
+        let opts = SampleOptions { cfg_scale: 1.0, temperature: 1.0, top_k: 0, top_p: 1.0, seed, cfg_interval: None };
         let known: Vec<Vec<u32>> = if cfg.itd {
             (0..idx.len()).map(|i| Ok(cond.refs.get(i)?.flatten_all()?.to_vec1::<u32>()?)).collect::<Result<_>>()?
         } else {

@@ -199,7 +199,7 @@ pub fn generate(
             ),
         ));
     }
-    if rows == n && opts.cfg_scale != 1.0 {
+    if rows == n && opts.guides() {
         return Err(Error::invalid(
             "cfg_scale",
             format!(
@@ -238,7 +238,7 @@ pub fn generate(
         total: plan.known_len() + plan.n_target,
     };
     dec.check_logits(&first, 1)?;
-    let g = guided(&first, n, opts.cfg_scale)?;
+    let g = guided(&first, n, opts, 0)?;
     let mut pending = dec.position(&g, 0)?;
 
     let need_tail = plan.n_target > 0;
@@ -339,11 +339,13 @@ impl Decoder<'_> {
     fn feed(&mut self, tokens: &[Vec<u32>], last_only: bool) -> Result<Tensor> {
         let t = tokens[0].len();
         let input = self.columns(tokens)?;
+        // Row j of the output predicts the generated token after the j-th one fed.
+        let first = self.model.generated_len() + 1;
         let logits = if last_only { self.model.feed_last(&input)? } else { self.model.feed(&input)? };
         self.stats.forward_passes += 1;
         self.stats.positions_fed += t;
         self.check_logits(&logits, if last_only { 1 } else { t })?;
-        guided(&logits, self.samples, self.opts.cfg_scale)
+        guided(&logits, self.samples, self.opts, first)
     }
 
     /// Sample `count` positions one at a time from `pending` (the logits of the first of them).

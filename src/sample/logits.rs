@@ -25,6 +25,11 @@ pub struct SampleOptions {
     pub top_p: f32,
     /// Seed of the draws (see [`SampleOptions::rng`]).
     pub seed: u64,
+    /// LlamaGen's `cfg_interval`: guidance stops after this many decode steps, i.e. generated
+    /// tokens `0 ..= interval + 1` are guided and later ones read the conditional logits
+    /// alone. `None` (LlamaGen's -1): guided throughout.
+    #[serde(default)]
+    pub cfg_interval: Option<usize>,
 }
 
 impl Default for SampleOptions {
@@ -36,6 +41,7 @@ impl Default for SampleOptions {
             top_k: 1000,
             top_p: 1.0,
             seed: 0,
+            cfg_interval: None,
         }
     }
 }
@@ -65,6 +71,19 @@ impl SampleOptions {
             ));
         }
         Ok(())
+    }
+
+    /// Whether sampling runs the `[cond; uncond]` guidance rows at all. As LlamaGen's
+    /// `generate`: only for `cfg_scale > 1` (a scale of 1 or less means no guidance).
+    pub fn guides(&self) -> bool {
+        self.cfg_scale > 1.0
+    }
+
+    /// Whether the generated token at index `k` (0 = the one predicted by the prefill) is
+    /// drawn from guided logits: LlamaGen's `decode_n_tokens` turns guidance off for decode
+    /// step `i > cfg_interval`, and step `i` predicts token `i + 1`.
+    pub fn guides_at(&self, k: usize) -> bool {
+        self.guides() && self.cfg_interval.map_or(true, |i| k <= i + 1)
     }
 
     /// A fresh RNG seeded with `self.seed`.
@@ -237,13 +256,25 @@ pub fn cfg_combine(logits: &Tensor, scale: f32) -> Result<Tensor> {
 }
 
 /// Guided logits of `samples` samples as an f32 CPU tensor `(samples, T, vocab)`, from a model
-/// output `(rows, T, vocab)` with `rows` = `samples` (no guidance) or `2 * samples`.
-pub(crate) fn guided(logits: &Tensor, samples: usize, scale: f32) -> Result<Tensor> {
+/// output `(rows, T, vocab)` with `rows` = `samples` (no guidance) or `2 * samples`. Position
+/// `t` of the output predicts generated token `first + t`; positions past the options'
+/// `cfg_interval` (and every position when `cfg_scale <= 1`) read the conditional rows alone.
+pub(crate) fn guided(logits: &Tensor, samples: usize, opts: &SampleOptions, first: usize) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
-    let g = if logits.dim(0)? == 2 * samples {
-        cfg_combine(&logits, scale)?
+    if logits.dim(0)? != 2 * samples {
+        return Ok(logits.to_device(&Device::Cpu)?);
+    }
+    let t = logits.dim(1)?;
+    let on = (0..t).filter(|&j| opts.guides_at(first + j)).count();
+    let g = if on == t {
+        cfg_combine(&logits, opts.cfg_scale)?
+    } else if on == 0 {
+        logits.narrow(0, 0, samples)?
     } else {
-        logits
+        // Guided positions come first (the interval ends inside this run of positions).
+        let head = cfg_combine(&logits.narrow(1, 0, on)?, opts.cfg_scale)?;
+        let tail = logits.narrow(0, 0, samples)?.narrow(1, on, t - on)?;
+        Tensor::cat(&[&head, &tail], 1)?
     };
     Ok(g.to_device(&Device::Cpu)?)
 }

@@ -83,6 +83,9 @@ pub struct GenerateJson {
     pub seed: u64,
     #[serde(default)]
     pub cfg_scale: Option<f32>,
+    /// Guidance stops after this many decode steps (LlamaGen's `cfg_interval`).
+    #[serde(default)]
+    pub cfg_interval: Option<usize>,
     #[serde(default)]
     pub top_k: Option<usize>,
     #[serde(default)]
@@ -251,6 +254,7 @@ impl App {
                 top_k: j.top_k.unwrap_or(d.top_k),
                 top_p: j.top_p.unwrap_or(d.top_p),
                 seed: j.seed,
+                cfg_interval: j.cfg_interval.or(d.cfg_interval),
             },
             itd: j.itd,
             num_samples: n,

@@ -155,6 +155,49 @@ fn same_seed_same_tokens_and_guidance_rows_agree() {
     }
 }
 
+/// LlamaGen's `cfg_interval` and guidance rule, token for token under greedy decoding: the
+/// tokens after the interval follow the conditional logits alone, in every ITD mode.
+#[test]
+fn cfg_interval_turns_guidance_off_after_the_interval() {
+    let known = vec![vec![1, 5, 2, 7], vec![0, 3, 3, 6]];
+    // The fake's logits depend on the history only, so both samples follow one greedy path.
+    let greedy_by_hand = |o: &SampleOptions| -> Vec<u32> {
+        let fake = Fake::new(8, 2, true, 2.0);
+        let mut hist: Vec<u32> = Vec::new();
+        for _ in 0..10 {
+            let p = fake.probs(o, &hist);
+            let best = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+            hist.push(best as u32);
+        }
+        hist
+    };
+    let mut o = opts(4.0, 1.0, 1, 1.0);
+    let always = greedy_by_hand(&o);
+    o.cfg_interval = Some(2);
+    let interval = greedy_by_hand(&o);
+    assert_ne!(always, interval, "the interval must change some greedy token in this fake");
+    assert_eq!(always[..4], interval[..4], "tokens 0..=3 are guided in both");
+    for (mode, seed) in [(ItdMode::Off, 1), (ItdMode::Naive, 2)] {
+        let p = if mode == ItdMode::Off { plan(vec![vec![]; 2], 10, mode) } else { plan(known.clone(), 6, mode) };
+        let g = run(&mut Fake::new(8, 2, true, 2.0), &p, &o, seed);
+        for s in 0..2 {
+            let mut all = g.prefix[s].clone();
+            all.extend(&g.target[s]);
+            assert_eq!(all, interval, "{mode}");
+        }
+    }
+    // Exact verification passes cross the interval's end inside one pass.
+    let draft = vec![interval[..4].to_vec(); 2];
+    let g = run(&mut Fake::new(8, 2, true, 2.0), &plan(draft, 6, ItdMode::Exact), &o, 3);
+    assert_eq!([g.prefix[0].clone(), g.target[0].clone()].concat(), interval);
+    assert_eq!(g.stats.draft_rejected, 0);
+    // A scale of 1 or less guides nothing (LlamaGen runs no unconditional row then).
+    let weak = opts(0.5, 1.0, 1, 1.0);
+    assert!(!weak.guides() && !weak.guides_at(0));
+    let plain = greedy_by_hand(&opts(1.0, 1.0, 1, 1.0));
+    assert_eq!(greedy_by_hand(&weak), plain);
+}
+
 #[test]
 fn greedy_exact_equals_naive() {
     let known = vec![vec![1, 5, 2, 7, 0, 0], vec![0, 3, 3, 6, 6, 1]];

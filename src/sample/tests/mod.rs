@@ -73,7 +73,7 @@ impl Fake {
     /// The processed distribution of one sample after `hist` (what the sampler should use).
     fn probs(&self, opts: &SampleOptions, hist: &[u32]) -> Vec<f32> {
         let c = self.logits(false, hist);
-        let row = if self.cfg && opts.cfg_scale != 1.0 {
+        let row = if self.cfg && opts.guides_at(hist.len()) {
             let u = self.logits(true, hist);
             u.iter()
                 .zip(&c)
@@ -130,6 +130,7 @@ fn opts(cfg_scale: f32, temperature: f32, top_k: usize, top_p: f32) -> SampleOpt
         top_k,
         top_p,
         seed: 0,
+        cfg_interval: None,
     }
 }
 

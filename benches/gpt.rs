@@ -1,6 +1,6 @@
 //! GPT throughput through the library's benchmark (the same code as `tokenar bench`): prefill,
 //! KV-cache decoding with CFG, one image per ITD mode, and a training step, for the 256-dim
-//! 4-layer LlamaGen configuration (the PyTorch anchor in REFERENCE.md section 7) and for the
+//! 4-layer LlamaGen configuration (the PyTorch anchor in docs/reference.md) and for the
 //! built-in `small` preset with two references.
 //!
 //! Run: `cargo bench --bench gpt` (or `--profile dev` to reuse a debug build's dependencies).

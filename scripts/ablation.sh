@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ablation in the README: the built-in recipe's first stage (configs/tokenar-binding.toml,
+# The ablation in the README and docs/experiments.md: the built-in recipe's first stage (configs/tokenar-binding.toml,
 # 1,500 steps) trained four ways on the same code cache with the same budget -- full model,
 # without ITD, without instruct tokens, without the Token Index Embedding -- then each scored
 # on the 500-sample test split. Every run resumes after an interruption; rerun the script.

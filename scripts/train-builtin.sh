@@ -3,7 +3,7 @@
 # cache, GPT, then copies the result to assets/builtin/ (compiled into the binary by build.rs)
 # and evaluates it on the 500-sample test split.
 # Every step resumes where it stopped: run the script again after an interruption.
-# Wall times measured on a 2-core machine are in the README ("The built-in model").
+# Wall times measured on a 2-core machine are in docs/experiments.md ("Reproducing the built-in model").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release

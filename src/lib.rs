@@ -1,6 +1,6 @@
 //! TokenAR: multi-subject image generation with an autoregressive token model.
 //!
-//! The data flow and the module map are described in `DESIGN.md`; each TokenAR idea has one
+//! The data flow and the module map are described in `docs/design.md`; each TokenAR idea has one
 //! home: `model::index_embedding`, `model::instruct_tokens`, and the ITD sequence plan in
 //! `layout`.
 

@@ -38,7 +38,7 @@ pub struct Overrides {
 
 /// Presets known to the benchmark: every [`GptConfig::preset`], plus `anchor`: the LlamaGen
 /// t2i GPT with dim 256, 4 layers, 8 heads, vocabulary 16384, a 16x16 grid (the PyTorch
-/// performance anchor of the reference notes).
+/// performance anchor of docs/reference.md).
 pub fn bench_config(preset: &str, o: &Overrides) -> Result<GptConfig> {
     let mut cfg = match preset {
         "anchor" => GptConfig { n_layer: 4, n_head: 8, dim: 256, grid: (16, 16), ..GptConfig::preset("B")? },

@@ -246,7 +246,7 @@ impl Bundle {
                 (TextModel::Builtin(enc), Some(vm))
             }
             TextSource::T5(folder) => {
-                // LlamaGen left-pads; EditAR / TokenAR right-pad (REFERENCE.md).
+                // LlamaGen left-pads; EditAR / TokenAR right-pad (docs/reference.md).
                 let padding = match gpt.config().family {
                     Family::LlamaGen => Padding::Left,
                     _ => Padding::Right,

@@ -495,6 +495,102 @@ mod tests {
         }
     }
 
+    /// The key shapes a reference checkpoint of `c` holds.
+    fn reference_shapes(c: &GptConfig) -> BTreeMap<String, Vec<usize>> {
+        let (d, f) = (c.dim, c.ffn_hidden());
+        let mut m = BTreeMap::new();
+        let mut put = |k: &str, v: Vec<usize>| {
+            m.insert(k.to_string(), v);
+        };
+        put("tok_embeddings.weight", vec![c.vocab_size, d]);
+        put("output.weight", vec![c.vocab_size, d]);
+        put("norm.weight", vec![d]);
+        put("cls_embedding.cap_proj.fc1.weight", vec![d, c.caption_dim]);
+        put("cls_embedding.cap_proj.fc2.weight", vec![d, d]);
+        put("cls_embedding.uncond_embedding", vec![c.caption_len, c.caption_dim]);
+        for i in 0..c.n_layer {
+            put(&format!("layers.{i}.attention.wqkv.weight"), vec![3 * d, d]);
+            put(&format!("layers.{i}.feed_forward.w1.weight"), vec![f, d]);
+        }
+        if c.img_uncond {
+            put("img_uncond_embedding", vec![c.cond_slots() * c.image_tokens(), d]);
+        }
+        if c.index_embedding {
+            put("ref_index_embeddings.weight", vec![c.max_refs + 1, d]);
+        }
+        if c.n_instruct > 0 {
+            put("instruct_token_embeddings.weight", vec![1, c.n_instruct * d]);
+        }
+        if let Some(a) = c.align_dim {
+            put("alignment.weight", vec![a, d, 2, 2]);
+            put("alignment.bias", vec![a]);
+        }
+        m
+    }
+
+    #[test]
+    fn published_shapes_give_the_published_configs() {
+        let p = Path::new("x.pt");
+        for name in ["B", "L", "XL", "XXL", "editar-xl", "tokenar-xl"] {
+            let c = GptConfig::preset(name).unwrap();
+            let got = GptConfig::infer_from_tensors(&reference_shapes(&c), p, None, None).unwrap();
+            assert_eq!(got, c, "{name}");
+            // Named, the preset is checked and returned.
+            assert_eq!(GptConfig::infer_from_tensors(&reference_shapes(&c), p, Some(name), None).unwrap(), c);
+        }
+        // The stage-1 t2i model at 256 px: the grid comes from the hint.
+        let xl = GptConfig::infer_from_tensors(&reference_shapes(&GptConfig::preset("XL").unwrap()), p, None, Some(16)).unwrap();
+        assert_eq!(xl.grid, (16, 16));
+        // A LlamaGen file may initialise a TokenAR model (its additions are then fresh).
+        let t2i = reference_shapes(&GptConfig::preset("XL").unwrap());
+        assert_eq!(GptConfig::infer_from_tensors(&t2i, p, Some("tokenar-xl"), None).unwrap(), GptConfig::preset("tokenar-xl").unwrap());
+        // A saved LlamaGen RoPE table gives the grid.
+        let mut with_table = t2i.clone();
+        with_table.insert("freqs_cis".into(), vec![120 + 256, 32, 2]);
+        assert_eq!(GptConfig::infer_from_tensors(&with_table, p, None, None).unwrap().grid, (16, 16));
+    }
+
+    #[test]
+    fn non_preset_shapes() {
+        let mut c = GptConfig::preset("tokenar-xl").unwrap();
+        (c.dim, c.n_head, c.n_layer, c.vocab_size, c.caption_dim, c.caption_len, c.grid) = (192, 3, 3, 300, 40, 7, (6, 6));
+        (c.n_instruct, c.align_dim, c.ffn_multiple_of) = (5, Some(24), 520);
+        let got = GptConfig::infer_from_tensors(&reference_shapes(&c), Path::new("x.pt"), None, None).unwrap();
+        assert_eq!(got, c);
+        assert_eq!(got.ffn_hidden(), 520);
+    }
+
+    #[test]
+    fn shapes_that_say_no_are_clear_errors() {
+        let p = Path::new("ckpt/x.pt");
+        let xl = GptConfig::preset("XL").unwrap();
+        let err = |m: &BTreeMap<String, Vec<usize>>, preset: Option<&str>, grid: Option<usize>| {
+            GptConfig::infer_from_tensors(m, p, preset, grid).unwrap_err().to_string()
+        };
+        let e = err(&reference_shapes(&xl), Some("L"), None);
+        assert!(e.contains("ckpt/x.pt") && e.contains("`L`") && e.contains("width 1280 in the file, 1024 in the preset") && e.contains("layers 36 in the file, 24"), "{e}");
+        let mut narrow = xl.clone();
+        narrow.dim = 96;
+        narrow.n_head = 1;
+        let e = err(&reference_shapes(&narrow), None, None);
+        assert!(e.contains("width 96") && e.contains("name a preset"), "{e}");
+        let mut gap = reference_shapes(&xl);
+        gap.retain(|k, _| !k.starts_with("layers.7."));
+        assert!(err(&gap, None, None).contains("block 7 is missing"));
+        let mut special = reference_shapes(&GptConfig::preset("tokenar-xl").unwrap());
+        special.insert("instruct_token_embeddings.weight".into(), vec![4, 120 * 1280]);
+        assert!(err(&special, None, None).contains("\"special\""));
+        let tokenar = reference_shapes(&GptConfig::preset("tokenar-xl").unwrap());
+        let e = err(&tokenar, None, Some(16));
+        assert!(e.contains("32x32") && e.contains("16x16"), "{e}");
+        let mut c2i = reference_shapes(&xl);
+        c2i.insert("cls_embedding.embedding_table.weight".into(), vec![1001, 1280]);
+        assert!(err(&c2i, None, None).contains("c2i"));
+        let mut none = reference_shapes(&xl);
+        none.remove("tok_embeddings.weight");
+        assert!(err(&none, None, None).contains("tok_embeddings.weight"));
+    }
+
     #[test]
     fn config_json_round_trip() {
         let c = GptConfig::preset("tokenar-xl").unwrap();

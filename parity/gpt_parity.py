@@ -259,18 +259,27 @@ def edit_family(root, out, seed, tokenar):
     save_fixture(tensors, meta, os.path.join(out, name + ".safetensors"))
 
 
-def editplus_cells(root, grid, ref_num, edited_num, cls, instruct):
-    """(row, col) of every generated position of the reference's editplus table, recovered
-    from its cos/sin values (for the report: compare with this project's Layout)."""
+def editplus_cells(root, grid=32, slots=4, caption=120, instruct=120, head_dim=64, base=10000):
+    """The (row, col) cell of every position of the reference's precompute_freqs_cis_2d_editplus
+    table (TokenAR XL: 4 condition images of 32x32 tokens, ITD so max_edited_num = max_ref_num),
+    recovered by matching each row against the cos/sin of every cell of the full square grid;
+    None for the zero rows (text, instruct). For comparing with this project's Layout."""
     (gpt,) = import_reference(root, ["autoregressive.models.gpt_edit"])
-    n_elem = 64
-    table = gpt.precompute_freqs_cis_2d_editplus(grid, n_elem, 10000, cls, ref_num, edited_num, instruct)
-    half = n_elem // 2
-    # The lowest frequency pair of each half is 1: its angle is the row (first half) or the
-    # column (second half) itself.
-    rows = torch.atan2(table[:, 0, 1], table[:, 0, 0])
-    cols = torch.atan2(table[:, half // 2, 1], table[:, half // 2, 0])
-    return table, rows, cols
+    table = gpt.precompute_freqs_cis_2d_editplus(grid, head_dim, base, caption, slots, slots, instruct)
+    side = grid * (int(slots ** 0.5) * 2)
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    f = torch.outer(torch.arange(side).float(), freqs)
+    g = torch.cat([f[:, None, :].expand(-1, side, -1), f[None, :, :].expand(side, -1, -1)], -1)
+    cells = torch.stack([g.cos(), g.sin()], -1).reshape(side * side, -1)
+    out = []
+    for r in table.reshape(table.shape[0], -1):
+        if r.abs().max() == 0:
+            out.append(None)
+            continue
+        i = (cells - r).abs().max(1).values.argmin().item()
+        out.append((i // side, i % side))
+    return out
 
 
 def main():
@@ -279,10 +288,17 @@ def main():
     p.add_argument("--tokenar", required=True, help="checkout of lyrig/TokenAR")
     p.add_argument("--out", default="tests/fixtures/parity")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--editplus-cells", type=int, metavar="N", help="only print the reference's RoPE cells of the first N generated positions of TokenAR XL with ITD")
     a = p.parse_args()
     for what, path, f in [("--llamagen", a.llamagen, "autoregressive/models/gpt.py"), ("--tokenar", a.tokenar, "autoregressive/models/gpt_edit.py")]:
         if not os.path.isfile(os.path.join(path, f)):
             sys.exit(f"{what} {path}: no {f} there (expected a checkout of the reference code)")
+    if a.editplus_cells:
+        cells = editplus_cells(a.tokenar)
+        prefix = 4 * 32 * 32 + 120 + 120
+        for k in range(a.editplus_cells):
+            print(f"generated {k}: position {prefix + k}: cell {cells[prefix + k]}")
+        return
     os.makedirs(a.out, exist_ok=True)
     torch.set_num_threads(1)
     llamagen_t2i(a.llamagen, a.out, a.seed)

@@ -252,6 +252,10 @@ fn text_to_image_from_a_llamagen_checkpoint_without_references() {
     let codes = Tensor::from_vec(direct.target[0].clone(), (1, 4, 4), &Device::Cpu).unwrap();
     let img = tokenar::imageio::tensor_to_rgb(&bundle.vq.decode(&codes).unwrap().get(0).unwrap()).unwrap();
     assert_eq!(out.images[0], img);
+    // A text-to-image model takes no condition image.
+    let with_bg = tokenar::pipeline::GenerateRequest { background: Some(image::RgbImage::new(16, 16)), ..req.clone() };
+    let e = tokenar::pipeline::generate(&bundle, &with_bg, None).err().unwrap().to_string();
+    assert!(e.contains("--background"), "{e}");
 
     // The command line.
     let png = dir.join("out.png");

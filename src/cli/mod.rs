@@ -69,6 +69,10 @@ pub struct ModelArgs {
     /// Tokenizer preset for a .pt tokenizer (default vq-16).
     #[arg(long)]
     pub tokenizer_preset: Option<String>,
+    /// Token grid side of a .pt GPT that does not record it (LlamaGen t2i): 32 by default
+    /// (512 px with VQ-16), 16 for the 256 px stage-1 model.
+    #[arg(long)]
+    pub grid: Option<usize>,
     /// Run on the GPU (a build with the `cuda` feature).
     #[arg(long)]
     pub gpu: bool,
@@ -80,7 +84,7 @@ impl ModelArgs {
         let bundle = match &self.weights {
             Some(dir) => {
                 let hints = tokenar::pipeline::bundle::LoadHints { preset: self.preset.clone(), tokenizer_preset: self.tokenizer_preset.clone() };
-                tokenar::pipeline::Bundle::load(dir, &hints, &device)?
+                tokenar::pipeline::Bundle::load_with_grid(dir, &hints, self.grid, &device)?
             }
             None => tokenar::pipeline::Bundle::builtin(&device)?,
         };

@@ -3,6 +3,8 @@
 use crate::error::{Error, Result};
 use crate::layout::{LayoutSpec, Scheme};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 /// Which published model family a configuration mirrors (informational; recorded in checkpoints).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +234,238 @@ impl GptConfig {
     }
 }
 
+/// Token grid side assumed for a checkpoint that does not record it: 32 (512 px with the VQ-16
+/// tokenizer), the resolution of LlamaGen's stage-2 t2i model, EditAR and TokenAR.
+pub const DEFAULT_GRID: usize = 32;
+
+/// Caption rows assumed when a checkpoint has no `cls_embedding.uncond_embedding` (LlamaGen's
+/// 120 T5 tokens).
+pub const DEFAULT_CAPTION_LEN: usize = 120;
+
+/// Width of one attention head in every published LlamaGen / EditAR / TokenAR model.
+pub const PUBLISHED_HEAD_DIM: usize = 64;
+
+/// The FFN rounding that gives `hidden` for width `dim`: LlamaGen's 256 when that rule gives
+/// it, else `hidden` itself (any hidden size from `int(8 * dim / 3)` up); `None` below that.
+fn ffn_multiple_for(dim: usize, hidden: usize) -> Option<usize> {
+    let base = 2 * 4 * dim / 3;
+    if base.div_ceil(256) * 256 == hidden {
+        Some(256)
+    } else if hidden >= base && hidden > 0 {
+        Some(hidden)
+    } else {
+        None
+    }
+}
+
+impl GptConfig {
+    /// The architecture that a reference checkpoint's tensor shapes (`name -> dims`, keys as
+    /// in LlamaGen / EditAR / TokenAR) determine:
+    ///
+    /// - width and vocabulary from `tok_embeddings.weight`, layers from the `layers.N.` keys,
+    ///   FFN hidden from `layers.0.feed_forward.w1.weight`, caption width from
+    ///   `cls_embedding.cap_proj.fc1.weight`, caption rows from
+    ///   `cls_embedding.uncond_embedding` (else [`DEFAULT_CAPTION_LEN`]);
+    /// - condition slots: `ref_index_embeddings` rows (TokenAR's `max_ref_num`, references plus
+    ///   background), else `img_uncond_embedding` rows / grid cells (1: EditAR); no
+    ///   `img_uncond_embedding`: LlamaGen text-to-image;
+    /// - instruct tokens from `instruct_token_embeddings.weight` (1, n * width) (the reference's
+    ///   "casual" mode; its "special" mode, one row per slot, is not supported);
+    /// - the alignment head's width from `alignment.weight`;
+    /// - the grid: from `img_uncond_embedding` and the slot count when the index embedding
+    ///   gives it, else from a saved LlamaGen `freqs_cis` table, else `grid` (the caller's
+    ///   hint), else [`DEFAULT_GRID`]; a hint that contradicts the file is an error;
+    /// - heads: the preset's when `preset` is named, else width / 64 (every published model
+    ///   has 64-wide heads).
+    ///
+    /// What the tensors cannot show follows the published models: with several condition
+    /// slots, ITD on (TokenAR trains with the target concatenated to the references), the
+    /// reference RoPE scheme, the background on the last reference index (the reference
+    /// code's quirk). With `preset`, the preset's configuration is returned after every value
+    /// the file determines has been checked against it; a difference is an error naming both.
+    pub fn infer_from_tensors(shapes: &BTreeMap<String, Vec<usize>>, origin: &Path, preset: Option<&str>, grid: Option<usize>) -> Result<Self> {
+        let bad = |msg: String| Error::bad_file(origin, msg);
+        let dims = |key: &str, rank: usize| -> Result<Option<&[usize]>> {
+            match shapes.get(key) {
+                None => Ok(None),
+                Some(d) if d.len() == rank => Ok(Some(d.as_slice())),
+                Some(d) => Err(bad(format!("`{key}` has shape {d:?}; a rank-{rank} tensor was expected"))),
+            }
+        };
+        if shapes.contains_key("cls_embedding.embedding_table.weight") {
+            return Err(bad("a class-conditional LlamaGen (c2i) checkpoint; only text-conditional models (t2i, EditAR, TokenAR) are supported".into()));
+        }
+        let Some(&[vocab, dim]) = dims("tok_embeddings.weight", 2)? else {
+            return Err(bad("no `tok_embeddings.weight`: not a LlamaGen / EditAR / TokenAR GPT checkpoint".into()));
+        };
+        let Some(&[fc1_out, caption_dim]) = dims("cls_embedding.cap_proj.fc1.weight", 2)? else {
+            return Err(bad("no `cls_embedding.cap_proj.fc1.weight`: not a text-conditional GPT checkpoint".into()));
+        };
+        if fc1_out != dim {
+            return Err(bad(format!("`cls_embedding.cap_proj.fc1.weight` projects to {fc1_out}, but the token width is {dim}")));
+        }
+        let mut layer_ids: Vec<usize> = shapes
+            .keys()
+            .filter_map(|k| k.strip_prefix("layers.")?.split('.').next()?.parse().ok())
+            .collect();
+        layer_ids.sort_unstable();
+        layer_ids.dedup();
+        let n_layer = layer_ids.len();
+        if n_layer == 0 {
+            return Err(bad("no `layers.N.` keys: the checkpoint holds no transformer blocks".into()));
+        }
+        if let Some((i, _)) = layer_ids.iter().enumerate().find(|(i, id)| *i != **id) {
+            return Err(bad(format!("transformer blocks are numbered {layer_ids:?}; block {i} is missing")));
+        }
+        let Some(&[hidden, w1_in]) = dims("layers.0.feed_forward.w1.weight", 2)? else {
+            return Err(bad("no `layers.0.feed_forward.w1.weight`".into()));
+        };
+        if w1_in != dim {
+            return Err(bad(format!("`layers.0.feed_forward.w1.weight` takes {w1_in} inputs, but the token width is {dim}")));
+        }
+        let ffn_multiple_of = ffn_multiple_for(dim, hidden).ok_or_else(|| {
+            bad(format!("FFN hidden size {hidden} is below int(8 * {dim} / 3) = {}, which LlamaGen's rule cannot give", 2 * 4 * dim / 3))
+        })?;
+        let caption_len = match dims("cls_embedding.uncond_embedding", 2)? {
+            Some(&[rows, width]) if width == caption_dim => rows,
+            Some(d) => return Err(bad(format!("`cls_embedding.uncond_embedding` has shape {d:?}, but the captions are {caption_dim} wide"))),
+            None => DEFAULT_CAPTION_LEN,
+        };
+        let index_rows = match dims("ref_index_embeddings.weight", 2)? {
+            Some(&[rows, w]) if w == dim && rows > 0 => Some(rows),
+            Some(d) => return Err(bad(format!("`ref_index_embeddings.weight` has shape {d:?}; ({{slots}}, {dim}) was expected"))),
+            None => None,
+        };
+        let uncond_rows = match dims("img_uncond_embedding", 2)? {
+            Some(&[rows, w]) if w == dim && rows > 0 => Some(rows),
+            Some(d) => return Err(bad(format!("`img_uncond_embedding` has shape {d:?}; ({{slots x grid cells}}, {dim}) was expected"))),
+            None => None,
+        };
+        let n_instruct = match dims("instruct_token_embeddings.weight", 2)? {
+            Some(&[1, w]) if w % dim == 0 && w > 0 => w / dim,
+            Some(&[rows, w]) if rows > 1 && w % dim == 0 => {
+                return Err(bad(format!(
+                    "`instruct_token_embeddings.weight` has {rows} rows: the reference's \"special\" instruct mode (one set per slot) is not supported, only \"casual\" (one row)"
+                )))
+            }
+            Some(d) => return Err(bad(format!("`instruct_token_embeddings.weight` has shape {d:?}; (1, n x {dim}) was expected"))),
+            None => 0,
+        };
+        let align_dim = match dims("alignment.weight", 4)? {
+            Some(&[a, d, 2, 2]) if d == dim => Some(a),
+            Some(d) => return Err(bad(format!("`alignment.weight` has shape {d:?}; (out, {dim}, 2, 2) was expected"))),
+            None => None,
+        };
+        let side = |cells: usize, what: &str| -> Result<usize> {
+            let g = (cells as f64).sqrt().round() as usize;
+            if g * g == cells && g > 0 {
+                Ok(g)
+            } else {
+                Err(bad(format!("{what} gives {cells} cells per image, which is not a square grid")))
+            }
+        };
+        // Grid side and condition slots.
+        let (file_grid, slots) = match (uncond_rows, index_rows) {
+            (Some(rows), Some(slots)) => {
+                if rows % slots != 0 {
+                    return Err(bad(format!("`img_uncond_embedding` has {rows} rows, not a multiple of the {slots} index-embedding slots")));
+                }
+                (Some(side(rows / slots, "`img_uncond_embedding` / `ref_index_embeddings`")?), slots)
+            }
+            (Some(rows), None) => match grid {
+                Some(g) if g > 0 && rows % (g * g) == 0 => (None, rows / (g * g)),
+                Some(g) => return Err(bad(format!("`img_uncond_embedding` has {rows} rows, not a multiple of a {g}x{g} grid"))),
+                // One condition image (EditAR).
+                None => (Some(side(rows, "`img_uncond_embedding`")?), 1),
+            },
+            (None, Some(_)) => return Err(bad("`ref_index_embeddings.weight` without `img_uncond_embedding`: condition images need both".into())),
+            (None, None) => {
+                // A saved LlamaGen table: caption rows, then one row per grid cell.
+                let g = match dims("freqs_cis", 3)? {
+                    Some(&[rows, _, 2]) if rows > caption_len => Some(side(rows - caption_len, "`freqs_cis`")?),
+                    _ => None,
+                };
+                (g, 0)
+            }
+        };
+        let g = match (file_grid, grid) {
+            (Some(f), Some(h)) if f != h => {
+                return Err(bad(format!("the checkpoint's tensors give a {f}x{f} token grid, but {h}x{h} was asked for")))
+            }
+            (Some(f), _) => f,
+            (None, Some(h)) if h > 0 => h,
+            (None, Some(_)) => return Err(Error::invalid("grid", "0 (must be positive)")),
+            (None, None) => DEFAULT_GRID,
+        };
+        let mut cfg = match slots {
+            0 => Self::preset("XL")?,
+            1 => Self::preset("editar-xl")?,
+            _ => Self::preset("tokenar-xl")?,
+        };
+        let refs = slots.saturating_sub(1);
+        cfg.vocab_size = vocab;
+        cfg.n_layer = n_layer;
+        cfg.dim = dim;
+        cfg.ffn_multiple_of = ffn_multiple_of;
+        cfg.caption_dim = caption_dim;
+        cfg.caption_len = caption_len;
+        cfg.max_refs = refs;
+        cfg.n_instruct = n_instruct;
+        cfg.index_embedding = index_rows.is_some();
+        cfg.itd = refs > 0;
+        cfg.scheme = Scheme::Reference { pad_to: (refs > 0).then_some(refs), quirk_index: refs > 0 };
+        cfg.grid = (g, g);
+        cfg.align_dim = align_dim;
+        let Some(name) = preset else {
+            if dim % PUBLISHED_HEAD_DIM != 0 {
+                return Err(bad(format!(
+                    "width {dim} is not a multiple of {PUBLISHED_HEAD_DIM}, so the head count cannot be taken as width / {PUBLISHED_HEAD_DIM}; name a preset"
+                )));
+            }
+            cfg.n_head = dim / PUBLISHED_HEAD_DIM;
+            cfg.validate()?;
+            return Ok(cfg);
+        };
+        let mut p = Self::preset(name)?;
+        if let Some(h) = grid {
+            p.grid = (h, h);
+        }
+        let mut diffs = Vec::new();
+        let mut check = |what: &str, file: String, preset: String| {
+            if file != preset {
+                diffs.push(format!("{what} {file} in the file, {preset} in the preset"));
+            }
+        };
+        check("width", dim.to_string(), p.dim.to_string());
+        check("layers", n_layer.to_string(), p.n_layer.to_string());
+        check("vocabulary", vocab.to_string(), p.vocab_size.to_string());
+        check("FFN hidden", hidden.to_string(), p.ffn_hidden().to_string());
+        check("caption width", caption_dim.to_string(), p.caption_dim.to_string());
+        if shapes.contains_key("cls_embedding.uncond_embedding") {
+            check("caption length", caption_len.to_string(), p.caption_len.to_string());
+        }
+        // TokenAR's additions are checked where the file has them (a LlamaGen checkpoint may
+        // initialise a TokenAR model: its additions are then fresh).
+        if let Some(rows) = index_rows {
+            check("index-embedding slots", rows.to_string(), if p.index_embedding { (p.max_refs + 1).to_string() } else { "none".into() });
+        }
+        if uncond_rows.is_some() {
+            check("condition slots", slots.to_string(), if p.img_uncond { p.cond_slots().to_string() } else { "none".into() });
+            check("token grid", format!("{g}x{g}"), format!("{}x{}", p.grid.0, p.grid.1));
+        }
+        if n_instruct > 0 {
+            check("instruct tokens", n_instruct.to_string(), p.n_instruct.to_string());
+        }
+        if let Some(a) = align_dim {
+            check("alignment width", a.to_string(), p.align_dim.map_or("none".into(), |x| x.to_string()));
+        }
+        if !diffs.is_empty() {
+            return Err(bad(format!("does not match preset `{name}`: {}", diffs.join("; "))));
+        }
+        Ok(p)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +493,102 @@ mod tests {
         for n in ["tiny", "small", "editar-xl"] {
             GptConfig::preset(n).unwrap().validate().unwrap();
         }
+    }
+
+    /// The key shapes a reference checkpoint of `c` holds.
+    fn reference_shapes(c: &GptConfig) -> BTreeMap<String, Vec<usize>> {
+        let (d, f) = (c.dim, c.ffn_hidden());
+        let mut m = BTreeMap::new();
+        let mut put = |k: &str, v: Vec<usize>| {
+            m.insert(k.to_string(), v);
+        };
+        put("tok_embeddings.weight", vec![c.vocab_size, d]);
+        put("output.weight", vec![c.vocab_size, d]);
+        put("norm.weight", vec![d]);
+        put("cls_embedding.cap_proj.fc1.weight", vec![d, c.caption_dim]);
+        put("cls_embedding.cap_proj.fc2.weight", vec![d, d]);
+        put("cls_embedding.uncond_embedding", vec![c.caption_len, c.caption_dim]);
+        for i in 0..c.n_layer {
+            put(&format!("layers.{i}.attention.wqkv.weight"), vec![3 * d, d]);
+            put(&format!("layers.{i}.feed_forward.w1.weight"), vec![f, d]);
+        }
+        if c.img_uncond {
+            put("img_uncond_embedding", vec![c.cond_slots() * c.image_tokens(), d]);
+        }
+        if c.index_embedding {
+            put("ref_index_embeddings.weight", vec![c.max_refs + 1, d]);
+        }
+        if c.n_instruct > 0 {
+            put("instruct_token_embeddings.weight", vec![1, c.n_instruct * d]);
+        }
+        if let Some(a) = c.align_dim {
+            put("alignment.weight", vec![a, d, 2, 2]);
+            put("alignment.bias", vec![a]);
+        }
+        m
+    }
+
+    #[test]
+    fn published_shapes_give_the_published_configs() {
+        let p = Path::new("x.pt");
+        for name in ["B", "L", "XL", "XXL", "editar-xl", "tokenar-xl"] {
+            let c = GptConfig::preset(name).unwrap();
+            let got = GptConfig::infer_from_tensors(&reference_shapes(&c), p, None, None).unwrap();
+            assert_eq!(got, c, "{name}");
+            // Named, the preset is checked and returned.
+            assert_eq!(GptConfig::infer_from_tensors(&reference_shapes(&c), p, Some(name), None).unwrap(), c);
+        }
+        // The stage-1 t2i model at 256 px: the grid comes from the hint.
+        let xl = GptConfig::infer_from_tensors(&reference_shapes(&GptConfig::preset("XL").unwrap()), p, None, Some(16)).unwrap();
+        assert_eq!(xl.grid, (16, 16));
+        // A LlamaGen file may initialise a TokenAR model (its additions are then fresh).
+        let t2i = reference_shapes(&GptConfig::preset("XL").unwrap());
+        assert_eq!(GptConfig::infer_from_tensors(&t2i, p, Some("tokenar-xl"), None).unwrap(), GptConfig::preset("tokenar-xl").unwrap());
+        // A saved LlamaGen RoPE table gives the grid.
+        let mut with_table = t2i.clone();
+        with_table.insert("freqs_cis".into(), vec![120 + 256, 32, 2]);
+        assert_eq!(GptConfig::infer_from_tensors(&with_table, p, None, None).unwrap().grid, (16, 16));
+    }
+
+    #[test]
+    fn non_preset_shapes() {
+        let mut c = GptConfig::preset("tokenar-xl").unwrap();
+        (c.dim, c.n_head, c.n_layer, c.vocab_size, c.caption_dim, c.caption_len, c.grid) = (192, 3, 3, 300, 40, 7, (6, 6));
+        (c.n_instruct, c.align_dim, c.ffn_multiple_of) = (5, Some(24), 520);
+        let got = GptConfig::infer_from_tensors(&reference_shapes(&c), Path::new("x.pt"), None, None).unwrap();
+        assert_eq!(got, c);
+        assert_eq!(got.ffn_hidden(), 520);
+    }
+
+    #[test]
+    fn shapes_that_say_no_are_clear_errors() {
+        let p = Path::new("ckpt/x.pt");
+        let xl = GptConfig::preset("XL").unwrap();
+        let err = |m: &BTreeMap<String, Vec<usize>>, preset: Option<&str>, grid: Option<usize>| {
+            GptConfig::infer_from_tensors(m, p, preset, grid).unwrap_err().to_string()
+        };
+        let e = err(&reference_shapes(&xl), Some("L"), None);
+        assert!(e.contains("ckpt/x.pt") && e.contains("`L`") && e.contains("width 1280 in the file, 1024 in the preset") && e.contains("layers 36 in the file, 24"), "{e}");
+        let mut narrow = xl.clone();
+        narrow.dim = 96;
+        narrow.n_head = 1;
+        let e = err(&reference_shapes(&narrow), None, None);
+        assert!(e.contains("width 96") && e.contains("name a preset"), "{e}");
+        let mut gap = reference_shapes(&xl);
+        gap.retain(|k, _| !k.starts_with("layers.7."));
+        assert!(err(&gap, None, None).contains("block 7 is missing"));
+        let mut special = reference_shapes(&GptConfig::preset("tokenar-xl").unwrap());
+        special.insert("instruct_token_embeddings.weight".into(), vec![4, 120 * 1280]);
+        assert!(err(&special, None, None).contains("\"special\""));
+        let tokenar = reference_shapes(&GptConfig::preset("tokenar-xl").unwrap());
+        let e = err(&tokenar, None, Some(16));
+        assert!(e.contains("32x32") && e.contains("16x16"), "{e}");
+        let mut c2i = reference_shapes(&xl);
+        c2i.insert("cls_embedding.embedding_table.weight".into(), vec![1001, 1280]);
+        assert!(err(&c2i, None, None).contains("c2i"));
+        let mut none = reference_shapes(&xl);
+        none.remove("tok_embeddings.weight");
+        assert!(err(&none, None, None).contains("tok_embeddings.weight"));
     }
 
     #[test]

@@ -428,15 +428,17 @@ impl TokenAr {
             let codes = Tensor::cat(&codes, 1)?;
             let n = codes.dim(1)?;
             let mut x = self.tok_embeddings.index_select(&codes.to_dtype(DType::U32)?.flatten_all()?, 0)?.reshape((b, n, d))?;
+            // The index embedding first, then a dropped image's rows replaced whole by the null
+            // image (as the reference's training forward does: the null image carries no index).
+            if let Some(ie) = &self.index_embedding {
+                x = ie.add(&x, &ids)?;
+            }
             if cond.drop_image.iter().any(|f| *f) {
                 let null = self.img_uncond.as_ref().ok_or_else(|| {
                     Error::invalid("condition", "image dropout needs a model with img_uncond_embedding")
                 })?;
                 let rows = Tensor::from_vec(null_rows, n, &self.device)?;
                 x = Self::blend_rows(&x, &null.detach().index_select(&rows, 0)?, &cond.drop_image)?;
-            }
-            if let Some(ie) = &self.index_embedding {
-                x = ie.add(&x, &ids)?;
             }
             parts.push(x);
         }

@@ -174,21 +174,32 @@ pub fn normal(rng: &mut crate::util::Rng) -> f32 {
 }
 
 /// Load a checkpoint. This project's safetensors carry their config (which takes precedence
-/// over `preset`); a reference checkpoint
-/// (.pt/.pth/.bin, or safetensors without config) needs `preset`. Parameters that TokenAR adds
-/// (`ADDITIONS`) may be absent (e.g. a LlamaGen checkpoint loaded into a TokenAR config): they
-/// are freshly initialised and listed in the report's `fresh`. Any other missing key, a shape
-/// mismatch, or an unknown key is an error naming it.
+/// over `preset`). A reference checkpoint (.pt/.pth/.bin, or safetensors without config) gets
+/// the architecture its tensor shapes determine ([`GptConfig::infer_from_tensors`]); a named
+/// `preset` is checked against them. Parameters that TokenAR adds (`ADDITIONS`) may be absent
+/// (e.g. a LlamaGen checkpoint loaded into a TokenAR preset): they are freshly initialised and
+/// listed in the report's `fresh`. Any other missing key, a shape mismatch, or an unknown key
+/// is an error naming it.
 pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
+    load_with_hints(path, preset, None, device)
+}
+
+/// [`load`] with the token grid side for a reference checkpoint that does not record it
+/// (LlamaGen t2i; see [`GptConfig::infer_from_tensors`]).
+pub fn load_with_hints(path: &Path, preset: Option<&str>, grid: Option<usize>, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
     let mut file = TensorFile::load(path, device)?;
-    let cfg = match (file.metadata.get(CONFIG_KEY), preset) {
-        (Some(_), _) => config_from_metadata(&file)?,
-        (None, Some(p)) => GptConfig::preset(p)?,
-        (None, None) => {
-            return Err(Error::bad_file(path, "no model config in the file; name a preset (e.g. XL, tokenar-xl)"))
-        }
+    let cfg = match file.metadata.get(CONFIG_KEY) {
+        Some(_) => config_from_metadata(&file)?,
+        None => config_from_tensors(&file, preset, grid)?,
     };
     load_with_config(&mut file, &cfg, device)
+}
+
+/// The architecture of a reference checkpoint from its tensor shapes (see
+/// [`GptConfig::infer_from_tensors`]).
+pub fn config_from_tensors(file: &TensorFile, preset: Option<&str>, grid: Option<usize>) -> Result<GptConfig> {
+    let shapes: BTreeMap<String, Vec<usize>> = file.tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+    GptConfig::infer_from_tensors(&shapes, &file.path, preset, grid)
 }
 
 /// The config this project writes into its checkpoints' metadata.

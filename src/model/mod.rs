@@ -18,7 +18,7 @@ pub use config::{Dropouts, Family, GptConfig};
 pub use condition::Condition;
 pub use gpt::{TokenAr, TrainOutput, BUFFERS};
 pub use kv_cache::Session;
-pub use load::{build, config_from_metadata, init_weights, load, load_with_config, save, ADDITIONS, CONFIG_KEY};
+pub use load::{build, config_from_metadata, config_from_tensors, init_weights, load, load_with_config, load_with_hints, save, ADDITIONS, CONFIG_KEY};
 
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,8 @@
 //! On disk a bundle is a folder:
 //! - `tokenizer.safetensors` (this project's) or a LlamaGen `vq_ds*.pt`;
 //! - `model.safetensors` (this project's, config in its metadata) or a LlamaGen / EditAR /
-//!   TokenAR `.pt` (then a preset names the architecture);
+//!   TokenAR `.pt` (its tensor shapes give the architecture; a preset, if named, is checked
+//!   against them);
 //! - `text.safetensors` (the built-in text encoder, config and vocabulary in its metadata) or a
 //!   `t5/` folder (flan-t5: config.json, safetensors, tokenizer.json);
 //! - `sampling.toml` (optional): the sampling settings the model is meant to be used with
@@ -231,6 +232,12 @@ pub struct LoadHints {
 impl Bundle {
     /// Load a bundle folder.
     pub fn load(dir: &Path, hints: &LoadHints, device: &Device) -> Result<Self> {
+        Self::load_with_grid(dir, hints, None, device)
+    }
+
+    /// [`Bundle::load`] with the token grid side for a `.pt` GPT that does not record it
+    /// (LlamaGen t2i; default [`model::config::DEFAULT_GRID`]).
+    pub fn load_with_grid(dir: &Path, hints: &LoadHints, grid: Option<usize>, device: &Device) -> Result<Self> {
         let paths = BundlePaths::find(dir)?;
         let is_pt = |p: &Path| p.extension().map(|e| e != "safetensors").unwrap_or(true);
         let vq_preset = if is_pt(&paths.tokenizer) {
@@ -239,7 +246,7 @@ impl Bundle {
             hints.tokenizer_preset.clone()
         };
         let (vq, vq_vars) = tokenizer::load(&paths.tokenizer, vq_preset.as_deref(), device)?;
-        let (gpt, gpt_vars, report) = model::load(&paths.model, hints.preset.as_deref(), device)?;
+        let (gpt, gpt_vars, report) = model::load_with_hints(&paths.model, hints.preset.as_deref(), grid, device)?;
         let (text, text_vars) = match &paths.text {
             TextSource::Builtin(t) => {
                 let (enc, vm) = builtin_text_from_file(&mut TensorFile::load(t, device)?, device)?;

@@ -1,4 +1,5 @@
-//! Generation: references + background + mask + prompt -> images.
+//! Generation: references + background + mask + prompt -> images; with a text-to-image model
+//! (LlamaGen t2i: no condition images), prompt -> images.
 //!
 //! The images are encoded with the tokenizer, the prompt with the text encoder; the GPT
 //! prefills the condition and the sampler decodes (with the chosen ITD strategy); the target
@@ -125,6 +126,9 @@ fn prepare(bundle: &Bundle, req: &GenerateRequest) -> Result<(Vec<RgbImage>, Rgb
     if req.refs.is_empty() && cfg.max_refs > 0 {
         return Err(Error::invalid("--ref", "give at least one reference image"));
     }
+    if !cfg.background && req.background.is_some() {
+        return Err(Error::invalid("--background", "this text-to-image model takes no condition image (give only a prompt)"));
+    }
     if req.refs.len() > cfg.max_refs {
         return Err(Error::invalid(
             "--ref",
@@ -150,8 +154,14 @@ pub fn condition_codes(bundle: &Bundle, req: &GenerateRequest) -> Result<(Vec<Ve
     encode_condition(bundle, refs, cond_bg)
 }
 
-/// Codes of the prepared references and masked background, in one tokenizer batch.
+/// Codes of the prepared references and masked background, in one tokenizer batch. A model
+/// without condition images (LlamaGen text-to-image) reads neither: nothing is encoded, and the
+/// background codes are zeros.
 fn encode_condition(bundle: &Bundle, mut refs: Vec<RgbImage>, cond_bg: RgbImage) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+    let cfg = bundle.config();
+    if refs.is_empty() && !cfg.background {
+        return Ok((Vec::new(), vec![0; cfg.image_tokens()]));
+    }
     refs.push(cond_bg);
     let mut codes = encode_images(bundle, &refs, bundle.image_size() as u32)?;
     let bg = codes.pop().unwrap_or_default();

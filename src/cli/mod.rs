@@ -66,7 +66,7 @@ pub struct ModelArgs {
     /// Architecture preset for a .pt GPT checkpoint (e.g. tokenar-xl, editar-xl, XL).
     #[arg(long)]
     pub preset: Option<String>,
-    /// Tokenizer preset for a .pt tokenizer (default vq-16).
+    /// Tokenizer preset: checked against the tokenizer file's shapes (which are used without it).
     #[arg(long)]
     pub tokenizer_preset: Option<String>,
     /// Run on the GPU (a build with the `cuda` feature).

@@ -224,7 +224,8 @@ impl BundlePaths {
 pub struct LoadHints {
     /// GPT preset for a `.pt` model (e.g. `tokenar-xl`).
     pub preset: Option<String>,
-    /// Tokenizer preset for a `.pt` tokenizer (default `vq-16`).
+    /// Tokenizer preset: a check of the architecture the tokenizer file describes, or the
+    /// architecture of a file that does not describe one.
     pub tokenizer_preset: Option<String>,
 }
 
@@ -232,13 +233,8 @@ impl Bundle {
     /// Load a bundle folder.
     pub fn load(dir: &Path, hints: &LoadHints, device: &Device) -> Result<Self> {
         let paths = BundlePaths::find(dir)?;
-        let is_pt = |p: &Path| p.extension().map(|e| e != "safetensors").unwrap_or(true);
-        let vq_preset = if is_pt(&paths.tokenizer) {
-            Some(hints.tokenizer_preset.clone().unwrap_or_else(|| "vq-16".to_string()))
-        } else {
-            hints.tokenizer_preset.clone()
-        };
-        let (vq, vq_vars) = tokenizer::load(&paths.tokenizer, vq_preset.as_deref(), device)?;
+        // The tokenizer's shapes come from the file; a preset only checks them.
+        let (vq, vq_vars) = tokenizer::load(&paths.tokenizer, hints.tokenizer_preset.as_deref(), device)?;
         let (gpt, gpt_vars, report) = model::load(&paths.model, hints.preset.as_deref(), device)?;
         let (text, text_vars) = match &paths.text {
             TextSource::Builtin(t) => {

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 # blocks, z 256, 16384 x 8 codes). GroupNorm is LlamaGen's fixed 32 groups, so every channel
 # count is a multiple of 32.
 CH = 32
-CH_MULT = [1, 1, 2]
+CH_MULT = [1, 2, 1]  # not monotonic: the multipliers are read level by level
 NUM_RES_BLOCKS = 1  # encoder: 1 per level; decoder: num_res_blocks + 1 = 2 per level
 Z_CHANNELS = 8
 CODEBOOK_SIZE = 64

@@ -61,7 +61,7 @@ impl TextModel {
     pub fn describe(&self) -> String {
         match self {
             TextModel::Builtin(e) => format!("built-in ({} words, {}-d, {} layers)", e.vocab().len(), e.config().dim, e.config().n_layer),
-            TextModel::T5(t) => format!("T5 ({}-d, {} rows, {:?} padding)", t.dim(), t.max_len(), t.padding()),
+            TextModel::T5(t) => format!("T5 ({}-d, {} rows, {:?} padding, padded rows {:?})", t.dim(), t.max_len(), t.padding(), t.options().pad_rows),
         }
     }
 }
@@ -242,12 +242,16 @@ impl Bundle {
                 (TextModel::Builtin(enc), Some(vm))
             }
             TextSource::T5(folder) => {
-                // LlamaGen left-pads; EditAR / TokenAR right-pad (REFERENCE.md).
+                // LlamaGen left-pads (padded rows zero); EditAR / TokenAR right-pad and read the
+                // encoder's outputs at the padded rows too.
                 let padding = match gpt.config().family {
                     Family::LlamaGen => Padding::Left,
                     _ => Padding::Right,
                 };
                 let mut opts = T5Options::new(padding);
+                if matches!(gpt.config().family, Family::EditAr | Family::TokenAr) {
+                    opts.pad_rows = crate::text::t5::PadRows::Encoded;
+                }
                 opts.max_len = gpt.config().caption_len;
                 (TextModel::T5(T5Encoder::load(folder, opts, device)?), None)
             }

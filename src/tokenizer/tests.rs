@@ -223,8 +223,10 @@ fn architecture_is_read_from_the_tensors() {
     let (loaded, _) = load(&pt, None, &Device::Cpu).unwrap();
     assert_eq!(loaded.config(), &cfg);
     let got = loaded.decode(&loaded.encode(&x).unwrap()).unwrap();
+    // The model built to train computes through the patch matrix, the loaded one through the
+    // inference convolution: rounding differs (32 channels, three levels).
     let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff < 1e-6, "{diff}");
+    assert!(diff < 1e-5, "{diff}");
     let e = load(&pt, Some("vq-8"), &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("vq_custom.pt") && e.contains("preset `vq-8`") && e.contains("ch 32 x [1, 2, 2]"), "{e}");
     // A file without tokenizer keys needs a preset, and says so.

@@ -66,7 +66,7 @@ pub struct ModelArgs {
     /// Architecture preset for a .pt GPT checkpoint (e.g. tokenar-xl, editar-xl, XL).
     #[arg(long)]
     pub preset: Option<String>,
-    /// Tokenizer preset for a .pt tokenizer (default vq-16).
+    /// Tokenizer preset: checked against the tokenizer file's shapes (which are used without it).
     #[arg(long)]
     pub tokenizer_preset: Option<String>,
     /// Token grid side of a .pt GPT that does not record it (LlamaGen t2i): 32 by default

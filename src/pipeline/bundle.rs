@@ -62,7 +62,7 @@ impl TextModel {
     pub fn describe(&self) -> String {
         match self {
             TextModel::Builtin(e) => format!("built-in ({} words, {}-d, {} layers)", e.vocab().len(), e.config().dim, e.config().n_layer),
-            TextModel::T5(t) => format!("T5 ({}-d, {} rows, {:?} padding)", t.dim(), t.max_len(), t.padding()),
+            TextModel::T5(t) => format!("T5 ({}-d, {} rows, {:?} padding, padded rows {:?})", t.dim(), t.max_len(), t.padding(), t.options().pad_rows),
         }
     }
 }
@@ -225,7 +225,8 @@ impl BundlePaths {
 pub struct LoadHints {
     /// GPT preset for a `.pt` model (e.g. `tokenar-xl`).
     pub preset: Option<String>,
-    /// Tokenizer preset for a `.pt` tokenizer (default `vq-16`).
+    /// Tokenizer preset: a check of the architecture the tokenizer file describes, or the
+    /// architecture of a file that does not describe one.
     pub tokenizer_preset: Option<String>,
 }
 
@@ -239,13 +240,8 @@ impl Bundle {
     /// (LlamaGen t2i; default [`model::config::DEFAULT_GRID`]).
     pub fn load_with_grid(dir: &Path, hints: &LoadHints, grid: Option<usize>, device: &Device) -> Result<Self> {
         let paths = BundlePaths::find(dir)?;
-        let is_pt = |p: &Path| p.extension().map(|e| e != "safetensors").unwrap_or(true);
-        let vq_preset = if is_pt(&paths.tokenizer) {
-            Some(hints.tokenizer_preset.clone().unwrap_or_else(|| "vq-16".to_string()))
-        } else {
-            hints.tokenizer_preset.clone()
-        };
-        let (vq, vq_vars) = tokenizer::load(&paths.tokenizer, vq_preset.as_deref(), device)?;
+        // The tokenizer's shapes come from the file; a preset only checks them.
+        let (vq, vq_vars) = tokenizer::load(&paths.tokenizer, hints.tokenizer_preset.as_deref(), device)?;
         let (gpt, gpt_vars, report) = model::load_with_hints(&paths.model, hints.preset.as_deref(), grid, device)?;
         let (text, text_vars) = match &paths.text {
             TextSource::Builtin(t) => {
@@ -253,12 +249,16 @@ impl Bundle {
                 (TextModel::Builtin(enc), Some(vm))
             }
             TextSource::T5(folder) => {
-                // LlamaGen left-pads; EditAR / TokenAR right-pad (docs/reference.md).
+                // LlamaGen left-pads (padded rows zero); EditAR / TokenAR right-pad and read the
+                // encoder's outputs at the padded rows too (docs/reference.md).
                 let padding = match gpt.config().family {
                     Family::LlamaGen => Padding::Left,
                     _ => Padding::Right,
                 };
                 let mut opts = T5Options::new(padding);
+                if matches!(gpt.config().family, Family::EditAr | Family::TokenAr) {
+                    opts.pad_rows = crate::text::t5::PadRows::Encoded;
+                }
                 opts.max_len = gpt.config().caption_len;
                 (TextModel::T5(T5Encoder::load(folder, opts, device)?), None)
             }

@@ -2,25 +2,45 @@
 //!
 //! A model folder holds `config.json`, `tokenizer.json` and either `model.safetensors` or
 //! shards `model-0000x-of-0000y.safetensors` (listed by `model.safetensors.index.json` when
-//! present). The encoder is candle's `T5EncoderModel`; rows are placed as [`Padding`] says.
+//! present). The encoder stack is [`stack::Stack`] (Hugging Face's `T5EncoderModel` with its
+//! attention mask); rows are placed as [`Padding`] and [`PadRows`] say.
 //!
-//! The reference code runs T5 on a right-padded batch with an attention mask. candle's T5
-//! encoder takes no mask, so each prompt is encoded on its own, unpadded: for the valid
-//! tokens this is exactly what the masked batch computes (T5's relative position bias only
-//! sees distances between valid tokens either way). Padded rows are then zero and masked
-//! for both conventions: LlamaGen zeroes them explicitly; for a checkpoint trained on other
-//! values in its padded rows, the difference is confined to those (masked) rows.
+//! The reference code runs T5 on a batch right-padded to 120 tokens with an attention mask:
+//! - LlamaGen keeps the valid rows only (moved last, the rest zeroed): [`PadRows::Zero`]. For
+//!   the valid tokens the masked batch computes exactly what one unpadded prompt computes (the
+//!   relative position bias only sees distances between valid tokens either way), so each
+//!   prompt is encoded on its own, unpadded.
+//! - EditAR and TokenAR feed all 120 rows to their GPT, which attends to every one of them:
+//!   after the valid rows come the encoder's outputs at the `<pad>` tokens, which are not zero
+//!   ([`PadRows::Encoded`]). Those are computed as the reference does, on the padded batch
+//!   under the mask.
+
+#[path = "t5_stack.rs"]
+pub mod stack;
 
 use super::{pad_features, Padding, TextEncoder, DEFAULT_MAX_LEN};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::t5::{Config, T5EncoderModel};
+use candle_transformers::models::t5::Config;
+use stack::Stack;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
 /// Most prompts encoded in one forward pass.
 pub const MAX_BATCH: usize = 32;
+
+/// What the rows after a caption hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PadRows {
+    /// Zero, and masked (0 in the mask): LlamaGen, and models trained here.
+    Zero,
+    /// With right padding only: the encoder's outputs at `<pad>` tokens of the prompt padded
+    /// to `max_len` under the attention mask, as EditAR and TokenAR compute them; the mask is 1
+    /// on every row, because their GPT attends to every row.
+    Encoded,
+}
 
 /// How a [`T5Encoder`] is run.
 #[derive(Clone, Debug)]
@@ -30,17 +50,18 @@ pub struct T5Options {
     pub max_len: usize,
     /// Compute dtype of the encoder (f32 on CPU; bf16 is fine on CUDA). Output is always f32.
     pub dtype: DType,
+    pub pad_rows: PadRows,
 }
 
 impl T5Options {
     pub fn new(padding: Padding) -> Self {
-        Self { padding, max_len: DEFAULT_MAX_LEN, dtype: DType::F32 }
+        Self { padding, max_len: DEFAULT_MAX_LEN, dtype: DType::F32, pad_rows: PadRows::Zero }
     }
 }
 
 /// flan-t5 encoder + tokenizer loaded from a local folder.
 pub struct T5Encoder {
-    model: T5EncoderModel,
+    model: Stack,
     tokenizer: Tokenizer,
     config: Config,
     opts: T5Options,
@@ -107,6 +128,9 @@ impl T5Encoder {
         if opts.max_len == 0 {
             return Err(Error::invalid("max_len", "must be at least 1"));
         }
+        if opts.pad_rows == PadRows::Encoded && opts.padding != Padding::Right {
+            return Err(Error::invalid("T5 options", "encoded padded rows need right padding (the reference's)"));
+        }
         let cfg_path = folder.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let config: Config = serde_json::from_str(&text)
@@ -123,7 +147,7 @@ impl T5Encoder {
         // encoder is alive, as with any memory-mapped checkpoint.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, device) }
             .map_err(|e| Error::bad_file(folder, format!("cannot map weights: {e}")))?;
-        let model = T5EncoderModel::load(vb, &config)
+        let model = Stack::load(&config, vb)
             .map_err(|e| Error::bad_file(folder, format!("weights do not match config.json: {e}")))?;
         Ok(Self { model, tokenizer, config, opts, device: device.clone(), folder: folder.to_path_buf() })
     }
@@ -134,6 +158,10 @@ impl T5Encoder {
 
     pub fn padding(&self) -> Padding {
         self.opts.padding
+    }
+
+    pub fn options(&self) -> &T5Options {
+        &self.opts
     }
 
     /// Token ids of one prompt, end-of-sequence included, truncated to `max_len`.
@@ -154,14 +182,34 @@ impl T5Encoder {
             return Ok(Tensor::zeros((0, self.dim()), DType::F32, &self.device)?);
         }
         let n = ids.len();
-        Ok(self.forward_ids(&Tensor::from_vec(ids, (1, n), &self.device)?)?.squeeze(0)?)
+        Ok(self.forward_ids(&Tensor::from_vec(ids, (1, n), &self.device)?, None)?.squeeze(0)?)
     }
 
-    /// `last_hidden_state` f32 for unpadded ids `(B, n)`.
-    fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
-        // The encoder holds no cache; a clone shares the weights and lets `encode` take `&self`.
-        let mut model = self.model.clone();
-        Ok(model.forward_dt(ids, Some(self.opts.dtype))?.to_dtype(DType::F32)?)
+    /// `last_hidden_state` f32 for ids `(B, n)` and an optional attention mask `(B, n)`.
+    fn forward_ids(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.model.forward(ids, mask)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`PadRows::Encoded`]: each prompt padded to `max_len` with the pad token and encoded under
+    /// its attention mask, in chunks of [`MAX_BATCH`]; every row is marked as read.
+    fn encode_padded(&self, ids: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        let l = self.opts.max_len;
+        let pad = self.config.pad_token_id as u32;
+        let mut parts = Vec::new();
+        for chunk in ids.chunks(MAX_BATCH) {
+            let flat: Vec<u32> = chunk.iter().flat_map(|v| v.iter().copied().chain(std::iter::repeat(pad)).take(l)).collect();
+            let mask: Vec<f32> = chunk.iter().flat_map(|v| (0..l).map(move |j| if j < v.len() { 1.0 } else { 0.0 })).collect();
+            let n = chunk.len();
+            let ids = Tensor::from_vec(flat, (n, l), &self.device)?;
+            let mask = Tensor::from_vec(mask, (n, l), &self.device)?;
+            parts.push(self.forward_ids(&ids, Some(&mask))?);
+        }
+        if parts.is_empty() {
+            return pad_features(&[], l, self.dim(), self.opts.padding, &self.device);
+        }
+        let f = Tensor::cat(&parts, 0)?;
+        let ones = Tensor::ones((ids.len(), l), DType::F32, &self.device)?;
+        Ok((f, ones))
     }
 }
 
@@ -174,10 +222,14 @@ impl TextEncoder for T5Encoder {
         self.opts.max_len
     }
 
-    /// Prompts with the same number of tokens run together as one unpadded batch (chunks of
-    /// at most [`MAX_BATCH`]); each prompt's rows are what it gets alone.
+    /// With [`PadRows::Zero`], prompts with the same number of tokens run together as one
+    /// unpadded batch (chunks of at most [`MAX_BATCH`]); each prompt's rows are what it gets
+    /// alone. With [`PadRows::Encoded`], the padded batch under its mask, as the reference.
     fn encode(&self, prompts: &[String]) -> Result<(Tensor, Tensor)> {
         let ids = prompts.iter().map(|p| self.token_ids(p)).collect::<Result<Vec<_>>>()?;
+        if self.opts.pad_rows == PadRows::Encoded {
+            return self.encode_padded(&ids);
+        }
         let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
         for (i, v) in ids.iter().enumerate() {
             by_len.entry(v.len()).or_default().push(i);
@@ -192,7 +244,7 @@ impl TextEncoder for T5Encoder {
                     continue;
                 }
                 let flat: Vec<u32> = chunk.iter().flat_map(|&i| ids[i].iter().copied()).collect();
-                let h = self.forward_ids(&Tensor::from_vec(flat, (chunk.len(), len), &self.device)?)?;
+                let h = self.forward_ids(&Tensor::from_vec(flat, (chunk.len(), len), &self.device)?, None)?;
                 for (j, &i) in chunk.iter().enumerate() {
                     rows[i] = Some(h.get(j)?);
                 }

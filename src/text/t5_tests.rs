@@ -258,3 +258,34 @@ fn t5_matches_a_masked_batch_reference() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn t5_encoded_pad_rows_follow_the_reference_batch() {
+    let dir = temp_dir("enc");
+    write_model(&dir, 1);
+    let dev = Device::Cpu;
+    let mut opts = T5Options::new(Padding::Right);
+    opts.max_len = 10;
+    let zero = T5Encoder::load(&dir, opts.clone(), &dev).unwrap();
+    opts.pad_rows = PadRows::Encoded;
+    let enc = T5Encoder::load(&dir, opts.clone(), &dev).unwrap();
+    let (fz, _) = zero.encode(&prompts()).unwrap();
+    let (fe, me) = enc.encode(&prompts()).unwrap();
+    // Every row is read; the valid rows are what the prompt gets alone (the mask hides the
+    // padding from them); the padded rows hold the encoder's outputs at `<pad>`.
+    assert_eq!(me.to_vec2::<f32>().unwrap(), vec![vec![1f32; 10]; 3]);
+    for (b, n) in [9usize, 2, 3].into_iter().enumerate() {
+        let d = (fz.i((b, 0..n)).unwrap() - fe.i((b, 0..n)).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "prompt {b}: {d}");
+        // The smallest |row| sum over the padded rows.
+        let rows = fe.i((b, n..10)).unwrap().abs().unwrap().sum(1).unwrap().min_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(rows > 1e-3, "prompt {b}: a padded row is zero");
+    }
+    // Padded rows at different distances from the caption (other position buckets) differ.
+    assert_ne!(fe.i((1, 2)).unwrap().to_vec1::<f32>().unwrap(), fe.i((1, 9)).unwrap().to_vec1::<f32>().unwrap());
+    // Encoded padded rows belong to right padding only.
+    opts.padding = Padding::Left;
+    let e = T5Encoder::load(&dir, opts, &dev).err().unwrap().to_string();
+    assert!(e.contains("right padding"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -103,6 +103,116 @@ impl VqConfig {
         Ok(cfg)
     }
 
+    /// The architecture a LlamaGen-style checkpoint's tensors describe, given the shape of each
+    /// key (`None` when absent): `ch` from `encoder.conv_in`, the channel multipliers from the
+    /// output width of each encoder level's first residual block, the residual blocks per level
+    /// from `encoder.conv_blocks.0.res.*` / `decoder.conv_blocks.0.res.*`, `z_channels` from
+    /// `encoder.conv_out` and the codebook from `quantize.embedding.weight`. What the tensors
+    /// cannot say is LlamaGen's: 32 GroupNorm groups, eps 1e-6, commitment 0.25, 256 px (the
+    /// result is not checked against the groups: see [`VqConfig::validate`]).
+    ///
+    /// `Ok(None)` when the keys of a VQ tokenizer are not there at all (another kind of file);
+    /// an error message when they are there but do not describe one consistent model.
+    pub fn infer_from_shapes(shape: &dyn Fn(&str) -> Option<Vec<usize>>) -> std::result::Result<Option<Self>, String> {
+        let (Some(conv_in), Some(codebook)) = (shape("encoder.conv_in.weight"), shape("quantize.embedding.weight")) else {
+            return Ok(None);
+        };
+        let dims = |key: &str, rank: usize| -> std::result::Result<Vec<usize>, String> {
+            match shape(key) {
+                Some(d) if d.len() == rank => Ok(d),
+                Some(d) => Err(format!("`{key}` has shape {d:?}, expected {rank} dimensions")),
+                None => Err(format!("`{key}` is missing")),
+            }
+        };
+        if conv_in.len() != 4 || conv_in[1] != 3 {
+            return Err(format!("`encoder.conv_in.weight` has shape {conv_in:?}, expected (ch, 3, 3, 3)"));
+        }
+        if codebook.len() != 2 {
+            return Err(format!("`quantize.embedding.weight` has shape {codebook:?}, expected (codebook_size, codebook_dim)"));
+        }
+        let ch = conv_in[0];
+        // Consecutive indices `{prefix}{i}.{suffix}` present from 0.
+        let count = |prefix: &str, suffix: &str| (0..).take_while(|i| shape(&format!("{prefix}{i}.{suffix}")).is_some()).count();
+        let levels = count("encoder.conv_blocks.", "res.0.conv1.weight");
+        if levels == 0 {
+            return Err("`encoder.conv_blocks.0.res.0.conv1.weight` is missing".into());
+        }
+        if levels > 16 {
+            return Err(format!("the encoder has {levels} levels (at most 16 are supported)"));
+        }
+        let mut ch_mult = Vec::with_capacity(levels);
+        for l in 0..levels {
+            let out = dims(&format!("encoder.conv_blocks.{l}.res.0.conv1.weight"), 4)?[0];
+            if ch == 0 || out % ch != 0 {
+                return Err(format!("encoder level {l} has {out} channels, not a multiple of ch {ch}"));
+            }
+            ch_mult.push(out / ch);
+        }
+        let enc_res_blocks = count("encoder.conv_blocks.0.res.", "conv1.weight");
+        for l in 1..levels {
+            let n = count(&format!("encoder.conv_blocks.{l}.res."), "conv1.weight");
+            if n != enc_res_blocks {
+                return Err(format!("encoder level {l} has {n} residual blocks, level 0 has {enc_res_blocks}"));
+            }
+        }
+        let dec_res_blocks = count("decoder.conv_blocks.0.res.", "conv1.weight");
+        let dec_levels = count("decoder.conv_blocks.", "res.0.conv1.weight");
+        if dec_levels != levels {
+            return Err(format!("the decoder has {dec_levels} levels, the encoder {levels}"));
+        }
+        let z_channels = dims("encoder.conv_out.weight", 4)?[0];
+        let downsample = 1usize << (levels - 1);
+        let cfg = VqConfig {
+            ch,
+            ch_mult,
+            enc_res_blocks,
+            dec_res_blocks,
+            z_channels,
+            codebook_size: codebook[0],
+            codebook_dim: codebook[1],
+            norm_groups: 32,
+            norm_eps: 1e-6,
+            commit_beta: 0.25,
+            image_size: if 256 % downsample == 0 { 256 } else { 16 * downsample },
+        };
+        // The structure must build a model; whether 32 groups divide the channel counts is
+        // checked where the config is used (a preset may supply other groups).
+        VqConfig { norm_groups: 1, ..cfg.clone() }.validate().map_err(|e| e.to_string())?;
+        Ok(Some(cfg))
+    }
+
+    /// The preset this architecture is, if any.
+    pub fn preset_name(&self) -> Option<&'static str> {
+        PRESETS.iter().copied().find(|p| Self::preset(p).map(|c| c.same_architecture(self)).unwrap_or(false))
+    }
+
+    /// Configs describing the same tensors (fields the tensors do not show may differ).
+    pub fn same_architecture(&self, other: &VqConfig) -> bool {
+        self.ch == other.ch
+            && self.ch_mult == other.ch_mult
+            && self.enc_res_blocks == other.enc_res_blocks
+            && self.dec_res_blocks == other.dec_res_blocks
+            && self.z_channels == other.z_channels
+            && self.codebook_size == other.codebook_size
+            && self.codebook_dim == other.codebook_dim
+    }
+
+    /// One line: `ch 128 x [1, 1, 2, 2, 4], 2/3 res blocks, z 256, codebook 16384 x 8, ...`.
+    pub fn describe(&self) -> String {
+        format!(
+            "ch {} x {:?}, {}/{} res blocks (encoder/decoder), z {}, codebook {} x {}, downsample {}, {} params",
+            self.ch,
+            self.ch_mult,
+            self.enc_res_blocks,
+            self.dec_res_blocks,
+            self.z_channels,
+            self.codebook_size,
+            self.codebook_dim,
+            self.downsample(),
+            self.num_params()
+        )
+    }
+
     /// Spatial reduction factor: `2^(len(ch_mult) - 1)`.
     pub fn downsample(&self) -> usize {
         1usize << self.ch_mult.len().saturating_sub(1)

@@ -3,8 +3,9 @@
 //! W/ds) u32 grids.
 //!
 //! The variable names are LlamaGen's checkpoint keys, so `vq_ds16_*.pt` / `vq_ds8_c2i.pt` load
-//! into the `vq-16` / `vq-8` presets; this project's own checkpoints are safetensors carrying
-//! the config as JSON under the metadata key [`META_CONFIG`].
+//! as they are: their architecture (the `vq-16` / `vq-8` presets, or any other) is read from
+//! the shapes of their tensors. This project's own checkpoints are safetensors carrying the
+//! config as JSON under the metadata key [`META_CONFIG`].
 
 pub mod blocks;
 pub mod config;
@@ -155,42 +156,50 @@ pub fn build(cfg: &VqConfig, device: &Device, seed: u64) -> Result<(Vq, VarMap)>
 }
 
 /// Load from .safetensors written by this project (config in metadata key "tokenar.vq") or from
-/// a LlamaGen .pt/.safetensors given a preset name; returns the model and its VarMap.
+/// a LlamaGen .pt/.safetensors (architecture read from its tensors); returns the model and its
+/// VarMap.
 ///
-/// When the file carries a config, that config is used; a preset given as well must describe
-/// the same tensors (else the file is rejected). Without a config in the file the preset is
-/// required. Loading is strict: a missing, misshapen or unknown key is an error naming it
-/// (LlamaGen's `quantize.codebook_used` buffer is ignored).
+/// The config comes from the file: its metadata, else its tensors
+/// ([`VqConfig::infer_from_shapes`]). A preset given as well is a check: it must describe the
+/// same tensors (else the file is rejected, naming both). A file that describes no tokenizer
+/// needs the preset. Loading is strict: a missing, misshapen or unknown key is an error naming
+/// it (LlamaGen's `quantize.codebook_used` buffer is ignored).
 pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(Vq, VarMap)> {
     load_file(&mut TensorFile::load(path, device)?, preset, device)
 }
 
+/// Where a checkpoint's tokenizer config came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Found {
+    /// This project's `tokenar.vq` metadata: the whole config.
+    Metadata(VqConfig),
+    /// The shapes of a LlamaGen-style file's tensors (GroupNorm groups and the other fields
+    /// the tensors do not show are LlamaGen's).
+    Shapes(VqConfig),
+    /// No tokenizer keys in the file.
+    Nothing,
+}
+
+/// The config a checkpoint describes: its `tokenar.vq` metadata, else the shapes of its
+/// tensors. A file with tokenizer keys that do not fit together is an error naming it.
+pub fn config_of(path: &Path, metadata: &BTreeMap<String, String>, shape: &dyn Fn(&str) -> Option<Vec<usize>>) -> Result<Found> {
+    if let Some(json) = metadata.get(META_CONFIG) {
+        let cfg = serde_json::from_str::<VqConfig>(json)
+            .map_err(|e| Error::bad_file(path, format!("metadata `{META_CONFIG}` is not a tokenizer config: {e}")))?;
+        return Ok(Found::Metadata(cfg));
+    }
+    match VqConfig::infer_from_shapes(shape) {
+        Ok(Some(cfg)) => Ok(Found::Shapes(cfg)),
+        Ok(None) => Ok(Found::Nothing),
+        Err(e) => Err(Error::bad_file(path, format!("looks like a VQ tokenizer but {e}"))),
+    }
+}
+
 /// [`load`] from a checkpoint already read (e.g. one compiled into the binary).
 pub fn load_file(file: &mut TensorFile, preset: Option<&str>, device: &Device) -> Result<(Vq, VarMap)> {
-    let path = file.path.as_path();
-    let from_meta = match file.metadata.get(META_CONFIG) {
-        Some(json) => Some(serde_json::from_str::<VqConfig>(json).map_err(|e| {
-            Error::bad_file(path, format!("metadata `{META_CONFIG}` is not a tokenizer config: {e}"))
-        })?),
-        None => None,
-    };
-    let cfg = match (preset, from_meta) {
-        (Some(p), Some(m)) => {
-            let pc = VqConfig::preset(p)?;
-            if !same_architecture(&pc, &m) {
-                return Err(Error::bad_file(path, format!("holds a tokenizer whose config differs from preset `{p}`: {m:?}")));
-            }
-            m
-        }
-        (Some(p), None) => VqConfig::preset(p)?,
-        (None, Some(m)) => m,
-        (None, None) => {
-            return Err(Error::bad_file(
-                path,
-                format!("has no `{META_CONFIG}` config in its metadata; name a preset ({})", PRESETS.join(", ")),
-            ))
-        }
-    };
+    let tensors = &file.tensors;
+    let found = config_of(&file.path, &file.metadata, &|k| tensors.get(k).map(|t| t.dims().to_vec()))?;
+    let cfg = resolve(&file.path, preset, found)?;
     // Every variable is loaded (strictly), so it starts as zeros instead of random draws.
     let varmap = VarMap::new();
     let vq = Vq::new(&cfg, crate::model::load::zeros_builder(&varmap, DType::F32, device))?;
@@ -203,15 +212,40 @@ pub fn load_file(file: &mut TensorFile, preset: Option<&str>, device: &Device) -
     Ok((vq, varmap))
 }
 
-/// Configs describing the same tensors (training-only fields may differ).
-fn same_architecture(a: &VqConfig, b: &VqConfig) -> bool {
-    a.ch == b.ch
-        && a.ch_mult == b.ch_mult
-        && a.enc_res_blocks == b.enc_res_blocks
-        && a.dec_res_blocks == b.dec_res_blocks
-        && a.z_channels == b.z_channels
-        && a.codebook_size == b.codebook_size
-        && a.codebook_dim == b.codebook_dim
+/// The config to build for a file that describes `found`, checked against `preset`, and
+/// validated (errors name `path`).
+pub fn resolve(path: &Path, preset: Option<&str>, found: Found) -> Result<VqConfig> {
+    let bad = |msg: String| Error::bad_file(path, msg);
+    let cfg = match (preset, found) {
+        (Some(p), Found::Metadata(f) | Found::Shapes(f)) if !VqConfig::preset(p)?.same_architecture(&f) => {
+            return Err(bad(format!(
+                "holds a tokenizer of {} but preset `{p}` is {}; leave the tokenizer preset out to use the file's",
+                f.describe(),
+                VqConfig::preset(p)?.describe()
+            )))
+        }
+        // The file's own config; the preset only checked it.
+        (_, Found::Metadata(f)) => f,
+        // Read from the tensors: the preset knows what they do not show (GroupNorm groups).
+        (Some(p), _) => VqConfig::preset(p)?,
+        (None, Found::Shapes(f)) => {
+            f.validate().map_err(|e| {
+                bad(format!(
+                    "holds a tokenizer of {} whose channels LlamaGen's 32 GroupNorm groups do not divide ({e}); name the tokenizer preset it was built with",
+                    f.describe()
+                ))
+            })?;
+            f
+        }
+        (None, Found::Nothing) => {
+            return Err(bad(format!(
+                "holds no VQ tokenizer (no `{META_CONFIG}` metadata, no `encoder.conv_in.weight` and `quantize.embedding.weight`); name a tokenizer preset ({}) to load it as one",
+                PRESETS.join(", ")
+            )))
+        }
+    };
+    cfg.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(cfg)
 }
 
 /// Write the model's variables to safetensors (atomically) with the config in the metadata.

@@ -143,9 +143,13 @@ fn llamagen_checkpoint_loads_and_wrong_shape_fails() {
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-6, "{diff}");
 
-    // Without a preset a LlamaGen file cannot be loaded.
+    // Without a preset, this file's shapes are read, but LlamaGen's 32 GroupNorm groups do not
+    // divide vq-tiny's 8 channels: the error says so and asks for the preset.
     let e = load(&pt, None, &Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("preset"), "{e}");
+    assert!(e.contains("32 GroupNorm groups") && e.contains("preset") && e.contains("vq_tiny.pt"), "{e}");
+    // A preset of another architecture is a mismatch naming both.
+    let e = load(&pt, Some("vq-16"), &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("vq-16") && e.contains("ch 8 x [1, 2]") && e.contains("ch 128 x [1, 1, 2, 2, 4]"), "{e}");
 
     // A wrong shape names the key and both shapes.
     let bad = Tensor::zeros((8, 3, 1, 1), DType::F32, &Device::Cpu).unwrap();
@@ -164,6 +168,73 @@ fn llamagen_checkpoint_loads_and_wrong_shape_fails() {
     torch_zip::write_checkpoint(&pt3, Some("model"), &list3).unwrap();
     let e = load(&pt3, Some("vq-tiny"), &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("quant_conv.bias"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// `tensors` as a LlamaGen checkpoint (`{"model": state_dict}` with the usage buffer).
+fn write_llamagen_pt(path: &std::path::Path, vm: &VarMap) {
+    let tensors = crate::weights::varmap_tensors(vm);
+    let used = Tensor::zeros(65536, DType::F32, &Device::Cpu).unwrap();
+    let mut list: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    list.push(("quantize.codebook_used", &used));
+    torch_zip::write_checkpoint(path, Some("model"), &list).unwrap();
+}
+
+#[test]
+fn architecture_is_read_from_the_tensors() {
+    let d = tmpdir("infer");
+    // No preset has these shapes; LlamaGen's 32 groups divide every channel count.
+    let cfg = VqConfig {
+        ch: 32,
+        ch_mult: vec![1, 2, 2],
+        enc_res_blocks: 2,
+        dec_res_blocks: 1,
+        z_channels: 4,
+        codebook_size: 24,
+        codebook_dim: 3,
+        norm_groups: 32,
+        norm_eps: 1e-6,
+        commit_beta: 0.25,
+        image_size: 256,
+    };
+    let (vq, vm) = build(&cfg, &Device::Cpu, 1).unwrap();
+    let tensors = crate::weights::varmap_tensors(&vm);
+    let shape = |k: &str| tensors.get(k).map(|t| t.dims().to_vec());
+    assert_eq!(VqConfig::infer_from_shapes(&shape).unwrap(), Some(cfg.clone()));
+    assert_eq!(cfg.preset_name(), None);
+    assert_eq!(VqConfig { ch_mult: vec![1, 2, 2, 4], ch: 128, enc_res_blocks: 2, dec_res_blocks: 3, z_channels: 256, codebook_size: 16384, codebook_dim: 8, ..cfg.clone() }.preset_name(), Some("vq-8"));
+    // Not a tokenizer: nothing to infer; inconsistent keys: an error naming the level.
+    assert_eq!(VqConfig::infer_from_shapes(&|_: &str| None).unwrap(), None);
+    let e = VqConfig::infer_from_shapes(&|k: &str| {
+        if k == "encoder.conv_blocks.1.res.1.conv1.weight" {
+            None
+        } else {
+            shape(k)
+        }
+    })
+    .unwrap_err();
+    assert!(e.contains("encoder level 1 has 1 residual blocks"), "{e}");
+
+    // A LlamaGen .pt loads without a preset, and with a matching one.
+    let pt = d.join("vq_custom.pt");
+    write_llamagen_pt(&pt, &vm);
+    let x = images(1, 16, 2);
+    let want = vq.decode(&vq.encode(&x).unwrap()).unwrap();
+    let (loaded, _) = load(&pt, None, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config(), &cfg);
+    let got = loaded.decode(&loaded.encode(&x).unwrap()).unwrap();
+    // The model built to train computes through the patch matrix, the loaded one through the
+    // inference convolution: rounding differs (32 channels, three levels).
+    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "{diff}");
+    let e = load(&pt, Some("vq-8"), &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("vq_custom.pt") && e.contains("preset `vq-8`") && e.contains("ch 32 x [1, 2, 2]"), "{e}");
+    // A file without tokenizer keys needs a preset, and says so.
+    let other = d.join("other.pt");
+    let w = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+    torch_zip::write_checkpoint(&other, Some("model"), &[("tok_embeddings.weight", &w)]).unwrap();
+    let e = load(&other, None, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("other.pt") && e.contains("holds no VQ tokenizer"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
 

@@ -24,6 +24,13 @@ fn tokenar(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// As [`tokenar`], run in the folder `dir` (for relative paths).
+fn tokenar_in(dir: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenar")).current_dir(dir).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
 fn ok(args: &[&str]) -> String {
     let (code, text) = tokenar(args);
     assert_eq!(code, 0, "tokenar {args:?}: {text}");
@@ -310,6 +317,13 @@ fn failures_are_errors_and_paths_stay_in_the_dataset() {
         assert!(line.contains("outside the dataset root"), "{line}");
     }
     assert!(report.contains("9 good, 3 bad"), "{report}");
+    // The same with the dataset given relative to the working folder.
+    let (code, rel) = tokenar_in(&f.root, &["data", "check", "synth"]);
+    assert_ne!(code, 0, "{rel}");
+    assert!(rel.contains("9 good, 3 bad") && rel.matches("outside the dataset root").count() == 3, "{rel}");
+    let (code, rel) = tokenar_in(&f.root, &["eval", "--pred", "pred", "--dataset", "synth", "--metrics", "pixel"]);
+    assert_eq!(code, 2, "{rel}");
+    assert!(rel.contains("sample_1") && rel.contains("outside the dataset root"), "{rel}");
     // encode leaves them out (with the reason), eval refuses the dataset naming the sample.
     let text = ok(&["data", "encode", s(&f.data), "--tokenizer", s(&f.tok), "--out", s(&f.root.join("c-conf"))]);
     assert!(text.contains("encoded 9 samples") && text.contains("outside the dataset root"), "{text}");

@@ -250,12 +250,18 @@ pub(crate) fn validate(sample: &Sample, opts: &OpenOptions) -> std::result::Resu
     Ok(())
 }
 
-/// `path` resolved (symbolic links followed, `..` applied) when it lies inside the dataset root
-/// `root` (already canonical), otherwise the reason. A path that does not exist is resolved as
+/// `path` (absolute, or relative to the working folder, as it would be opened) resolved
+/// (symbolic links followed, `..` applied) when it lies inside the dataset root `root`
+/// (already canonical), otherwise the reason. A path that does not exist is resolved as
 /// far as its existing ancestors go, so a missing file under a symlinked folder that leaves the
 /// root is refused too.
 pub fn confine(root: &Path, path: &Path) -> std::result::Result<PathBuf, String> {
-    let full = if path.is_absolute() { path.to_path_buf() } else { root.join(path) };
+    // Callers pass paths as they open them: a relative one is relative to the working folder.
+    let full = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| format!("{}: {e}", path.display()))?.join(path)
+    };
     // The longest existing ancestor, canonicalised, then the remaining components lexically.
     let mut existing = full.as_path();
     let mut rest = Vec::new();

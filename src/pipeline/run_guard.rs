@@ -124,7 +124,7 @@ pub fn config_changes(stored: &str, now: &TrainJobConfig) -> Result<Vec<Change>>
     flatten("", &old, &mut a);
     flatten("", &now, &mut b);
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let absent = || "(absent)".to_string();
+    let absent = || "(unset)".to_string();
     Ok(keys
         .into_iter()
         .filter(|k| !MAY_CHANGE.contains(&k.as_str()))

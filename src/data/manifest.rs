@@ -1,10 +1,11 @@
 //! A JSONL manifest for datasets that do not live in one folder tree: one JSON object per line,
 //! `{"id", "refs": [..], "background", "target", "mask", "prompt", "meta"}`, with paths relative
-//! to the manifest's folder (absolute paths are accepted when they lie inside it: every file of
-//! an entry, symbolic links followed, must stay inside the manifest's folder, or the entry is
-//! bad). Blank lines and lines starting with `#` are ignored.
+//! to the manifest's folder (or absolute). Blank lines and lines starting with `#` are ignored.
+//! A manifest is an explicit list of files (curation writes one naming another folder's
+//! images), so its paths are not confined to its folder; the folder layout's are (see
+//! `instructar::open_dir`).
 
-use super::format::{canonical_root, confine_sample, validate, Dataset, Meta, OpenOptions, Sample};
+use super::format::{validate, Dataset, Meta, OpenOptions, Sample};
 use crate::error::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -28,7 +29,6 @@ pub struct Entry {
 pub fn open_manifest(path: &Path, opts: &OpenOptions) -> Result<Dataset> {
     let text = std::fs::read_to_string(path).with_path(path)?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let canon = canonical_root(&base)?;
     let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     let mut ds = Dataset {
         root: base.clone(),
@@ -58,7 +58,7 @@ pub fn open_manifest(path: &Path, opts: &OpenOptions) -> Result<Dataset> {
             prompt: entry.prompt.trim().to_string(),
             meta: entry.meta,
         };
-        match confine_sample(&canon, &sample).and_then(|_| validate(&sample, opts)) {
+        match validate(&sample, opts) {
             Ok(()) => ds.samples.push(sample),
             Err(reason) => ds.skipped.push((sample.id, reason)),
         }

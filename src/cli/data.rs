@@ -30,6 +30,11 @@ pub enum DataCmd {
         /// Do not write `contact.png` next to the dataset.
         #[arg(long)]
         no_contact: bool,
+        /// The output folder holds a dataset made with other options (or more samples than
+        /// --n): delete its samples (`sample_<i>/`), `dataset.json` and `contact.png` first.
+        /// Without it such a folder is refused; one made with the same options is completed.
+        #[arg(long)]
+        force: bool,
     },
     /// Validate a dataset (folder or .jsonl) and report every bad sample with its reason.
     Check {
@@ -68,6 +73,11 @@ pub enum DataCmd {
         /// when those are done.
         #[arg(long)]
         max_samples: Option<usize>,
+        /// The output folder holds a cache made with another tokenizer, dataset, text encoder
+        /// or size: delete it (`index.json` and its shards) and encode afresh. Without it such
+        /// a cache is refused; one made the same way is resumed.
+        #[arg(long)]
+        force: bool,
     },
     /// Write a contact sheet (references, background, mask, target per row).
     Sheet {
@@ -94,11 +104,18 @@ fn parse_subjects(s: &str) -> anyhow::Result<(usize, usize)> {
 
 pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
     match cmd {
-        DataCmd::Encode { dataset, tokenizer, tokenizer_preset, out, size, t5, batch, max_refs, max_samples } => {
-            encode(&dataset, &tokenizer, tokenizer_preset.as_deref(), &out, size, t5.as_deref(), batch, max_refs, max_samples)
+        DataCmd::Encode { dataset, tokenizer, tokenizer_preset, out, size, t5, batch, max_refs, max_samples, force } => {
+            let sel = EncodeSelect { max_refs, max_samples, force };
+            encode(&dataset, &tokenizer, tokenizer_preset.as_deref(), &out, size, t5.as_deref(), batch, &sel)
         }
-        DataCmd::Synth { out, n, seed, size, split, subjects, threads, no_contact } => {
+        DataCmd::Synth { out, n, seed, size, split, subjects, threads, no_contact, force } => {
             let opts = synth::SynthOptions { n, seed, size, subjects: parse_subjects(&subjects)?, split, threads };
+            if force {
+                let removed = synth::clear_output(&out)?;
+                if removed > 0 {
+                    eprintln!("--force: deleted {removed} entries of the old dataset in {}", out.display());
+                }
+            }
             let bar = super::progress_bar(n as u64, "{bar:40} {pos}/{len} samples [{elapsed_precise}<{eta_precise}]");
             let t0 = std::time::Instant::now();
             synth::generate(&out, &opts, Some(&|k| bar.set_position(k as u64)))?;
@@ -134,6 +151,13 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
     }
 }
 
+/// Which samples `data encode` takes, and whether it may replace an old cache.
+struct EncodeSelect {
+    max_refs: usize,
+    max_samples: Option<usize>,
+    force: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn encode(
     dataset: &std::path::Path,
@@ -143,16 +167,23 @@ fn encode(
     size: Option<u32>,
     t5: Option<&std::path::Path>,
     batch: usize,
-    max_refs: usize,
-    max_samples: Option<usize>,
+    sel: &EncodeSelect,
 ) -> anyhow::Result<()> {
     use tokenar::text::TextEncoder;
+    if size == Some(0) {
+        anyhow::bail!("invalid --size: 0 px (must be at least 1)");
+    }
+    if batch == 0 {
+        anyhow::bail!("invalid --batch: 0 (must be at least 1)");
+    }
     let device = tokenar::util::best_device();
     let (vq, _) = tokenar::tokenizer::load(tokenizer, preset, &device)?;
     let size = size.unwrap_or(vq.config().image_size as u32);
-    let opts = data::OpenOptions { max_refs, ..Default::default() };
+    let opts = data::OpenOptions { max_refs: sel.max_refs, ..Default::default() };
     let mut ds = data::Dataset::open(dataset, &opts)?;
-    if let Some(n) = max_samples {
+    // The dataset's identity covers all of it, so that --max-samples can grow a cache.
+    let maker = data::cache::CacheMaker::new(&ds, tokenizer, preset, t5)?;
+    if let Some(n) = sel.max_samples {
         if n == 0 {
             anyhow::bail!("--max-samples must be positive");
         }
@@ -168,8 +199,17 @@ fn encode(
     let text = enc_txt
         .as_mut()
         .map(|f| f as &mut dyn FnMut(&[String]) -> tokenar::Result<(candle_core::Tensor, candle_core::Tensor)>);
-    data::cache::encode_dataset(&ds, out, size, &mut enc_img, text, batch, Some(&|k, _| bar.set_position(k as u64)))?;
+    let eopts = data::cache::EncodeOptions { maker: Some(maker), force: sel.force, ..data::cache::EncodeOptions::new(size, batch) };
+    let r = data::cache::encode(&ds, out, &eopts, &mut enc_img, text, Some(&|k, _| bar.set_position(k as u64)));
     bar.finish_and_clear();
-    eprintln!("encoded {} samples into {}", ds.len(), out.display());
+    let s = r?;
+    let mut msg = format!("encoded {} samples into {} ({} in the cache", s.stored, out.display(), s.in_cache);
+    if s.already > 0 {
+        msg += &format!(", {} from an earlier run", s.already);
+    }
+    if s.skipped > 0 {
+        msg += &format!("; {} skipped", s.skipped);
+    }
+    eprintln!("{msg})");
     Ok(())
 }

@@ -187,6 +187,9 @@ fn write_outputs(r: &run::EvalResult, out: &Path, grid: &GridArgs) -> anyhow::Re
         eprintln!("{} samples failed (see `error` in {file}); first: {}", r.failed(),
             r.rows.iter().find_map(|row| row.error.as_deref()).unwrap_or(""));
     }
+    // The result is written either way (its rows name each failure); a run that scored
+    // nothing is an error.
+    r.check_any_scored()?;
     if r.shard.is_some() {
         return Ok(());
     }
@@ -225,6 +228,7 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
     let pred_dir = out.join("pred");
     let opts = run::EvalOptions { name, size: a.size, shard: a.shard.unwrap_or((0, 1)) };
     let samples = samples::list_samples(&dataset)?;
+    let root = tokenar::data::format::canonical_root(&dataset)?;
     let mut produce = |s: &samples::EvalSample| -> tokenar::Result<image::RgbImage> {
         let dir = s
             .target
@@ -232,6 +236,9 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
             .or(s.mask.as_ref())
             .and_then(|p| p.parent())
             .ok_or_else(|| tokenar::Error::invalid("dataset", format!("sample {} has no folder", s.id)))?;
+        for f in ["background.png", "description.txt"] {
+            tokenar::data::format::confine(&root, &dir.join(f)).map_err(|why| tokenar::Error::invalid("dataset", format!("sample {}: {why}", s.id)))?;
+        }
         let refs = s.refs.iter().map(|p| tokenar::imageio::load_rgb(p, None)).collect::<tokenar::Result<Vec<_>>>()?;
         let background = Some(tokenar::imageio::load_rgb(dir.join("background.png"), None)?);
         let mask = s.mask.as_ref().map(|p| tokenar::imageio::load_mask(p, None)).transpose()?;

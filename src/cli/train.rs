@@ -2,7 +2,7 @@
 
 use clap::Args;
 use std::path::PathBuf;
-use tokenar::pipeline::{TrainJob, TrainJobConfig};
+use tokenar::pipeline::{RunStart, TrainJob, TrainJobConfig};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -12,9 +12,17 @@ pub struct TrainArgs {
     /// Override a config field: --set steps=100 --set model.itd=false
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// Continue from the newest checkpoint in the run folder.
+    /// Continue from the newest checkpoint in the run folder. A setting changed since that
+    /// checkpoint (other than steps, logging, checkpoint and sample-grid intervals, paths) is
+    /// refused, as is another tokenizer or cache content.
     #[arg(long)]
     resume: bool,
+    /// Without --resume: the run folder holds an old run; delete its run files (checkpoints/,
+    /// export/, config.toml, loss.png, samples.png, run.json; nothing else) and start afresh.
+    /// With --resume: continue even though settings changed, recording the change in
+    /// checkpoints/changes.jsonl. Without --force both cases are refused.
+    #[arg(long)]
+    force: bool,
     /// Use a CUDA GPU when built with the `cuda` feature.
     #[arg(long)]
     gpu: bool,
@@ -31,10 +39,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = TrainJobConfig::from_toml(&text, &args.sets, &args.config)?;
     let device = tokenar::util::device(args.gpu)?;
     if args.probe {
-        let job = TrainJob::new(cfg, true, &device)?;
-        if job.state.step == 0 {
-            anyhow::bail!("{}: no checkpoint to probe", job.parts.cfg.out.join("checkpoints").display());
+        let dir = cfg.out.join("checkpoints");
+        if tokenar::train::Checkpointer::latest_in(&dir)?.is_none() {
+            anyhow::bail!("{}: no checkpoint to probe (train first)", dir.display());
         }
+        let job = TrainJob::open(cfg, RunStart { resume: true, force: args.force }, &device)?;
         let p = tokenar::pipeline::probe::checkpoint_probe(&job.parts, job.state.step)?
             .ok_or_else(|| anyhow::anyhow!("the probe needs training samples with two or more references"))?;
         if args.json {
@@ -44,7 +53,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let mut job = TrainJob::new(cfg, args.resume, &device)?;
+    let mut job = TrainJob::open(cfg, RunStart { resume: args.resume, force: args.force }, &device)?;
     let c = job.parts.gpt.config();
     eprintln!(
         "model: {} layers, dim {}, {} params; index embedding {}, instruct tokens {}, ITD {}; {} training samples",

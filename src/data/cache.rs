@@ -86,9 +86,71 @@ struct Entry {
     owners: Option<usize>,
 }
 
+/// What made a cache: the tokenizer (by content), the dataset (by path and content) and the
+/// text encoder. A cache refuses to be resumed by another maker (see
+/// [`CacheWriter::create_or_resume_for`]), and training refuses a tokenizer other than the
+/// cache's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheMaker {
+    /// The tokenizer file as given, and its content fingerprint
+    /// ([`super::provenance::file_fingerprint`]).
+    pub tokenizer_path: String,
+    pub tokenizer: String,
+    #[serde(default)]
+    pub tokenizer_preset: Option<String>,
+    /// The dataset's canonical path and content identity
+    /// ([`super::provenance::dataset_identity`]).
+    pub dataset_path: String,
+    pub dataset: String,
+    /// The text-feature encoder folder (T5), if features were stored.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl CacheMaker {
+    /// The maker of a cache encoded from `ds` with the tokenizer file `tokenizer` (and its
+    /// preset) and, when given, the text encoder folder `text`.
+    pub fn new(ds: &Dataset, tokenizer: &Path, preset: Option<&str>, text: Option<&Path>) -> Result<Self> {
+        let root = ds.root.canonicalize().unwrap_or_else(|_| ds.root.clone());
+        Ok(Self {
+            tokenizer_path: tokenizer.display().to_string(),
+            tokenizer: super::provenance::file_fingerprint(tokenizer)?,
+            tokenizer_preset: preset.map(str::to_string),
+            dataset_path: root.display().to_string(),
+            dataset: super::provenance::dataset_identity(ds),
+            text: text.map(|t| t.canonicalize().unwrap_or_else(|_| t.to_path_buf()).display().to_string()),
+        })
+    }
+
+    /// How `other` differs from this maker, one phrase per difference (empty when equal).
+    pub fn differences(&self, other: &CacheMaker) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.tokenizer != other.tokenizer || self.tokenizer_preset != other.tokenizer_preset {
+            out.push(format!(
+                "tokenizer {} (fingerprint {}) vs {} (fingerprint {})",
+                self.tokenizer_path, self.tokenizer, other.tokenizer_path, other.tokenizer
+            ));
+        }
+        if self.dataset_path != other.dataset_path {
+            out.push(format!("dataset {} vs {}", self.dataset_path, other.dataset_path));
+        } else if self.dataset != other.dataset {
+            out.push(format!("dataset {} has changed (content identity {} vs {})", self.dataset_path, self.dataset, other.dataset));
+        }
+        if self.text != other.text {
+            let t = |t: &Option<String>| t.clone().unwrap_or_else(|| "none".into());
+            out.push(format!("text features {} vs {}", t(&self.text), t(&other.text)));
+        }
+        out
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Index {
     version: u32,
+    /// What made the cache (absent in caches written before it was recorded, or by a caller
+    /// that gave none).
+    #[serde(default)]
+    maker: Option<CacheMaker>,
     /// Image size the codes were computed at.
     size: u32,
     grid: Option<(usize, usize)>,
@@ -114,21 +176,71 @@ pub struct CacheWriter {
 impl CacheWriter {
     /// Create a cache at `dir`, or resume the one there (its image size must match).
     pub fn create_or_resume(dir: &Path, size: u32, shard_samples: usize) -> Result<Self> {
+        Self::create_or_resume_for(dir, size, shard_samples, None, false)
+    }
+
+    /// As [`CacheWriter::create_or_resume`], recording `maker`. A cache already at `dir` is
+    /// resumed only when it was made by the same maker at the same size; otherwise this is an
+    /// error naming the folder and the difference, unless `force`, which deletes the old
+    /// cache's files (`index.json`, the shards) and starts a new one. A folder holding other
+    /// files but no `index.json` is refused (with or without `force`) unless it is empty.
+    pub fn create_or_resume_for(dir: &Path, size: u32, shard_samples: usize, maker: Option<&CacheMaker>, force: bool) -> Result<Self> {
+        if size == 0 {
+            return Err(Error::invalid("image size", "0 px (must be at least 1)"));
+        }
         std::fs::create_dir_all(dir).with_path(dir)?;
         let index_path = dir.join(INDEX);
+        let fresh = || Index { version: 1, maker: maker.cloned(), size, grid: None, shards: vec![], samples: vec![], skipped: vec![], complete: false };
         let index = if index_path.is_file() {
-            let idx = read_index(&index_path)?;
-            if idx.size != size {
+            let old = read_index(&index_path);
+            let mut why = match &old {
+                Err(e) => vec![e.to_string()],
+                Ok(idx) if idx.size != size => vec![format!("cache was written at {} px, asked to resume at {size} px", idx.size)],
+                Ok(idx) => match (&idx.maker, maker) {
+                    (Some(a), Some(b)) => a.differences(b),
+                    (None, Some(_)) => vec!["the cache records no tokenizer and dataset (written by an older version), so it cannot be resumed safely".into()],
+                    _ => Vec::new(),
+                },
+            };
+            if why.is_empty() {
+                old?
+            } else if force {
+                remove_cache_files(dir)?;
+                why.clear();
+                eprintln!("--force: deleted the old cache in {} (index.json and its shards)", dir.display());
+                fresh()
+            } else {
                 return Err(Error::bad_file(
-                    &index_path,
-                    format!("cache was written at {} px, asked to resume at {size} px", idx.size),
+                    dir,
+                    format!(
+                        "holds a code cache made otherwise: {}; use another --out folder, or --force to delete this cache and encode afresh",
+                        why.join("; ")
+                    ),
                 ));
             }
-            idx
         } else {
-            Index { version: 1, size, grid: None, shards: vec![], samples: vec![], skipped: vec![], complete: false }
+            let foreign: Vec<String> = std::fs::read_dir(dir)
+                .with_path(dir)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !is_cache_file(n))
+                .collect();
+            if !foreign.is_empty() {
+                return Err(Error::bad_file(
+                    dir,
+                    format!("is not empty and holds no code cache ({} other entries, e.g. {}); choose an empty or new --out folder", foreign.len(), foreign[0]),
+                ));
+            }
+            // Shards without an index (an interrupted first shard) are not part of any cache.
+            remove_cache_files(dir)?;
+            fresh()
         };
         Ok(Self { dir: dir.to_path_buf(), index, shard_samples: shard_samples.max(1), pending: Vec::new() })
+    }
+
+    /// Samples stored so far (finished shards and pending).
+    pub fn stored(&self) -> usize {
+        self.index.samples.len() + self.pending.len()
     }
 
     /// Ids already stored (or recorded as skipped) by an earlier run.
@@ -236,6 +348,28 @@ impl CacheWriter {
     }
 }
 
+/// A file a cache writes: the index, a shard, or a temporary file of either.
+fn is_cache_file(name: &str) -> bool {
+    let base = name.strip_prefix('.').map(|n| n.rsplit_once('.').map_or(n, |(b, _)| b)).map(|n| n.rsplit_once('.').map_or(n, |(b, _)| b));
+    let plain = |n: &str| n == INDEX || (n.starts_with("shard_") && n.ends_with(".safetensors"));
+    plain(name) || (name.ends_with(".tmp") && base.is_some_and(|b| plain(b) || b.starts_with("index") || b.starts_with("shard_")))
+}
+
+/// Delete the files of a cache (index, shards, temporary files) in `dir`, nothing else.
+fn remove_cache_files(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_path(dir)? {
+        let e = e.with_path(dir)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_cache_file(&name) && e.path().is_file() {
+            match std::fs::remove_file(e.path()) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(e.path(), err)),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read_index(path: &Path) -> Result<Index> {
     let text = std::fs::read_to_string(path).with_path(path)?;
     serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid cache index: {e}")))
@@ -273,6 +407,11 @@ impl CacheReader {
 
     pub fn skipped(&self) -> &[(String, String)] {
         &self.index.skipped
+    }
+
+    /// What made the cache, when recorded.
+    pub fn maker(&self) -> Option<&CacheMaker> {
+        self.index.maker.as_ref()
     }
 
     pub fn ids(&self) -> impl Iterator<Item = &str> {
@@ -325,6 +464,44 @@ pub type ImageEncoder<'a> = &'a mut dyn FnMut(&Tensor) -> Result<Tensor>;
 /// The text encoder: prompts -> ((B, L, D) features, (B, L) mask of valid positions).
 pub type TextEncoder<'a> = &'a mut dyn FnMut(&[String]) -> Result<(Tensor, Tensor)>;
 
+/// What an encoding run did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EncodeSummary {
+    /// Samples of the dataset.
+    pub total: usize,
+    /// Samples this run encoded and stored.
+    pub stored: usize,
+    /// Samples already stored by an earlier run (resumed).
+    pub already: usize,
+    /// Samples this run could not load (recorded in the index with the reason).
+    pub skipped: usize,
+    /// The first of those (id, reason).
+    pub first_skipped: Option<(String, String)>,
+    /// Samples in the cache now.
+    pub in_cache: usize,
+}
+
+/// How [`encode`] writes a cache.
+#[derive(Debug, Clone)]
+pub struct EncodeOptions {
+    /// Image side the tokenizer sees.
+    pub size: u32,
+    /// Samples per call of the encoders.
+    pub batch: usize,
+    /// Samples per shard (the unit of resumption).
+    pub shard_samples: usize,
+    /// What makes the cache (recorded; a cache made otherwise is not resumed).
+    pub maker: Option<CacheMaker>,
+    /// Delete a cache made otherwise instead of refusing it.
+    pub force: bool,
+}
+
+impl EncodeOptions {
+    pub fn new(size: u32, batch: usize) -> Self {
+        Self { size, batch, shard_samples: DEFAULT_SHARD_SAMPLES, maker: None, force: false }
+    }
+}
+
 /// Encode every sample of `ds` at `size` px into a cache at `out`, `batch` samples per call of
 /// the encoders. Resumes a cache already at `out`. Samples whose images cannot be loaded are
 /// recorded as skipped (with a warning). `progress` gets (samples done, total).
@@ -336,7 +513,7 @@ pub fn encode_dataset(
     encode_text: Option<TextEncoder>,
     batch: usize,
     progress: Option<&dyn Fn(usize, usize)>,
-) -> Result<()> {
+) -> Result<EncodeSummary> {
     encode_dataset_sharded(ds, out, size, encode_images, encode_text, batch, DEFAULT_SHARD_SAMPLES, progress)
 }
 
@@ -347,17 +524,34 @@ pub fn encode_dataset_sharded(
     out: &Path,
     size: u32,
     encode_images: ImageEncoder,
-    mut encode_text: Option<TextEncoder>,
+    encode_text: Option<TextEncoder>,
     batch: usize,
     shard_samples: usize,
     progress: Option<&dyn Fn(usize, usize)>,
-) -> Result<()> {
-    let mut w = CacheWriter::create_or_resume(out, size, shard_samples)?;
+) -> Result<EncodeSummary> {
+    let opts = EncodeOptions { shard_samples, ..EncodeOptions::new(size, batch) };
+    encode(ds, out, &opts, encode_images, encode_text, progress)
+}
+
+/// Encode `ds` into a cache at `out` as `opts` says (see [`encode_dataset`]). When no sample is
+/// in the cache at the end (every one skipped), this is an error naming the first reason.
+pub fn encode(
+    ds: &Dataset,
+    out: &Path,
+    opts: &EncodeOptions,
+    encode_images: ImageEncoder,
+    mut encode_text: Option<TextEncoder>,
+    progress: Option<&dyn Fn(usize, usize)>,
+) -> Result<EncodeSummary> {
+    let (size, batch) = (opts.size, opts.batch);
+    let mut w = CacheWriter::create_or_resume_for(out, size, opts.shard_samples, opts.maker.as_ref(), opts.force)?;
     let done = w.done_ids();
     let todo: Vec<_> = ds.samples.iter().filter(|s| !done.contains(&s.id)).collect();
     let total = ds.samples.len();
     let mut finished = total - todo.len();
+    let already = w.stored();
     let mut skipped = 0;
+    let mut first_skipped = None;
     for chunk in todo.chunks(batch.max(1)) {
         let mut loaded = Vec::new();
         for s in chunk {
@@ -365,6 +559,7 @@ pub fn encode_dataset_sharded(
                 Ok(l) => loaded.push((s, l)),
                 Err(e) => {
                     skipped += 1;
+                    first_skipped.get_or_insert_with(|| (s.id.clone(), e.to_string()));
                     w.skip(&s.id, &e.to_string());
                 }
             }
@@ -415,7 +610,17 @@ pub fn encode_dataset_sharded(
     if skipped > 0 {
         eprintln!("warning: skipped {skipped} sample(s) whose images could not be loaded (listed in {INDEX})");
     }
-    w.finish()
+    let in_cache = w.stored();
+    let summary = EncodeSummary { total, stored: in_cache - already, already, skipped, first_skipped, in_cache };
+    if in_cache == 0 {
+        let why = match &summary.first_skipped {
+            Some((id, reason)) => format!("all {skipped} skipped (first: {id}: {reason})"),
+            None => "the dataset has no sample".to_string(),
+        };
+        return Err(Error::bad_file(out, format!("no sample could be encoded: {why}")));
+    }
+    w.finish()?;
+    Ok(summary)
 }
 
 #[cfg(test)]

@@ -250,6 +250,78 @@ pub(crate) fn validate(sample: &Sample, opts: &OpenOptions) -> std::result::Resu
     Ok(())
 }
 
+/// `path` (absolute, or relative to the working folder, as it would be opened) resolved
+/// (symbolic links followed, `..` applied) when it lies inside the dataset root `root`
+/// (already canonical), otherwise the reason. A path that does not exist is resolved as
+/// far as its existing ancestors go, so a missing file under a symlinked folder that leaves the
+/// root is refused too.
+pub fn confine(root: &Path, path: &Path) -> std::result::Result<PathBuf, String> {
+    // Callers pass paths as they open them: a relative one is relative to the working folder.
+    let full = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| format!("{}: {e}", path.display()))?.join(path)
+    };
+    // The longest existing ancestor, canonicalised, then the remaining components lexically.
+    let mut existing = full.as_path();
+    let mut rest = Vec::new();
+    let resolved = loop {
+        match existing.canonicalize() {
+            Ok(c) => break c,
+            Err(_) => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    existing = parent;
+                }
+                _ => return Err(format!("{} cannot be resolved", path.display())),
+            },
+        }
+    };
+    let mut out = resolved;
+    for part in rest.iter().rev() {
+        match part.to_str() {
+            Some("..") => {
+                out.pop();
+            }
+            Some(".") => {}
+            _ => out.push(part),
+        }
+    }
+    if out.starts_with(root) {
+        Ok(out)
+    } else {
+        Err(format!("{} resolves to {}, outside the dataset root {}", path.display(), out.display(), root.display()))
+    }
+}
+
+/// The canonical form of a dataset root (the folder every sample path must stay inside).
+pub fn canonical_root(root: &Path) -> Result<PathBuf> {
+    let r = if root.as_os_str().is_empty() { Path::new(".") } else { root };
+    r.canonicalize().with_path(r)
+}
+
+/// Check that every file a sample names lies inside `root` (canonical): its references,
+/// background, target, mask, its folder and, from `meta.json`, each subject's mask and
+/// reference.
+pub(crate) fn confine_sample(root: &Path, s: &Sample) -> std::result::Result<(), String> {
+    let mut paths: Vec<PathBuf> = s.refs.iter().cloned().collect();
+    paths.push(s.background.clone());
+    paths.extend(s.target.iter().cloned());
+    paths.extend(s.mask.iter().cloned());
+    if let Some(dir) = &s.dir {
+        paths.push(dir.clone());
+        for m in s.meta.iter().flat_map(|m| &m.subjects) {
+            for rel in m.mask.iter().chain(m.reference.iter()) {
+                paths.push(dir.join(rel));
+            }
+        }
+    }
+    for p in &paths {
+        confine(root, p)?;
+    }
+    Ok(())
+}
+
 fn unreadable(e: &Error) -> String {
     format!("unreadable image: {e}")
 }

@@ -3,7 +3,7 @@
 //! (the target) and `description.txt` (the prompt); this project adds an optional `mask.png`
 //! and `meta.json`.
 
-use super::format::{read_text, validate, Dataset, Meta, OpenOptions, Sample};
+use super::format::{canonical_root, confine, confine_sample, read_text, validate, Dataset, Meta, OpenOptions, Sample};
 use crate::error::{Error, IoContext, Result};
 use image::{GrayImage, RgbImage};
 use std::path::{Path, PathBuf};
@@ -30,8 +30,11 @@ fn order_key(name: &str) -> (u8, u64, String) {
     }
 }
 
-/// Read every sample folder under `root`; bad ones go to `skipped` with the reason.
+/// Read every sample folder under `root`; bad ones go to `skipped` with the reason. Every file
+/// of a sample (symbolic links followed, `meta.json` paths included) must lie inside `root`;
+/// a sample naming one outside is bad.
 pub fn open_dir(root: &Path, opts: &OpenOptions) -> Result<Dataset> {
+    let canon = canonical_root(root)?;
     let mut names = Vec::new();
     for entry in std::fs::read_dir(root).with_path(root)? {
         let entry = entry.with_path(root)?;
@@ -49,7 +52,8 @@ pub fn open_dir(root: &Path, opts: &OpenOptions) -> Result<Dataset> {
     };
     for name in names {
         let dir = root.join(&name);
-        match read_sample(&dir, &name).and_then(|s| validate(&s, opts).map(|_| s)) {
+        let read = read_sample(&canon, &dir, &name).and_then(|s| confine_sample(&canon, &s).map(|_| s));
+        match read.and_then(|s| validate(&s, opts).map(|_| s)) {
             Ok(s) => ds.samples.push(s),
             Err(reason) => ds.skipped.push((name, reason)),
         }
@@ -58,8 +62,10 @@ pub fn open_dir(root: &Path, opts: &OpenOptions) -> Result<Dataset> {
 }
 
 /// The paths and prompt of one sample folder; `Err(reason)` when a required part is absent.
-fn read_sample(dir: &Path, id: &str) -> std::result::Result<Sample, String> {
+fn read_sample(root: &Path, dir: &Path, id: &str) -> std::result::Result<Sample, String> {
+    confine(root, dir)?;
     let ref_dir = dir.join(REF_DIR);
+    confine(root, &ref_dir)?;
     if !ref_dir.is_dir() {
         return Err(format!("missing folder {}", ref_dir.display()));
     }
@@ -68,9 +74,11 @@ fn read_sample(dir: &Path, id: &str) -> std::result::Result<Sample, String> {
     if !prompt_path.is_file() {
         return Err(format!("missing file {}", prompt_path.display()));
     }
+    confine(root, &prompt_path)?;
     let prompt = read_text(&prompt_path).map_err(|e| e.to_string())?;
     let meta_path = dir.join(META);
     let meta = if meta_path.is_file() {
+        confine(root, &meta_path)?;
         let text = std::fs::read_to_string(&meta_path).map_err(|e| format!("{}: {e}", meta_path.display()))?;
         Some(serde_json::from_str::<Meta>(&text).map_err(|e| format!("{}: invalid JSON: {e}", meta_path.display()))?)
     } else {

@@ -1,6 +1,9 @@
 //! A JSONL manifest for datasets that do not live in one folder tree: one JSON object per line,
 //! `{"id", "refs": [..], "background", "target", "mask", "prompt", "meta"}`, with paths relative
 //! to the manifest's folder (or absolute). Blank lines and lines starting with `#` are ignored.
+//! A manifest is an explicit list of files (curation writes one naming another folder's
+//! images), so its paths are not confined to its folder; the folder layout's are (see
+//! `instructar::open_dir`).
 
 use super::format::{validate, Dataset, Meta, OpenOptions, Sample};
 use crate::error::{Error, IoContext, Result};

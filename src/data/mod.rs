@@ -6,6 +6,7 @@ pub mod check;
 pub mod format;
 pub mod instructar;
 pub mod manifest;
+pub mod provenance;
 pub mod sheet;
 pub mod synth;
 

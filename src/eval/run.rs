@@ -78,6 +78,19 @@ impl EvalResult {
     pub fn failed(&self) -> usize {
         self.rows.iter().filter(|r| r.error.is_some()).count()
     }
+
+    /// An error when no sample was scored (no row, or every row failed), naming the first
+    /// failure: such a run has no result to report.
+    pub fn check_any_scored(&self) -> Result<()> {
+        if self.rows.is_empty() {
+            return Err(Error::invalid("evaluation", format!("no sample to score in {}", self.dataset)));
+        }
+        if self.failed() == self.rows.len() {
+            let first = self.rows.iter().find_map(|r| r.error.as_deref().map(|e| format!("{}: {e}", r.id))).unwrap_or_default();
+            return Err(Error::invalid("evaluation", format!("all {} samples failed, none was scored (first: {first})", self.rows.len())));
+        }
+        Ok(())
+    }
 }
 
 fn resize_mask(m: GrayImage, (w, h): (u32, u32)) -> GrayImage {
@@ -138,6 +151,9 @@ pub fn evaluate(
     let (i, n) = opts.shard;
     if n == 0 || i >= n {
         return Err(Error::invalid("shard", format!("{i}/{n}: need 0 <= i < n")));
+    }
+    if opts.size == Some(0) {
+        return Err(Error::invalid("size", "0 px (must be at least 1)"));
     }
     let metrics = &built.metrics;
     let mine: Vec<&EvalSample> = samples.iter().filter(|s| s.index % n == i).collect();

@@ -87,14 +87,27 @@ pub fn list_samples(root: &Path) -> Result<Vec<EvalSample>> {
     if dirs.is_empty() {
         return Err(Error::bad_file(root, "no sample folders (named like `sample_<int>`) found"));
     }
+    // Every file a sample names (symbolic links followed) must lie inside the dataset root.
+    let canon = crate::data::format::canonical_root(root)?;
+    let inside = |id: &str, p: &Path| {
+        crate::data::format::confine(&canon, p).map(|_| ()).map_err(|why| Error::bad_file(root, format!("sample {id}: {why}")))
+    };
     dirs.into_iter()
         .enumerate()
         .map(|(index, (_, id, dir))| {
+            inside(&id, &dir)?;
             let opt = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
             let ref_dir = dir.join("ref");
+            inside(&id, &ref_dir)?;
+            let meta = dir.join("meta.json");
+            inside(&id, &meta)?;
             let refs = if ref_dir.is_dir() { image_files(&ref_dir)? } else { Vec::new() };
             let subjects = read_subjects(&dir, &refs)?;
-            Ok(EvalSample { index, id, target: opt("real.png"), mask: opt("mask.png"), refs, subjects })
+            let s = EvalSample { index, id, target: opt("real.png"), mask: opt("mask.png"), refs, subjects };
+            for p in s.target.iter().chain(&s.mask).chain(&s.refs).chain(s.subjects.iter().flat_map(|(m, r)| [m, r])) {
+                inside(&s.id, p)?;
+            }
+            Ok(s)
         })
         .collect()
 }

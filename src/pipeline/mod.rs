@@ -4,8 +4,10 @@
 pub mod bundle;
 pub mod generate;
 pub mod probe;
+pub mod run_guard;
 pub mod train_job;
 
 pub use bundle::{Bundle, TextModel};
 pub use generate::{generate, GenerateRequest, GenerateResult};
+pub use run_guard::RunStart;
 pub use train_job::{TrainJob, TrainJobConfig};

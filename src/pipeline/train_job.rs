@@ -12,6 +12,7 @@
 //! a line of the reference probe (`checkpoints/probe.jsonl`, see [`super::probe`]).
 
 use super::bundle::{save_builtin_text, MODEL_FILE, TEXT_FILE, TEXT_PREFIX, TOKENIZER_FILE};
+use super::run_guard::RunStart;
 use crate::data::cache::{CacheReader, CachedSample};
 use crate::error::{Error, Result};
 use crate::model::{self, Condition, GptConfig, TokenAr};
@@ -226,8 +227,18 @@ fn load_cache(path: &Path) -> Result<Vec<CachedSample>> {
 }
 
 impl TrainJob {
-    /// Build (or, with `resume`, restore) a run.
+    /// Build (or, with `resume`, restore) a run; an old run in `cfg.out` is refused (see
+    /// [`TrainJob::open`]).
     pub fn new(cfg: TrainJobConfig, resume: bool, device: &Device) -> Result<Self> {
+        Self::open(cfg, RunStart { resume, force: false }, device)
+    }
+
+    /// Build or restore a run after the run folder's checks ([`super::run_guard::prepare`]):
+    /// an old run is replaced only with `force`, a resumed run's config changes are refused
+    /// unless `force` (then recorded), and the cache must come from the run's tokenizer.
+    pub fn open(cfg: TrainJobConfig, start: RunStart, device: &Device) -> Result<Self> {
+        super::run_guard::prepare(&cfg, start)?;
+        let resume = start.resume;
         let samples = load_cache(&cfg.cache)?;
         let grid = samples[0].grid;
         let (vq, vq_vars) = tokenizer::load(&cfg.tokenizer, None, device)?;
@@ -441,6 +452,7 @@ impl JobParts {
         std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
         let toml_text = toml::to_string_pretty(&cfg).map_err(|e| Error::invalid("config", e.to_string()))?;
         crate::util::atomic_write(cfg.out.join("config.toml"), toml_text.as_bytes())?;
+        super::run_guard::record_start(&cfg)?;
         let schedule = LrSchedule {
             base_lr: cfg.lr,
             warmup_steps: cfg.warmup,
@@ -458,7 +470,7 @@ impl JobParts {
         lc.keep_last = cfg.keep_last;
         lc.run_dir = Some(cfg.out.join("checkpoints"));
         lc.progress = progress;
-        lc.metadata.insert("tokenar.train_config".into(), toml_text);
+        lc.metadata.insert(super::run_guard::CONFIG_KEY.into(), toml_text);
         // The models share their variables with `state` (candle `Var`s are shared handles),
         // so the step reads the models while the loop updates the variables through `state`.
         let mut hooks = JobHooks { parts: self };

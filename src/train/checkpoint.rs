@@ -75,10 +75,22 @@ pub struct Checkpointer {
 
 impl Checkpointer {
     /// `keep_last` = 0 keeps every checkpoint.
+    /// Temporary files left by a killed writer (see [`remove_stale_temps`]) are deleted.
     pub fn new(dir: impl AsRef<Path>, keep_last: usize) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).with_path(&dir)?;
+        remove_stale_temps(&dir)?;
         Ok(Self { dir, keep_last })
+    }
+
+    /// The newest complete checkpoint in `dir` without creating the folder (`None` when the
+    /// folder or a checkpoint is absent).
+    pub fn latest_in(dir: impl AsRef<Path>) -> Result<Option<(u64, PathBuf)>> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        Self { dir: dir.to_path_buf(), keep_last: 0 }.latest()
     }
 
     pub fn dir(&self) -> &Path {
@@ -195,6 +207,75 @@ impl Checkpointer {
         }
         Ok(Restored { path: path.to_path_buf(), step, rng, metadata: meta.clone() })
     }
+}
+
+/// The process id in a temporary file name written by an atomic write
+/// (`.<name>.<pid>.tmp`), when it is one.
+fn temp_pid(name: &str) -> Option<u32> {
+    let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (base, pid) = inner.rsplit_once('.')?;
+    if base.is_empty() {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` is running (on Linux, from `/proc`; elsewhere only this process is
+/// known to run).
+fn pid_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let proc = Path::new("/proc");
+    proc.is_dir() && proc.join(pid.to_string()).exists()
+}
+
+/// Delete the temporary files of atomic writes in `dir` (`.<name>.<pid>.tmp`, as a checkpoint
+/// write leaves when killed) whose process no longer runs; returns the files deleted.
+pub fn remove_stale_temps(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        return Ok(out);
+    }
+    for e in std::fs::read_dir(dir).with_path(dir)? {
+        let e = e.with_path(dir)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temp_pid(&name) else { continue };
+        let p = e.path();
+        if pid_alive(pid) || !p.is_file() {
+            continue;
+        }
+        match std::fs::remove_file(&p) {
+            Ok(()) => out.push(p),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(Error::io(&p, err)),
+        }
+    }
+    Ok(out)
+}
+
+/// The metadata of a checkpoint (or any safetensors file) from its header alone.
+pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    let mut f = std::fs::File::open(path).with_path(path)?;
+    let size = f.metadata().with_path(path)?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| Error::bad_file(path, "too short for a safetensors header"))?;
+    let n = u64::from_le_bytes(n);
+    if n > size.saturating_sub(8) || n > 100_000_000 {
+        return Err(Error::bad_file(path, format!("header length {n} does not fit the file ({size} bytes)")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).with_path(path)?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| Error::bad_file(path, format!("bad safetensors header: {e}")))?;
+    let mut out = BTreeMap::new();
+    if let Some(m) = json.get("__metadata__").and_then(|m| m.as_object()) {
+        for (k, v) in m {
+            if let Some(v) = v.as_str() {
+                out.insert(k.clone(), v.to_string());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// True when the safetensors header parses, carries a training step, and every tensor's data

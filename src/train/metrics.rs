@@ -119,7 +119,98 @@ fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb<u
     }
 }
 
-/// Draw the loss curve `points` = (step, loss) into a PNG at `path` (atomic write). Points
+/// 3x5 pixel glyphs (rows top to bottom, 3 bits each, high bit left) of the characters the
+/// plot's labels use.
+fn glyph(c: char) -> Option<[u8; 5]> {
+    Some(match c {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 2, 2],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        '-' => [0, 0, 7, 0, 0],
+        '+' => [0, 2, 7, 2, 0],
+        '(' => [1, 2, 2, 2, 1],
+        ')' => [4, 2, 2, 2, 4],
+        'a' => [0, 6, 1, 7, 7],
+        'c' => [0, 7, 4, 4, 7],
+        'e' => [7, 5, 7, 4, 7],
+        'g' => [0, 7, 5, 7, 1],
+        'l' => [4, 4, 4, 4, 6],
+        'o' => [0, 7, 5, 5, 7],
+        'p' => [7, 5, 7, 4, 4],
+        's' => [0, 7, 6, 3, 7],
+        't' => [2, 7, 2, 2, 3],
+        ' ' => [0; 5],
+        _ => return None,
+    })
+}
+
+/// Pixel width of `text` drawn at `scale`.
+fn text_width(text: &str, scale: i64) -> i64 {
+    text.chars().count() as i64 * 4 * scale - scale
+}
+
+/// Draw `text` with its top-left corner at (x, y), each glyph pixel `scale` x `scale`.
+fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: i64, c: Rgb<u8>) {
+    for (i, ch) in text.chars().enumerate() {
+        let Some(rows) = glyph(ch) else { continue };
+        let gx = x + i as i64 * 4 * scale;
+        for (r, bits) in rows.iter().enumerate() {
+            for col in 0..3 {
+                if bits & (4 >> col) != 0 {
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            put(img, gx + col * scale + dx, y + r as i64 * scale + dy, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Draw `text` rotated a quarter turn anticlockwise (reading bottom to top), its glyphs'
+/// tops towards the left, starting at the bottom (x, y).
+fn draw_text_up(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: i64, c: Rgb<u8>) {
+    for (i, ch) in text.chars().enumerate() {
+        let Some(rows) = glyph(ch) else { continue };
+        let gy = y - i as i64 * 4 * scale;
+        for (r, bits) in rows.iter().enumerate() {
+            for col in 0..3 {
+                if bits & (4 >> col) != 0 {
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            put(img, x + r as i64 * scale + dx, gy - col * scale - dy, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A short tick label: integers as they are, others with 3 significant digits.
+fn tick_label(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e7 {
+        format!("{v:.0}")
+    } else if v.abs() >= 0.01 && v.abs() < 1e4 {
+        let digits = (2 - v.abs().log10().floor() as i64).clamp(0, 4) as usize;
+        format!("{v:.digits$}")
+    } else {
+        format!("{v:.1e}")
+    }
+}
+
+/// Draw the loss curve `points` = (step, loss) into a PNG at `path` (atomic write), with axis
+/// labels ("step"; "loss", "loss (log)" on a log axis) and the values at the ends of each axis.
+/// Points
 /// with a non-finite loss (or a non-positive one on a log axis) are skipped.
 pub fn plot_losses(points: &[(f64, f64)], path: impl AsRef<Path>, opts: &PlotOptions) -> Result<()> {
     let path = path.as_ref();
@@ -171,6 +262,19 @@ pub fn plot_losses(points: &[(f64, f64)], path: impl AsRef<Path>, opts: &PlotOpt
     line(&mut img, (MARGIN, h - MARGIN), (w - MARGIN, h - MARGIN), AXIS, 2);
     line(&mut img, (MARGIN, MARGIN), (MARGIN, h - MARGIN), AXIS, 1);
     line(&mut img, (MARGIN + 1, MARGIN), (MARGIN + 1, h - MARGIN), AXIS, 1);
+    // Axis labels and the range of each axis.
+    let scale = 2;
+    let x_label = "step";
+    draw_text(&mut img, (w - text_width(x_label, scale)) / 2, h - MARGIN + 12, x_label, scale, AXIS);
+    let (xl, xr) = (tick_label(x0), tick_label(x1));
+    draw_text(&mut img, MARGIN, h - MARGIN + 8, &xl, 1, AXIS);
+    draw_text(&mut img, w - MARGIN - text_width(&xr, 1), h - MARGIN + 8, &xr, 1, AXIS);
+    let y_label = if opts.log_y { "loss (log)" } else { "loss" };
+    draw_text_up(&mut img, 4, (h + text_width(y_label, scale)) / 2, y_label, scale, AXIS);
+    let untransform = |v: f64| if opts.log_y { 10f64.powf(v) } else { v };
+    let (yb, yt) = (tick_label(untransform(y0)), tick_label(untransform(y1)));
+    draw_text(&mut img, (MARGIN - 8 - text_width(&yt, 1)).max(16), MARGIN - 8, &yt, 1, AXIS);
+    draw_text(&mut img, (MARGIN - 8 - text_width(&yb, 1)).max(16), h - MARGIN - 8, &yb, 1, AXIS);
     let px: Vec<(i64, i64)> = pts.iter().map(|&p| to_px(p)).collect();
     if px.len() == 1 {
         line(&mut img, (px[0].0 - 2, px[0].1), (px[0].0 + 2, px[0].1), LINE, 2);
@@ -179,4 +283,36 @@ pub fn plot_losses(points: &[(f64, f64)], path: impl AsRef<Path>, opts: &PlotOpt
         line(&mut img, pair[0], pair[1], LINE, 2);
     }
     crate::imageio::save_rgb(path, &img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_plot_has_axis_labels() {
+        let dir = std::env::temp_dir().join(format!("tokenar-plot-{}", std::process::id()));
+        let path = dir.join("loss.png");
+        let pts: Vec<(f64, f64)> = (1..=50).map(|i| (i as f64 * 10.0, 6.0 / (i as f64).sqrt())).collect();
+        for log_y in [false, true] {
+            plot_losses(&pts, &path, &PlotOptions { log_y, ..Default::default() }).unwrap();
+            let img = image::open(&path).unwrap().to_rgb8();
+            let (w, h) = (img.width() as i64, img.height() as i64);
+            let dark = |x0: i64, x1: i64, y0: i64, y1: i64| {
+                (y0..y1).flat_map(|y| (x0..x1).map(move |x| (x, y))).filter(|&(x, y)| img.get_pixel(x as u32, y as u32)[0] < 100).count()
+            };
+            // The x label ("step") centred under the axis, below the tick marks.
+            assert!(dark(w / 2 - 20, w / 2 + 20, h - MARGIN + 10, h) > 20, "no x-axis label");
+            // The y label, rotated, left of the tick labels.
+            assert!(dark(0, 16, MARGIN, h - MARGIN) > 20, "no y-axis label");
+            // The axis ranges: first and last step under the axis ends, top and bottom loss.
+            assert!(dark(MARGIN, MARGIN + 10, h - MARGIN + 7, h - MARGIN + 14) > 0, "no x range");
+            assert!(dark(16, MARGIN - 6, MARGIN - 9, MARGIN - 2) > 0, "no y range");
+        }
+        assert_eq!(tick_label(500.0), "500");
+        assert_eq!(tick_label(6.0 / 50f64.sqrt()), "0.849");
+        assert!(tick_label(1e-5).contains('e'));
+        assert!(tick_label(1e-5).chars().all(|c| glyph(c).is_some()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

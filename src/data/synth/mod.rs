@@ -250,11 +250,104 @@ pub fn sample_name(i: usize) -> String {
     format!("sample_{i}")
 }
 
+/// The index of a sample folder name (`sample_<i>`), when it is one.
+fn sample_index(name: &str) -> Option<usize> {
+    name.strip_prefix("sample_").and_then(|i| i.parse().ok()).filter(|i| sample_name(*i) == name)
+}
+
+/// Whether a folder entry is one `generate` writes: a sample folder (or its temporary),
+/// `dataset.json` (or its temporary) or `contact.png`.
+fn is_synth_entry(name: &str) -> bool {
+    let tmp_of = |n: &str| n.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")).map(str::to_string);
+    sample_index(name).is_some()
+        || matches!(name, "dataset.json" | "contact.png")
+        || tmp_of(name).is_some_and(|n| sample_index(&n).is_some() || n.starts_with("dataset.json.") || n.starts_with("contact.png."))
+}
+
+/// Check that `out` may receive the samples of `opts`: it is absent or empty, or it holds a
+/// dataset written by this generator with the same seed, size, subjects and split (an
+/// interrupted or shorter run, which `generate` completes) and no sample beyond `opts.n`.
+/// Anything else would mix two datasets and is an error naming the folder and the difference.
+fn check_output(out: &Path, opts: &SynthOptions) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        return Err(Error::bad_file(out, "exists and is not a folder"));
+    }
+    let names: Vec<String> =
+        std::fs::read_dir(out).with_path(out)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        Err(Error::bad_file(out, format!("{why}; writing here would mix two datasets: choose another --out, or --force to delete the old samples first")))
+    };
+    if let Some(other) = names.iter().find(|n| !is_synth_entry(n)) {
+        return refuse(format!("is not empty and was not written by `data synth` (it holds `{other}`)"));
+    }
+    let info_path = out.join("dataset.json");
+    let old: Option<SynthOptions> = std::fs::read_to_string(&info_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| serde_json::from_value(v.get("options")?.clone()).ok());
+    let Some(old) = old else {
+        return refuse(format!("holds samples but no readable {}", info_path.display()));
+    };
+    let mut diff = Vec::new();
+    if old.seed != opts.seed {
+        diff.push(format!("seed {} (asked {})", old.seed, opts.seed));
+    }
+    if old.size != opts.size {
+        diff.push(format!("size {} px (asked {})", old.size, opts.size));
+    }
+    if old.subjects != opts.subjects {
+        diff.push(format!("subjects {:?} (asked {:?})", old.subjects, opts.subjects));
+    }
+    if old.split != opts.split {
+        diff.push(format!("split {:?} (asked {:?})", old.split, opts.split));
+    }
+    if !diff.is_empty() {
+        return refuse(format!("holds a dataset made with {}", diff.join(", ")));
+    }
+    if let Some(beyond) = names.iter().filter_map(|n| sample_index(n)).filter(|&i| i >= opts.n).max() {
+        return refuse(format!("holds sample_{beyond}, beyond the {} samples asked for", opts.n));
+    }
+    Ok(())
+}
+
+/// Delete what `generate` writes in `out` (sample folders `sample_<i>`, `dataset.json`,
+/// `contact.png` and their temporaries), nothing else; returns the number of entries deleted.
+pub fn clear_output(out: &Path) -> Result<usize> {
+    if !out.is_dir() {
+        return Ok(0);
+    }
+    let mut n = 0;
+    for e in std::fs::read_dir(out).with_path(out)? {
+        let e = e.with_path(out)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !is_synth_entry(&name) {
+            continue;
+        }
+        let p = e.path();
+        let r = if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        match r {
+            Ok(()) => n += 1,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(Error::io(&p, err)),
+        }
+    }
+    Ok(n)
+}
+
 /// Write `opts.n` samples to `out` (plus `dataset.json` with the options). Samples already
-/// present are kept (they are deterministic), so an interrupted run resumes. `progress` is
-/// called from this thread with the number of samples finished so far.
+/// present are kept (they are deterministic), so an interrupted run resumes. A folder holding
+/// anything else (another dataset, samples of other options, more samples than `opts.n`) is
+/// refused, see [`clear_output`]. `progress` is called from this thread with the number of
+/// samples finished so far.
 pub fn generate(out: &Path, opts: &SynthOptions, progress: Option<&dyn Fn(usize)>) -> Result<()> {
     opts.validate()?;
+    check_output(out, opts)?;
     std::fs::create_dir_all(out).with_path(out)?;
     let info = serde_json::json!({
         "generator": "tokenar synth v1",

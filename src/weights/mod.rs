@@ -373,8 +373,12 @@ mod tests {
     /// `{"model": {"w": tensor of `dims` over a FloatStorage of `numel` values}}` with `stored`
     /// bytes in the storage entry: a crafted `.pt` of a few hundred bytes.
     fn crafted_pt(dims: &[u64], numel: u64, stored: usize) -> Vec<u8> {
+        zip_pt(&crafted_pkl(dims, numel, "model"), stored)
+    }
+
+    fn crafted_pkl(dims: &[u64], numel: u64, key: &str) -> Vec<u8> {
         let mut p = vec![0x80, 2, b'}'];
-        pstr(&mut p, "model");
+        pstr(&mut p, key);
         p.extend_from_slice(b"ccollections\nOrderedDict\n)R(");
         pstr(&mut p, "w");
         p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
@@ -403,13 +407,18 @@ mod tests {
             long(&mut p, s);
         }
         p.extend_from_slice(b"t\x89ccollections\nOrderedDict\n)RtRus.");
+        p
+    }
+
+    /// A torch zip archive of `pkl` and one storage entry of `stored` zero bytes.
+    fn zip_pt(p: &[u8], stored: usize) -> Vec<u8> {
         let mut buf = std::io::Cursor::new(Vec::new());
         {
             use std::io::Write;
             let mut zip = zip::ZipWriter::new(&mut buf);
             let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
             zip.start_file("archive/data.pkl", opts).unwrap();
-            zip.write_all(&p).unwrap();
+            zip.write_all(p).unwrap();
             zip.start_file("archive/data/0", opts).unwrap();
             zip.write_all(&vec![0u8; stored]).unwrap();
             zip.finish().unwrap();
@@ -431,7 +440,7 @@ mod tests {
         let e = TensorFile::from_torch_bytes("small.pt", &crafted_pt(&[4, 4], 8, 64), &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("storage holds 8"), "{e}");
         // Sizes whose product overflows.
-        let e = TensorFile::from_torch_bytes("big.pt", &crafted_pt(&[1 << 40, 1 << 40], u64::MAX, 64), &Device::Cpu).unwrap_err().to_string();
+        let e = TensorFile::from_torch_bytes("big.pt", &crafted_pt(&[1 << 40, 1 << 40], 1 << 62, 64), &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("overflow"), "{e}");
         // A good one of the same making reads.
         let f = TensorFile::from_torch_bytes("ok.pt", &crafted_pt(&[2, 2], 4, 16), &Device::Cpu).unwrap();
@@ -454,16 +463,14 @@ mod tests {
         let e = TensorFile::from_torch_bytes("b.pt", buf.get_ref(), &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("no data.pkl"), "{e}");
         // A valid pickle holding no tensors says what it holds instead of a missing key.
-        let mut pt = crafted_pt(&[2, 2], 4, 16);
-        let at = pt.windows(5).position(|w| w == b"model").unwrap();
-        pt[at..at + 5].copy_from_slice(b"other");
+        let pt = zip_pt(&crafted_pkl(&[2, 2], 4, "other"), 16);
         let e = TensorFile::from_torch_bytes("c.pt", &pt, &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("no tensors found") && e.contains("a dict of 1 entries") && !e.contains("key ema not found"), "{e}");
         // A broken pickle names the opcode and its position.
-        let mut pt = crafted_pt(&[2, 2], 4, 16);
-        let at = pt.windows(5).position(|w| w == b"model").unwrap();
-        pt[at - 5] = 0xff;
-        let e = TensorFile::from_torch_bytes("d.pt", &pt, &Device::Cpu).unwrap_err().to_string();
+        let mut pkl = crafted_pkl(&[2, 2], 4, "model");
+        let at = pkl.windows(5).position(|w| w == b"model").unwrap();
+        pkl[at - 5] = 0xff;
+        let e = TensorFile::from_torch_bytes("d.pt", &zip_pt(&pkl, 16), &Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("d.pt") && e.contains("opcode"), "{e}");
     }
 }

@@ -182,8 +182,14 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
+    /// Push a value made by one opcode: a new container counts as one node (its items were
+    /// counted when they were made), a leaf as its size. Copies ([`Self::memo_get`], DUP)
+    /// count in full.
     fn push(&mut self, v: Value) -> Result<(), String> {
-        self.charge(&v)?;
+        match v {
+            Value::Seq { .. } | Value::Dict { .. } | Value::Object { .. } => self.charge(&Value::None)?,
+            _ => self.charge(&v)?,
+        }
         self.stack.push(v);
         Ok(())
     }
@@ -219,7 +225,9 @@ impl<'a> Machine<'a> {
 
     fn memo_get(&mut self, id: u32) -> Result<(), String> {
         let v = self.memo.get(&id).cloned().ok_or_else(|| format!("memo entry {id} was never stored"))?;
-        self.push(v)
+        self.charge(&v)?;
+        self.stack.push(v);
+        Ok(())
     }
 
     /// Extend the dict (or opaque object) on top of the stack with `pairs`.
@@ -441,7 +449,8 @@ impl<'a> Machine<'a> {
             }
             b'2' => {
                 let v = self.top()?.clone();
-                self.push(v)?
+                self.charge(&v)?;
+                self.stack.push(v)
             }
             other => return Err(format!("unsupported pickle opcode 0x{other:02x}")),
         }

@@ -132,9 +132,12 @@ pub const MAX_IMAGE_SIZE: u32 = 4096;
 /// encode`, `eval`, `tokenizer roundtrip`): the tokenizer's activations grow with the square
 /// of the side (hundreds of MiB per image at 1024 px on a CPU).
 pub const MAX_CODED_IMAGE_SIZE: u32 = 1024;
-/// Largest batch of images a command makes or trains on at once (`generate --num-samples`,
-/// a training batch).
-pub const MAX_BATCH: usize = 64;
+/// Largest batch of samples run through a model at once (`data encode --batch`, a training
+/// batch, `bench --train-batch`).
+pub const MAX_BATCH: usize = 256;
+/// Most images one generation makes (`generate --num-samples`: one batch, whose cache grows
+/// with it).
+pub const MAX_SAMPLES: usize = 64;
 
 /// `value` of `flag` must lie in `min..=max`; the error names the flag, the value and the
 /// range.
@@ -155,9 +158,14 @@ pub fn check_coded_image_size(flag: &str, value: u32) -> Result<()> {
     check_range(flag, value, 8, MAX_CODED_IMAGE_SIZE)
 }
 
-/// A batch size or sample count: 1 to [`MAX_BATCH`].
+/// A batch size: 1 to [`MAX_BATCH`].
 pub fn check_batch(flag: &str, value: usize) -> Result<()> {
     check_range(flag, value, 1, MAX_BATCH)
+}
+
+/// A number of images to generate: 1 to [`MAX_SAMPLES`].
+pub fn check_samples(flag: &str, value: usize) -> Result<()> {
+    check_range(flag, value, 1, MAX_SAMPLES)
 }
 
 /// Memory the system can give without swapping (`MemAvailable` of `/proc/meminfo`), in bytes;
@@ -241,10 +249,13 @@ mod tests {
         check_image_size("--size", 64).unwrap();
         let e = check_coded_image_size("--size", 2048).unwrap_err().to_string();
         assert!(e.contains("1024"), "{e}");
-        let e = check_batch("--num-samples", 100_000).unwrap_err().to_string();
-        assert!(e.contains("--num-samples") && e.contains("64"), "{e}");
-        assert!(check_batch("--num-samples", usize::MAX).is_err());
-        check_batch("--num-samples", 1).unwrap();
+        let e = check_samples("--num-samples", 100_000).unwrap_err().to_string();
+        assert!(e.contains("--num-samples") && e.contains("1 to 64"), "{e}");
+        assert!(check_samples("--num-samples", usize::MAX).is_err());
+        check_samples("--num-samples", 1).unwrap();
+        let e = check_batch("batch", 100_000).unwrap_err().to_string();
+        assert!(e.contains("batch") && e.contains("1 to 256"), "{e}");
+        assert!(check_batch("batch", 0).is_err());
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub struct BenchArgs {
     /// ITD modes timed per image (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "off,naive,forced,exact")]
     itd: Vec<ItdMode>,
-    /// Training batch (0: skip the training step; at most 64).
+    /// Training batch (0: skip the training step; at most 256).
     #[arg(long, default_value_t = 4)]
     train_batch: usize,
     #[arg(long, default_value_t = 3)]

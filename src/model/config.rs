@@ -155,8 +155,9 @@ impl GptConfig {
     /// [`MAX_SEQ_LEN`]; run first by [`Self::validate`], so that nothing derived from the sizes
     /// (parameter counts, tables) can overflow or ask for impossible memory.
     pub fn check_limits(&self) -> Result<()> {
-        let fields: [(&str, usize, usize); 10] = [
+        let fields: [(&str, usize, usize); 11] = [
             ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("ffn_multiple_of", self.ffn_multiple_of, MAX_DIM),
             ("n_layer", self.n_layer, MAX_LAYERS),
             ("n_head", self.n_head, MAX_HEADS),
             ("dim", self.dim, MAX_DIM),
@@ -171,6 +172,12 @@ impl GptConfig {
             if value > max {
                 return Err(Error::invalid("GPT config", format!("{name} {value} is larger than the limit of {max}")));
             }
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 0.0) || !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return Err(Error::invalid(
+                "GPT config",
+                format!("rope_base {} must be positive and norm_eps {} non-negative (both finite)", self.rope_base, self.norm_eps),
+            ));
         }
         if let Scheme::Reference { pad_to: Some(p), .. } = self.scheme {
             if p > MAX_REFS {
@@ -369,12 +376,14 @@ mod tests {
                 c.n_head = 1;
             })),
             ("positions", Box::new(|c| c.grid = (128, 128))),
+            ("ffn_multiple_of", Box::new(|c| c.ffn_multiple_of = usize::MAX)),
+            ("rope_base", Box::new(|c| c.rope_base = f64::NAN)),
         ];
         for (what, edit) in cases {
             let mut c = base.clone();
             edit(&mut c);
             let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains(what) && e.contains("limit"), "{what}: {e}");
+            assert!(e.contains(what) && (e.contains("limit") || e.contains("finite")), "{what}: {e}");
         }
         for n in ["B", "L", "XL", "XXL", "editar-xl", "tokenar-xl", "tiny", "small"] {
             GptConfig::preset(n).unwrap().check_limits().unwrap();

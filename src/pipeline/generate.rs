@@ -100,7 +100,7 @@ impl GenerateRequest {
     /// Checks that need no model: sampling options, sample count, mask size.
     pub fn validate(&self) -> Result<()> {
         self.options.validate()?;
-        crate::util::check_batch("--num-samples", self.num_samples)?;
+        crate::util::check_samples("--num-samples", self.num_samples)?;
         if self.mask.is_some() && self.background.is_none() {
             return Err(Error::invalid("--mask", "a mask needs a background"));
         }

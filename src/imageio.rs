@@ -53,7 +53,7 @@ pub fn decode_within(bytes: &[u8], max_side: u32) -> std::result::Result<Dynamic
             .with_guessed_format()
             .map_err(|e| format!("cannot read image: {e}"))?;
         if r.format().is_none() {
-            return Err("not an image (expected PNG, JPEG or WebP)".into());
+            return Err("cannot decode image: not a PNG, JPEG or WebP file".into());
         }
         Ok(r)
     };

@@ -7,24 +7,86 @@ use candle_core::{DType, Device, Tensor};
 use image::{imageops::FilterType, DynamicImage, GrayImage, Rgb, RgbImage};
 use std::path::Path;
 
-/// Decode an image file, naming the file in any error (missing, truncated, zero-size, ...).
+/// Largest side (pixels) of an image that is decoded at all. The side is read from the header
+/// first: a larger image is refused before any pixel is decoded (a few hundred KB of PNG can
+/// declare 20000 x 20000 pixels, 1.6 GB once decoded).
+pub const MAX_DECODE_SIDE: u32 = 8192;
+/// Largest pixel count decoded (about 40 megapixels: a 7000 x 5700 photo).
+pub const MAX_DECODE_PIXELS: u64 = 40_000_000;
+/// Most memory the decoder may allocate for one image (`image::Limits::max_alloc`).
+pub const MAX_DECODE_ALLOC: u64 = 512 << 20;
+/// Largest image file read (bytes).
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+
+/// Decode an image file, naming the file in any error (missing, truncated, zero-size, too
+/// large, ...).
 pub fn open(path: impl AsRef<Path>) -> Result<DynamicImage> {
     let path = path.as_ref();
+    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    if len > MAX_IMAGE_FILE_BYTES {
+        return Err(Error::bad_file(
+            path,
+            format!("{len} bytes is larger than the {MAX_IMAGE_FILE_BYTES} bytes an image file may have"),
+        ));
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     decode(&bytes).map_err(|msg| Error::bad_file(path, msg))
 }
 
-/// Decode image bytes (PNG/JPEG/WebP); the error says what is wrong, for the caller to name
-/// the source (a file, a field of a request).
+/// Decode image bytes (PNG/JPEG/WebP) of at most [`MAX_DECODE_SIDE`] pixels a side; the error
+/// says what is wrong, for the caller to name the source (a file, a field of a request).
 pub fn decode(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
+    decode_within(bytes, MAX_DECODE_SIDE)
+}
+
+/// [`decode`] with a smaller side limit (`max_side` is capped at [`MAX_DECODE_SIDE`]). The
+/// dimensions are read from the header and checked before decoding; the decoder then runs
+/// under `image::Limits` (sides and [`MAX_DECODE_ALLOC`]), so that a header that lies is
+/// caught too.
+pub fn decode_within(bytes: &[u8], max_side: u32) -> std::result::Result<DynamicImage, String> {
     if bytes.is_empty() {
         return Err("empty, not an image".into());
     }
-    let img = image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
+    let max_side = max_side.min(MAX_DECODE_SIDE);
+    let reader = || -> std::result::Result<image::ImageReader<std::io::Cursor<&[u8]>>, String> {
+        let r = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read image: {e}"))?;
+        if r.format().is_none() {
+            return Err("cannot decode image: not a PNG, JPEG or WebP file".into());
+        }
+        Ok(r)
+    };
+    let (w, h) = reader()?.into_dimensions().map_err(|e| format!("cannot decode image: {e}"))?;
+    if w == 0 || h == 0 {
+        return Err("image has zero width or height".into());
+    }
+    if w > max_side || h > max_side {
+        return Err(format!("{w}x{h} pixels is larger than {max_side} pixels a side (refused before decoding)"));
+    }
+    if w as u64 * h as u64 > MAX_DECODE_PIXELS {
+        return Err(format!("{w}x{h} pixels is more than {MAX_DECODE_PIXELS} pixels (refused before decoding)"));
+    }
+    let mut r = reader()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(max_side);
+    limits.max_image_height = Some(max_side);
+    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    r.limits(limits);
+    let img = r.decode().map_err(|e| format!("cannot decode image: {e}"))?;
     if img.width() == 0 || img.height() == 0 {
         return Err("image has zero width or height".into());
     }
     Ok(img)
+}
+
+/// Width and height from an image's header, without decoding it.
+pub fn dimensions(bytes: &[u8]) -> std::result::Result<(u32, u32), String> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read image: {e}"))?
+        .into_dimensions()
+        .map_err(|e| format!("cannot decode image: {e}"))
 }
 
 /// A `data:image/png;base64,...` URL of PNG bytes (images in JSON requests and answers).
@@ -111,15 +173,39 @@ pub fn tensor_to_rgb(t: &Tensor) -> Result<RgbImage> {
 
 /// Encode as PNG and write atomically.
 pub fn save_png(path: impl AsRef<Path>, img: &DynamicImage) -> Result<()> {
-    let path = path.as_ref();
+    save_as(path.as_ref(), img, image::ImageFormat::Png)
+}
+
+fn save_as(path: &Path, img: &DynamicImage, format: image::ImageFormat) -> Result<()> {
     let mut buf = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut buf, image::ImageFormat::Png)
-        .map_err(|e| Error::bad_file(path, format!("cannot encode PNG: {e}")))?;
+    let name = format!("{format:?}").to_uppercase();
+    img.write_to(&mut buf, format)
+        .map_err(|e| Error::bad_file(path, format!("cannot encode {name}: {e}")))?;
     atomic_write(path, &buf.into_inner())
 }
 
+/// The image format an output path names by its extension: `.png` (or no extension), `.jpg` /
+/// `.jpeg`, `.webp` (lossless). Any other extension is an error naming the path, so that a file
+/// never holds another format than its name says.
+pub fn output_format(path: impl AsRef<Path>) -> Result<image::ImageFormat> {
+    let path = path.as_ref();
+    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase());
+    match ext.as_deref() {
+        None | Some("png") => Ok(image::ImageFormat::Png),
+        Some("jpg") | Some("jpeg") => Ok(image::ImageFormat::Jpeg),
+        Some("webp") => Ok(image::ImageFormat::WebP),
+        Some(other) => Err(Error::bad_file(
+            path,
+            format!("cannot write images as `.{other}` (use .png, .jpg, .jpeg or .webp)"),
+        )),
+    }
+}
+
+/// Write an RGB image atomically in the format its extension names (see [`output_format`]).
 pub fn save_rgb(path: impl AsRef<Path>, img: &RgbImage) -> Result<()> {
-    save_png(path, &DynamicImage::ImageRgb8(img.clone()))
+    let path = path.as_ref();
+    let format = output_format(path)?;
+    save_as(path, &DynamicImage::ImageRgb8(img.clone()), format)
 }
 
 /// Lay out images row by row, `cols` per row, each cell the size of the largest image,
@@ -194,5 +280,71 @@ mod tests {
         let a = RgbImage::new(4, 4);
         let g = grid(&[a.clone(), a.clone(), a], 2, 1);
         assert_eq!((g.width(), g.height()), (2 * 4 + 3, 2 * 4 + 3));
+    }
+
+    fn png_bytes(w: u32, h: u32) -> Vec<u8> {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        DynamicImage::ImageLuma8(GrayImage::new(w, h)).write_to(&mut buf, image::ImageFormat::Png).unwrap();
+        buf.into_inner()
+    }
+
+    /// A PNG whose header declares `w` x `h` pixels, with a tiny (invalid) body: what an
+    /// attacker sends. The CRC of IHDR is correct so that decoders read the header.
+    fn bomb_header(w: u32, h: u32) -> Vec<u8> {
+        let mut png = png_bytes(1, 1);
+        // IHDR data starts at byte 16 (8 signature + 4 length + 4 type).
+        png[16..20].copy_from_slice(&w.to_be_bytes());
+        png[20..24].copy_from_slice(&h.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        png
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = 0xFFFF_FFFFu32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+
+    #[test]
+    fn large_images_are_refused_before_decoding() {
+        assert_eq!(dimensions(&bomb_header(20000, 20000)).unwrap(), (20000, 20000));
+        let t0 = std::time::Instant::now();
+        let e = decode(&bomb_header(20000, 20000)).unwrap_err();
+        assert!(e.contains("20000x20000") && e.contains("8192") && e.contains("before decoding"), "{e}");
+        // Within the side limit but above the pixel limit.
+        let e = decode(&bomb_header(8000, 8000)).unwrap_err();
+        assert!(e.contains("40000000"), "{e}");
+        assert!(t0.elapsed().as_secs_f64() < 5.0);
+        // A caller's smaller limit (the server's 4096).
+        let e = decode_within(&png_bytes(40, 20), 32).unwrap_err();
+        assert!(e.contains("40x20") && e.contains("32"), "{e}");
+        assert_eq!(decode_within(&png_bytes(40, 20), 64).unwrap().width(), 40);
+        // Not an image at all.
+        assert!(decode(b"GIF89a...").is_err());
+    }
+
+    #[test]
+    fn output_format_follows_the_extension() {
+        let dir = std::env::temp_dir().join(format!("tokenar-imageio-fmt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = RgbImage::from_fn(8, 8, |x, y| Rgb([(x * 30) as u8, (y * 30) as u8, 9]));
+        for (name, magic) in [("a.png", &b"\x89PNG"[..]), ("a.jpg", &[0xFF, 0xD8][..]), ("a.JPEG", &[0xFF, 0xD8][..]), ("a.webp", &b"RIFF"[..])] {
+            let p = dir.join(name);
+            save_rgb(&p, &img).unwrap();
+            let bytes = std::fs::read(&p).unwrap();
+            assert!(bytes.starts_with(magic), "{name}");
+            let d = decode(&bytes).unwrap();
+            assert_eq!((d.width(), d.height()), (8, 8));
+        }
+        let e = save_rgb(dir.join("a.gif"), &img).unwrap_err().to_string();
+        assert!(e.contains("a.gif") && e.contains(".png"), "{e}");
+        assert!(!dir.join("a.gif").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -125,6 +125,91 @@ pub fn best_device() -> candle_core::Device {
     device(true).unwrap_or(candle_core::Device::Cpu)
 }
 
+/// Largest `--size` (pixels a side) of commands that only read, resize or draw images
+/// (`data synth`, sheets): a 4096 x 4096 RGB image is 48 MiB.
+pub const MAX_IMAGE_SIZE: u32 = 4096;
+/// Largest `--size` of commands that run images through a tokenizer or a model (`data
+/// encode`, `eval`, `tokenizer roundtrip`): the tokenizer's activations grow with the square
+/// of the side (hundreds of MiB per image at 1024 px on a CPU).
+pub const MAX_CODED_IMAGE_SIZE: u32 = 1024;
+/// Largest batch of samples run through a model at once (`data encode --batch`, a training
+/// batch, `bench --train-batch`).
+pub const MAX_BATCH: usize = 256;
+/// Most images one generation makes (`generate --num-samples`: one batch, whose cache grows
+/// with it).
+pub const MAX_SAMPLES: usize = 64;
+
+/// `value` of `flag` must lie in `min..=max`; the error names the flag, the value and the
+/// range.
+pub fn check_range<T: PartialOrd + std::fmt::Display>(flag: &str, value: T, min: T, max: T) -> Result<()> {
+    if value < min || value > max {
+        return Err(Error::invalid(flag, format!("{value} is out of range (allowed: {min} to {max})")));
+    }
+    Ok(())
+}
+
+/// An image side for commands that only handle pixels: 1 to [`MAX_IMAGE_SIZE`].
+pub fn check_image_size(flag: &str, value: u32) -> Result<()> {
+    check_range(flag, value, 1, MAX_IMAGE_SIZE)
+}
+
+/// An image side for commands that run a tokenizer or a model: 8 to [`MAX_CODED_IMAGE_SIZE`].
+pub fn check_coded_image_size(flag: &str, value: u32) -> Result<()> {
+    check_range(flag, value, 8, MAX_CODED_IMAGE_SIZE)
+}
+
+/// A batch size: 1 to [`MAX_BATCH`].
+pub fn check_batch(flag: &str, value: usize) -> Result<()> {
+    check_range(flag, value, 1, MAX_BATCH)
+}
+
+/// A number of images to generate: 1 to [`MAX_SAMPLES`].
+pub fn check_samples(flag: &str, value: usize) -> Result<()> {
+    check_range(flag, value, 1, MAX_SAMPLES)
+}
+
+/// Memory the system can give without swapping (`MemAvailable` of `/proc/meminfo`), in bytes;
+/// `None` where that is unknown (not Linux).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&text)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Bytes as "1.5 GiB" / "12.0 MiB".
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+/// The memory budget check made before a large allocation: `bytes` (what `what` needs, an
+/// estimate) must fit in the memory available now (see [`available_memory`]); where that is
+/// unknown, in 1 TiB (no machine this runs on holds more, and beyond it sizes are corrupt).
+/// The error says how much is needed and how much is there, so a smaller setting can be
+/// chosen, instead of an abort or a kill by the system.
+pub fn check_memory(what: &str, bytes: u64) -> Result<()> {
+    check_memory_within(what, bytes, available_memory().unwrap_or(1 << 40))
+}
+
+fn check_memory_within(what: &str, bytes: u64, available: u64) -> Result<()> {
+    if bytes > available {
+        return Err(Error::invalid(
+            what,
+            format!("needs about {} of memory but {} is available", human_bytes(bytes), human_bytes(available)),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +239,33 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn limits_name_the_flag_and_the_range() {
+        let e = check_image_size("--size", 100_000).unwrap_err().to_string();
+        assert!(e.contains("--size") && e.contains("100000") && e.contains("4096"), "{e}");
+        assert!(check_image_size("--size", 0).is_err());
+        check_image_size("--size", 64).unwrap();
+        let e = check_coded_image_size("--size", 2048).unwrap_err().to_string();
+        assert!(e.contains("1024"), "{e}");
+        let e = check_samples("--num-samples", 100_000).unwrap_err().to_string();
+        assert!(e.contains("--num-samples") && e.contains("1 to 64"), "{e}");
+        assert!(check_samples("--num-samples", usize::MAX).is_err());
+        check_samples("--num-samples", 1).unwrap();
+        let e = check_batch("batch", 100_000).unwrap_err().to_string();
+        assert!(e.contains("batch") && e.contains("1 to 256"), "{e}");
+        assert!(check_batch("batch", 0).is_err());
+    }
+
+    #[test]
+    fn memory_budget() {
+        assert_eq!(parse_mem_available("MemTotal: 10 kB\nMemAvailable:    2048 kB\n"), Some(2 << 20));
+        assert_eq!(parse_mem_available("MemTotal: 10 kB\n"), None);
+        let e = check_memory_within("model", 3 << 30, 1 << 30).unwrap_err().to_string();
+        assert!(e.contains("model") && e.contains("3.0 GiB") && e.contains("1.0 GiB"), "{e}");
+        check_memory_within("model", 1 << 20, 1 << 30).unwrap();
+        // 4 TB is more than any machine this runs on has.
+        assert!(check_memory("tensor", 4 << 40).is_err());
     }
 }

@@ -296,7 +296,8 @@ fn generate_reports_bad_input_with_status_2() {
     let good = root.join("a.png");
     tokenar::imageio::save_rgb(&good, &image::RgbImage::new(16, 16)).unwrap();
     let small_mask = root.join("m.png");
-    tokenar::imageio::save_rgb(&small_mask, &image::RgbImage::new(8, 8)).unwrap();
+    // Another aspect ratio than the background's (a smaller mask of the same aspect is resized).
+    tokenar::imageio::save_rgb(&small_mask, &image::RgbImage::new(8, 4)).unwrap();
     let junk = root.join("junk.png");
     std::fs::write(&junk, b"not an image").unwrap();
     let g = good.to_str().unwrap();

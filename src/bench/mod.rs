@@ -61,6 +61,28 @@ pub fn bench_config(preset: &str, o: &Overrides) -> Result<GptConfig> {
     Ok(cfg)
 }
 
+/// Bytes a benchmark of `cfg` needs, about: the weights, and with a training step of `batch`
+/// samples their gradients and AdamW moments plus the activations kept for the backward pass
+/// (about 16 floats per position, layer and model width, and the attention scores).
+pub fn memory_estimate(cfg: &GptConfig, train_batch: usize) -> u64 {
+    let params = cfg.num_params() as u64 * 4;
+    if train_batch == 0 {
+        return params;
+    }
+    let seq = cfg.max_seq_len() as u64;
+    let per_layer = seq * (16 * cfg.dim as u64 + 3 * cfg.ffn_hidden() as u64) + cfg.n_head as u64 * seq * seq;
+    params * 4 + (train_batch as u64) * cfg.n_layer as u64 * per_layer * 4
+}
+
+/// The memory budget check of a benchmark (see [`memory_estimate`]): an error saying what the
+/// shapes need and what is available, before anything is allocated.
+pub fn check_memory(cfg: &GptConfig, train_batch: usize) -> Result<()> {
+    crate::util::check_memory(
+        &format!("benchmark model (dim {}, {} layers, vocab {}, training batch {train_batch})", cfg.dim, cfg.n_layer, cfg.vocab_size),
+        memory_estimate(cfg, train_batch),
+    )
+}
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

@@ -35,21 +35,26 @@ pub struct BenchArgs {
     /// With --background: white where the subjects go.
     #[arg(long, requires = "background")]
     mask: Option<PathBuf>,
+    /// Model width (at most 16384).
     #[arg(long)]
     dim: Option<usize>,
+    /// Blocks (at most 256).
     #[arg(long)]
     layers: Option<usize>,
+    /// Attention heads (at most 256).
     #[arg(long)]
     heads: Option<usize>,
+    /// Vocabulary (at most 1048576).
     #[arg(long)]
     vocab: Option<usize>,
-    /// Token grid of one image: N (square) or RxC.
+    /// Token grid of one image: N (square) or RxC (at most 128 a side). The shapes together
+    /// must fit the memory available: the benchmark checks its estimate before building.
     #[arg(long)]
     grid: Option<String>,
-    /// Caption positions.
+    /// Caption positions (at most 4096).
     #[arg(long)]
     caption_len: Option<usize>,
-    /// Width of the text features.
+    /// Width of the text features (at most 16384).
     #[arg(long)]
     caption_dim: Option<usize>,
     /// Reference images in the condition (0 for the LlamaGen presets).
@@ -61,7 +66,7 @@ pub struct BenchArgs {
     /// ITD modes timed per image (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "off,naive,forced,exact")]
     itd: Vec<ItdMode>,
-    /// Training batch (0: skip the training step).
+    /// Training batch (0: skip the training step; at most 256).
     #[arg(long, default_value_t = 4)]
     train_batch: usize,
     #[arg(long, default_value_t = 3)]
@@ -111,6 +116,9 @@ fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if a.train_batch > 0 {
+        tokenar::util::check_batch("--train-batch", a.train_batch)?;
+    }
     // The thread count was pinned at program start (main).
     let device = tokenar::util::device(a.gpu)?;
     let sample = SampleOptions { cfg_scale: a.cfg_scale, top_k: a.top_k, seed: a.seed, ..SampleOptions::default() };
@@ -171,6 +179,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 caption_dim: a.caption_dim,
             };
             let cfg = bench::bench_config(&a.preset, &o)?;
+            bench::check_memory(&cfg, a.train_batch)?;
             built = tokenar::model::build(&cfg, &device, a.seed)?;
             (&built.0, &built.1, None)
         }

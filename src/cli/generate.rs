@@ -10,22 +10,30 @@ pub struct GenerateArgs {
     /// A reference image of one subject (repeat for each subject, in order).
     #[arg(long = "ref", value_name = "IMAGE")]
     refs: Vec<PathBuf>,
-    /// The scene; without it the subjects are drawn on an empty canvas.
+    /// The scene, any size (resized to the model's image size; `tokenar info` shows it).
+    /// Without --mask the background is given to the model unchanged: it counts as already
+    /// blacked out where the subjects go (black pixels, as in InstructAR's data), and nothing
+    /// is pasted back. Without --background the subjects are drawn on an empty canvas.
     #[arg(long)]
     background: Option<PathBuf>,
-    /// White where the subjects go (same size as the background).
+    /// White where the subjects go: the background is blacked out there before the model sees
+    /// it. Needs --background; of its size, or at least its aspect ratio (it is resized with
+    /// the background).
     #[arg(long)]
     mask: Option<PathBuf>,
+    /// What the image shows. The built-in text encoder knows a small word list: unknown words
+    /// are listed in a warning.
     #[arg(long)]
     prompt: String,
-    /// Output PNG; with --num-samples > 1, `_<i>` is added before the extension.
+    /// Output image; the extension picks the format (.png, .jpg, .jpeg or .webp). With
+    /// --num-samples > 1, `_<i>` is added before the extension.
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
     model: super::ModelArgs,
     #[command(flatten)]
     sampling: super::SamplingArgs,
-    /// Images to generate (one batch).
+    /// Images to generate (one batch; 1 to 64, and their cache must fit the memory available).
     #[arg(long, default_value_t = 1)]
     num_samples: usize,
     /// Also write the references the model reproduced (ITD) next to the output.
@@ -38,7 +46,8 @@ fn numbered(path: &std::path::Path, i: usize, n: usize) -> PathBuf {
         return path.to_path_buf();
     }
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    path.with_file_name(format!("{stem}_{i}.png"))
+    let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    path.with_file_name(format!("{stem}_{i}.{ext}"))
 }
 
 /// The condition images of a request: references, background and mask, read from their files.
@@ -54,6 +63,8 @@ pub(crate) fn load_condition_images(refs: &[PathBuf], background: Option<&PathBu
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    // Refuse an output format that cannot be written before any work is done.
+    tokenar::imageio::output_format(&a.out)?;
     // Read every input before loading the model, so a bad file is reported at once.
     let (refs, background, mask) = load_condition_images(&a.refs, a.background.as_ref(), a.mask.as_ref())?;
     let mut req = GenerateRequest {
@@ -72,6 +83,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let bundle = a.model.load()?;
     req.options = a.sampling.options(&bundle.sampling, 0);
     req.validate()?;
+    for w in tokenar::pipeline::generate::warnings(&bundle, &req) {
+        eprintln!("warning: {w}");
+    }
     let bar = super::progress_bar(0, "decoding {bar:40} {pos}/{len} tokens [{elapsed_precise}<{eta_precise}]");
     let t0 = std::time::Instant::now();
     let out = generate(&bundle, &req, Some(&super::bar_progress(&bar)))?;
@@ -84,7 +98,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         if a.save_itd {
             for (j, r) in out.itd_refs.get(i).into_iter().flatten().enumerate() {
                 let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                let q = p.with_file_name(format!("{stem}_itd{j}.png"));
+                let ext = p.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+                let q = p.with_file_name(format!("{stem}_itd{j}.{ext}"));
                 tokenar::imageio::save_rgb(&q, r)?;
             }
         }

@@ -26,7 +26,7 @@ pub enum TokenizerCmd {
         /// Architecture of a LlamaGen checkpoint (vq-16, vq-8, ...).
         #[arg(long)]
         preset: Option<String>,
-        /// Resize the input to this side first (default: the model's image_size).
+        /// Resize the input to this side first (default: the model's image_size; 8 to 1024).
         #[arg(long)]
         size: Option<u32>,
         input: PathBuf,
@@ -96,6 +96,8 @@ pub fn run(cmd: TokenizerCmd) -> anyhow::Result<()> {
             let device = tokenar::util::device(false)?;
             let (vq, _) = tokenizer::load(&weights, preset.as_deref(), &device)?;
             let size = size.unwrap_or(vq.config().image_size as u32);
+            tokenar::util::check_coded_image_size("--size", size)?;
+            tokenar::imageio::output_format(&output)?;
             let img = tokenar::imageio::load_rgb(&input, Some(size))?;
             let x = tokenar::imageio::rgb_to_tensor(&img, &device)?.unsqueeze(0)?;
             let codes = vq.encode(&x)?;

@@ -34,6 +34,22 @@ impl Default for Dropouts {
     }
 }
 
+/// Limits on what a GPT configuration may ask for (checked by [`GptConfig::validate`], so a
+/// corrupt or hostile config in a checkpoint's metadata is an error, not an allocation of
+/// terabytes). The largest published model (LlamaGen XXL, TokenAR XL) is far inside them.
+pub const MAX_VOCAB: usize = 1 << 20;
+pub const MAX_LAYERS: usize = 256;
+pub const MAX_HEADS: usize = 256;
+pub const MAX_DIM: usize = 16384;
+/// Rows or columns of one image's token grid (128: a 2048 px image at 16x downsampling).
+pub const MAX_GRID_SIDE: usize = 128;
+pub const MAX_REFS: usize = 16;
+pub const MAX_CAPTION_LEN: usize = 4096;
+pub const MAX_INSTRUCT: usize = 4096;
+/// Positions of the longest sequence a configuration may imply (see
+/// [`GptConfig::max_seq_len`]).
+pub const MAX_SEQ_LEN: usize = 65536;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GptConfig {
     pub family: Family,
@@ -112,6 +128,7 @@ impl GptConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.check_limits()?;
         let bad = |msg: String| Err(Error::invalid("GPT config", msg));
         if self.n_head == 0 || self.dim % self.n_head != 0 {
             return bad(format!("dim {} is not a multiple of n_head {}", self.dim, self.n_head));
@@ -132,6 +149,83 @@ impl GptConfig {
         }
         if self.index_embedding && !self.background && self.max_refs == 0 {
             return bad("index embedding needs condition images".into());
+        }
+        Ok(())
+    }
+
+    /// Every size field within its limit (`MAX_*` above), and the sequence it implies within
+    /// [`MAX_SEQ_LEN`]; run first by [`Self::validate`], so that nothing derived from the sizes
+    /// (parameter counts, tables) can overflow or ask for impossible memory.
+    pub fn check_limits(&self) -> Result<()> {
+        let fields: [(&str, usize, usize); 11] = [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("ffn_multiple_of", self.ffn_multiple_of, MAX_DIM),
+            ("n_layer", self.n_layer, MAX_LAYERS),
+            ("n_head", self.n_head, MAX_HEADS),
+            ("dim", self.dim, MAX_DIM),
+            ("caption_dim", self.caption_dim, MAX_DIM),
+            ("caption_len", self.caption_len, MAX_CAPTION_LEN),
+            ("max_refs", self.max_refs, MAX_REFS),
+            ("n_instruct", self.n_instruct, MAX_INSTRUCT),
+            ("grid rows", self.grid.0, MAX_GRID_SIDE),
+            ("grid columns", self.grid.1, MAX_GRID_SIDE),
+        ];
+        for (name, value, max) in fields {
+            if value > max {
+                return Err(Error::invalid("GPT config", format!("{name} {value} is larger than the limit of {max}")));
+            }
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 0.0) || !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return Err(Error::invalid(
+                "GPT config",
+                format!("rope_base {} must be positive and norm_eps {} non-negative (both finite)", self.rope_base, self.norm_eps),
+            ));
+        }
+        if let Scheme::Reference { pad_to: Some(p), .. } = self.scheme {
+            if p > MAX_REFS {
+                return Err(Error::invalid("GPT config", format!("pad_to {p} is larger than the limit of {MAX_REFS}")));
+            }
+        }
+        if let Some(a) = self.align_dim {
+            if a > MAX_DIM {
+                return Err(Error::invalid("GPT config", format!("align_dim {a} is larger than the limit of {MAX_DIM}")));
+            }
+        }
+        let seq = self.max_seq_len();
+        if seq > MAX_SEQ_LEN {
+            return Err(Error::invalid(
+                "GPT config",
+                format!("its sequences reach {seq} positions, more than the limit of {MAX_SEQ_LEN} (grid {:?}, {} references)", self.grid, self.max_refs),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An upper bound of the sequence length a sample can have under this configuration:
+    /// caption, instruct tokens, every condition slot, the ITD copies and the target. Only
+    /// meaningful once the fields are within their limits.
+    pub fn max_seq_len(&self) -> usize {
+        let slots = self.cond_slots().max(self.max_refs + self.background as usize);
+        let images = slots + if self.itd { self.max_refs } else { 0 } + 1;
+        self.caption_len + self.n_instruct + images * self.image_tokens()
+    }
+
+    /// A configuration read from a checkpoint must describe the tensors beside it: the
+    /// parameters it implies for its backbone (embeddings, blocks, head: never left out of a
+    /// checkpoint) cannot exceed the `values` the file holds. Checked before the model is
+    /// built, so that a config edited to claim a larger model is an error naming both numbers
+    /// instead of an allocation the file could never fill.
+    pub fn check_fits_values(&self, values: usize) -> Result<()> {
+        self.check_limits()?;
+        let implied = self.backbone_params();
+        if implied > values {
+            return Err(Error::invalid(
+                "GPT config",
+                format!(
+                    "it implies {implied} backbone parameters ({} layers, dim {}, vocab {}) but the file holds only {values} values",
+                    self.n_layer, self.dim, self.vocab_size
+                ),
+            ));
         }
         Ok(())
     }
@@ -597,5 +691,42 @@ mod tests {
         let s = serde_json::to_string(&c).unwrap();
         let back: GptConfig = serde_json::from_str(&s).unwrap();
         assert_eq!(c, back);
+    }
+
+    #[test]
+    fn limits_refuse_oversized_configs() {
+        let base = GptConfig::preset("tiny").unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(&mut GptConfig)>)> = vec![
+            ("vocab_size", Box::new(|c| c.vocab_size = 2_000_000_000)),
+            ("grid rows", Box::new(|c| c.grid = (100_000, 100_000))),
+            ("max_refs", Box::new(|c| c.max_refs = 1_000_000)),
+            ("n_layer", Box::new(|c| c.n_layer = 100_000_000)),
+            ("dim", Box::new(|c| {
+                c.dim = usize::MAX / 2;
+                c.n_head = 1;
+            })),
+            ("positions", Box::new(|c| c.grid = (128, 128))),
+            ("ffn_multiple_of", Box::new(|c| c.ffn_multiple_of = usize::MAX)),
+            ("rope_base", Box::new(|c| c.rope_base = f64::NAN)),
+        ];
+        for (what, edit) in cases {
+            let mut c = base.clone();
+            edit(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(what) && (e.contains("limit") || e.contains("finite")), "{what}: {e}");
+        }
+        for n in ["B", "L", "XL", "XXL", "editar-xl", "tokenar-xl", "tiny", "small"] {
+            GptConfig::preset(n).unwrap().check_limits().unwrap();
+        }
+    }
+
+    #[test]
+    fn config_must_fit_the_file() {
+        let c = GptConfig::preset("tiny").unwrap();
+        c.check_fits_values(c.num_params()).unwrap();
+        let mut big = c.clone();
+        big.n_layer = 200;
+        let e = big.check_fits_values(c.num_params()).unwrap_err().to_string();
+        assert!(e.contains("200 layers") && e.contains(&c.num_params().to_string()), "{e}");
     }
 }

@@ -210,7 +210,9 @@ pub fn config_from_metadata(file: &TensorFile) -> Result<GptConfig> {
         .ok_or_else(|| Error::bad_file(&file.path, format!("no `{CONFIG_KEY}` model config in the metadata")))?;
     let cfg: GptConfig = serde_json::from_str(json)
         .map_err(|e| Error::bad_file(&file.path, format!("bad model config in metadata: {e}")))?;
-    cfg.validate()?;
+    cfg.validate().map_err(|e| Error::bad_file(&file.path, e.to_string()))?;
+    cfg.check_fits_values(file.tensors.values().map(|t| t.elem_count()).sum())
+        .map_err(|e| Error::bad_file(&file.path, e.to_string()))?;
     Ok(cfg)
 }
 

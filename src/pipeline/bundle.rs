@@ -199,6 +199,9 @@ fn find_one(dir: &Path, preferred: &str, accept: &dyn Fn(&str) -> bool, what: &s
 
 impl BundlePaths {
     pub fn find(dir: &Path) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::bad_file(dir, "is a file, but --weights takes a bundle folder (holding tokenizer.safetensors, model.safetensors and text.safetensors or t5/); `tokenar info --weights FILE` describes a single checkpoint"));
+        }
         if !dir.is_dir() {
             return Err(Error::bad_file(dir, "weights folder not found (expected a folder holding tokenizer.safetensors, model.safetensors and text.safetensors or t5/)"));
         }

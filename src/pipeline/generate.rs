@@ -20,8 +20,9 @@ pub struct GenerateRequest {
     pub refs: Vec<RgbImage>,
     /// The scene to place the subjects in; `None` = a white canvas to fill entirely.
     pub background: Option<RgbImage>,
-    /// White where the subjects go; `None` with a background = the background is given as it
-    /// is (already blacked out where the subjects go, as in InstructAR).
+    /// White where the subjects go, of the background's size or at least its aspect ratio
+    /// (resized with it); `None` with a background = the background is given as it is
+    /// (already blacked out where the subjects go, as in InstructAR).
     pub mask: Option<GrayImage>,
     pub prompt: String,
     pub options: SampleOptions,
@@ -100,22 +101,89 @@ impl GenerateRequest {
     /// Checks that need no model: sampling options, sample count, mask size.
     pub fn validate(&self) -> Result<()> {
         self.options.validate()?;
-        if self.num_samples == 0 {
-            return Err(Error::invalid("--num-samples", "must be at least 1"));
-        }
+        crate::util::check_samples("--num-samples", self.num_samples)?;
         if self.mask.is_some() && self.background.is_none() {
             return Err(Error::invalid("--mask", "a mask needs a background"));
         }
         if let (Some(bg), Some(m)) = (&self.background, &self.mask) {
-            if bg.dimensions() != m.dimensions() {
+            if !same_aspect(bg.dimensions(), m.dimensions()) {
                 return Err(Error::invalid(
                     "--mask",
-                    format!("mask is {}x{} but the background is {}x{}", m.width(), m.height(), bg.width(), bg.height()),
+                    format!(
+                        "mask is {}x{} but the background is {}x{}: the mask must have the background's size or at least its aspect ratio (both are resized to the model's image size together)",
+                        m.width(),
+                        m.height(),
+                        bg.width(),
+                        bg.height()
+                    ),
                 ));
             }
         }
         Ok(())
     }
+}
+
+/// Whether two image sizes have the same aspect ratio, up to a pixel of rounding (a mask
+/// saved at half or twice the background's size).
+fn same_aspect(a: (u32, u32), b: (u32, u32)) -> bool {
+    if a == b {
+        return true;
+    }
+    let (aw, ah, bw, bh) = (a.0 as f64, a.1 as f64, b.0 as f64, b.1 as f64);
+    // The height b would have at a's aspect, within one pixel (and 1%).
+    let expect = bw * ah / aw;
+    (bh - expect).abs() <= 1.0f64.max(0.01 * bh)
+}
+
+/// How much an image may be shrunk (its longer side over the model's image size) before
+/// [`warnings`] says so.
+pub const SHRINK_WARNING: f64 = 4.0;
+
+/// Words the user should read before waiting for a result: prompt words the built-in text
+/// encoder does not know (they read as `<unk>`; what it knows is listed), and references or a
+/// background shrunk more than [`SHRINK_WARNING`] times to the model's image size. Nothing
+/// here stops the generation.
+pub fn warnings(bundle: &Bundle, req: &GenerateRequest) -> Vec<String> {
+    let mut out = Vec::new();
+    if let super::bundle::TextModel::Builtin(enc) = &bundle.text {
+        let unknown = enc.unknown_words(&req.prompt);
+        if !unknown.is_empty() {
+            let known = enc.known_words();
+            out.push(format!(
+                "the built-in text encoder does not know {} of the prompt's words ({}); they read as \"unknown\". It knows {} words: {}",
+                unknown.len(),
+                unknown.join(", "),
+                known.len(),
+                known.join(" ")
+            ));
+        }
+    }
+    let size = bundle.image_size() as u32;
+    let mut shrunk = |what: String, img: &RgbImage| {
+        let side = img.width().max(img.height());
+        let factor = side as f64 / size as f64;
+        if factor > SHRINK_WARNING {
+            out.push(format!(
+                "{what} is {}x{} px; this model works at {size}x{size} px, so it is shrunk {factor:.0}x and fine detail is lost",
+                img.width(),
+                img.height()
+            ));
+        }
+    };
+    for (i, r) in req.refs.iter().enumerate() {
+        shrunk(format!("reference {}", i + 1), r);
+    }
+    if let Some(bg) = &req.background {
+        shrunk("the background".to_string(), bg);
+    }
+    out
+}
+
+/// The memory a generation of `n` samples needs for its key/value cache (two rows per
+/// sample with guidance), about: the budget checked before the cache is made.
+fn cache_bytes(cfg: &crate::model::GptConfig, n: usize, guided: bool) -> u64 {
+    let rows = n as u64 * if guided { 2 } else { 1 };
+    rows * cfg.n_layer as u64 * 2 * cfg.max_seq_len() as u64 * cfg.dim as u64 * 4
 }
 
 /// Check a request against the bundle and bring its images to the model's size.
@@ -180,6 +248,7 @@ pub fn generate(
     let size = bundle.image_size() as u32;
     let dev = bundle.gpt.device();
     let n = req.num_samples;
+    crate::util::check_memory("--num-samples", cache_bytes(cfg, n, req.options.guides()))?;
 
     let (ref_codes, bg_codes) = encode_condition(bundle, refs, cond_bg)?;
     let hw = bg_codes.len();
@@ -234,5 +303,74 @@ pub fn paste_back(img: &mut RgbImage, background: &RgbImage, mask: &GrayImage) {
         if mask.get_pixel(x, y)[0] <= 127 {
             *p = *background.get_pixel(x, y);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn request(bg: (u32, u32), mask: Option<(u32, u32)>) -> GenerateRequest {
+        GenerateRequest {
+            refs: vec![RgbImage::new(32, 32)],
+            background: Some(RgbImage::new(bg.0, bg.1)),
+            mask: mask.map(|(w, h)| GrayImage::from_pixel(w, h, image::Luma([255]))),
+            prompt: "a dog next to a cat".into(),
+            options: SampleOptions::default(),
+            itd: None,
+            num_samples: 1,
+            paste_back: false,
+            decode_itd: false,
+        }
+    }
+
+    #[test]
+    fn sample_count_is_bounded() {
+        for n in [0, 65, 100_000, usize::MAX] {
+            let e = GenerateRequest { num_samples: n, ..request((16, 16), None) }.validate().unwrap_err().to_string();
+            assert!(e.contains("--num-samples") && e.contains("1 to 64"), "{e}");
+        }
+        GenerateRequest { num_samples: 64, ..request((16, 16), None) }.validate().unwrap();
+    }
+
+    #[test]
+    fn masks_need_the_background_aspect_not_its_size() {
+        // The background's own size, half of it, and one pixel of rounding are accepted.
+        for m in [(300, 200), (150, 100), (151, 100), (75, 50)] {
+            request((300, 200), Some(m)).validate().unwrap();
+        }
+        for m in [(200, 200), (300, 100), (8, 4)] {
+            let e = request((300, 200), Some(m)).validate().unwrap_err().to_string();
+            assert!(e.contains("--mask") && e.contains(&format!("{}x{}", m.0, m.1)) && e.contains("aspect"), "{e}");
+        }
+    }
+
+    #[test]
+    fn newcomer_warnings_and_resized_masks_on_the_builtin_model() {
+        if !super::super::bundle::has_builtin() {
+            return;
+        }
+        let bundle = Bundle::builtin(&Device::Cpu).unwrap();
+        let size = bundle.image_size() as u32;
+        // A background 5x the model's size with a mask of half its size: accepted, and
+        // resized with the background.
+        let big = size * 5;
+        let req = request((big, big), Some((big / 2, big / 2)));
+        let (refs, bg) = condition_codes(&bundle, &req).unwrap();
+        assert_eq!((refs.len(), bg.len()), (1, bundle.config().image_tokens()));
+        let w = warnings(&bundle, &req);
+        let words = w.iter().find(|m| m.contains("does not know")).unwrap_or_else(|| panic!("{w:?}"));
+        assert!(words.contains("dog") && words.contains("words:"), "{words}");
+        let shrink = w.iter().find(|m| m.contains("the background")).unwrap_or_else(|| panic!("{w:?}"));
+        assert!(shrink.contains(&format!("{big}x{big}")) && shrink.contains(&format!("{size}x{size}")), "{shrink}");
+        // The reference (32 px) is not shrunk; a prompt of known words gives no warning.
+        assert!(!w.iter().any(|m| m.contains("reference")), "{w:?}");
+        let known = match &bundle.text {
+            super::super::bundle::TextModel::Builtin(e) => e.known_words().iter().take(3).map(|s| s.to_string()).collect::<Vec<_>>().join(" "),
+            _ => unreachable!("the built-in model has the built-in text encoder"),
+        };
+        let quiet = GenerateRequest { prompt: known, background: None, mask: None, ..req };
+        assert!(warnings(&bundle, &quiet).is_empty(), "{:?}", warnings(&bundle, &quiet));
     }
 }

@@ -47,6 +47,13 @@ impl BuiltinConfig {
         if self.max_len == 0 || self.mlp_ratio == 0 {
             return bad(format!("max_len ({}) and mlp_ratio ({}) must be at least 1", self.max_len, self.mlp_ratio));
         }
+        // Limits, so that a config edited in a checkpoint's metadata is an error rather than
+        // an allocation of gigabytes.
+        for (name, value, max) in [("dim", self.dim, 4096), ("n_layer", self.n_layer, 64), ("n_head", self.n_head, 64), ("max_len", self.max_len, 4096), ("mlp_ratio", self.mlp_ratio, 16)] {
+            if value > max {
+                return bad(format!("{name} {value} is larger than the limit of {max}"));
+            }
+        }
         Ok(())
     }
 }
@@ -139,6 +146,23 @@ impl BuiltinTextEncoder {
 
     pub fn vocab(&self) -> &WordVocab {
         &self.vocab
+    }
+
+    /// The words of `prompt` this encoder does not know (each once, in order of appearance):
+    /// they all read as `<unk>`.
+    pub fn unknown_words(&self, prompt: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for w in super::vocab::split_words(prompt) {
+            if self.vocab.id(&w) == super::vocab::UNK_ID && !out.contains(&w) {
+                out.push(w);
+            }
+        }
+        out
+    }
+
+    /// The words this encoder knows (`<pad>` and `<unk>` left out).
+    pub fn known_words(&self) -> Vec<&str> {
+        self.vocab.words().iter().skip(2).map(|w| w.as_str()).collect()
     }
 
     pub fn padding(&self) -> Padding {
@@ -264,5 +288,16 @@ mod tests {
         assert!(BuiltinTextEncoder::from_metadata(&BTreeMap::new(), vb).is_err());
         let bad = BuiltinConfig { dim: 15, ..BuiltinConfig::default() };
         assert!(bad.validate().is_err());
+        let huge = BuiltinConfig { n_layer: 100_000_000, ..BuiltinConfig::default() };
+        let e = huge.validate().unwrap_err().to_string();
+        assert!(e.contains("n_layer") && e.contains("limit"), "{e}");
+    }
+
+    #[test]
+    fn unknown_words_are_listed_once() {
+        let (_vm, enc) = tiny();
+        assert_eq!(enc.unknown_words("A zebra next to a dog, a ZEBRA!"), vec!["zebra".to_string(), "next".into(), "to".into()]);
+        assert!(enc.unknown_words("a dog beside a mug").is_empty());
+        assert!(enc.known_words().contains(&"dog") && !enc.known_words().contains(&"<unk>"));
     }
 }

@@ -6,6 +6,7 @@
 //! reference checkpoint keys; loading a checkpoint is then "set each variable from the file",
 //! which is where missing keys, shape mismatches and unknown keys are reported.
 
+pub mod pickle;
 pub mod torch_zip;
 
 use crate::error::{Error, Result};
@@ -84,31 +85,17 @@ impl TensorFile {
     }
 
     fn load_torch(path: &Path, device: &Device) -> Result<Self> {
-        let mut last_err = None;
-        for key in PT_STATE_KEYS.iter().map(|k| Some(*k)).chain([None]) {
-            match candle_core::pickle::read_all_with_key(path, key) {
-                Ok(list) if !list.is_empty() => {
-                    let mut tensors = HashMap::new();
-                    for (name, t) in list {
-                        tensors.insert(name, t.to_device(device)?);
-                    }
-                    return Ok(Self {
-                        path: path.to_path_buf(),
-                        tensors,
-                        metadata: BTreeMap::new(),
-                    });
-                }
-                Ok(_) => {}
-                Err(e) => last_err = Some(e),
-            }
-        }
-        Err(Error::bad_file(
-            path,
-            match last_err {
-                Some(e) => format!("no tensors found in this PyTorch checkpoint ({e})"),
-                None => "no tensors found in this PyTorch checkpoint".to_string(),
-            },
-        ))
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let tensors = pickle::read_torch_zip(path, std::io::BufReader::new(file), len, &PT_STATE_KEYS, device)?;
+        Ok(Self { path: path.to_path_buf(), tensors, metadata: BTreeMap::new() })
+    }
+
+    /// Read a PyTorch zip checkpoint held in memory; `label` names it in errors.
+    pub fn from_torch_bytes(label: impl AsRef<Path>, bytes: &[u8], device: &Device) -> Result<Self> {
+        let path = label.as_ref();
+        let tensors = pickle::read_torch_zip(path, std::io::Cursor::new(bytes), bytes.len() as u64, &PT_STATE_KEYS, device)?;
+        Ok(Self { path: path.to_path_buf(), tensors, metadata: BTreeMap::new() })
     }
 
     /// A tensor that must exist with the given shape (buffers, extra parameters).
@@ -374,5 +361,116 @@ mod tests {
         let missing = TensorFile::load(d.join("nope.pt"), &Device::Cpu).unwrap_err().to_string();
         assert!(missing.contains("nope.pt"), "{missing}");
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A pickle string (BINUNICODE).
+    fn pstr(out: &mut Vec<u8>, s: &str) {
+        out.push(b'X');
+        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// `{"model": {"w": tensor of `dims` over a FloatStorage of `numel` values}}` with `stored`
+    /// bytes in the storage entry: a crafted `.pt` of a few hundred bytes.
+    fn crafted_pt(dims: &[u64], numel: u64, stored: usize) -> Vec<u8> {
+        zip_pt(&crafted_pkl(dims, numel, "model"), stored)
+    }
+
+    fn crafted_pkl(dims: &[u64], numel: u64, key: &str) -> Vec<u8> {
+        let mut p = vec![0x80, 2, b'}'];
+        pstr(&mut p, key);
+        p.extend_from_slice(b"ccollections\nOrderedDict\n)R(");
+        pstr(&mut p, "w");
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+        pstr(&mut p, "storage");
+        p.extend_from_slice(b"ctorch\nFloatStorage\n");
+        pstr(&mut p, "0");
+        pstr(&mut p, "cpu");
+        let long = |p: &mut Vec<u8>, v: u64| {
+            p.extend_from_slice(&[0x8a, 8]);
+            p.extend_from_slice(&v.to_le_bytes());
+        };
+        long(&mut p, numel);
+        p.extend_from_slice(b"tQK\x00(");
+        for &d in dims {
+            long(&mut p, d);
+        }
+        p.push(b't');
+        p.push(b'(');
+        let mut stride = 1u64;
+        let mut strides = vec![0u64; dims.len()];
+        for (i, &d) in dims.iter().enumerate().rev() {
+            strides[i] = stride;
+            stride = stride.wrapping_mul(d);
+        }
+        for s in strides {
+            long(&mut p, s);
+        }
+        p.extend_from_slice(b"t\x89ccollections\nOrderedDict\n)RtRus.");
+        p
+    }
+
+    /// A torch zip archive of `pkl` and one storage entry of `stored` zero bytes.
+    fn zip_pt(p: &[u8], stored: usize) -> Vec<u8> {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            use std::io::Write;
+            let mut zip = zip::ZipWriter::new(&mut buf);
+            let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+            zip.start_file("archive/data.pkl", opts).unwrap();
+            zip.write_all(p).unwrap();
+            zip.start_file("archive/data/0", opts).unwrap();
+            zip.write_all(&vec![0u8; stored]).unwrap();
+            zip.finish().unwrap();
+        }
+        buf.into_inner()
+    }
+
+    #[test]
+    fn crafted_torch_files_are_errors_not_aborts() {
+        let d = tmpdir("crafted");
+        // A tensor of 2^20 x 2^20 floats (4 TiB) declared by a file of a few hundred bytes.
+        let p = d.join("bomb.pt");
+        let bytes = crafted_pt(&[1 << 20, 1 << 20], 1 << 40, 16);
+        assert!(bytes.len() < 1024, "{}", bytes.len());
+        std::fs::write(&p, &bytes).unwrap();
+        let e = TensorFile::load(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("bomb.pt") && e.contains("tensor `w`") && e.contains("the file holds 16 bytes"), "{e}");
+        // The storage itself is smaller than the tensor.
+        let e = TensorFile::from_torch_bytes("small.pt", &crafted_pt(&[4, 4], 8, 64), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("storage holds 8"), "{e}");
+        // Sizes whose product overflows.
+        let e = TensorFile::from_torch_bytes("big.pt", &crafted_pt(&[1 << 40, 1 << 40], 1 << 62, 64), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("overflow"), "{e}");
+        // A good one of the same making reads.
+        let f = TensorFile::from_torch_bytes("ok.pt", &crafted_pt(&[2, 2], 4, 16), &Device::Cpu).unwrap();
+        assert_eq!(f.tensors["w"].dims(), &[2, 2]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn torch_file_errors_say_what_is_wrong() {
+        // Not a zip at all.
+        let e = TensorFile::from_torch_bytes("a.pt", b"hello", &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("a.pt") && e.contains("not a PyTorch checkpoint"), "{e}");
+        // A zip without data.pkl.
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut zip = zip::ZipWriter::new(&mut buf);
+            zip.start_file("x.txt", zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+            zip.finish().unwrap();
+        }
+        let e = TensorFile::from_torch_bytes("b.pt", buf.get_ref(), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("no data.pkl"), "{e}");
+        // A valid pickle holding no tensors says what it holds instead of a missing key.
+        let pt = zip_pt(&crafted_pkl(&[2, 2], 4, "other"), 16);
+        let e = TensorFile::from_torch_bytes("c.pt", &pt, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("no tensors found") && e.contains("a dict of 1 entries") && !e.contains("key ema not found"), "{e}");
+        // A broken pickle names the opcode and its position.
+        let mut pkl = crafted_pkl(&[2, 2], 4, "model");
+        let at = pkl.windows(5).position(|w| w == b"model").unwrap();
+        pkl[at - 5] = 0xff;
+        let e = TensorFile::from_torch_bytes("d.pt", &zip_pt(&pkl, 16), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("d.pt") && e.contains("opcode"), "{e}");
     }
 }

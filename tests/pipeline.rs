@@ -347,7 +347,7 @@ fn serve_and_curate_commands_answer_and_refuse_bad_input() {
         }
     };
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.write_all(b"GET /api/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     child.kill().unwrap();

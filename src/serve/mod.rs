@@ -2,10 +2,12 @@
 //! bundle.
 //!
 //! [`App::handle`] maps a request (method, path, body) to a [`Reply`] without any network, so
-//! the API is tested directly; [`WebServer`] is the HTTP loop around it. Generations run one
-//! at a time (each holds the model and the CPU); everything else (the page, the model's
-//! description, the progress of the running generation) is answered at once, also while a
-//! generation runs.
+//! the API is tested directly; [`WebServer`] (`server.rs`) is the HTTP loop around it, on the
+//! small HTTP/1.1 reader of `http.rs`. Generations run one at a time (each holds the model and
+//! the CPU) from a bounded queue; everything else (the page, the model's description, the
+//! progress of the running generation) is answered at once by a fixed pool of threads, also
+//! while a generation runs. [`Access`] decides whom the server answers (Host, Origin, token,
+//! JSON content type); docs/serve.md states the rules.
 //!
 //! Routes:
 //! - `GET /`: the page (one self-contained HTML file, no external resources);
@@ -16,8 +18,8 @@
 //! - `GET /api/progress`: the running generation's decoded tokens and the requests waiting;
 //! - `GET /demo/<name>.png`: the demo scene (two references, background, mask).
 //!
-//! Errors answer with a status (400 bad request, 404, 405, 413, 500) and `{"error": "..."}`
-//! naming the field and what is wrong.
+//! Errors answer with a status (400 bad request, 401, 403, 404, 405, 408, 411, 413, 415, 421,
+//! 431, 500, 503) and `{"error": "..."}` naming the field and what is wrong.
 
 use crate::error::{Error, Result};
 use crate::imageio;
@@ -25,13 +27,15 @@ use crate::pipeline::{generate, Bundle, GenerateRequest};
 use crate::sample::ItdMode;
 use base64::Engine;
 use image::{GrayImage, RgbImage};
-use std::io::Read;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
+pub mod http;
+mod server;
 #[cfg(test)]
 mod tests;
+
+pub use server::{Access, ServeOptions, WebServer, MAX_QUEUE, MAX_WORKERS};
 
 /// The largest request body accepted (images travel base64-encoded in JSON).
 pub const MAX_BODY: usize = 32 << 20;
@@ -49,17 +53,22 @@ const DEMO: [(&str, &[u8]); 4] = [
     ("mask", include_bytes!("../../tests/fixtures/demo/mask.png")),
 ];
 
-/// An answer: status, content type and body.
+/// An answer: status, content type, body and any further headers.
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
+    fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Self {
+        Reply { status, content_type, body, headers: Vec::new() }
+    }
+
     fn json(status: u16, value: &serde_json::Value) -> Self {
-        Reply { status, content_type: "application/json", body: value.to_string().into_bytes() }
+        Self::new(status, "application/json", value.to_string().into_bytes())
     }
 
     pub fn error(status: u16, msg: impl std::fmt::Display) -> Self {
@@ -174,10 +183,16 @@ impl App {
 
     /// Answer one request. Never panics on any input; errors become 4xx/5xx replies.
     pub fn handle(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        self.handle_owned(method, path, body.to_vec())
+    }
+
+    /// [`App::handle`] taking the body, which a generation drops once it is parsed (before
+    /// the model runs).
+    pub fn handle_owned(&self, method: &str, path: &str, body: Vec<u8>) -> Reply {
         let path = path.split(['?', '#']).next().unwrap_or("");
         match (method, path) {
             ("GET", "/") | ("GET", "/index.html") => {
-                Reply { status: 200, content_type: "text/html; charset=utf-8", body: PAGE.as_bytes().to_vec() }
+                Reply::new(200, "text/html; charset=utf-8", PAGE.as_bytes().to_vec())
             }
             ("GET", "/api/info") => Reply::json(200, &self.info()),
             ("GET", "/api/progress") => Reply::json(
@@ -200,7 +215,7 @@ impl App {
             ("GET", p) if p.starts_with("/demo/") => {
                 let name = p.trim_start_matches("/demo/").trim_end_matches(".png");
                 match DEMO.iter().find(|(n, _)| *n == name) {
-                    Some((_, bytes)) => Reply { status: 200, content_type: "image/png", body: bytes.to_vec() },
+                    Some((_, bytes)) => Reply::new(200, "image/png", bytes.to_vec()),
                     None => Reply::error(404, format!("no demo image `{name}`")),
                 }
             }
@@ -265,8 +280,9 @@ impl App {
         Ok(req)
     }
 
-    fn generate(&self, body: &[u8]) -> Result<serde_json::Value> {
-        let req = self.request(body)?;
+    fn generate(&self, body: Vec<u8>) -> Result<serde_json::Value> {
+        let req = self.request(&body)?;
+        drop(body);
         let t0 = Instant::now();
         self.done.store(0, Ordering::SeqCst);
         self.total.store(0, Ordering::SeqCst);
@@ -309,107 +325,28 @@ impl App {
     }
 }
 
-/// The HTTP loop around an [`App`].
-pub struct WebServer {
-    server: tiny_http::Server,
+/// Give the memory freed by a request back to the system. The binaries' allocator (mimalloc)
+/// keeps freed pages for reuse by default (`util::tune_allocator`); a server holds the peak of
+/// its largest request for as long as it runs that way, so [`WebServer::run`] turns purging
+/// back on ([`purge_freed_memory`]) and this purges what is free now. Harmless where another
+/// allocator is in use (the tests): mimalloc then holds nothing.
+pub fn return_memory() {
+    extern "C" {
+        fn mi_collect(force: bool);
+    }
+    // SAFETY: mimalloc is linked (a dependency of this crate); collecting is allowed at any
+    // time from any thread.
+    unsafe { mi_collect(true) }
 }
 
-impl WebServer {
-    /// Listen on `addr` (`host:port`; port 0 picks a free one).
-    pub fn bind(addr: &str) -> Result<Self> {
-        let server = tiny_http::Server::http(addr).map_err(|e| Error::invalid("--addr", format!("cannot listen on {addr}: {e}")))?;
-        Ok(WebServer { server })
+/// Let mimalloc return freed memory to the system again, 10 ms after it is freed (its own
+/// default), undoing `util::tune_allocator` for a long-running server.
+pub fn purge_freed_memory() {
+    extern "C" {
+        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
     }
-
-    /// The address actually listened on.
-    pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.server.server_addr().to_ip().ok_or_else(|| Error::invalid("--addr", "not an IP address"))
-    }
-
-    /// Answer requests: `max_requests` of them if given, else forever. Each connection's
-    /// request is read on a thread of its own (a client that stalls in the middle of its
-    /// upload holds up only that thread) and answered there, except generations, which go to
-    /// this thread one after the other. Each answer is logged to stderr with its status and
-    /// time (waiting included).
-    pub fn run(&self, app: &App, max_requests: Option<usize>) -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::channel::<(tiny_http::Request, Vec<u8>, Instant)>();
-        std::thread::scope(|scope| {
-            scope.spawn(move || {
-                let mut accepted = 0usize;
-                while max_requests.is_none_or(|m| accepted < m) {
-                    let mut req = match self.server.recv() {
-                        Ok(req) => req,
-                        Err(e) => {
-                            eprintln!("warning: cannot accept a connection: {e}");
-                            std::thread::sleep(std::time::Duration::from_millis(100));
-                            continue;
-                        }
-                    };
-                    accepted += 1;
-                    let tx = tx.clone();
-                    scope.spawn(move || {
-                        let t0 = Instant::now();
-                        match read_body(&mut req) {
-                            Err(reply) => respond(req, reply, t0),
-                            Ok(body) if App::is_quick(req.method().as_str(), req.url()) => {
-                                let reply = answer(app, &req, &body);
-                                respond(req, reply, t0);
-                            }
-                            Ok(body) => {
-                                app.queued.fetch_add(1, Ordering::SeqCst);
-                                // The receiver lives as long as the server.
-                                let _ = tx.send((req, body, t0));
-                            }
-                        }
-                    });
-                }
-            });
-            // Ends when the acceptor and every reader are done (never without a maximum).
-            for (req, body, t0) in rx {
-                app.queued.fetch_sub(1, Ordering::SeqCst);
-                let reply = answer(app, &req, &body);
-                respond(req, reply, t0);
-            }
-        });
-        Ok(())
-    }
-}
-
-/// A request's body, or the reply refusing it (too large, unreadable).
-fn read_body(req: &mut tiny_http::Request) -> std::result::Result<Vec<u8>, Reply> {
-    let too_large = || Reply::error(413, format!("request body over {} MiB", MAX_BODY >> 20));
-    if req.body_length().is_some_and(|n| n > MAX_BODY) {
-        return Err(too_large());
-    }
-    let mut body = Vec::new();
-    match req.as_reader().take(MAX_BODY as u64 + 1).read_to_end(&mut body) {
-        Ok(_) if body.len() > MAX_BODY => Err(too_large()),
-        Ok(_) => Ok(body),
-        Err(e) => Err(Reply::error(400, format!("cannot read the request body: {e}"))),
-    }
-}
-
-/// [`App::handle`] for `req`; a panic inside (a bug) becomes a 500 answer instead of stopping
-/// the server.
-fn answer(app: &App, req: &tiny_http::Request, body: &[u8]) -> Reply {
-    let run = std::panic::AssertUnwindSafe(|| app.handle(req.method().as_str(), req.url(), body));
-    std::panic::catch_unwind(run).unwrap_or_else(|panic| {
-        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-        Reply::error(500, format!("internal error: {what}"))
-    })
-}
-
-/// Send `reply` to `req` and log it; `t0` is when the request came in.
-fn respond(req: tiny_http::Request, reply: Reply, t0: Instant) {
-    let method = req.method().as_str().to_string();
-    let url = req.url().to_string();
-    let status = reply.status;
-    let mut response = tiny_http::Response::from_data(reply.body).with_status_code(status);
-    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], reply.content_type.as_bytes()) {
-        response = response.with_header(h);
-    }
-    if let Err(e) = req.respond(response) {
-        eprintln!("warning: {method} {url}: the answer could not be sent: {e}");
-    }
-    eprintln!("{method} {url} -> {status} ({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);
+    // `mi_option_purge_delay` (see `util::tune_allocator`).
+    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+    // SAFETY: as in `util::tune_allocator`: setting an option is allowed at any time.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 10) }
 }

@@ -264,9 +264,14 @@ where
             }
         }
         if world > 1 {
+            let reduce_start = Instant::now();
             let mut figures = [loss_sum, step_tokens as f64];
             comm.all_reduce_sum_f64(&mut figures)?;
             dist::average_grads(comm, &mut acc, &vars, dist::BUCKET_ELEMS)?;
+            // Logged as `allreduce_ms`: the exchange plus the wait for the slowest rank.
+            let e = win_extras.entry("allreduce_ms".to_string()).or_insert((0.0, 0));
+            e.0 += reduce_start.elapsed().as_secs_f64() * 1e3;
+            e.1 += 1;
             loss_sum = figures[0] / world as f64;
             step_tokens = figures[1] as usize;
             if !loss_sum.is_finite() {

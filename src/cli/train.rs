@@ -3,6 +3,7 @@
 use clap::Args;
 use std::path::PathBuf;
 use tokenar::pipeline::{RunStart, TrainJob, TrainJobConfig};
+use tokenar::train::dist::Collective;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -32,6 +33,10 @@ pub struct TrainArgs {
     probe: bool,
     #[arg(long, requires = "probe")]
     json: bool,
+    /// Data-parallel runs (`mpirun -n N tokenar train ...`, built with the `mpi` feature): how
+    /// long a rank waits for the others before the job is stopped (a rank died or hangs).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    collective_timeout: f64,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -53,19 +58,49 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let mut job = TrainJob::open(cfg, RunStart { resume: args.resume, force: args.force }, &device)?;
+    // One rank of a data-parallel job under an MPI launcher, else the only one.
+    let comm = tokenar::train::dist::from_environment(args.collective_timeout)?;
+    let start = RunStart { resume: args.resume, force: args.force };
+    if comm.world() == 1 {
+        return train(cfg, start, &device, &*comm);
+    }
+    let rank = comm.rank();
+    match train(cfg, start, &device, &*comm) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // The other ranks would wait for this one: stop the whole job.
+            eprintln!("error: rank {rank}: {e:#}");
+            comm.abort(2)
+        }
+    }
+}
+
+fn train(cfg: TrainJobConfig, start: RunStart, device: &candle_core::Device, comm: &dyn Collective) -> anyhow::Result<()> {
+    let mut job = TrainJob::open(cfg, start, device)?;
+    // Every rank has read the run folder before rank 0 writes to it.
+    comm.barrier()?;
+    let root = comm.is_root();
     let c = job.parts.gpt.config();
-    eprintln!(
-        "model: {} layers, dim {}, {} params; index embedding {}, instruct tokens {}, ITD {}; {} training samples",
-        c.n_layer,
-        c.dim,
-        c.num_params(),
-        if c.index_embedding { "on" } else { "off" },
-        c.n_instruct,
-        if c.itd { "on" } else { "off" },
-        job.parts.samples.len()
-    );
-    let summary = job.run(true)?;
+    if root {
+        eprintln!(
+            "model: {} layers, dim {}, {} params; index embedding {}, instruct tokens {}, ITD {}; {} training samples",
+            c.n_layer,
+            c.dim,
+            c.num_params(),
+            if c.index_embedding { "on" } else { "off" },
+            c.n_instruct,
+            if c.itd { "on" } else { "off" },
+            job.parts.samples.len()
+        );
+        if comm.world() > 1 {
+            let (b, a, n) = (job.parts.cfg.batch, job.parts.cfg.accum, comm.world());
+            eprintln!("data parallel: {n} ranks; global batch {b} x {a} x {n} = {}", b * a * n);
+        }
+    }
+    let summary = job.run_on(comm, true)?;
+    if !root {
+        return Ok(());
+    }
     let out = job.parts.cfg.out.clone();
     job.export(&out.join("export"))?;
     if let Some((step, loss)) = summary.losses.last() {

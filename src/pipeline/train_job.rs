@@ -19,6 +19,8 @@ use crate::model::{self, Condition, GptConfig, TokenAr};
 use crate::sample::{self, DecodePlan, ItdMode, SampleOptions};
 use crate::text::{BuiltinConfig, BuiltinTextEncoder, TextEncoder, WordVocab};
 use crate::tokenizer::{self, Vq};
+use crate::train::dist::{Collective, Single};
+use crate::train::shard::{EpochSampler, Split};
 use crate::train::{self, AdamWParams, Checkpointer, Hooks, LoopConfig, LrSchedule, StepOutput, TrainState};
 use crate::util::Rng;
 use candle_core::{DType, Device, Tensor};
@@ -42,7 +44,9 @@ pub struct TrainJobConfig {
     pub seed: u64,
     pub steps: u64,
     pub batch: usize,
-    #[serde(default = "one")]
+    /// Micro-steps per optimiser step (also spelt `accum_steps`): the global batch is
+    /// `batch` x `accum` x the number of ranks.
+    #[serde(default = "one", alias = "accum_steps")]
     pub accum: usize,
     pub lr: f64,
     #[serde(default)]
@@ -332,7 +336,12 @@ impl TrainJob {
 
     /// Run to `cfg.steps`.
     pub fn run(&mut self, progress: bool) -> Result<train::LoopSummary> {
-        self.parts.run(&mut self.state, progress)
+        self.parts.run(&mut self.state, progress, &Single)
+    }
+
+    /// Run to `cfg.steps` as one rank of data-parallel training (see [`train::dist`]).
+    pub fn run_on(&mut self, comm: &dyn Collective, progress: bool) -> Result<train::LoopSummary> {
+        self.parts.run(&mut self.state, progress, comm)
     }
 
     /// Write the bundle folder (tokenizer, model, text encoder) into `dir`.
@@ -351,23 +360,9 @@ fn group<'a>(state: &'a TrainState, name: &str) -> Result<&'a VarMap> {
 }
 
 impl JobParts {
-    /// Draw one batch of sample indices (all with the same number of references).
-    fn draw_batch(&self, rng: &mut Rng) -> Vec<usize> {
-        let total: usize = self.buckets.iter().map(|b| b.len()).sum();
-        let mut pick = rng.random_range(0..total);
-        let bucket = self
-            .buckets
-            .iter()
-            .find(|b| {
-                if pick < b.len() {
-                    true
-                } else {
-                    pick -= b.len();
-                    false
-                }
-            })
-            .expect("pick < total");
-        (0..self.cfg.batch).map(|_| bucket[rng.random_range(0..bucket.len())]).collect()
+    /// The order of the samples over the epochs: batches share a number of references.
+    pub fn sampler(&self) -> Result<EpochSampler> {
+        EpochSampler::new(self.buckets.clone(), self.cfg.seed)
     }
 
     /// Condition and target tensors for the given samples.
@@ -390,16 +385,16 @@ impl JobParts {
         Ok((cond, Tensor::from_vec(tg, (b, hw), device)?))
     }
 
-    /// One training micro-step's loss.
-    fn loss(&self, rng: &mut Rng) -> Result<StepOutput> {
+    /// One training micro-step's loss on the samples `idx`; `draws[i]` makes sample i's CFG
+    /// dropout draw.
+    fn loss(&self, idx: &[usize], draws: &mut [Rng], rng: &mut Rng) -> Result<StepOutput> {
         let device = self.gpt.device().clone();
-        let idx = self.draw_batch(rng);
-        let (mut cond, target) = self.batch_tensors(&idx, &device)?;
+        let (mut cond, target) = self.batch_tensors(idx, &device)?;
         let (db, di, dt) = (self.cfg.drop_both, self.cfg.drop_image, self.cfg.drop_text);
         let mut drop_text = Vec::with_capacity(idx.len());
         let mut drop_image = Vec::with_capacity(idx.len());
-        for _ in 0..idx.len() {
-            let r: f32 = rng.random();
+        for d in draws.iter_mut() {
+            let r: f32 = d.random();
             drop_text.push(r < db || r > 1.0 - dt);
             drop_image.push(r < db + di);
         }
@@ -409,7 +404,7 @@ impl JobParts {
         let (b, n) = out.targets.dims2()?;
         let nll = self.gpt.token_nll(&out.hidden, &out.targets)?;
         let loss = nll.mean_all()?;
-        let (terms, extras) = self.binding_terms(&idx, &cond, &out, &nll)?.unwrap_or_default();
+        let (terms, extras) = self.binding_terms(idx, &cond, &out, &nll)?.unwrap_or_default();
         let loss = terms.into_iter().try_fold(loss, |acc, t| acc + t)?;
         Ok(StepOutput { loss, tokens: b * n, extras })
     }
@@ -447,12 +442,14 @@ impl JobParts {
         Ok(Some((terms, extras)))
     }
 
-    fn run(&self, state: &mut TrainState, progress: bool) -> Result<train::LoopSummary> {
+    fn run(&self, state: &mut TrainState, progress: bool, comm: &dyn Collective) -> Result<train::LoopSummary> {
         let cfg = self.cfg.clone();
         std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
         let toml_text = toml::to_string_pretty(&cfg).map_err(|e| Error::invalid("config", e.to_string()))?;
-        crate::util::atomic_write(cfg.out.join("config.toml"), toml_text.as_bytes())?;
-        super::run_guard::record_start(&cfg)?;
+        if comm.is_root() {
+            crate::util::atomic_write(cfg.out.join("config.toml"), toml_text.as_bytes())?;
+            super::run_guard::record_start(&cfg)?;
+        }
         let schedule = LrSchedule {
             base_lr: cfg.lr,
             warmup_steps: cfg.warmup,
@@ -474,7 +471,20 @@ impl JobParts {
         // The models share their variables with `state` (candle `Var`s are shared handles),
         // so the step reads the models while the loop updates the variables through `state`.
         let mut hooks = JobHooks { parts: self };
-        train::run_loop(&lc, state, |_, rng| self.loss(rng), &mut hooks)
+        // Each micro-step reads its part of the step's global batch (see `train::shard`).
+        let sampler = self.sampler()?;
+        let split = Split { batch: cfg.batch, accum: cfg.accum, rank: comm.rank(), world: comm.world() };
+        let mut at = (0u64, 0usize);
+        let step_fn = |step: u64, rng: &mut Rng| {
+            if at.0 != step {
+                at = (step, 0);
+            }
+            let (idx, start) = sampler.micro_batch(step, &split, at.1)?;
+            at.1 += 1;
+            let mut draws: Vec<Rng> = (0..idx.len()).map(|k| sampler.sample_rng(step, start + k)).collect();
+            self.loss(&idx, &mut draws, rng)
+        };
+        train::run_loop_on(comm, &lc, state, step_fn, &mut hooks)
     }
 
     /// Write the bundle folder (tokenizer, model, text encoder) into `dir`.

@@ -23,15 +23,17 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod metrics;
 pub mod optim;
 pub mod run;
+pub mod shard;
 
 pub use checkpoint::{Checkpointer, Restored, RngState};
 pub use config::{apply_overrides, apply_overrides_to};
 pub use metrics::{plot_losses, MetricsLog, MetricsRecord, PlotOptions};
 pub use optim::{clip_coef, clip_grad_norm, grad_norm, AdamW, AdamWParams, Decay, LrSchedule};
-pub use run::{run_loop, Hooks, LoopConfig, LoopSummary, NoHooks, StepOutput, TrainState};
+pub use run::{run_loop, run_loop_on, Hooks, LoopConfig, LoopSummary, NoHooks, StepOutput, TrainState};
 
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,7 @@
 //! bit-identically.
 
 use super::checkpoint::{group_key, Checkpointer, Restored};
+use super::dist::{self, Collective, Single};
 use super::metrics::{MetricsLog, MetricsRecord};
 use super::optim::{clip_coef, grad_norm, AdamW, AdamWParams, LrSchedule};
 use crate::error::{Error, Result};
@@ -177,21 +178,35 @@ const METRICS_FILE: &str = "metrics.jsonl";
 /// micro-step's forward pass (it is called `cfg.accum` times per step). A non-finite loss or
 /// gradient norm stops the loop with [`Error::Numerical`] naming the step; nothing is saved
 /// for that step, so the last checkpoint stays the last good one.
-pub fn run_loop<F>(cfg: &LoopConfig, state: &mut TrainState, mut step_fn: F, hooks: &mut dyn Hooks) -> Result<LoopSummary>
+pub fn run_loop<F>(cfg: &LoopConfig, state: &mut TrainState, step_fn: F, hooks: &mut dyn Hooks) -> Result<LoopSummary>
+where
+    F: FnMut(u64, &mut Rng) -> Result<StepOutput>,
+{
+    run_loop_on(&Single, cfg, state, step_fn, hooks)
+}
+
+/// [`run_loop`] as one rank of data-parallel training: after the micro-steps of a step the
+/// gradients (and the step's loss and token count) are summed over the ranks and the
+/// gradients divided by their number ([`dist::average_grads`]), so every rank applies the same
+/// update; the loss and tokens/s reported are those of the global batch. Only rank 0 writes
+/// checkpoints and metrics, shows progress and calls the hooks. Every rank must start from the
+/// same state (same seed, or the same checkpoint).
+pub fn run_loop_on<F>(comm: &dyn Collective, cfg: &LoopConfig, state: &mut TrainState, mut step_fn: F, hooks: &mut dyn Hooks) -> Result<LoopSummary>
 where
     F: FnMut(u64, &mut Rng) -> Result<StepOutput>,
 {
     cfg.validate()?;
+    let (root, world) = (comm.is_root(), comm.world());
     let ckpt = match (&cfg.run_dir, cfg.ckpt_every) {
-        (Some(dir), n) if n > 0 => Some(Checkpointer::new(dir, cfg.keep_last)?),
+        (Some(dir), n) if n > 0 && root => Some(Checkpointer::new(dir, cfg.keep_last)?),
         _ => None,
     };
     let mut log = match (&cfg.run_dir, cfg.log_every) {
-        (Some(dir), n) if n > 0 => Some(MetricsLog::open(dir.join(METRICS_FILE))?),
+        (Some(dir), n) if n > 0 && root => Some(MetricsLog::open(dir.join(METRICS_FILE))?),
         _ => None,
     };
     let vars = state.optim.vars();
-    let bar = progress_bar(cfg, state.step);
+    let bar = if root { progress_bar(cfg, state.step) } else { indicatif::ProgressBar::hidden() };
     let start = Instant::now();
     let mut summary = LoopSummary::default();
     // The checkpoint a failure falls back to: the newest one written so far.
@@ -213,11 +228,14 @@ where
         state.optim.set_lr(lr);
         let mut acc = GradStore::default();
         let mut loss_sum = 0f64;
+        let mut step_tokens = 0usize;
         for micro in 0..cfg.accum {
             let out = step_fn(step, &mut state.rng)?;
             let loss = out.loss.to_dtype(DType::F32)?;
             let value = loss.to_scalar::<f32>().map_err(|e| Error::invalid("loss", format!("must be a scalar: {e}")))?;
-            if !value.is_finite() {
+            // With several ranks every rank must take part in the step's all-reduce: the
+            // non-finite loss reaches all of them through it (below).
+            if !value.is_finite() && world == 1 {
                 bar.abandon();
                 return Err(Error::Numerical(format!(
                     "loss is {value} at step {step} (micro-step {}); training stopped, {}",
@@ -226,7 +244,7 @@ where
                 )));
             }
             loss_sum += value as f64;
-            win_tokens += out.tokens;
+            step_tokens += out.tokens;
             for (k, v) in &out.extras {
                 let e = win_extras.entry(k.to_string()).or_insert((0.0, 0));
                 e.0 += v;
@@ -245,6 +263,26 @@ where
                 }
             }
         }
+        if world > 1 {
+            let reduce_start = Instant::now();
+            let mut figures = [loss_sum, step_tokens as f64];
+            comm.all_reduce_sum_f64(&mut figures)?;
+            dist::average_grads(comm, &mut acc, &vars, dist::BUCKET_ELEMS)?;
+            // Logged as `allreduce_ms`: the exchange plus the wait for the slowest rank.
+            let e = win_extras.entry("allreduce_ms".to_string()).or_insert((0.0, 0));
+            e.0 += reduce_start.elapsed().as_secs_f64() * 1e3;
+            e.1 += 1;
+            loss_sum = figures[0] / world as f64;
+            step_tokens = figures[1] as usize;
+            if !loss_sum.is_finite() {
+                bar.abandon();
+                return Err(Error::Numerical(format!(
+                    "loss is {loss_sum} at step {step} (mean over {world} ranks); training stopped, {}",
+                    last_good(&last_good_path)
+                )));
+            }
+        }
+        win_tokens += step_tokens;
         let norm = grad_norm(&acc, &vars)?;
         if !norm.is_finite() {
             bar.abandon();
@@ -283,7 +321,9 @@ where
             if let Some(log) = log.as_mut() {
                 log.append(&rec)?;
             }
-            hooks.on_log(&rec)?;
+            if root {
+                hooks.on_log(&rec)?;
+            }
             (win_loss, win_steps, win_tokens, win_start) = (0.0, 0, 0, Instant::now());
         }
         if let Some(ckpt) = &ckpt {

@@ -130,7 +130,7 @@ pub fn builtin_metrics() -> Vec<MetricSpec> {
         MetricSpec { name: "background", about: "PSNR, MSE, SSIM outside mask.png (background preservation)", kind: MetricKind::Sample(|_| Ok(Box::new(PixelMetric::Background))) },
         MetricSpec { name: "subject", about: "PSNR, MSE, SSIM inside mask.png (the subjects)", kind: MetricKind::Sample(|_| Ok(Box::new(PixelMetric::Subject))) },
         MetricSpec { name: "edges", about: "F1 of Canny edge maps (OpenCV 100/200) against real.png", kind: MetricKind::Sample(|_| Ok(Box::new(EdgeF1))) },
-        MetricSpec { name: "identity", about: "identity accuracy and swap rate from meta.json subject masks and references", kind: MetricKind::Sample(|_| Ok(Box::new(Identity))) },
+        MetricSpec { name: "identity", about: "identity accuracy (colour) and swap rate, and shape-aware identity (colour correlograms), from meta.json subject masks and references", kind: MetricKind::Sample(|_| Ok(Box::new(Identity))) },
         MetricSpec { name: "lpips", about: "LPIPS (SqueezeNet) against real.png; needs lpips_squeeze.safetensors or squeeze.pth (+ squeezenet1_1) in --weights", kind: MetricKind::Sample(net_metrics::lpips) },
         MetricSpec { name: "clip_i", about: "CLIP-I x100 (ViT-B/32) of the result vs each reference; needs clip-vit-base-patch32 weights in --weights", kind: MetricKind::Sample(net_metrics::clip_i) },
         MetricSpec { name: "dino", about: "DINO x100 (v1 ViT-S/16 CLS) of the result vs each reference; needs dino_deitsmall16_pretrain.pth in --weights", kind: MetricKind::Sample(net_metrics::dino) },
@@ -234,13 +234,19 @@ struct Identity;
 
 impl SampleMetric for Identity {
     fn columns(&self) -> Vec<Column> {
-        vec![Column::new("id_acc", "ID acc", true), Column::new("id_swap", "Swap", false)]
+        vec![
+            Column::new("id_acc", "ID acc", true),
+            Column::new("id_swap", "Swap", false),
+            Column::new("id_shape", "ID shape", true),
+        ]
     }
 
     fn score(&self, d: &SampleData) -> Result<Vec<Option<f64>>> {
-        Ok(match identity::identity_score(d.pred, d.subjects)? {
+        let mut v = match identity::identity_score(d.pred, d.subjects)? {
             Some(s) => vec![Some(s.accuracy), Some(if s.swapped { 1.0 } else { 0.0 })],
             None => vec![None, None],
-        })
+        };
+        v.push(identity::structure_score(d.pred, d.subjects)?.map(|s| s.kept));
+        Ok(v)
     }
 }

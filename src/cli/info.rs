@@ -98,26 +98,13 @@ impl Header {
         Ok(Self { shapes, metadata })
     }
 
-    /// As the loader reads `.pt` files: the state dict under the usual keys, else the top level.
+    /// As the loader reads `.pt` files (the project's checked reader, which never runs pickle
+    /// code and checks every tensor against the bytes the file holds): the state dict under the
+    /// usual keys, else the top level.
     fn torch(path: &Path) -> Result<Self> {
-        let mut last = None;
-        for key in tokenar::weights::PT_STATE_KEYS.iter().map(|k| Some(*k)).chain([None]) {
-            match candle_core::pickle::read_pth_tensor_info(path, false, key) {
-                Ok(list) if !list.is_empty() => {
-                    let shapes = list.into_iter().map(|t| (t.name, t.layout.shape().dims().to_vec())).collect();
-                    return Ok(Self { shapes, metadata: BTreeMap::new() });
-                }
-                Ok(_) => {}
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(Error::bad_file(
-            path,
-            match last {
-                Some(e) => format!("no tensors found in this PyTorch checkpoint ({e})"),
-                None => "no tensors found in this PyTorch checkpoint".to_string(),
-            },
-        ))
+        let file = tokenar::weights::TensorFile::load(path, &candle_core::Device::Cpu)?;
+        let shapes = file.tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+        Ok(Self { shapes, metadata: BTreeMap::new() })
     }
 
     fn shape(&self, key: &str) -> Option<Vec<usize>> {

@@ -131,6 +131,63 @@ fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `out[r] = w . x[r * k..(r + 1) * k]` for `R` rows of `x` (`k = w.len()`), in `L` lanes per
+/// row: the weight is read once for all rows.
+#[inline(always)]
+fn dots_fixed<const R: usize, const L: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let k = w.len();
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
+    let mut acc = [[0f32; L]; R];
+    let chunks = k / L;
+    for c in 0..chunks {
+        let wc = &w[c * L..(c + 1) * L];
+        for r in 0..R {
+            let xc = &rows[r][c * L..(c + 1) * L];
+            for l in 0..L {
+                acc[r][l] += wc[l] * xc[l];
+            }
+        }
+    }
+    for r in 0..R {
+        let mut s = 0f32;
+        for a in acc[r] {
+            s += a;
+        }
+        for i in chunks * L..k {
+            s += w[i] * rows[r][i];
+        }
+        out[r] = s;
+    }
+}
+
+multiversion! {
+    /// `out[r] = w . x[r * k..(r + 1) * k]` for the `out.len()` (at most 4) rows of `x`,
+    /// `k = w.len()`: one weight row against the few rows of a decoding step.
+    pub fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+        match out.len() {
+            1 => dots_fixed::<1, 32>(w, x, out),
+            2 => dots_fixed::<2, 32>(w, x, out),
+            3 => dots_fixed::<3, 16>(w, x, out),
+            4 => dots_fixed::<4, 16>(w, x, out),
+            n => {
+                let k = w.len();
+                for (r, o) in out.iter_mut().enumerate().take(n) {
+                    *o = dot_lanes(w, &x[r * k..(r + 1) * k]);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// bf16 values (their bits) widened to f32: the bits shifted into the high half.
+    pub fn widen_bf16(src: &[u16], out: &mut [f32]) {
+        for (o, &b) in out.iter_mut().zip(src) {
+            *o = f32::from_bits((b as u32) << 16);
+        }
+    }
+}
+
 multiversion! {
     /// `out[j] = sum_k w[k] * rows[k * stride + j]` for `j < out.len()`: a (1 x K) by (K x n)
     /// product with the K rows `stride` apart (one query against keys stored transposed), 64

@@ -180,6 +180,27 @@ multiversion! {
 }
 
 multiversion! {
+    /// Sum of a slice, vectorised (the memory-bandwidth probe's read).
+    pub fn sum_slice(xs: &[f32]) -> f32 {
+        sum(xs)
+    }
+}
+
+multiversion! {
+    /// ggml Q8_0 blocks (an f16 scale, little-endian, then 32 i8 values; 34 bytes) to f32:
+    /// `out` holds 32 values per block of `src`.
+    pub fn dequantize_q8_0(src: &[u8], out: &mut [f32]) {
+        for (b, o) in src.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+            let d = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            let qs = &b[2..34];
+            for (v, &q) in o.iter_mut().zip(qs) {
+                *v = (q as i8) as f32 * d;
+            }
+        }
+    }
+}
+
+multiversion! {
     /// bf16 values (their bits) widened to f32: the bits shifted into the high half.
     pub fn widen_bf16(src: &[u16], out: &mut [f32]) {
         for (o, &b) in out.iter_mut().zip(src) {

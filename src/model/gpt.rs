@@ -490,6 +490,20 @@ impl TokenAr {
         Ok(())
     }
 
+    /// Whether a variable is one of the linear layers' weights that
+    /// [`TokenAr::convert_weights`] stores in a reduced dtype (block projections, output head).
+    pub fn is_linear_weight(name: &str) -> bool {
+        if name == "output.weight" {
+            return true;
+        }
+        let mut parts = name.split('.');
+        matches!(
+            (parts.next(), parts.next().map(|i| i.parse::<usize>().is_ok()), parts.next(), parts.next(), parts.next(), parts.next()),
+            (Some("layers"), Some(true), Some("attention"), Some("wqkv" | "wo"), Some("weight"), None)
+                | (Some("layers"), Some(true), Some("feed_forward"), Some("w1" | "w2" | "w3"), Some("weight"), None)
+        )
+    }
+
     /// How the linear layers' weights are stored ([`TokenAr::convert_weights`]).
     pub fn weight_dtype(&self) -> WeightDtype {
         self.output.dtype()

@@ -267,8 +267,9 @@ impl Weight {
     /// `x @ w^T` over the last dimension of `x` (f32, `(..., in)`) -> f32 `(..., out)`, for
     /// inference (no gradient). On the CPU, up to [`FEW_ROWS`] rows read the weight once, row
     /// by row, widening bf16/f16 on the fly (a decoding step is bound by reading the weights);
-    /// more rows go through gemm (a 16-bit weight widened to f32 first). Q8_0 weights use
-    /// candle's quantized kernels.
+    /// more rows go through gemm (a 16-bit or 8-bit weight widened to f32 first). Q8_0 weights
+    /// are read in place from candle's blocks (its own quantized kernels, whose thread pool
+    /// spins, serve other devices).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (dout, din) = self.dims()?;
@@ -280,6 +281,7 @@ impl Weight {
         let y = match self {
             Self::Dense(w) if x.device().is_cpu() && x.dtype() == DType::F32 => x2.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &DenseProduct)?,
             Self::Dense(w) => x2.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())?,
+            Self::Quantized(q) if x.device().is_cpu() && x.dtype() == DType::F32 && q.dtype() == GgmlDType::Q8_0 => q8_forward(&x2, q)?,
             Self::Quantized(q) => {
                 use candle_core::Module;
                 QMatMul::from_arc(q.clone())?.forward(&x2.contiguous()?)?
@@ -292,54 +294,57 @@ impl Weight {
 /// `x (n, in) @ w^T` for a dense `(out, in)` weight in f32, bf16 or f16; see [`Weight::forward`].
 struct DenseProduct;
 
-/// `dst[r] = x_r . w_row` for the `dst.len()` rows of `x` (each `w_row.len()` wide), with the
-/// weight row widened to f32 into `scratch` unless it is f32 already.
-fn dot_row<T: Widen>(w_row: &[T], x: &[f32], scratch: &mut [f32], dst: &mut [f32]) {
-    let w = T::widen(w_row, scratch);
-    crate::vmath::dot_rows(w, x, dst);
+/// A weight's storage on the CPU, `(out, in)` row-major, read one row at a time as f32.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+    /// ggml Q8_0 blocks: per 32 values an f16 scale (little-endian) and 32 i8.
+    Q8(&'a [u8]),
 }
 
-/// Element types of dense weights, widened to f32.
-trait Widen: Copy + Send + Sync + candle_core::WithDType {
-    /// `src` as f32: itself for f32, else converted into `scratch`.
-    fn widen<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32];
-}
+/// Bytes of one Q8_0 block (f16 scale, 32 i8 values) and the values it holds.
+const Q8_BLOCK_BYTES: usize = 34;
+const Q8_BLOCK: usize = 32;
 
-impl Widen for f32 {
-    fn widen<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
-        src
+impl<'a> Rows<'a> {
+    /// Row `o` of `din` values as f32: the storage itself for f32, else widened into `scratch`.
+    fn row<'s>(&'s self, o: usize, din: usize, scratch: &'s mut [f32]) -> &'s [f32] {
+        match *self {
+            Rows::F32(w) => &w[o * din..(o + 1) * din],
+            Rows::Bf16(w) => {
+                let src = &w[o * din..(o + 1) * din];
+                // SAFETY: bf16 is a transparent wrapper of its u16 bits.
+                let bits = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const u16, din) };
+                crate::vmath::widen_bf16(bits, &mut scratch[..din]);
+                &scratch[..din]
+            }
+            Rows::F16(w) => {
+                use half::slice::HalfFloatSliceExt;
+                w[o * din..(o + 1) * din].convert_to_f32_slice(&mut scratch[..din]);
+                &scratch[..din]
+            }
+            Rows::Q8(b) => {
+                let row_bytes = din / Q8_BLOCK * Q8_BLOCK_BYTES;
+                crate::vmath::dequantize_q8_0(&b[o * row_bytes..(o + 1) * row_bytes], &mut scratch[..din]);
+                &scratch[..din]
+            }
+        }
     }
 }
 
-impl Widen for half::bf16 {
-    fn widen<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32] {
-        let out = &mut scratch[..src.len()];
-        // SAFETY: bf16 is a transparent wrapper of its u16 bits.
-        let bits = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const u16, src.len()) };
-        crate::vmath::widen_bf16(bits, out);
-        out
-    }
-}
-
-impl Widen for half::f16 {
-    fn widen<'a>(src: &'a [Self], scratch: &'a mut [f32]) -> &'a [f32] {
-        use half::slice::HalfFloatSliceExt;
-        let out = &mut scratch[..src.len()];
-        src.convert_to_f32_slice(out);
-        out
-    }
-}
-
-/// The product for one element type: few rows by dot products over the weight's rows (in
-/// parallel blocks of outputs), more rows by gemm on the f32 weight.
-fn dense_product<T: Widen>(x: &[f32], n: usize, w: &[T], dout: usize, din: usize) -> candle_core::Result<Vec<f32>> {
+/// `x (n, din) @ w^T` for a `(dout, din)` weight: up to [`FEW_ROWS`] rows by dot products over
+/// the weight's rows (one pass over the weight, parallel blocks of outputs, each row widened
+/// on the fly); more rows by gemm on the weight as f32 (widened first unless it is f32).
+fn rows_product(x: &[f32], n: usize, w: Rows, dout: usize, din: usize) -> candle_core::Result<Vec<f32>> {
     if n <= FEW_ROWS {
         // Transposed result (out, n), one block of outputs per job; transposed back below.
         let mut yt = vec![0f32; dout * n];
         let job = |(b, out): (usize, &mut [f32]), scratch: &mut Vec<f32>| {
             for (j, dst) in out.chunks_exact_mut(n).enumerate() {
-                let o = b * OUTPUT_BLOCK + j;
-                dot_row(&w[o * din..(o + 1) * din], x, scratch, dst);
+                let row = w.row(b * OUTPUT_BLOCK + j, din, scratch);
+                crate::vmath::dot_rows(row, x, dst);
             }
         };
         if rayon::current_num_threads() > 1 && dout * din >= PARALLEL_MIN_WEIGHT {
@@ -361,16 +366,16 @@ fn dense_product<T: Widen>(x: &[f32], n: usize, w: &[T], dout: usize, din: usize
     }
     let mut y = vec![0f32; n * dout];
     let mut wide = Vec::new();
-    let w32: &[f32] = if T::DTYPE == DType::F32 {
-        // SAFETY: T is f32 here (checked by its dtype).
-        unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) }
-    } else {
-        wide.resize(w.len(), 0f32);
-        // For the 16-bit types `widen` writes into its scratch, here the row of `wide`.
-        wide.par_chunks_mut(din).zip(w.par_chunks(din)).for_each(|(o, r)| {
-            T::widen(r, o);
-        });
-        &wide
+    let w32: &[f32] = match w {
+        Rows::F32(w) => w,
+        _ => {
+            wide.resize(dout * din, 0f32);
+            wide.par_chunks_mut(din).enumerate().for_each(|(o, dst)| {
+                // `row` writes into its scratch, here the destination row itself.
+                w.row(o, din, dst);
+            });
+            &wide
+        }
     };
     // y = x w^T: w^T (in x out) is w read with row stride 1, column stride in.
     mm(n, dout, din, &mut y, x, din, 1, w32, 1, din)?;
@@ -390,12 +395,26 @@ impl CustomOp2 for DenseProduct {
         if wd != din || b - a != dout * din {
             candle_core::bail!("linear: rows of width {din} for a {:?} weight", lw.shape());
         }
-        let y = match sw {
-            CpuStorage::F32(w) => dense_product(x, n, &w[a..b], dout, din)?,
-            CpuStorage::BF16(w) => dense_product(x, n, &w[a..b], dout, din)?,
-            CpuStorage::F16(w) => dense_product(x, n, &w[a..b], dout, din)?,
+        let rows = match sw {
+            CpuStorage::F32(w) => Rows::F32(&w[a..b]),
+            CpuStorage::BF16(w) => Rows::Bf16(&w[a..b]),
+            CpuStorage::F16(w) => Rows::F16(&w[a..b]),
             _ => candle_core::bail!("linear: weights of an unsupported dtype (expected f32, bf16 or f16)"),
         };
-        Ok((CpuStorage::F32(y), Shape::from((n, dout))))
+        Ok((CpuStorage::F32(rows_product(x, n, rows, dout, din)?), Shape::from((n, dout))))
     }
+}
+
+/// [`rows_product`] over a Q8_0 weight on the CPU (its blocks read in place).
+fn q8_forward(x: &Tensor, q: &QTensor) -> Result<Tensor> {
+    let (dout, din) = q.shape().dims2()?;
+    let (n, _) = x.dims2()?;
+    let data = q.data()?;
+    if data.len() != dout * din / Q8_BLOCK * Q8_BLOCK_BYTES || din % Q8_BLOCK != 0 {
+        return Err(crate::error::Error::invalid("linear", format!("a q8_0 weight of {} bytes for ({dout}, {din})", data.len())));
+    }
+    let x = x.contiguous()?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let y = rows_product(&xs, n, Rows::Q8(&data), dout, din)?;
+    Ok(Tensor::from_vec(y, (n, dout), x.device())?)
 }

@@ -638,3 +638,7 @@ impl TokenAr {
         (self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim())
     }
 }
+
+#[cfg(test)]
+#[path = "dtype_tests.rs"]
+mod dtype_tests;

@@ -136,27 +136,29 @@ fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
 #[inline(always)]
 fn dots_fixed<const R: usize, const L: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
     let k = w.len();
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
+    let x = &x[..R * k];
+    let out = &mut out[..R];
     let mut acc = [[0f32; L]; R];
     let chunks = k / L;
     for c in 0..chunks {
-        let wc = &w[c * L..(c + 1) * L];
-        for r in 0..R {
-            let xc = &rows[r][c * L..(c + 1) * L];
-            for l in 0..L {
-                acc[r][l] += wc[l] * xc[l];
+        let base = c * L;
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (l, al) in a.iter_mut().enumerate() {
+                // SAFETY: base + l < chunks * L <= k = w.len(), and r * k + base + l < R * k =
+                // x.len(): no bounds checks in the loop that must vectorise.
+                unsafe { *al += *w.get_unchecked(base + l) * *x.get_unchecked(r * k + base + l) };
             }
         }
     }
-    for r in 0..R {
+    for (r, o) in out.iter_mut().enumerate() {
         let mut s = 0f32;
         for a in acc[r] {
             s += a;
         }
         for i in chunks * L..k {
-            s += w[i] * rows[r][i];
+            s += w[i] * x[r * k + i];
         }
-        out[r] = s;
+        *o = s;
     }
 }
 

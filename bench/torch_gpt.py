@@ -268,6 +268,8 @@ def main():
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # The vector instructions ATen's CPU kernels dispatch to (e.g. AVX2, AVX512).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dim": a.dim,
         "layers": a.layers,
         "heads": a.heads,

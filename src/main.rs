@@ -42,6 +42,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// The web page: generate from the browser (and its JSON API) on a local port.
     Serve(cli::serve::ServeArgs),
+    /// Rewrite a GPT checkpoint with its linear layers' weights in bf16 or f16.
+    Convert(cli::convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Info(a) => cli::info::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Serve(a) => cli::serve::run(a),
+        Command::Convert(a) => cli::convert::run(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,7 +11,7 @@ mod linear;
 
 pub use attention::attention_qkv;
 pub use kv_attention::{cached_attention, CachedStep};
-pub use linear::{few_rows_matmul, linear, FEW_ROWS};
+pub use linear::{linear, Weight, WeightDtype, FEW_ROWS};
 pub(crate) use linear::mm;
 
 use crate::error::Result;
@@ -862,25 +862,52 @@ mod tests {
     }
 
     #[test]
-    fn few_rows_matmul_matches_matmul() {
+    fn inference_weights_match_matmul() {
         let dev = Device::Cpu;
-        // Widths that are not multiples of the vector width or of the column block.
-        for (n, k, m) in [(1usize, 300usize, 437usize), (2, 512, 384), (4, 300, 1000)] {
+        // Few rows (dot products, serial and parallel) and many rows (gemm), widths that are
+        // not multiples of the lanes or of the output block.
+        for (n, k, m) in [(1usize, 300usize, 437usize), (2, 512, 384), (3, 96, 70), (4, 300, 1000), (9, 64, 130)] {
             let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (k, m), &dev).unwrap();
-            let y = few_rows_matmul(&x, &w).unwrap().unwrap();
+            let w = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let y = Weight::Dense(w.clone()).forward(&x).unwrap();
             assert_eq!(y.dims(), &[n, m]);
-            assert!(max_diff(&y, &x.matmul(&w).unwrap()) < 1e-4);
+            assert!(max_diff(&y, &want) < 1e-3, "f32 {n}x{k}x{m}: {}", max_diff(&y, &want));
+            // 16-bit weights: the product of the rounded weight, to f32 accuracy.
+            for dt in [WeightDtype::Bf16, WeightDtype::F16] {
+                let wr = Weight::Dense(w.clone()).convert(dt).unwrap();
+                assert_eq!(wr.dtype(), dt);
+                assert_eq!(wr.bytes(), m * k * 2);
+                let exact = x.matmul(&wr.to_f32().unwrap().t().unwrap()).unwrap();
+                let y = wr.forward(&x).unwrap();
+                assert!(max_diff(&y, &exact) < 1e-3, "{dt} {n}x{k}x{m}: {}", max_diff(&y, &exact));
+            }
         }
-        // Exact on integers: row r of x is r + 1 everywhere, the weight all ones.
+        // Exact on integers: row r of x is r + 1 everywhere, the weight all ones (f32 and bf16).
         let (k, m) = (512usize, 256usize);
         let x = Tensor::from_vec((0..2 * k).map(|i| (i / k + 1) as f32).collect::<Vec<_>>(), (2, k), &dev).unwrap();
-        let y = few_rows_matmul(&x, &Tensor::ones((k, m), DType::F32, &dev).unwrap()).unwrap().unwrap();
-        assert!(y.to_vec2::<f32>().unwrap().iter().enumerate().all(|(r, row)| row.iter().all(|&v| v == ((r + 1) * k) as f32)));
-        // More rows than it handles, or a small weight: gemm's job; a mismatched weight is an error.
-        assert!(few_rows_matmul(&Tensor::zeros((5, k), DType::F32, &dev).unwrap(), &Tensor::zeros((k, m), DType::F32, &dev).unwrap()).unwrap().is_none());
-        assert!(few_rows_matmul(&Tensor::zeros((1, 3), DType::F32, &dev).unwrap(), &Tensor::zeros((3, 2), DType::F32, &dev).unwrap()).unwrap().is_none());
-        assert!(few_rows_matmul(&Tensor::zeros((1, 3), DType::F32, &dev).unwrap(), &Tensor::zeros((4, 2), DType::F32, &dev).unwrap()).is_err());
+        for dt in [WeightDtype::F32, WeightDtype::Bf16] {
+            let w = Weight::Dense(Tensor::ones((m, k), DType::F32, &dev).unwrap()).convert(dt).unwrap();
+            let y = w.forward(&x).unwrap();
+            assert!(y.to_vec2::<f32>().unwrap().iter().enumerate().all(|(r, row)| row.iter().all(|&v| v == ((r + 1) * k) as f32)), "{dt}");
+        }
+        // Q8_0: close to the f32 product (8-bit rounding), a quarter of the bytes plus scales.
+        let x = Tensor::randn(0f32, 1.0, (3, 256), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (96, 256), &dev).unwrap();
+        let q = Weight::Dense(w.clone()).convert(WeightDtype::Q8_0).unwrap();
+        assert_eq!(q.dtype(), WeightDtype::Q8_0);
+        assert_eq!(q.bytes(), 96 * 256 / 32 * 34);
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        let rel = max_diff(&q.forward(&x).unwrap(), &want) / want.abs().unwrap().max_keepdim(1).unwrap().max(0).unwrap().squeeze(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(rel < 0.02, "q8_0 relative error {rel}");
+        // A width off Q8_0's blocks, a mismatched input, and training on a converted weight are errors.
+        let e = Weight::Dense(Tensor::zeros((4, 40), DType::F32, &dev).unwrap()).convert(WeightDtype::Q8_0).unwrap_err().to_string();
+        assert!(e.contains("multiple of 32"), "{e}");
+        assert!(Weight::Dense(Tensor::zeros((4, 3), DType::F32, &dev).unwrap()).forward(&Tensor::zeros((1, 4), DType::F32, &dev).unwrap()).is_err());
+        let e = q.tensor().unwrap_err().to_string();
+        assert!(e.contains("inference only"), "{e}");
+        assert_eq!("Q8_0".parse::<WeightDtype>().unwrap(), WeightDtype::Q8_0);
+        assert!("int4".parse::<WeightDtype>().unwrap_err().contains("expected f32, bf16, f16 or q8_0"));
     }
 
     #[test]

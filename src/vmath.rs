@@ -131,6 +131,86 @@ fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `out[r] = w . x[r * k..(r + 1) * k]` for `R` rows of `x` (`k = w.len()`), in `L` lanes per
+/// row: the weight is read once for all rows.
+#[inline(always)]
+fn dots_fixed<const R: usize, const L: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let k = w.len();
+    let x = &x[..R * k];
+    let out = &mut out[..R];
+    let mut acc = [[0f32; L]; R];
+    let chunks = k / L;
+    for c in 0..chunks {
+        let base = c * L;
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (l, al) in a.iter_mut().enumerate() {
+                // SAFETY: base + l < chunks * L <= k = w.len(), and r * k + base + l < R * k =
+                // x.len(): no bounds checks in the loop that must vectorise.
+                unsafe { *al += *w.get_unchecked(base + l) * *x.get_unchecked(r * k + base + l) };
+            }
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut s = 0f32;
+        for a in acc[r] {
+            s += a;
+        }
+        for i in chunks * L..k {
+            s += w[i] * x[r * k + i];
+        }
+        *o = s;
+    }
+}
+
+multiversion! {
+    /// `out[r] = w . x[r * k..(r + 1) * k]` for the `out.len()` (at most 4) rows of `x`,
+    /// `k = w.len()`: one weight row against the few rows of a decoding step.
+    pub fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+        match out.len() {
+            1 => dots_fixed::<1, 32>(w, x, out),
+            2 => dots_fixed::<2, 32>(w, x, out),
+            3 => dots_fixed::<3, 16>(w, x, out),
+            4 => dots_fixed::<4, 16>(w, x, out),
+            n => {
+                let k = w.len();
+                for (r, o) in out.iter_mut().enumerate().take(n) {
+                    *o = dot_lanes(w, &x[r * k..(r + 1) * k]);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Sum of a slice, vectorised (the memory-bandwidth probe's read).
+    pub fn sum_slice(xs: &[f32]) -> f32 {
+        sum(xs)
+    }
+}
+
+multiversion! {
+    /// ggml Q8_0 blocks (an f16 scale, little-endian, then 32 i8 values; 34 bytes) to f32:
+    /// `out` holds 32 values per block of `src`.
+    pub fn dequantize_q8_0(src: &[u8], out: &mut [f32]) {
+        for (b, o) in src.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+            let d = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            let qs = &b[2..34];
+            for (v, &q) in o.iter_mut().zip(qs) {
+                *v = (q as i8) as f32 * d;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// bf16 values (their bits) widened to f32: the bits shifted into the high half.
+    pub fn widen_bf16(src: &[u16], out: &mut [f32]) {
+        for (o, &b) in out.iter_mut().zip(src) {
+            *o = f32::from_bits((b as u32) << 16);
+        }
+    }
+}
+
 multiversion! {
     /// `out[j] = sum_k w[k] * rows[k * stride + j]` for `j < out.len()`: a (1 x K) by (K x n)
     /// product with the K rows `stride` apart (one query against keys stored transposed), 64

@@ -7,14 +7,18 @@
 //! `crate::train::AdamW` for training. Token rates count every model row (both CFG rows for
 //! prefill and decode), as the PyTorch script and the reference anchors do.
 
+mod machine;
 mod report;
 mod torch;
+
+pub use machine::{isa, read_bandwidth, reset_peak, Bandwidth, Isa};
 
 pub use report::{render_table, BenchReport, DecodeResult, ItdResult, PassResult, PrefillResult, TorchComparison, TrainResult};
 pub use torch::{run_torch, TorchArgs};
 
 use crate::error::{Error, Result};
 use crate::model::{Condition, GptConfig, TokenAr};
+use crate::nn::WeightDtype;
 use crate::sample::{self, DecodePlan, ItdMode, SampleOptions};
 use crate::train::{clip_coef, grad_norm, AdamW, AdamWParams};
 use crate::util::Rng;
@@ -116,6 +120,11 @@ pub struct BenchOptions {
     /// model copies real references far better than random codes, so `exact`'s draft
     /// acceptance (and time) is representative only with them.
     pub codes: Option<ConditionCodes>,
+    /// How the inference weights are stored (converted before the measurements; the training
+    /// step needs f32).
+    pub dtype: WeightDtype,
+    /// MiB read by the memory-bandwidth probe (0 skips it).
+    pub bandwidth_mib: usize,
 }
 
 /// The condition codes of one sample: one grid per reference, and the background's.
@@ -141,6 +150,8 @@ impl Default for BenchOptions {
             seed: 0,
             trained: false,
             codes: None,
+            dtype: WeightDtype::F32,
+            bandwidth_mib: 256,
         }
     }
 }
@@ -409,15 +420,50 @@ pub fn bench_train(model: &TokenAr, varmap: &VarMap, n_refs: usize, text: Option
     })
 }
 
+/// The model's two views: inference as `generate` runs it (detached, recording no backprop
+/// graph; weights in `o.dtype`), and the variables themselves for the training step.
+struct Views {
+    inference: TokenAr,
+    trainable: Option<(TokenAr, VarMap)>,
+}
+
+impl Views {
+    fn build(cfg: &GptConfig, device: &candle_core::Device, varmap: &VarMap, o: &BenchOptions) -> Result<Self> {
+        if o.dtype != WeightDtype::F32 && o.train_batch > 0 {
+            return Err(Error::invalid("--dtype", format!("{}: the training step needs f32 weights (pass --train-batch 0 to time inference in {})", o.dtype, o.dtype)));
+        }
+        let trainable = if o.train_batch > 0 { Some((TokenAr::new(cfg, candle_nn::VarBuilder::from_varmap(varmap, DType::F32, device))?, varmap.clone())) } else { None };
+        let mut inference = TokenAr::new(cfg, crate::model::load::zeros_builder(varmap, DType::F32, device))?;
+        inference.convert_weights(o.dtype)?;
+        Ok(Self { inference, trainable })
+    }
+}
+
 /// Run every measurement on the model of `varmap` (`model` gives its config and device).
-/// `text`: features (1, L, C) to condition on (random when `None`).
+/// `text`: features (1, L, C) to condition on (random when `None`). With a reduced
+/// `o.dtype`, the f32 weights stay alive beside the converted ones (see [`run_owned`]).
 pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOptions) -> Result<BenchReport> {
+    let views = Views::build(model.config(), model.device(), varmap, o)?;
+    measure(views, text, o)
+}
+
+/// [`run`] taking the model and its variables: with a reduced `o.dtype` the f32 weights are
+/// freed once converted, so that the peak memory is that of inference in that dtype.
+pub fn run_owned(model: TokenAr, varmap: VarMap, text: Option<&Tensor>, o: &BenchOptions) -> Result<BenchReport> {
+    let (cfg, device) = (model.config().clone(), model.device().clone());
+    drop(model);
+    let views = Views::build(&cfg, &device, &varmap, o)?;
+    drop(varmap);
+    measure(views, text, o)
+}
+
+fn measure(views: Views, text: Option<&Tensor>, o: &BenchOptions) -> Result<BenchReport> {
     let load_start = loadavg();
+    let model = &views.inference;
     let cfg = model.config().clone();
-    // Two views of the same weights: inference as `generate` runs it (detached, recording no
-    // backprop graph), the train step on the variables themselves.
-    let trainable = TokenAr::new(&cfg, candle_nn::VarBuilder::from_varmap(varmap, DType::F32, model.device()))?;
-    let model = &TokenAr::new(&cfg, crate::model::load::zeros_builder(varmap, DType::F32, model.device()))?;
+    let isa = isa();
+    // The peak from here on: inference (model construction and conversion left out).
+    let peak_reset = reset_peak();
     let mut rng = crate::util::rng(o.seed);
     let inputs = bench_inputs(model, o.n_refs, 1, o.codes.as_ref(), text, &mut rng)?;
     let layout = model.layout_for(&inputs.cond)?;
@@ -427,7 +473,14 @@ pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOpt
     let itd = bench_itd(model, &inputs, o)?;
     let passes = bench_passes(model, &inputs, o)?;
     let peak_inference = peak_mib();
-    let train = if o.train_batch > 0 { Some(bench_train(&trainable, varmap, o.n_refs, text, o)?) } else { None };
+    let train = match &views.trainable {
+        Some((trainable, varmap)) if o.train_batch > 0 => Some(bench_train(trainable, varmap, o.n_refs, text, o)?),
+        _ => None,
+    };
+    // After the peak of inference was read: the probe's buffer is not the model's memory.
+    let bandwidth = if o.bandwidth_mib > 0 && model.device().is_cpu() { Some(read_bandwidth(o.bandwidth_mib, 5)) } else { None };
+    let weight_bytes = model.step_weight_bytes();
+    let decode_gb_s = weight_bytes as f64 / (decode.ms_per_step / 1e3) / 1e9;
     let time_of = |m: &str| itd.iter().find(|r| r.mode == m).and_then(|r| r.seconds_per_image);
     let exact_over_off = match (time_of("exact"), time_of("off")) {
         (Some(e), Some(f)) if f > 0.0 => Some(e / f),
@@ -471,7 +524,14 @@ pub fn run(model: &TokenAr, varmap: &VarMap, text: Option<&Tensor>, o: &BenchOpt
         passes,
         exact_over_off,
         train,
+        dtype: o.dtype.to_string(),
+        weights_mib: weight_bytes as f64 / (1u64 << 20) as f64,
+        isa,
+        bandwidth_gb_s: bandwidth.as_ref().map(|b| b.read_gb_s),
+        decode_weight_gb_s: decode_gb_s,
+        decode_bandwidth_fraction: bandwidth.as_ref().map(|b| decode_gb_s / b.read_gb_s),
         peak_mib_inference: peak_inference,
+        peak_reset,
         peak_mib: peak_mib(),
         loadavg_start: load_start,
         loadavg_end: loadavg(),

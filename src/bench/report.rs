@@ -119,8 +119,21 @@ pub struct BenchReport {
     /// Time of `exact` over `off` per image (goal: at most 1.3).
     pub exact_over_off: Option<f64>,
     pub train: Option<TrainResult>,
-    /// Peak resident memory (VmHWM) after the inference measurements, and at the end.
+    /// How the linear layers' weights were stored (f32, bf16, f16, q8_0).
+    pub dtype: String,
+    /// MiB of weights a decoding step reads (every block's projections and the output head).
+    pub weights_mib: f64,
+    /// Instruction sets the kernels dispatch to on this machine.
+    pub isa: super::Isa,
+    /// Streaming read bandwidth on the kernels' threads (GB/s), the bound of a decoding step.
+    pub bandwidth_gb_s: Option<f64>,
+    /// Weight bytes per decoding step over its time (GB/s), and that over the bound.
+    pub decode_weight_gb_s: f64,
+    pub decode_bandwidth_fraction: Option<f64>,
+    /// Peak resident memory (VmHWM) of the inference measurements (from after the model was
+    /// built and converted, where `peak_reset`), and of the whole run.
     pub peak_mib_inference: f64,
+    pub peak_reset: bool,
     pub peak_mib: f64,
     /// /proc/loadavg (1, 5, 15 minutes) before and after the Rust measurements.
     pub loadavg_start: [f64; 3],
@@ -159,6 +172,16 @@ pub fn render_table(r: &BenchReport) -> String {
     let _ = writeln!(s, "sequence: prefix {} positions, {} generated; cfg {} top-k {}", r.prefix_len, r.generated_len, r.cfg_scale, r.top_k);
     let _ = writeln!(
         s,
+        "weights {} ({:.0} MiB per decoding step); kernels: gemm f32 {}, few-row/attention {}, q8_0 {}{}",
+        r.dtype,
+        r.weights_mib,
+        r.isa.gemm_f32,
+        r.isa.vmath,
+        r.isa.q8_0,
+        if r.isa.f16c { ", f16c" } else { "" }
+    );
+    let _ = writeln!(
+        s,
         "load average (1/5/15 min): {:.2} {:.2} {:.2} -> {:.2} {:.2} {:.2}",
         r.loadavg_start[0], r.loadavg_start[1], r.loadavg_start[2], r.loadavg_end[0], r.loadavg_end[1], r.loadavg_end[2]
     );
@@ -169,6 +192,17 @@ pub fn render_table(r: &BenchReport) -> String {
     let _ = writeln!(s, "{:<28} {:>12.2} {:>12} {:>8}", "prefill ms", r.prefill.ms, tv("prefill_ms"), "");
     let _ = writeln!(s, "{:<28} {:>12.1} {:>12} {:>8}", "decode tokens/s (2 rows)", r.decode.tokens_per_s, tv("decode_tokens_per_s"), ratio(t.and_then(|t| t.decode_ratio)));
     let _ = writeln!(s, "{:<28} {:>12.2} {:>12} {:>8}", "decode ms/step", r.decode.ms_per_step, tv("decode_ms_per_step"), "");
+    match (r.bandwidth_gb_s, r.decode_bandwidth_fraction) {
+        (Some(bw), Some(f)) => {
+            let _ = writeln!(s, "decode reads weights at {:.1} GB/s = {:.0}% of the {:.1} GB/s streaming-read bound", r.decode_weight_gb_s, f * 100.0, bw);
+        }
+        _ => {
+            let _ = writeln!(s, "decode reads weights at {:.1} GB/s", r.decode_weight_gb_s);
+        }
+    }
+    if let Some(cap) = t.and_then(|t| t.result.get("cpu_capability")).and_then(|c| c.as_str()) {
+        let _ = writeln!(s, "pytorch kernels: {cap}");
+    }
     if let Some(tr) = &r.train {
         let _ = writeln!(s, "{:<28} {:>12.1} {:>12} {:>8}", format!("train tokens/s (batch {})", tr.batch), tr.tokens_per_s, tv("train_tokens_per_s"), ratio(t.and_then(|t| t.train_ratio)));
         let _ = writeln!(s, "{:<28} {:>12.1} {:>12} {:>8}", "train step ms", tr.step_ms, tv("train_step_ms"), "");
@@ -195,7 +229,13 @@ pub fn render_table(r: &BenchReport) -> String {
     if let Some(x) = r.exact_over_off {
         let _ = writeln!(s, "exact / off = {x:.2} (goal <= 1.3)");
     }
-    let _ = writeln!(s, "peak memory: {:.0} MiB after inference, {:.0} MiB at the end", r.peak_mib_inference, r.peak_mib);
+    let _ = writeln!(
+        s,
+        "peak memory: {:.0} MiB {}, {:.0} MiB at the end",
+        r.peak_mib_inference,
+        if r.peak_reset { "during inference" } else { "after inference" },
+        r.peak_mib
+    );
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");
     }

@@ -102,6 +102,10 @@ pub struct BenchArgs {
     json_only: bool,
     #[arg(long)]
     gpu: bool,
+    /// Inference weights: f32, bf16, f16 or q8_0 (converted after building or loading; the
+    /// training step needs f32, so pass --train-batch 0 with the others).
+    #[arg(long, default_value = "f32")]
+    dtype: tokenar::nn::WeightDtype,
 }
 
 fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -136,6 +140,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         seed: a.seed,
         trained: false,
         codes: None,
+        dtype: a.dtype,
+        bandwidth_mib: 256,
     };
     let bundle;
     let built;
@@ -166,7 +172,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 }
                 opts.codes = Some(ConditionCodes { refs, background });
             }
-            (&bundle.gpt, &bundle.gpt_vars, Some(feats))
+            (bundle.gpt, bundle.gpt_vars, Some(feats))
         }
         None => {
             let o = Overrides {
@@ -181,7 +187,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             let cfg = bench::bench_config(&a.preset, &o)?;
             bench::check_memory(&cfg, a.train_batch)?;
             built = tokenar::model::build(&cfg, &device, a.seed)?;
-            (&built.0, &built.1, None)
+            (built.0, built.1, None)
         }
     };
     let cfg = model.config().clone();
@@ -189,7 +195,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Some(c) => c.refs.len(),
         None => a.refs.unwrap_or(cfg.max_refs.min(2)),
     };
-    let mut report = bench::run(model, varmap, text.as_ref(), &opts)?;
+    let mut report = bench::run_owned(model, varmap, text.as_ref(), &opts)?;
     if a.torch {
         let t = TorchArgs { python: a.python.clone(), script: a.torch_script.clone(), threads: report.threads, repeat: a.repeat, warmup: a.warmup, seed: a.seed };
         bench::run_torch(&mut report, &t, cfg.caption_len, cfg.caption_dim)?;

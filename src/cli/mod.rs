@@ -1,6 +1,7 @@
 //! One file per command group; each parses its flags and calls the library.
 
 pub mod bench;
+pub mod convert;
 pub mod curate;
 pub mod data;
 pub mod eval;
@@ -76,6 +77,10 @@ pub struct ModelArgs {
     /// Run on the GPU (a build with the `cuda` feature).
     #[arg(long)]
     pub gpu: bool,
+    /// Inference weights of the GPT's linear layers: f32, bf16, f16 or q8_0 (8-bit blocks),
+    /// converted at load time.
+    #[arg(long, default_value = "f32")]
+    pub dtype: tokenar::nn::WeightDtype,
 }
 
 impl ModelArgs {
@@ -88,6 +93,12 @@ impl ModelArgs {
             }
             None => tokenar::pipeline::Bundle::builtin(&device)?,
         };
+        let mut bundle = bundle;
+        if self.dtype != tokenar::nn::WeightDtype::F32 {
+            bundle.gpt.convert_weights(self.dtype)?;
+            // The model now holds the only copy of the converted weights: the f32 variables go.
+            bundle.gpt_vars = candle_nn::VarMap::new();
+        }
         for k in &bundle.report.fresh {
             eprintln!("note: `{k}` is not in the checkpoint and was freshly initialised");
         }

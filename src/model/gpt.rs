@@ -3,7 +3,9 @@
 //! Two execution paths share every weight: the training path (`forward_train`) uses
 //! elementary-op compositions so that every parameter receives a gradient, with seeded
 //! dropout; the inference path (`start` + [`Session`]) uses fused RMSNorm, softmax, SwiGLU and
-//! RoPE kernels and a KV cache. A test checks that both give the same logits.
+//! RoPE kernels and a KV cache. A test checks that both give the same logits. Both read the
+//! linear layers' weights where they lie ([`Weight`], `(out, in)`): no inference copy is made,
+//! and [`TokenAr::convert_weights`] stores them as bf16, f16 or Q8_0 for inference.
 
 use super::condition::Condition;
 use super::config::GptConfig;
@@ -13,7 +15,7 @@ use super::instruct_tokens::InstructTokens;
 use super::kv_cache::{LayerCache, Session};
 use super::rope;
 use crate::error::{Error, Result};
-use crate::nn::linear;
+use crate::nn::{linear, Weight, WeightDtype};
 use crate::layout::{Layout, SegmentKind};
 use crate::util::Rng;
 use candle_core::{DType, Device, Tensor};
@@ -64,73 +66,6 @@ impl Ctx<'_> {
     }
 }
 
-/// `x @ wt` for a pre-transposed (in, out) weight, over the last dimension of `x`.
-fn matmul_last(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (din, dout) = wt.dims2()?;
-    let n: usize = dims[..dims.len() - 1].iter().product();
-    let x = x.reshape((n, din))?;
-    let y = match crate::nn::few_rows_matmul(&x, wt)? {
-        Some(y) => y,
-        None => x.matmul(wt)?,
-    };
-    let mut out = dims;
-    *out.last_mut().unwrap_or(&mut 0) = dout;
-    Ok(y.reshape(out)?)
-}
-
-/// Inference copies of the weights: pre-transposed to (in, out) and contiguous (candle's gemm
-/// is several times faster for a few rows this way), `w1` and `w3` fused into one matmul.
-/// Built by [`TokenAr::start`] from the current variables, so they never go stale.
-pub(crate) struct Packed {
-    blocks: Vec<PackedBlock>,
-}
-
-struct PackedBlock {
-    wqkv: Tensor,
-    wo: Tensor,
-    w13: Tensor,
-    w2: Tensor,
-}
-
-/// The contiguous transposes of 2D weights `(out_i, in)` side by side: `(in, sum out_i)`, so
-/// that one product computes all of their outputs. On the CPU in f32 a blocked loop straight
-/// into the result (candle's strided copy and concatenation are several times slower).
-fn transposed(ws: &[&Tensor]) -> Result<Tensor> {
-    let cpu_f32 = ws.iter().all(|w| w.device().is_cpu() && w.dtype() == DType::F32);
-    if !cpu_f32 {
-        let ts = ws.iter().map(|w| w.t()?.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
-        return Ok(Tensor::cat(&ts, 1)?);
-    }
-    let mut dims = Vec::with_capacity(ws.len());
-    for w in ws {
-        dims.push(w.dims2()?);
-    }
-    let c = dims.first().map_or(0, |d| d.1);
-    if let Some((r, c2)) = dims.iter().find(|d| d.1 != c) {
-        return Err(crate::error::Error::invalid("weights", format!("a ({r}, {c2}) weight packed with weights of {c} inputs")));
-    }
-    let total: usize = dims.iter().map(|d| d.0).sum();
-    let mut dst = vec![0f32; c * total];
-    let mut off = 0;
-    for (w, &(r, _)) in ws.iter().zip(&dims) {
-        let src = w.flatten_all()?.to_vec1::<f32>()?;
-        // Blocks of B source rows: each destination row j gets B consecutive values.
-        const B: usize = 16;
-        for i0 in (0..r).step_by(B) {
-            let rows = B.min(r - i0);
-            for (j, out) in dst.chunks_exact_mut(total).enumerate() {
-                let out = &mut out[off + i0..off + i0 + rows];
-                for (k, o) in out.iter_mut().enumerate() {
-                    *o = src[(i0 + k) * c + j];
-                }
-            }
-        }
-        off += r;
-    }
-    Ok(Tensor::from_vec(dst, (c, total), ws[0].device())?)
-}
-
 struct Norm {
     weight: Tensor,
     eps: f64,
@@ -150,11 +85,11 @@ impl Norm {
 }
 
 struct Block {
-    wqkv: Tensor,
-    wo: Tensor,
-    w1: Tensor,
-    w2: Tensor,
-    w3: Tensor,
+    wqkv: Weight,
+    wo: Weight,
+    w1: Weight,
+    w2: Weight,
+    w3: Weight,
     attention_norm: Norm,
     ffn_norm: Norm,
     n_head: usize,
@@ -177,11 +112,11 @@ impl Block {
         let a = vb.pp("attention");
         let ff = vb.pp("feed_forward");
         Ok(Self {
-            wqkv: a.pp("wqkv").get_with_hints((3 * d, d), "weight", STD)?,
-            wo: a.pp("wo").get_with_hints((d, d), "weight", STD)?,
-            w1: ff.pp("w1").get_with_hints((f, d), "weight", STD)?,
-            w2: ff.pp("w2").get_with_hints((d, f), "weight", STD)?,
-            w3: ff.pp("w3").get_with_hints((f, d), "weight", STD)?,
+            wqkv: Weight::Dense(a.pp("wqkv").get_with_hints((3 * d, d), "weight", STD)?),
+            wo: Weight::Dense(a.pp("wo").get_with_hints((d, d), "weight", STD)?),
+            w1: Weight::Dense(ff.pp("w1").get_with_hints((f, d), "weight", STD)?),
+            w2: Weight::Dense(ff.pp("w2").get_with_hints((d, f), "weight", STD)?),
+            w3: Weight::Dense(ff.pp("w3").get_with_hints((f, d), "weight", STD)?),
             attention_norm: Norm::new(d, cfg.norm_eps, vb.pp("attention_norm"))?,
             ffn_norm: Norm::new(d, cfg.norm_eps, vb.pp("ffn_norm"))?,
             n_head: cfg.n_head,
@@ -226,7 +161,7 @@ impl Block {
         cache: Option<&mut LayerCache>,
         ctx: &mut Ctx,
         drop: &super::config::Dropouts,
-        packed: Option<&PackedBlock>,
+        infer: bool,
         keep: Option<usize>,
     ) -> Result<Tensor> {
         let (t, d) = (x.dim(1)?, x.dim(2)?);
@@ -238,10 +173,7 @@ impl Block {
         }
         let (h, hd) = (self.n_head, d / self.n_head);
         let xn = self.attention_norm.forward(x, ctx.differentiable)?;
-        let qkv = match packed {
-            Some(p) => matmul_last(&xn, &p.wqkv)?,
-            None => linear(&xn, &self.wqkv)?,
-        };
+        let qkv = if infer { self.wqkv.forward(&xn)? } else { linear(&xn, self.wqkv.tensor()?)? };
         let scale = 1.0 / (hd as f64).sqrt();
         // Training without attention dropout: one fused op from the projection to the heads'
         // outputs (RoPE, scaling, scores, softmax, values), with no (B, H, S, S) tensor kept.
@@ -257,23 +189,16 @@ impl Block {
         };
         let last = |v: &Tensor| -> Result<Tensor> { Ok(if v.dim(1)? > keep { v.narrow(1, v.dim(1)? - keep, keep)? } else { v.clone() }) };
         let (x, y) = (last(x)?, last(&y)?);
-        let hres = match packed {
-            Some(p) => (&x + matmul_last(&y, &p.wo)?)?,
-            None => ctx.residual(&x, &linear(&y, &self.wo)?, drop.resid)?,
-        };
+        let hres = if infer { (&x + self.wo.forward(&y)?)? } else { ctx.residual(&x, &linear(&y, self.wo.tensor()?)?, drop.resid)? };
         let hn = self.ffn_norm.forward(&hres, ctx.differentiable)?;
-        match packed {
-            Some(p) => {
-                let g = crate::nn::swiglu_halves(&matmul_last(&hn, &p.w13)?)?;
-                Ok((hres + matmul_last(&g, &p.w2)?)?)
-            }
-            None => {
-                let (gate, up) = (linear(&hn, &self.w1)?, linear(&hn, &self.w3)?);
-                let mask = ctx.dropout_mask(&gate, drop.ffn)?;
-                let g = crate::nn::swiglu_masked(&gate, &up, mask.as_ref())?;
-                ctx.residual(&hres, &linear(&g, &self.w2)?, drop.resid)
-            }
+        if infer {
+            let g = crate::nn::swiglu(&self.w1.forward(&hn)?, &self.w3.forward(&hn)?)?;
+            return Ok((hres + self.w2.forward(&g)?)?);
         }
+        let (gate, up) = (linear(&hn, self.w1.tensor()?)?, linear(&hn, self.w3.tensor()?)?);
+        let mask = ctx.dropout_mask(&gate, drop.ffn)?;
+        let g = crate::nn::swiglu_masked(&gate, &up, mask.as_ref())?;
+        ctx.residual(&hres, &linear(&g, self.w2.tensor()?)?, drop.resid)
     }
 }
 
@@ -286,7 +211,7 @@ pub struct TokenAr {
     uncond_embedding: Tensor,
     layers: Vec<Block>,
     norm: Norm,
-    output: Tensor,
+    output: Weight,
     index_embedding: Option<IndexEmbedding>,
     cell_embedding: Option<CellEmbedding>,
     instruct: Option<InstructTokens>,
@@ -331,7 +256,7 @@ impl TokenAr {
             layers,
             norm: Norm::new(d, cfg.norm_eps, vb.pp("norm"))?,
             // LlamaGen zero-initialises the output head.
-            output: vb.pp("output").get_with_hints((cfg.vocab_size, d), "weight", Init::Const(0.0))?,
+            output: Weight::Dense(vb.pp("output").get_with_hints((cfg.vocab_size, d), "weight", Init::Const(0.0))?),
             index_embedding: if cfg.index_embedding {
                 Some(IndexEmbedding::new(cfg.max_refs + 1, d, vb.pp("ref_index_embeddings"))?)
             } else {
@@ -533,7 +458,7 @@ impl TokenAr {
         att: &AttnInputs,
         caches: Option<&mut [LayerCache]>,
         ctx: &mut Ctx,
-        packed: Option<&Packed>,
+        infer: bool,
         keep: Option<usize>,
     ) -> Result<Tensor> {
         let drop = self.cfg.dropouts;
@@ -541,36 +466,56 @@ impl TokenAr {
         let n = self.layers.len();
         for (i, blk) in self.layers.iter().enumerate() {
             let cache = caches.as_mut().and_then(|c| c.next());
-            let p = packed.map(|p| &p.blocks[i]);
-            x = blk.forward(&x, att, cache, ctx, &drop, p, if i + 1 == n { keep } else { None })?;
+            x = blk.forward(&x, att, cache, ctx, &drop, infer, if i + 1 == n { keep } else { None })?;
         }
         Ok(x)
     }
 
-    /// Final norm and output head on the inference path, computed as `output @ h^T` (fast for
-    /// the few rows of a decoding step without a transposed copy of the large head).
+    /// Final norm and output head on the inference path (the head in its inference dtype).
     pub(crate) fn head(&self, h: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = h.dims3()?;
-        let hn = self.norm.forward(h, false)?.reshape((b * t, d))?;
-        let y = self.output.matmul(&hn.t()?)?.t()?.contiguous()?;
-        Ok(y.reshape((b, t, self.cfg.vocab_size))?)
+        let hn = self.norm.forward(h, false)?;
+        self.output.forward(&hn)
     }
 
-    /// Pre-transposed copies of the current weights for decoding.
-    pub(crate) fn pack(&self) -> Result<Packed> {
-        let blocks = self
-            .layers
-            .iter()
-            .map(|b| {
-                Ok(PackedBlock {
-                    wqkv: transposed(&[&b.wqkv])?,
-                    wo: transposed(&[&b.wo])?,
-                    w13: transposed(&[&b.w1, &b.w3])?,
-                    w2: transposed(&[&b.w2])?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Packed { blocks })
+    /// Store the weights of the linear layers (every block's projections and the output head,
+    /// all but a few percent of the parameters) as `dtype` for inference; embeddings, norms and
+    /// activations stay f32. A model converted to anything but f32 serves inference only
+    /// (training needs the f32 variables). Convert at load time and drop the variables' map
+    /// for the memory to be freed: the model then holds the only copy.
+    pub fn convert_weights(&mut self, dtype: WeightDtype) -> Result<()> {
+        for b in &mut self.layers {
+            for w in [&mut b.wqkv, &mut b.wo, &mut b.w1, &mut b.w2, &mut b.w3] {
+                *w = w.convert(dtype)?;
+            }
+        }
+        self.output = self.output.convert(dtype)?;
+        Ok(())
+    }
+
+    /// Whether a variable is one of the linear layers' weights that
+    /// [`TokenAr::convert_weights`] stores in a reduced dtype (block projections, output head).
+    pub fn is_linear_weight(name: &str) -> bool {
+        if name == "output.weight" {
+            return true;
+        }
+        let mut parts = name.split('.');
+        matches!(
+            (parts.next(), parts.next().map(|i| i.parse::<usize>().is_ok()), parts.next(), parts.next(), parts.next(), parts.next()),
+            (Some("layers"), Some(true), Some("attention"), Some("wqkv" | "wo"), Some("weight"), None)
+                | (Some("layers"), Some(true), Some("feed_forward"), Some("w1" | "w2" | "w3"), Some("weight"), None)
+        )
+    }
+
+    /// How the linear layers' weights are stored ([`TokenAr::convert_weights`]).
+    pub fn weight_dtype(&self) -> WeightDtype {
+        self.output.dtype()
+    }
+
+    /// Bytes of weights one decoding step reads: every block's projections and the output head
+    /// (the embedding rows it looks up are negligible).
+    pub fn step_weight_bytes(&self) -> usize {
+        let blocks: usize = self.layers.iter().map(|b| [&b.wqkv, &b.wo, &b.w1, &b.w2, &b.w3].iter().map(|w| w.bytes()).sum::<usize>()).sum();
+        blocks + self.output.bytes()
     }
 
     pub(crate) fn embed_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
@@ -594,7 +539,7 @@ impl TokenAr {
         if let Some(kp) = self.key_padding(cond, &layout, s)? {
             mask = mask.broadcast_add(&kp)?;
         }
-        let h = self.run_blocks(x, &AttnInputs { cos: &cos, sin: &sin, mask: Some(&mask), cached: None }, None, &mut ctx, None, None)?;
+        let h = self.run_blocks(x, &AttnInputs { cos: &cos, sin: &sin, mask: Some(&mask), cached: None }, None, &mut ctx, false, None)?;
         let r = layout.loss_range();
         let hn = self.norm.forward(&h.narrow(1, r.start, r.len())?, true)?;
         let hw = self.cfg.image_tokens();
@@ -613,7 +558,7 @@ impl TokenAr {
 
     /// The output head on training features (B, n, dim) -> logits (B, n, V).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, &self.output)
+        linear(hidden, self.output.tensor()?)
     }
 
     /// Per-token cross-entropy (B, n) of the output head on training features `hidden`
@@ -624,7 +569,7 @@ impl TokenAr {
         if targets.dims() != [b, n] {
             return Err(Error::invalid("token targets", format!("shape {:?} for features {:?}", targets.dims(), hidden.dims())));
         }
-        let nll = super::loss::head_cross_entropy(&hidden.reshape((b * n, d))?, &self.output, &targets.reshape(b * n)?)?;
+        let nll = super::loss::head_cross_entropy(&hidden.reshape((b * n, d))?, self.output.tensor()?, &targets.reshape(b * n)?)?;
         Ok(nll.reshape((b, n))?)
     }
 
@@ -695,3 +640,7 @@ impl TokenAr {
         (self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim())
     }
 }
+
+#[cfg(test)]
+#[path = "dtype_tests.rs"]
+mod dtype_tests;

@@ -1,6 +1,6 @@
 //! KV cache and the decoding session the sampler drives ([`TokenModel`]).
 
-use super::gpt::{AttnInputs, Ctx, Packed, TokenAr};
+use super::gpt::{AttnInputs, Ctx, TokenAr};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::nn::CachedStep;
@@ -82,7 +82,6 @@ pub struct Session<'m> {
     sin: Tensor,
     keypad: Option<Tensor>,
     fed: usize,
-    packed: Packed,
     /// On the CPU in f32: the RoPE tables and the key mask as values, for the fused cached
     /// attention ([`CachedStep`]).
     host: Option<HostTables>,
@@ -106,14 +105,13 @@ impl<'m> Session<'m> {
         let caches = (0..n_layer)
             .map(|_| LayerCache::new(rows, n_head, cap, hd, model.device(), fused))
             .collect::<Result<Vec<_>>>()?;
-        let packed = model.pack()?;
         let host = if fused {
             let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
             Some(HostTables { cos: values(&cos)?, sin: values(&sin)?, keypad: keypad.as_ref().map(values).transpose()? })
         } else {
             None
         };
-        Ok(Self { model, layout, rows, caches, cos, sin, keypad, fed: 0, packed, host })
+        Ok(Self { model, layout, rows, caches, cos, sin, keypad, fed: 0, host })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -179,7 +177,7 @@ impl<'m> Session<'m> {
             };
             let (cos, sin) = (self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?);
             let att = AttnInputs { cos: &cos, sin: &sin, mask: None, cached: Some(cached) };
-            return self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, Some(&self.packed), keep);
+            return self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, true, keep);
         }
         let causal = if t > 1 { Some(self.model.causal(t, start)?) } else { None };
         let kp = self.keypad.as_ref().map(|k| k.narrow(3, 0, len)).transpose()?;
@@ -190,7 +188,7 @@ impl<'m> Session<'m> {
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
         let att = AttnInputs { cos: &cos, sin: &sin, mask: mask.as_ref(), cached: None };
-        self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, Some(&self.packed), keep)
+        self.model.run_blocks(x, &att, Some(&mut self.caches), &mut ctx, true, keep)
     }
 
     pub(crate) fn head(&self, h: &Tensor) -> Result<Tensor> {

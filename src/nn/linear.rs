@@ -9,6 +9,7 @@
 
 use super::rows_of;
 use crate::error::Result;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -128,79 +129,292 @@ impl CustomOp2 for LinearGrad {
     }
 }
 
-/// Rows up to which [`few_rows_matmul`] takes over from gemm.
+/// Rows up to which an inference product reads the weight row by row (dot products, one pass
+/// over the weight for all rows) instead of going through gemm.
 pub const FEW_ROWS: usize = 4;
 
-/// Weights from this many values on (512 KiB in f32) are past the caches, where
-/// [`few_rows_matmul`] beats gemm; smaller ones stay cached and gemm's wider kernels win.
-pub const FEW_ROWS_MIN_WEIGHT: usize = 1 << 17;
+/// Weights from this many values on are split across threads in the few-rows product; smaller
+/// ones are one job (the pool's overhead would outweigh the work).
+const PARALLEL_MIN_WEIGHT: usize = 1 << 15;
 
-/// `x @ wt` for the few rows of a decoding step: `x` (n, in) with n <= [`FEW_ROWS`], `wt` a
-/// pre-transposed (in, out) weight of at least [`FEW_ROWS_MIN_WEIGHT`] values. One pass over
-/// the weight for all rows, with no packing: gemm copies the whole weight into its panel
-/// layout on every call, which for one or two rows of a large weight doubles the memory
-/// traffic the product is bound by. Inference only (no gradient). `None` where it does not
-/// apply (more rows, a small weight, not f32 on the CPU).
-pub fn few_rows_matmul(x: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
-    let (n, din) = x.dims2()?;
-    let (k, _) = wt.dims2()?;
-    if k != din {
-        return Err(crate::error::Error::invalid("matmul", format!("rows of width {din} for a ({k}, ..) weight")));
-    }
-    if n == 0 || n > FEW_ROWS || wt.elem_count() < FEW_ROWS_MIN_WEIGHT || !x.device().is_cpu() || x.dtype() != DType::F32 || wt.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    Ok(Some(x.contiguous()?.apply_op2_no_bwd(&wt.contiguous()?, &FewRows)?))
+/// Output rows of the weight per parallel job of the few-rows product.
+const OUTPUT_BLOCK: usize = 64;
+
+/// How inference weights are stored: the trained f32, 16-bit floats (bf16 keeps f32's range,
+/// f16 keeps 3 more mantissa bits), or 8-bit blocks (ggml's Q8_0: 32 values of i8 and one f16
+/// scale, 8.5 bits per value). Activations stay f32 throughout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+    Q8_0,
 }
 
-struct FewRows;
+impl WeightDtype {
+    pub const ALL: [WeightDtype; 4] = [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16, WeightDtype::Q8_0];
 
-/// Output columns per parallel job (a multiple of the vector width).
-const COLUMN_BLOCK: usize = 256;
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+        }
+    }
 
-impl CustomOp2 for FewRows {
+    /// The candle dtype of a dense weight of this kind (`None` for the quantized kind).
+    fn dense(self) -> Option<DType> {
+        match self {
+            Self::F32 => Some(DType::F32),
+            Self::Bf16 => Some(DType::BF16),
+            Self::F16 => Some(DType::F16),
+            Self::Q8_0 => None,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            "q8_0" | "q8" | "int8" | "8bit" => Ok(Self::Q8_0),
+            _ => Err(format!("unknown weight dtype `{s}` (expected f32, bf16, f16 or q8_0)")),
+        }
+    }
+}
+
+/// A linear layer's weight, `(out, in)`, as inference reads it: dense (f32, which training
+/// also uses, or bf16/f16) or quantized. [`Weight::forward`] takes and returns f32 rows.
+#[derive(Clone, Debug)]
+pub enum Weight {
+    Dense(Tensor),
+    Quantized(std::sync::Arc<QTensor>),
+}
+
+impl Weight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Self::Dense(w) => w.dims2()?,
+            Self::Quantized(q) => q.shape().dims2()?,
+        })
+    }
+
+    pub fn dtype(&self) -> WeightDtype {
+        match self {
+            Self::Dense(w) if w.dtype() == DType::BF16 => WeightDtype::Bf16,
+            Self::Dense(w) if w.dtype() == DType::F16 => WeightDtype::F16,
+            Self::Dense(_) => WeightDtype::F32,
+            Self::Quantized(_) => WeightDtype::Q8_0,
+        }
+    }
+
+    /// Bytes the weight occupies (what a pass over it reads).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Self::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// The trainable f32 tensor; an error once the weight was converted for inference.
+    pub fn tensor(&self) -> Result<&Tensor> {
+        match self {
+            Self::Dense(w) if w.dtype() == DType::F32 => Ok(w),
+            _ => Err(crate::error::Error::invalid("weights", format!("weights converted to {} serve inference only; training and teacher-forced passes need f32", self.dtype()))),
+        }
+    }
+
+    /// The values as an f32 `(out, in)` tensor (a copy unless already f32).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Dense(w) => w.to_dtype(DType::F32)?,
+            Self::Quantized(q) => q.dequantize(&q.device())?,
+        })
+    }
+
+    /// This weight stored as `dtype` (from f32 values; a reduced weight is widened first).
+    /// Q8_0 needs the input width to be a multiple of its block of 32 values.
+    pub fn convert(&self, dtype: WeightDtype) -> Result<Weight> {
+        if self.dtype() == dtype {
+            return Ok(self.clone());
+        }
+        let w = self.to_f32()?;
+        match dtype.dense() {
+            Some(d) => Ok(Self::Dense(w.to_dtype(d)?)),
+            None => {
+                let (out, inp) = w.dims2()?;
+                let block = GgmlDType::Q8_0.block_size();
+                if inp % block != 0 {
+                    return Err(crate::error::Error::invalid("weights", format!("a ({out}, {inp}) weight cannot be stored as q8_0: its input width is not a multiple of {block}")));
+                }
+                Ok(Self::Quantized(std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?)))
+            }
+        }
+    }
+
+    /// `x @ w^T` over the last dimension of `x` (f32, `(..., in)`) -> f32 `(..., out)`, for
+    /// inference (no gradient). On the CPU, up to [`FEW_ROWS`] rows read the weight once, row
+    /// by row, widening bf16/f16 on the fly (a decoding step is bound by reading the weights);
+    /// more rows go through gemm (a 16-bit or 8-bit weight widened to f32 first). Q8_0 weights
+    /// are read in place from candle's blocks (its own quantized kernels, whose thread pool
+    /// spins, serve other devices).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (dout, din) = self.dims()?;
+        if dims.last() != Some(&din) {
+            return Err(crate::error::Error::invalid("linear", format!("input {dims:?} does not end in the weight's {din} inputs ({dout} x {din})")));
+        }
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((n, din))?;
+        let y = match self {
+            Self::Dense(w) if x.device().is_cpu() && x.dtype() == DType::F32 => x2.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &DenseProduct)?,
+            Self::Dense(w) => x2.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())?,
+            Self::Quantized(q) if x.device().is_cpu() && x.dtype() == DType::F32 && q.dtype() == GgmlDType::Q8_0 => q8_forward(&x2, q)?,
+            Self::Quantized(q) => {
+                use candle_core::Module;
+                QMatMul::from_arc(q.clone())?.forward(&x2.contiguous()?)?
+            }
+        };
+        Ok(y.reshape(with_last(&dims, dout))?)
+    }
+}
+
+/// `x (n, in) @ w^T` for a dense `(out, in)` weight in f32, bf16 or f16; see [`Weight::forward`].
+struct DenseProduct;
+
+/// A weight's storage on the CPU, `(out, in)` row-major, read one row at a time as f32.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+    /// ggml Q8_0 blocks: per 32 values an f16 scale (little-endian) and 32 i8.
+    Q8(&'a [u8]),
+}
+
+/// Bytes of one Q8_0 block (f16 scale, 32 i8 values) and the values it holds.
+const Q8_BLOCK_BYTES: usize = 34;
+const Q8_BLOCK: usize = 32;
+
+impl<'a> Rows<'a> {
+    /// Row `o` of `din` values as f32: the storage itself for f32, else widened into `scratch`.
+    fn row<'s>(&'s self, o: usize, din: usize, scratch: &'s mut [f32]) -> &'s [f32] {
+        match *self {
+            Rows::F32(w) => &w[o * din..(o + 1) * din],
+            Rows::Bf16(w) => {
+                let src = &w[o * din..(o + 1) * din];
+                // SAFETY: bf16 is a transparent wrapper of its u16 bits.
+                let bits = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const u16, din) };
+                crate::vmath::widen_bf16(bits, &mut scratch[..din]);
+                &scratch[..din]
+            }
+            Rows::F16(w) => {
+                use half::slice::HalfFloatSliceExt;
+                w[o * din..(o + 1) * din].convert_to_f32_slice(&mut scratch[..din]);
+                &scratch[..din]
+            }
+            Rows::Q8(b) => {
+                let row_bytes = din / Q8_BLOCK * Q8_BLOCK_BYTES;
+                crate::vmath::dequantize_q8_0(&b[o * row_bytes..(o + 1) * row_bytes], &mut scratch[..din]);
+                &scratch[..din]
+            }
+        }
+    }
+}
+
+/// `x (n, din) @ w^T` for a `(dout, din)` weight: up to [`FEW_ROWS`] rows by dot products over
+/// the weight's rows (one pass over the weight, parallel blocks of outputs, each row widened
+/// on the fly); more rows by gemm on the weight as f32 (widened first unless it is f32).
+fn rows_product(x: &[f32], n: usize, w: Rows, dout: usize, din: usize) -> candle_core::Result<Vec<f32>> {
+    if n <= FEW_ROWS {
+        // Transposed result (out, n), one block of outputs per job; transposed back below.
+        let mut yt = vec![0f32; dout * n];
+        let job = |(b, out): (usize, &mut [f32]), scratch: &mut Vec<f32>| {
+            for (j, dst) in out.chunks_exact_mut(n).enumerate() {
+                let row = w.row(b * OUTPUT_BLOCK + j, din, scratch);
+                crate::vmath::dot_rows(row, x, dst);
+            }
+        };
+        if rayon::current_num_threads() > 1 && dout * din >= PARALLEL_MIN_WEIGHT {
+            yt.par_chunks_mut(OUTPUT_BLOCK * n).enumerate().for_each_init(|| vec![0f32; din], |s, item| job(item, s));
+        } else {
+            let mut scratch = vec![0f32; din];
+            yt.chunks_mut(OUTPUT_BLOCK * n).enumerate().for_each(|item| job(item, &mut scratch));
+        }
+        if n == 1 {
+            return Ok(yt);
+        }
+        let mut y = vec![0f32; n * dout];
+        for (o, v) in yt.chunks_exact(n).enumerate() {
+            for (r, &val) in v.iter().enumerate() {
+                y[r * dout + o] = val;
+            }
+        }
+        return Ok(y);
+    }
+    let mut y = vec![0f32; n * dout];
+    let mut wide = Vec::new();
+    let w32: &[f32] = match w {
+        Rows::F32(w) => w,
+        _ => {
+            wide.resize(dout * din, 0f32);
+            wide.par_chunks_mut(din).enumerate().for_each(|(o, dst)| {
+                // `row` writes into its scratch, here the destination row itself.
+                w.row(o, din, dst);
+            });
+            &wide
+        }
+    };
+    // y = x w^T: w^T (in x out) is w read with row stride 1, column stride in.
+    mm(n, dout, din, &mut y, x, din, 1, w32, 1, din)?;
+    Ok(y)
+}
+
+impl CustomOp2 for DenseProduct {
     fn name(&self) -> &'static str {
-        "few-rows-matmul"
+        "inference-linear"
     }
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, k) = rows_of(sx, lx)?;
-        let (w, m) = rows_of(sw, lw)?;
-        let n = x.len() / k.max(1);
-        if w.len() != k * m {
-            candle_core::bail!("few-rows matmul: weight of {} values for ({k}, {m})", w.len());
+        let (x, din) = rows_of(sx, lx)?;
+        let n = x.len() / din.max(1);
+        let &[dout, wd] = lw.shape().dims() else { candle_core::bail!("linear: weight {:?} is not 2-D", lw.shape()) };
+        let Some((a, b)) = lw.contiguous_offsets() else { candle_core::bail!("linear: the weight is not contiguous") };
+        if wd != din || b - a != dout * din {
+            candle_core::bail!("linear: rows of width {din} for a {:?} weight", lw.shape());
         }
-        // Columns c0..c0 + width of every row into `out` (n x width).
-        let block = |c0: usize, width: usize, out: &mut [f32]| {
-            for i in 0..k {
-                let wr = &w[i * m + c0..i * m + c0 + width];
-                for (r, o) in out.chunks_exact_mut(width).enumerate() {
-                    crate::vmath::axpy(x[r * k + i], wr, o);
-                }
-            }
+        let rows = match sw {
+            CpuStorage::F32(w) => Rows::F32(&w[a..b]),
+            CpuStorage::BF16(w) => Rows::Bf16(&w[a..b]),
+            CpuStorage::F16(w) => Rows::F16(&w[a..b]),
+            _ => candle_core::bail!("linear: weights of an unsupported dtype (expected f32, bf16 or f16)"),
         };
-        let mut y = vec![0f32; n * m];
-        if rayon::current_num_threads() > 1 {
-            let parts: Vec<(usize, Vec<f32>)> = (0..m)
-                .step_by(COLUMN_BLOCK)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map(|c0| {
-                    let width = COLUMN_BLOCK.min(m - c0);
-                    let mut out = vec![0f32; n * width];
-                    block(c0, width, &mut out);
-                    (c0, out)
-                })
-                .collect();
-            for (c0, out) in parts {
-                let width = out.len() / n;
-                for (r, o) in out.chunks_exact(width).enumerate() {
-                    y[r * m + c0..r * m + c0 + width].copy_from_slice(o);
-                }
-            }
-        } else {
-            block(0, m, &mut y);
-        }
-        Ok((CpuStorage::F32(y), Shape::from((n, m))))
+        Ok((CpuStorage::F32(rows_product(x, n, rows, dout, din)?), Shape::from((n, dout))))
     }
+}
+
+/// [`rows_product`] over a Q8_0 weight on the CPU (its blocks read in place).
+fn q8_forward(x: &Tensor, q: &QTensor) -> Result<Tensor> {
+    let (dout, din) = q.shape().dims2()?;
+    let (n, _) = x.dims2()?;
+    let data = q.data()?;
+    if data.len() != dout * din / Q8_BLOCK * Q8_BLOCK_BYTES || din % Q8_BLOCK != 0 {
+        return Err(crate::error::Error::invalid("linear", format!("a q8_0 weight of {} bytes for ({dout}, {din})", data.len())));
+    }
+    let x = x.contiguous()?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let y = rows_product(&xs, n, Rows::Q8(&data), dout, din)?;
+    Ok(Tensor::from_vec(y, (n, dout), x.device())?)
 }

@@ -76,6 +76,8 @@ fn the_log_shows_request_bytes_escaped() {
     assert!(a.starts_with("HTTP/1.1 401"), "{a}");
     let a = ask(b"GET /api/info HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer tok\r\n\r\n");
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    // The server logs a request after answering it: give the last line time to be written.
+    std::thread::sleep(Duration::from_millis(1000));
     child.kill().unwrap();
     let mut log = Vec::new();
     err.read_to_end(&mut log).unwrap();

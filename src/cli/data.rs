@@ -109,6 +109,7 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
             encode(&dataset, &tokenizer, tokenizer_preset.as_deref(), &out, size, t5.as_deref(), batch, &sel)
         }
         DataCmd::Synth { out, n, seed, size, split, subjects, threads, no_contact, force } => {
+            tokenar::util::check_image_size("--size", size)?;
             let opts = synth::SynthOptions { n, seed, size, subjects: parse_subjects(&subjects)?, split, threads };
             if force {
                 let removed = synth::clear_output(&out)?;
@@ -143,6 +144,8 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
             }
         }
         DataCmd::Sheet { path, out, rows, size } => {
+            tokenar::util::check_image_size("--size", size)?;
+            tokenar::util::check_samples("--rows", rows)?;
             let ds = data::Dataset::open(&path, &OpenOptions::default())?;
             let sheet = data::sheet::contact_sheet(&ds, rows, size)?;
             tokenar::imageio::save_rgb(&out, &sheet)?;
@@ -179,6 +182,8 @@ fn encode(
     let device = tokenar::util::best_device();
     let (vq, _) = tokenar::tokenizer::load(tokenizer, preset, &device)?;
     let size = size.unwrap_or(vq.config().image_size as u32);
+    tokenar::util::check_coded_image_size("--size", size)?;
+    tokenar::util::check_batch("--batch", batch)?;
     let opts = data::OpenOptions { max_refs: sel.max_refs, ..Default::default() };
     let mut ds = data::Dataset::open(dataset, &opts)?;
     // The dataset's identity covers all of it, so that --max-samples can grow a cache.

@@ -135,6 +135,9 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     };
     let (specs, built) = build_metrics(a.weights, a.metrics.as_deref())?;
     let name = a.name.unwrap_or_else(|| pred.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into()));
+    if let Some(size) = a.size {
+        tokenar::util::check_coded_image_size("--size", size)?;
+    }
     let opts = run::EvalOptions { name, size: a.size, shard: a.shard.unwrap_or((0, 1)) };
     let bar = indicatif::ProgressBar::new(0);
     let result = run::evaluate_dir(&pred, &dataset, &built, &specs, &opts, Some(&progress_to(&bar)))?;
@@ -226,6 +229,9 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
     let name = a.name.unwrap_or_else(|| model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
     let out = a.out.unwrap_or_else(|| PathBuf::from("eval").join(&name));
     let pred_dir = out.join("pred");
+    if let Some(size) = a.size {
+        tokenar::util::check_coded_image_size("--size", size)?;
+    }
     let opts = run::EvalOptions { name, size: a.size, shard: a.shard.unwrap_or((0, 1)) };
     let samples = samples::list_samples(&dataset)?;
     let root = tokenar::data::format::canonical_root(&dataset)?;

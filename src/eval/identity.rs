@@ -52,24 +52,9 @@ pub struct IdentityScore {
 /// Soft colour histogram of a set of pixels; `None` when there are none.
 pub fn colour_descriptor(pixels: impl Iterator<Item = [u8; 3]>) -> Option<Vec<f64>> {
     let mut hist = vec![0.0; LEVELS * LEVELS * LEVELS];
-    let step = 255.0 / (LEVELS - 1) as f64;
     let mut n = 0usize;
     for p in pixels {
-        let mut lo = [0usize; 3];
-        let mut fr = [0.0f64; 3];
-        for c in 0..3 {
-            let v = p[c] as f64 / step;
-            lo[c] = (v.floor() as usize).min(LEVELS - 2);
-            fr[c] = v - lo[c] as f64;
-        }
-        for corner in 0..8 {
-            let mut wgt = 1.0;
-            let mut idx = 0;
-            for c in 0..3 {
-                let up = (corner >> c) & 1 == 1;
-                wgt *= if up { fr[c] } else { 1.0 - fr[c] };
-                idx = idx * LEVELS + lo[c] + up as usize;
-            }
+        for (idx, wgt) in soft_bins(p) {
             hist[idx] += wgt;
         }
         n += 1;

@@ -127,6 +127,7 @@ impl TrainJobConfig {
         if self.batch == 0 || self.steps == 0 {
             return bad("batch/steps", "must be at least 1".into());
         }
+        crate::util::check_batch("batch", self.batch)?;
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", format!("{} (must be positive)", self.lr));
         }

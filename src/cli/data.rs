@@ -51,7 +51,7 @@ pub enum DataCmd {
     Encode {
         /// Dataset folder or .jsonl manifest.
         dataset: PathBuf,
-        /// Tokenizer checkpoint (this project's .safetensors, or a LlamaGen .pt with --tokenizer-preset).
+        /// Tokenizer checkpoint (this project's .safetensors, or a LlamaGen .pt: shapes read from the file, --tokenizer-preset checks them).
         #[arg(long)]
         tokenizer: PathBuf,
         #[arg(long)]

@@ -20,7 +20,7 @@ pub enum TokenizerCmd {
     },
     /// Encode an image to codes and decode it back; writes the reconstruction.
     Roundtrip {
-        /// Tokenizer weights (.safetensors from this project, or a LlamaGen .pt with --preset).
+        /// Tokenizer weights (.safetensors from this project, or a LlamaGen .pt: shapes read from the file).
         #[arg(long)]
         weights: PathBuf,
         /// Architecture of a LlamaGen checkpoint (vq-16, vq-8, ...).

@@ -76,10 +76,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn train(cfg: TrainJobConfig, start: RunStart, device: &candle_core::Device, comm: &dyn Collective) -> anyhow::Result<()> {
-    let mut job = TrainJob::open(cfg, start, device)?;
+    let root = comm.is_root();
+    // Rank 0 checks (and with --force clears) the run folder before the other ranks read it.
+    let mut job = if root {
+        let job = TrainJob::open(cfg, start, device)?;
+        comm.barrier()?;
+        job
+    } else {
+        comm.barrier()?;
+        // No second clearing of what rank 0 has prepared; a resumed run's forced change stands.
+        TrainJob::open(cfg, RunStart { force: start.force && start.resume, ..start }, device)?
+    };
     // Every rank has read the run folder before rank 0 writes to it.
     comm.barrier()?;
-    let root = comm.is_root();
     let c = job.parts.gpt.config();
     if root {
         eprintln!(

@@ -4,29 +4,14 @@
 
 use candle_core::Device;
 use std::path::{Path, PathBuf};
-use tokenar::data::{self, synth};
 use tokenar::pipeline::{TrainJob, TrainJobConfig};
+
+mod common;
+use common::fixture;
 
 /// Largest relative difference allowed between two splits of the same global batch.
 const TOLERANCE: f64 = 1e-5;
 
-/// A 24-sample synthetic set at 16 px (two references each), a random tokenizer downsampling
-/// 4x (4 x 4 codes of 16) and its code cache: (tokenizer, cache).
-fn fixture(root: &Path) -> (PathBuf, PathBuf) {
-    let ds_dir = root.join("synth");
-    let opts = synth::SynthOptions { n: 24, seed: 3, size: 16, subjects: (2, 2), split: synth::Split::Train, threads: 1 };
-    synth::generate(&ds_dir, &opts, None).unwrap();
-    let mut cfg = tokenar::tokenizer::VqConfig::preset("vq-tiny").unwrap();
-    cfg.ch_mult = vec![1, 2, 2];
-    let (vq, vars) = tokenar::tokenizer::build(&cfg, &Device::Cpu, 0).unwrap();
-    let tok = root.join("vq.safetensors");
-    tokenar::tokenizer::save(&tok, &cfg, &vars).unwrap();
-    let ds = data::Dataset::open_quiet(&ds_dir, &data::OpenOptions::default()).unwrap();
-    let cache = root.join("cache");
-    let mut enc = |x: &candle_core::Tensor| vq.encode(x);
-    data::cache::encode_dataset(&ds, &cache, 16, &mut enc, None, 8, None).unwrap();
-    (tok, cache)
-}
 
 /// The built-in config (model, text encoder, optimiser, CFG dropout) on the fixture, for
 /// `steps` steps of `batch` x `accum` samples per rank, with no model dropout (its masks are
@@ -100,7 +85,7 @@ fn tmp(tag: &str) -> PathBuf {
 #[test]
 fn accumulation_equals_one_large_batch() {
     let root = tmp("accum");
-    let (tok, cache) = fixture(&root);
+    let (_, tok, cache) = fixture(&root);
     let (big, big_losses) = train(config(&tok, &cache, &root.join("big"), 20, 8, 1, 0), false);
     let (acc, acc_losses) = train(config(&tok, &cache, &root.join("acc"), 20, 4, 2, 0), false);
     // Training moved the parameters, and the two splits agree.

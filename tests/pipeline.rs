@@ -4,34 +4,18 @@
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tokenar::data::{self, synth};
 use tokenar::pipeline::train_job::PROBE_LOG;
 use tokenar::pipeline::{generate, probe, Bundle, GenerateRequest, TrainJob, TrainJobConfig};
 use tokenar::sample::{ItdMode, SampleOptions};
+
+mod common;
+use common::fixture;
 
 fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tokenar-pipeline-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// A 24-sample synthetic set at 16 px, a random tokenizer downsampling 4x (4 x 4 codes of 16) and the
-/// code cache.
-fn fixture(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ds_dir = root.join("synth");
-    let opts = synth::SynthOptions { n: 24, seed: 3, size: 16, subjects: (2, 2), split: synth::Split::Train, threads: 1 };
-    synth::generate(&ds_dir, &opts, None).unwrap();
-    let mut cfg = tokenar::tokenizer::VqConfig::preset("vq-tiny").unwrap();
-    cfg.ch_mult = vec![1, 2, 2];
-    let (vq, vars) = tokenar::tokenizer::build(&cfg, &Device::Cpu, 0).unwrap();
-    let tok = root.join("vq.safetensors");
-    tokenar::tokenizer::save(&tok, &cfg, &vars).unwrap();
-    let ds = data::Dataset::open_quiet(&ds_dir, &data::OpenOptions::default()).unwrap();
-    let cache = root.join("cache");
-    let mut enc = |x: &candle_core::Tensor| vq.encode(x);
-    data::cache::encode_dataset(&ds, &cache, 16, &mut enc, None, 8, None).unwrap();
-    (ds_dir, tok, cache)
 }
 
 fn config(tok: &Path, cache: &Path, out: &Path, steps: u64) -> TrainJobConfig {

@@ -368,3 +368,30 @@ fn the_command_line_imports_refuses_and_eval_reads_the_result() {
     assert!(result.to_string().contains("psnr"), "{result}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Shards written by pyarrow itself (`tests/fixtures/subjects200k.py`), the writer of the
+/// published ones: the layout read above is the one it writes, and a codec this build does not
+/// decode is named before anything is read.
+#[test]
+fn shards_written_by_pyarrow_are_read_and_other_codecs_refused() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = tmp("pyarrow");
+    let out = dir.join("ds");
+    let r = subjects200k::import(&[fixtures.join("subjects200k-pyarrow.parquet")], &out, &opts(200, 16), false, None).unwrap();
+    assert_eq!((r.rows, r.eligible), (3, 2));
+    assert_eq!(r.samples.iter().map(|s| s.row).collect::<Vec<_>>(), vec![0, 2]);
+    for (s, i) in r.samples.iter().zip([0u8, 2]) {
+        let d = out.join(&s.id);
+        assert_eq!(std::fs::read_to_string(d.join("description.txt")).unwrap(), format!("scene {i}"));
+        assert_eq!(pixel(&load(&d.join("real.png")), 1, 1), [40 * i, 100, 60]);
+        assert_eq!(pixel(&load(&d.join("ref/0.png")), 1, 1), [200, 30 * i, 20]);
+        // [0.25, 0.5, 0.25, 0.5] of a 32x16 pair: x 4..12, y 4..12 of the 16-pixel scene.
+        assert_eq!(s.pixel_box, [4, 4, 12, 12]);
+        assert_eq!(pixel(&load(&d.join("background.png")), 4, 4), [0, 0, 0]);
+        assert_eq!(pixel(&load(&d.join("background.png")), 12, 12), [40 * i, 100, 60]);
+    }
+    let zstd = fixtures.join("subjects200k-zstd.parquet");
+    let e = subjects200k::import(&[zstd], &dir.join("z"), &opts(200, 16), false, None).unwrap_err().to_string();
+    assert!(e.contains("subjects200k-zstd.parquet") && e.contains("ZSTD") && e.contains("snappy"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -181,6 +181,19 @@ fn check_schema(path: &Path, reader: &SerializedFileReader<std::fs::File>, opts:
             Error::bad_file(path, format!("missing column `{name}` ({why}); the shard has: {}", names()))
         })
     };
+    // The compressions this build decodes; the published shards, written by pyarrow, use its
+    // default (snappy).
+    for g in reader.metadata().row_groups() {
+        for c in g.columns() {
+            let codec = c.compression();
+            if !matches!(codec, parquet::basic::Compression::UNCOMPRESSED | parquet::basic::Compression::SNAPPY) {
+                return Err(Error::bad_file(
+                    path,
+                    format!("column `{}` is compressed with {codec}; only snappy and uncompressed shards can be read", c.column_path()),
+                ));
+            }
+        }
+    }
     let image = need("image", "the two-panel image, a struct {bytes, path}")?;
     if child(&image, "bytes").is_none_or(|b| !b.is_primitive()) {
         return Err(Error::bad_file(path, "column `image` is not a struct with a binary `bytes` field"));

@@ -134,3 +134,23 @@ fn info_loads_a_complete_folder_without_presets() {
     assert!(out.contains("export/vq_parity.pt: VQ tokenizer") && out.contains("export/: holds a whole bundle"), "{out}");
     std::fs::remove_dir_all(&parent).unwrap();
 }
+
+#[test]
+fn info_refuses_a_metadata_config_larger_than_its_file() {
+    let d = tmp("claims");
+    let cfg = GptConfig::preset("tiny").unwrap();
+    let (gpt, vars) = tokenar::model::build(&cfg, &Device::Cpu, 0).unwrap();
+    let path = d.join("model.safetensors");
+    tokenar::model::save(&path, &gpt, &vars).unwrap();
+    // Rewrite the config in the metadata to claim a vocabulary of 500,000 (within the limits), tensors unchanged.
+    let mut file = tokenar::weights::TensorFile::load(&path, &Device::Cpu).unwrap();
+    let key = tokenar::model::load::CONFIG_KEY;
+    let mut claimed: serde_json::Value = serde_json::from_str(&file.metadata[key]).unwrap();
+    claimed["vocab_size"] = serde_json::json!(500_000);
+    file.metadata.insert(key.to_string(), claimed.to_string());
+    tokenar::weights::save_safetensors(&path, &file.tensors, &file.metadata).unwrap();
+    let (code, out) = info(&["--weights", s(&path)]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("model.safetensors") && out.contains("holds only"), "{out}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -112,7 +112,7 @@ impl Header {
     }
 
     fn values(&self) -> usize {
-        self.shapes.values().map(|s| s.iter().product::<usize>()).sum()
+        self.shapes.values().map(|s| s.iter().fold(1usize, |a, &b| a.saturating_mul(b))).fold(0usize, usize::saturating_add)
     }
 }
 
@@ -203,6 +203,8 @@ fn classify(path: &Path, h: &Header) -> Result<Kind> {
     if h.metadata.contains_key(tokenar::model::load::CONFIG_KEY) {
         let c: GptConfig = serde_json::from_str(&h.metadata[tokenar::model::load::CONFIG_KEY])
             .map_err(|e| Error::bad_file(path, format!("bad model config in metadata: {e}")))?;
+        // A config edited to claim more than the file holds is reported, not described.
+        c.check_fits_values(h.values()).map_err(|e| Error::bad_file(path, format!("model config in metadata: {e}")))?;
         return Ok(Kind::Gpt(Box::new(c)));
     }
     if h.metadata.contains_key(tokenar::text::builtin::CONFIG_KEY) {

@@ -14,11 +14,11 @@ pub mod load;
 pub mod loss;
 pub mod rope;
 
-pub use config::{Dropouts, Family, GptConfig};
+pub use config::{Dropouts, Family, GptConfig, Overrides, ADDITIONS, PRESETS};
 pub use condition::Condition;
 pub use gpt::{TokenAr, TrainOutput, BUFFERS};
 pub use kv_cache::Session;
-pub use load::{build, config_from_metadata, config_from_tensors, init_weights, load, load_with_config, load_with_hints, save, ADDITIONS, CONFIG_KEY};
+pub use load::{build, config_from_metadata, config_from_tensors, init_weights, load, load_with_config, load_with_hints, save, CONFIG_KEY};
 
 #[cfg(test)]
 mod tests;

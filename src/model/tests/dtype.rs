@@ -1,10 +1,12 @@
 //! Reduced-precision inference weights against f32: logits KL and top-1 agreement on a small
 //! model, and the reduced paths loading, converting and generating.
 
-use super::*;
 use crate::layout::Scheme;
-use crate::model::{build, load, Dropouts, Family};
+use crate::model::{build, load, Condition, Dropouts, Family, GptConfig, TokenAr};
+use crate::nn::WeightDtype;
 use crate::sample::{DecodePlan, ItdMode, SampleOptions, TokenModel};
+use candle_core::{DType, Device, Tensor};
+use rand::Rng as _;
 
 /// A small config whose linear layers have input widths in multiples of Q8_0's 32.
 fn small(scheme: Scheme) -> GptConfig {

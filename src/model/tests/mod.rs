@@ -5,6 +5,8 @@ use crate::weights::{torch_zip, TensorFile};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng as _;
 
+mod dtype;
+
 /// A small configuration with every addition switched on.
 fn tiny(scheme: Scheme) -> GptConfig {
     GptConfig {

@@ -7,10 +7,13 @@
 
 mod attention;
 mod kv_attention;
+mod kv_cache;
 mod linear;
+pub mod rope;
 
 pub use attention::attention_qkv;
 pub use kv_attention::{cached_attention, CachedStep};
+pub use kv_cache::LayerCache;
 pub use linear::{linear, Weight, WeightDtype, FEW_ROWS};
 pub(crate) use linear::mm;
 
@@ -816,7 +819,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (b, s, h * d), &dev).unwrap();
         // A caption row (LlamaGen's zero tables) and image cells.
         let cells: Vec<RopeCell> = (0..s).map(|i| if i == 0 { RopeCell::Zero } else { RopeCell::Cell(i / 3, i % 3) }).collect();
-        let (cos, sin) = crate::model::rope::tables(&cells, d, 10000.0, &dev).unwrap();
+        let (cos, sin) = super::rope::tables(&cells, d, 10000.0, &dev).unwrap();
         let scale = 1.0 / (d as f64).sqrt();
         // Causal, and a per-sample mask that also hides sample 1's first key.
         let causal: Vec<f32> = (0..s * s).map(|i| if i % s > i / s { f32::NEG_INFINITY } else { 0.0 }).collect();
@@ -829,8 +832,8 @@ mod tests {
         let late = per_sample.broadcast_add(&Tensor::from_vec(late, (b, 1, 1, s), &dev).unwrap()).unwrap();
         let composed = |mask: Option<&Tensor>| {
             let x = qkv.as_tensor().reshape((b, s, 3, h, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();
-            let q = (crate::model::rope::apply_composed(&x.get(0).unwrap(), &cos, &sin).unwrap() * scale).unwrap();
-            let k = crate::model::rope::apply_composed(&x.get(1).unwrap(), &cos, &sin).unwrap();
+            let q = (super::rope::apply_composed(&x.get(0).unwrap(), &cos, &sin).unwrap() * scale).unwrap();
+            let k = super::rope::apply_composed(&x.get(1).unwrap(), &cos, &sin).unwrap();
             let scores = q.matmul(&k.t().unwrap()).unwrap();
             let scores = match mask {
                 Some(m) => scores.broadcast_add(m).unwrap(),
@@ -1024,14 +1027,14 @@ mod tests {
         let dev = Device::Cpu;
         let (s, d) = (5usize, 8usize);
         let cells: Vec<_> = (0..s).map(|i| crate::layout::RopeCell::Cell(i, 2 * i + 1)).collect();
-        let (cos, sin) = crate::model::rope::tables(&cells, d, 100.0, &dev).unwrap();
+        let (cos, sin) = super::rope::tables(&cells, d, 100.0, &dev).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, s, d), &dev).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (2, 3, s, d), &dev).unwrap();
         let fused = rope_interleaved(x.as_tensor(), &cos, &sin).unwrap().unwrap();
         let reference = candle_nn::rotary_emb::rope_i(x.as_tensor(), &cos, &sin).unwrap();
         assert!(max_diff(&fused, &reference) < 1e-6);
         // Composed: the same rotation from elementary ops, whose gradient candle derives.
-        let composed = crate::model::rope::apply_composed(x.as_tensor(), &cos, &sin).unwrap();
+        let composed = super::rope::apply_composed(x.as_tensor(), &cos, &sin).unwrap();
         assert!(max_diff(&fused, &composed) < 1e-6);
         let gf = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gc = (&composed * &probe).unwrap().sum_all().unwrap().backward().unwrap();

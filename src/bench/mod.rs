@@ -40,29 +40,23 @@ pub struct Overrides {
     pub caption_dim: Option<usize>,
 }
 
-/// Presets known to the benchmark: every [`GptConfig::preset`], plus `anchor`: the LlamaGen
-/// t2i GPT with dim 256, 4 layers, 8 heads, vocabulary 16384, a 16x16 grid (the PyTorch
-/// performance anchor of docs/reference.md).
+/// The benchmark's model: a [`GptConfig::preset`] (`anchor` is the PyTorch performance
+/// anchor of docs/reference.md) with the shape flags applied ([`GptConfig::from_preset`]).
 pub fn bench_config(preset: &str, o: &Overrides) -> Result<GptConfig> {
-    let mut cfg = match preset {
-        "anchor" => GptConfig { n_layer: 4, n_head: 8, dim: 256, grid: (16, 16), ..GptConfig::preset("B")? },
-        p => GptConfig::preset(p).map_err(|e| Error::invalid("--preset", format!("{e}; the benchmark also knows `anchor`")))?,
+    let changes = crate::model::Overrides {
+        vocab_size: o.vocab,
+        n_layer: o.layers,
+        n_head: o.heads,
+        dim: o.dim,
+        grid: o.grid,
+        caption_dim: o.caption_dim,
+        caption_len: o.caption_len,
+        ..Default::default()
     };
-    if let Some(d) = o.dim {
-        cfg.dim = d;
-        // Built-in presets feed text features of the model width.
-        if cfg.family == crate::model::Family::Native {
-            cfg.caption_dim = d;
-        }
-    }
-    cfg.n_layer = o.layers.unwrap_or(cfg.n_layer);
-    cfg.n_head = o.heads.unwrap_or(cfg.n_head);
-    cfg.vocab_size = o.vocab.unwrap_or(cfg.vocab_size);
-    cfg.grid = o.grid.unwrap_or(cfg.grid);
-    cfg.caption_len = o.caption_len.unwrap_or(cfg.caption_len);
-    cfg.caption_dim = o.caption_dim.unwrap_or(cfg.caption_dim);
-    cfg.validate()?;
-    Ok(cfg)
+    GptConfig::from_preset(preset, &changes).map_err(|e| match e {
+        Error::Invalid { what, msg } if what == "preset" => Error::invalid("--preset", msg),
+        e => e,
+    })
 }
 
 /// Bytes a benchmark of `cfg` needs, about: the weights, and with a training step of `batch`
@@ -189,7 +183,7 @@ pub fn bench_inputs(model: &TokenAr, n_refs: usize, batch: usize, codes: Option<
         Some(t) => t.broadcast_as((batch, cfg.caption_len, cfg.caption_dim))?.contiguous()?,
         None => {
             let n = cfg.caption_len * cfg.caption_dim;
-            let one: Vec<f32> = (0..n).map(|_| crate::model::load::normal(rng)).collect();
+            let one: Vec<f32> = (0..n).map(|_| crate::weights::builders::normal(rng)).collect();
             Tensor::from_vec(repeat(&one, batch), (batch, cfg.caption_len, cfg.caption_dim), dev)?
         }
     };
@@ -433,7 +427,7 @@ impl Views {
             return Err(Error::invalid("--dtype", format!("{}: the training step needs f32 weights (pass --train-batch 0 to time inference in {})", o.dtype, o.dtype)));
         }
         let trainable = if o.train_batch > 0 { Some((TokenAr::new(cfg, candle_nn::VarBuilder::from_varmap(varmap, DType::F32, device))?, varmap.clone())) } else { None };
-        let mut inference = TokenAr::new(cfg, crate::model::load::zeros_builder(varmap, DType::F32, device))?;
+        let mut inference = TokenAr::new(cfg, crate::weights::builders::zeros_builder(varmap, DType::F32, device))?;
         inference.convert_weights(o.dtype)?;
         Ok(Self { inference, trainable })
     }

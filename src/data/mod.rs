@@ -1,6 +1,7 @@
 //! Datasets: the InstructAR on-disk format (and a JSONL manifest alternative), validation, the
 //! procedural synthetic benchmark, and the code cache training reads.
 
+pub mod batch;
 pub mod cache;
 pub mod check;
 pub mod format;

@@ -252,8 +252,11 @@ impl GptConfig {
     }
 
     /// Named presets. LlamaGen t2i: `B`, `L`, `XL`, `XXL`; public checkpoints: `editar-xl`,
-    /// `tokenar-xl`; built-in CPU models: `tiny`, `small`.
+    /// `tokenar-xl`; built-in CPU models: `tiny`, `small`; `anchor`: the LlamaGen t2i GPT with
+    /// dim 256, 4 layers, 8 heads and a 16x16 grid, the shapes of the PyTorch performance anchor
+    /// the benchmark compares with. [`GptConfig::from_preset`] applies changes to one.
     pub fn preset(name: &str) -> Result<Self> {
+        // LlamaGen's text-to-image GPT: every addition of [`ADDITIONS`] off.
         let llamagen = |n_layer, n_head, dim| GptConfig {
             family: Family::LlamaGen,
             vocab_size: 16384,
@@ -318,14 +321,93 @@ impl GptConfig {
             },
             "tiny" => native(1024, 4, 2, 128, (8, 8), 16, 8),
             "small" => native(4096, 8, 6, 384, (16, 16), 32, 32),
+            "anchor" => GptConfig { grid: (16, 16), ..llamagen(4, 8, 256) },
             other => {
                 return Err(Error::invalid(
                     "preset",
-                    format!("unknown preset `{other}` (known: B, L, XL, XXL, editar-xl, tokenar-xl, tiny, small)"),
+                    format!("unknown preset `{other}` (known: {})", PRESETS.join(", ")),
                 ))
             }
         })
     }
+
+    /// The preset `name` with the changes `o`, validated: the one way a configuration is made
+    /// from a name (the training config's `[model]` section with what the data and the text
+    /// encoder fix, the benchmark's shape flags). A built-in preset reads text features as
+    /// wide as the model, so a new `dim` without a `caption_dim` changes both.
+    pub fn from_preset(name: &str, o: &Overrides) -> Result<Self> {
+        let mut c = Self::preset(name)?;
+        if let Some(d) = o.dim {
+            c.dim = d;
+            if c.family == Family::Native {
+                c.caption_dim = d;
+            }
+        }
+        c.vocab_size = o.vocab_size.unwrap_or(c.vocab_size);
+        c.n_layer = o.n_layer.unwrap_or(c.n_layer);
+        c.n_head = o.n_head.unwrap_or(c.n_head);
+        c.grid = o.grid.unwrap_or(c.grid);
+        c.caption_dim = o.caption_dim.unwrap_or(c.caption_dim);
+        c.caption_len = o.caption_len.unwrap_or(c.caption_len);
+        c.max_refs = o.max_refs.unwrap_or(c.max_refs);
+        c.n_instruct = o.n_instruct.unwrap_or(c.n_instruct);
+        c.index_embedding = o.index_embedding.unwrap_or(c.index_embedding);
+        c.itd = o.itd.unwrap_or(c.itd);
+        c.cell_embedding = o.cell_embedding.unwrap_or(c.cell_embedding);
+        if let Some(p) = o.dropout {
+            (c.dropouts.token, c.dropouts.resid, c.dropouts.ffn) = (p, p, p);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// This configuration with every addition to LlamaGen's GPT off ([`ADDITIONS`]): the
+    /// LlamaGen text-to-image model of the same backbone.
+    pub fn without_additions(&self) -> Self {
+        GptConfig {
+            family: Family::LlamaGen,
+            max_refs: 0,
+            background: false,
+            n_instruct: 0,
+            index_embedding: false,
+            itd: false,
+            cell_embedding: false,
+            scheme: Scheme::Reference { pad_to: None, quirk_index: false },
+            img_uncond: false,
+            align_dim: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// The names [`GptConfig::preset`] knows.
+pub const PRESETS: [&str; 9] = ["B", "L", "XL", "XXL", "editar-xl", "tokenar-xl", "tiny", "small", "anchor"];
+
+/// What EditAR, TokenAR and this project add to LlamaGen's GPT, as the checkpoint keys (or key
+/// prefixes) of their parameters: the null image (`img_uncond_embedding`), the distillation
+/// head (`alignment`), the index embedding, the instruct tokens and the cell embedding. A
+/// LlamaGen (or EditAR) checkpoint lacks some of them: loading it into a model that has them
+/// initialises them fresh. [`GptConfig::without_additions`] turns them all off.
+pub const ADDITIONS: [&str; 5] = ["ref_index_embeddings.", "instruct_token_embeddings.", "alignment.", "img_uncond_embedding", "cell_embeddings."];
+
+/// Changes to a preset's values ([`GptConfig::from_preset`]); `None` keeps the preset's.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    pub vocab_size: Option<usize>,
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub dim: Option<usize>,
+    /// Token grid of one image (rows, cols).
+    pub grid: Option<(usize, usize)>,
+    pub caption_dim: Option<usize>,
+    pub caption_len: Option<usize>,
+    pub max_refs: Option<usize>,
+    pub n_instruct: Option<usize>,
+    pub index_embedding: Option<bool>,
+    pub itd: Option<bool>,
+    pub cell_embedding: Option<bool>,
+    /// One rate for token, residual and FFN dropout.
+    pub dropout: Option<f32>,
 }
 
 /// Token grid side assumed for a checkpoint that does not record it: 32 (512 px with the VQ-16
@@ -584,8 +666,37 @@ mod tests {
         assert_eq!(t.cond_slots(), 4);
         assert_eq!(t.num_params() - t.backbone_params(), 2048 * 1280 + 1280 * 1280 + 4 * 1280 + 120 * 1280 + 768 * 1280 * 4 + 768);
         assert!(GptConfig::preset("nope").is_err());
-        for n in ["tiny", "small", "editar-xl"] {
+        for n in ["tiny", "small", "editar-xl", "anchor"] {
             GptConfig::preset(n).unwrap().validate().unwrap();
+        }
+        let e = GptConfig::preset("nope").unwrap_err().to_string();
+        assert!(PRESETS.iter().all(|p| e.contains(p)), "{e}");
+    }
+
+    #[test]
+    fn from_preset_applies_overrides() {
+        assert_eq!(GptConfig::from_preset("XL", &Overrides::default()).unwrap(), GptConfig::preset("XL").unwrap());
+        let o = Overrides { n_layer: Some(2), dim: Some(64), n_head: Some(4), itd: Some(false), dropout: Some(0.25), ..Default::default() };
+        let c = GptConfig::from_preset("tiny", &o).unwrap();
+        let tiny = GptConfig::preset("tiny").unwrap();
+        assert_eq!((c.n_layer, c.dim, c.n_head, c.itd, c.caption_dim), (2, 64, 4, false, 64));
+        assert_eq!((c.dropouts.token, c.dropouts.resid, c.dropouts.ffn, c.dropouts.attn), (0.25, 0.25, 0.25, tiny.dropouts.attn));
+        assert_eq!((c.vocab_size, c.grid, c.max_refs, c.n_instruct), (tiny.vocab_size, tiny.grid, tiny.max_refs, tiny.n_instruct));
+        // A given caption width wins; a LlamaGen preset keeps its T5 width under a new dim.
+        assert_eq!(GptConfig::from_preset("tiny", &Overrides { dim: Some(64), n_head: Some(4), caption_dim: Some(24), ..Default::default() }).unwrap().caption_dim, 24);
+        assert_eq!(GptConfig::from_preset("anchor", &Overrides { dim: Some(128), ..Default::default() }).unwrap().caption_dim, 2048);
+        // The result is validated.
+        let e = GptConfig::from_preset("tiny", &Overrides { n_head: Some(3), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("n_head 3"), "{e}");
+    }
+
+    #[test]
+    fn without_additions_is_the_llamagen_preset() {
+        assert_eq!(GptConfig::preset("tokenar-xl").unwrap().without_additions(), GptConfig::preset("XL").unwrap());
+        assert_eq!(GptConfig::preset("editar-xl").unwrap().without_additions(), GptConfig::preset("XL").unwrap());
+        for n in PRESETS {
+            let c = GptConfig::preset(n).unwrap().without_additions();
+            assert_eq!(c.num_params(), c.backbone_params() + c.caption_dim * c.dim + c.dim * c.dim, "{n}");
         }
     }
 
@@ -715,7 +826,7 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(what) && (e.contains("limit") || e.contains("finite")), "{what}: {e}");
         }
-        for n in ["B", "L", "XL", "XXL", "editar-xl", "tokenar-xl", "tiny", "small"] {
+        for n in PRESETS {
             GptConfig::preset(n).unwrap().check_limits().unwrap();
         }
     }

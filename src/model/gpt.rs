@@ -1,21 +1,25 @@
-//! The LlamaGen GPT with TokenAR's additions. Variable names are the reference checkpoint keys.
+//! The LlamaGen GPT with TokenAR's additions. The struct tree is the checkpoint's key tree:
+//! `tok_embeddings`, `cls_embedding` (`CaptionEmbedder`: `cap_proj.fc1`, `cap_proj.fc2`,
+//! `uncond_embedding`), `layers.N` (`Block`: `attention` (`Attention`: `wqkv`, `wo`),
+//! `feed_forward` (`FeedForward`: `w1`, `w2`, `w3`), `attention_norm`, `ffn_norm`), `norm`,
+//! `output`, and the additions (`ref_index_embeddings`, `instruct_token_embeddings`,
+//! `cell_embeddings`, `img_uncond_embedding`, `alignment`).
 //!
 //! Two execution paths share every weight: the training path (`forward_train`) uses
 //! elementary-op compositions so that every parameter receives a gradient, with seeded
-//! dropout; the inference path (`start` + [`Session`]) uses fused RMSNorm, softmax, SwiGLU and
+//! dropout; the inference path ([`TokenAr::start`] and the [`Session`](super::Session) of
+//! `session.rs`) uses fused RMSNorm, softmax, SwiGLU and
 //! RoPE kernels and a KV cache. A test checks that both give the same logits. Both read the
 //! linear layers' weights where they lie ([`Weight`], `(out, in)`): no inference copy is made,
 //! and [`TokenAr::convert_weights`] stores them as bf16, f16 or Q8_0 for inference.
 
 use super::condition::Condition;
-use super::config::GptConfig;
+use super::config::{Dropouts, GptConfig};
 use super::cell_embedding::CellEmbedding;
 use super::index_embedding::IndexEmbedding;
 use super::instruct_tokens::InstructTokens;
-use super::kv_cache::{LayerCache, Session};
-use super::rope;
 use crate::error::{Error, Result};
-use crate::nn::{linear, Weight, WeightDtype};
+use crate::nn::{linear, rope, LayerCache, Weight, WeightDtype};
 use crate::layout::{Layout, SegmentKind};
 use crate::util::Rng;
 use candle_core::{DType, Device, Tensor};
@@ -84,17 +88,6 @@ impl Norm {
     }
 }
 
-struct Block {
-    wqkv: Weight,
-    wo: Weight,
-    w1: Weight,
-    w2: Weight,
-    w3: Weight,
-    attention_norm: Norm,
-    ffn_norm: Norm,
-    n_head: usize,
-}
-
 /// Rotation tables and additive attention mask for one forward.
 pub(crate) struct AttnInputs<'a> {
     pub cos: &'a Tensor,
@@ -106,27 +99,61 @@ pub(crate) struct AttnInputs<'a> {
     pub cached: Option<crate::nn::CachedStep<'a>>,
 }
 
-impl Block {
+/// A linear layer on either path: the weight where it lies on the inference path (any
+/// [`WeightDtype`]), the differentiable op on the training path.
+fn project(x: &Tensor, w: &Weight, infer: bool) -> Result<Tensor> {
+    if infer {
+        w.forward(x)
+    } else {
+        linear(x, w.tensor()?)
+    }
+}
+
+/// Multi-head self-attention with 2D RoPE (`layers.N.attention`): the fused query, key and
+/// value projection `wqkv` and the output projection `wo`.
+struct Attention {
+    wqkv: Weight,
+    wo: Weight,
+    n_head: usize,
+}
+
+impl Attention {
     fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
-        let (d, f) = (cfg.dim, cfg.ffn_hidden());
-        let a = vb.pp("attention");
-        let ff = vb.pp("feed_forward");
+        let d = cfg.dim;
         Ok(Self {
-            wqkv: Weight::Dense(a.pp("wqkv").get_with_hints((3 * d, d), "weight", STD)?),
-            wo: Weight::Dense(a.pp("wo").get_with_hints((d, d), "weight", STD)?),
-            w1: Weight::Dense(ff.pp("w1").get_with_hints((f, d), "weight", STD)?),
-            w2: Weight::Dense(ff.pp("w2").get_with_hints((d, f), "weight", STD)?),
-            w3: Weight::Dense(ff.pp("w3").get_with_hints((f, d), "weight", STD)?),
-            attention_norm: Norm::new(d, cfg.norm_eps, vb.pp("attention_norm"))?,
-            ffn_norm: Norm::new(d, cfg.norm_eps, vb.pp("ffn_norm"))?,
+            wqkv: Weight::Dense(vb.pp("wqkv").get_with_hints((3 * d, d), "weight", STD)?),
+            wo: Weight::Dense(vb.pp("wo").get_with_hints((d, d), "weight", STD)?),
             n_head: cfg.n_head,
         })
+    }
+
+    /// Attention of the normalised `xn` (B, T, dim), appending to `cache` when given: the
+    /// output projection of the last `keep` positions, (B, keep, dim).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&self, xn: &Tensor, att: &AttnInputs, cache: Option<&mut LayerCache>, ctx: &mut Ctx, drop: &Dropouts, infer: bool, keep: usize) -> Result<Tensor> {
+        let (h, hd) = (self.n_head, xn.dim(2)? / self.n_head);
+        let qkv = project(xn, &self.wqkv, infer)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Training without attention dropout: one fused op from the projection to the heads'
+        // outputs (RoPE, scaling, scores, softmax, values), with no (B, H, S, S) tensor kept.
+        let fusable = ctx.differentiable && cache.is_none() && (drop.attn == 0.0 || ctx.rng.is_none());
+        let (fused, cache) = match (fusable, cache, &att.cached) {
+            (true, c, _) => (crate::nn::attention_qkv(&qkv, att.cos, att.sin, scale, h, att.mask)?, c),
+            (false, Some(c), Some(step)) if drop.attn == 0.0 || ctx.rng.is_none() => (c.attend(&qkv, h, scale, step, keep)?, Some(c)),
+            (false, c, _) => (None, c),
+        };
+        let y = match fused {
+            Some(y) => y,
+            None => self.composed(&qkv, scale, att, cache, ctx, drop)?,
+        };
+        let y = if y.dim(1)? > keep { y.narrow(1, y.dim(1)? - keep, keep)? } else { y };
+        project(&y, &self.wo, infer)
     }
 
     /// Attention from elementary ops (inference with a KV cache, attention dropout, devices
     /// without the fused kernel): `qkv` (B, S, 3 * dim) -> (B, S, dim); queries scaled by
     /// `scale`.
-    fn attention_composed(&self, qkv: &Tensor, scale: f64, att: &AttnInputs, cache: Option<&mut LayerCache>, ctx: &mut Ctx, drop: &super::config::Dropouts) -> Result<Tensor> {
+    fn composed(&self, qkv: &Tensor, scale: f64, att: &AttnInputs, cache: Option<&mut LayerCache>, ctx: &mut Ctx, drop: &Dropouts) -> Result<Tensor> {
         let (b, s, w) = qkv.dims3()?;
         let (h, hd) = (self.n_head, w / (3 * self.n_head));
         let qkv = qkv.reshape((b, s, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
@@ -153,62 +180,157 @@ impl Block {
         Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * hd))?)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &self,
-        x: &Tensor,
-        att: &AttnInputs,
-        cache: Option<&mut LayerCache>,
-        ctx: &mut Ctx,
-        drop: &super::config::Dropouts,
-        infer: bool,
-        keep: Option<usize>,
-    ) -> Result<Tensor> {
-        let (t, d) = (x.dim(1)?, x.dim(2)?);
-        // Outputs of the last `keep` positions only (every position's keys and values are
-        // still cached): the attention output, projection and MLP of the others are skipped.
-        let keep = keep.unwrap_or(t);
-        if keep == 0 || keep > t {
-            return Err(crate::error::Error::invalid("block", format!("the outputs of {keep} of {t} positions asked for")));
-        }
-        let (h, hd) = (self.n_head, d / self.n_head);
-        let xn = self.attention_norm.forward(x, ctx.differentiable)?;
-        let qkv = if infer { self.wqkv.forward(&xn)? } else { linear(&xn, self.wqkv.tensor()?)? };
-        let scale = 1.0 / (hd as f64).sqrt();
-        // Training without attention dropout: one fused op from the projection to the heads'
-        // outputs (RoPE, scaling, scores, softmax, values), with no (B, H, S, S) tensor kept.
-        let fusable = ctx.differentiable && cache.is_none() && (drop.attn == 0.0 || ctx.rng.is_none());
-        let (fused, cache) = match (fusable, cache, &att.cached) {
-            (true, c, _) => (crate::nn::attention_qkv(&qkv, att.cos, att.sin, scale, h, att.mask)?, c),
-            (false, Some(c), Some(step)) if drop.attn == 0.0 || ctx.rng.is_none() => (c.attend(&qkv, h, scale, step, keep)?, Some(c)),
-            (false, c, _) => (None, c),
-        };
-        let y = match fused {
-            Some(y) => y,
-            None => self.attention_composed(&qkv, scale, att, cache, ctx, drop)?,
-        };
-        let last = |v: &Tensor| -> Result<Tensor> { Ok(if v.dim(1)? > keep { v.narrow(1, v.dim(1)? - keep, keep)? } else { v.clone() }) };
-        let (x, y) = (last(x)?, last(&y)?);
-        let hres = if infer { (&x + self.wo.forward(&y)?)? } else { ctx.residual(&x, &linear(&y, self.wo.tensor()?)?, drop.resid)? };
-        let hn = self.ffn_norm.forward(&hres, ctx.differentiable)?;
+    fn weights_mut(&mut self) -> [&mut Weight; 2] {
+        [&mut self.wqkv, &mut self.wo]
+    }
+
+    fn weights(&self) -> [&Weight; 2] {
+        [&self.wqkv, &self.wo]
+    }
+}
+
+/// The SwiGLU feed-forward network (`layers.N.feed_forward`): `w2(silu(w1 x) * w3 x)`.
+struct FeedForward {
+    w1: Weight,
+    w2: Weight,
+    w3: Weight,
+}
+
+impl FeedForward {
+    fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, f) = (cfg.dim, cfg.ffn_hidden());
+        Ok(Self {
+            w1: Weight::Dense(vb.pp("w1").get_with_hints((f, d), "weight", STD)?),
+            w2: Weight::Dense(vb.pp("w2").get_with_hints((d, f), "weight", STD)?),
+            w3: Weight::Dense(vb.pp("w3").get_with_hints((f, d), "weight", STD)?),
+        })
+    }
+
+    /// The network on the normalised `hn` (B, T, dim); FFN dropout on the gate in training.
+    fn forward(&self, hn: &Tensor, ctx: &mut Ctx, drop: &Dropouts, infer: bool) -> Result<Tensor> {
         if infer {
-            let g = crate::nn::swiglu(&self.w1.forward(&hn)?, &self.w3.forward(&hn)?)?;
-            return Ok((hres + self.w2.forward(&g)?)?);
+            let g = crate::nn::swiglu(&self.w1.forward(hn)?, &self.w3.forward(hn)?)?;
+            return self.w2.forward(&g);
         }
-        let (gate, up) = (linear(&hn, self.w1.tensor()?)?, linear(&hn, self.w3.tensor()?)?);
+        let (gate, up) = (linear(hn, self.w1.tensor()?)?, linear(hn, self.w3.tensor()?)?);
         let mask = ctx.dropout_mask(&gate, drop.ffn)?;
         let g = crate::nn::swiglu_masked(&gate, &up, mask.as_ref())?;
-        ctx.residual(&hres, &linear(&g, self.w2.tensor()?)?, drop.resid)
+        linear(&g, self.w2.tensor()?)
     }
+
+    fn weights_mut(&mut self) -> [&mut Weight; 3] {
+        [&mut self.w1, &mut self.w2, &mut self.w3]
+    }
+
+    fn weights(&self) -> [&Weight; 3] {
+        [&self.w1, &self.w2, &self.w3]
+    }
+}
+
+/// One transformer block (`layers.N`): `h = x + attention(attention_norm(x))`, then
+/// `h + feed_forward(ffn_norm(h))`, with residual dropout in training.
+struct Block {
+    attention: Attention,
+    feed_forward: FeedForward,
+    attention_norm: Norm,
+    ffn_norm: Norm,
+}
+
+impl Block {
+    fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            attention: Attention::new(cfg, vb.pp("attention"))?,
+            feed_forward: FeedForward::new(cfg, vb.pp("feed_forward"))?,
+            attention_norm: Norm::new(cfg.dim, cfg.norm_eps, vb.pp("attention_norm"))?,
+            ffn_norm: Norm::new(cfg.dim, cfg.norm_eps, vb.pp("ffn_norm"))?,
+        })
+    }
+
+    /// The block over `x` (B, T, dim); with `keep`, the outputs of the last `keep` positions
+    /// only (every position's keys and values are still cached): the attention output,
+    /// projection and MLP of the others are skipped.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&self, x: &Tensor, att: &AttnInputs, cache: Option<&mut LayerCache>, ctx: &mut Ctx, drop: &Dropouts, infer: bool, keep: Option<usize>) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        let keep = keep.unwrap_or(t);
+        if keep == 0 || keep > t {
+            return Err(Error::invalid("block", format!("the outputs of {keep} of {t} positions asked for")));
+        }
+        let xn = self.attention_norm.forward(x, ctx.differentiable)?;
+        let a = self.attention.forward(&xn, att, cache, ctx, drop, infer, keep)?;
+        let x = if t > keep { x.narrow(1, t - keep, keep)? } else { x.clone() };
+        let h = ctx.residual(&x, &a, drop.resid)?;
+        let f = self.feed_forward.forward(&self.ffn_norm.forward(&h, ctx.differentiable)?, ctx, drop, infer)?;
+        ctx.residual(&h, &f, drop.resid)
+    }
+
+    /// The linear layers' weights (what [`TokenAr::convert_weights`] converts).
+    fn weights_mut(&mut self) -> impl Iterator<Item = &mut Weight> {
+        let Self { attention, feed_forward, .. } = self;
+        attention.weights_mut().into_iter().chain(feed_forward.weights_mut())
+    }
+
+    fn weights(&self) -> impl Iterator<Item = &Weight> {
+        self.attention.weights().into_iter().chain(self.feed_forward.weights())
+    }
+}
+
+/// The caption embedder (`cls_embedding`): dropped captions replaced by the learned
+/// `uncond_embedding` (a buffer in the reference code), padded rows zeroed, then the MLP
+/// `cap_proj` (`fc1`, GELU, `fc2`) from the text features' width to the model's.
+struct CaptionEmbedder {
+    fc1: Tensor,
+    fc2: Tensor,
+    uncond_embedding: Tensor,
+}
+
+impl CaptionEmbedder {
+    fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.dim;
+        let proj = vb.pp("cap_proj");
+        let buf_init = Init::Randn { mean: 0.0, stdev: 1.0 / (cfg.caption_dim as f64).sqrt() };
+        Ok(Self {
+            fc1: proj.pp("fc1").get_with_hints((d, cfg.caption_dim), "weight", STD)?,
+            fc2: proj.pp("fc2").get_with_hints((d, d), "weight", STD)?,
+            uncond_embedding: vb.get_with_hints((cfg.caption_len, cfg.caption_dim), "uncond_embedding", buf_init)?,
+        })
+    }
+
+    /// Caption tokens (B, caption_len, dim) from text features (B, caption_len, caption_dim):
+    /// rows flagged in `drop` take the uncond embedding; `mask` (B, caption_len) zeroes padded
+    /// positions (LlamaGen).
+    fn forward(&self, text: &Tensor, drop: &[bool], mask: Option<&Tensor>) -> Result<Tensor> {
+        let mut text = blend_rows(text, &self.uncond_embedding.detach(), drop)?;
+        if let Some(m) = mask {
+            text = text.broadcast_mul(&m.to_dtype(text.dtype())?.unsqueeze(2)?)?;
+        }
+        linear(&linear(&text, &self.fc1)?.gelu()?, &self.fc2)
+    }
+
+    /// The text features of a dropped caption, (b, caption_len, caption_dim).
+    fn uncond_text(&self, b: usize) -> Result<Tensor> {
+        let (l, c) = self.uncond_embedding.dims2()?;
+        Ok(self.uncond_embedding.unsqueeze(0)?.broadcast_as((b, l, c))?.contiguous()?)
+    }
+}
+
+/// Per-row blend: rows flagged in `drop` take `null` (broadcast), others keep `x`.
+fn blend_rows(x: &Tensor, null: &Tensor, drop: &[bool]) -> Result<Tensor> {
+    if !drop.iter().any(|d| *d) {
+        return Ok(x.clone());
+    }
+    let b = x.dim(0)?;
+    let keep: Vec<f32> = drop.iter().map(|d| if *d { 0.0 } else { 1.0 }).collect();
+    let keep = Tensor::from_vec(keep, (b, 1, 1), x.device())?.to_dtype(x.dtype())?;
+    let dropk = (1.0 - &keep)?;
+    Ok((x.broadcast_mul(&keep)? + null.unsqueeze(0)?.broadcast_mul(&dropk)?)?)
 }
 
 /// The TokenAR GPT (LlamaGen backbone plus index embedding, instruct tokens, ITD layout).
 pub struct TokenAr {
     cfg: GptConfig,
     tok_embeddings: Tensor,
-    cap_fc1: Tensor,
-    cap_fc2: Tensor,
-    uncond_embedding: Tensor,
+    cls_embedding: CaptionEmbedder,
     layers: Vec<Block>,
     norm: Norm,
     output: Weight,
@@ -229,8 +351,6 @@ impl TokenAr {
     pub fn new(cfg: &GptConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.dim;
-        let cap = vb.pp("cls_embedding");
-        let buf_init = Init::Randn { mean: 0.0, stdev: 1.0 / (cfg.caption_dim as f64).sqrt() };
         let layers = (0..cfg.n_layer)
             .map(|i| Block::new(cfg, vb.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
@@ -250,9 +370,7 @@ impl TokenAr {
         Ok(Self {
             cfg: cfg.clone(),
             tok_embeddings: vb.pp("tok_embeddings").get_with_hints((cfg.vocab_size, d), "weight", STD)?,
-            cap_fc1: cap.pp("cap_proj").pp("fc1").get_with_hints((d, cfg.caption_dim), "weight", STD)?,
-            cap_fc2: cap.pp("cap_proj").pp("fc2").get_with_hints((d, d), "weight", STD)?,
-            uncond_embedding: cap.get_with_hints((cfg.caption_len, cfg.caption_dim), "uncond_embedding", buf_init)?,
+            cls_embedding: CaptionEmbedder::new(cfg, vb.pp("cls_embedding"))?,
             layers,
             norm: Norm::new(d, cfg.norm_eps, vb.pp("norm"))?,
             // LlamaGen zero-initialises the output head.
@@ -318,20 +436,8 @@ impl TokenAr {
         Ok(layout)
     }
 
-    /// Per-row blend: rows flagged in `drop` take `null` (broadcast), others keep `x`.
-    fn blend_rows(x: &Tensor, null: &Tensor, drop: &[bool]) -> Result<Tensor> {
-        if !drop.iter().any(|d| *d) {
-            return Ok(x.clone());
-        }
-        let b = x.dim(0)?;
-        let keep: Vec<f32> = drop.iter().map(|d| if *d { 0.0 } else { 1.0 }).collect();
-        let keep = Tensor::from_vec(keep, (b, 1, 1), x.device())?.to_dtype(x.dtype())?;
-        let dropk = (1.0 - &keep)?;
-        Ok((x.broadcast_mul(&keep)? + null.unsqueeze(0)?.broadcast_mul(&dropk)?)?)
-    }
-
     /// Embeddings of the prefix (conditions, text, instruct): (B, prefix_len, dim).
-    fn embed_prefix(&self, cond: &Condition, layout: &Layout) -> Result<Tensor> {
+    pub(crate) fn embed_prefix(&self, cond: &Condition, layout: &Layout) -> Result<Tensor> {
         let b = cond.batch()?;
         let hw = self.cfg.image_tokens();
         let d = self.cfg.dim;
@@ -363,17 +469,11 @@ impl TokenAr {
                     Error::invalid("condition", "image dropout needs a model with img_uncond_embedding")
                 })?;
                 let rows = Tensor::from_vec(null_rows, n, &self.device)?;
-                x = Self::blend_rows(&x, &null.detach().index_select(&rows, 0)?, &cond.drop_image)?;
+                x = blend_rows(&x, &null.detach().index_select(&rows, 0)?, &cond.drop_image)?;
             }
             parts.push(x);
         }
-        // Text: padded rows zeroed (LlamaGen), then the caption projection.
-        let mut text = Self::blend_rows(&cond.text, &self.uncond_embedding.detach(), &cond.drop_text)?;
-        if let Some(m) = &cond.text_mask {
-            text = text.broadcast_mul(&m.to_dtype(text.dtype())?.unsqueeze(2)?)?;
-        }
-        let t = linear(&linear(&text, &self.cap_fc1)?.gelu()?, &self.cap_fc2)?;
-        parts.push(t);
+        parts.push(self.cls_embedding.forward(&cond.text, &cond.drop_text, cond.text_mask.as_ref())?);
         if let Some(it) = &self.instruct {
             parts.push(it.forward(b)?);
         }
@@ -483,10 +583,8 @@ impl TokenAr {
     /// (training needs the f32 variables). Convert at load time and drop the variables' map
     /// for the memory to be freed: the model then holds the only copy.
     pub fn convert_weights(&mut self, dtype: WeightDtype) -> Result<()> {
-        for b in &mut self.layers {
-            for w in [&mut b.wqkv, &mut b.wo, &mut b.w1, &mut b.w2, &mut b.w3] {
-                *w = w.convert(dtype)?;
-            }
+        for w in self.layers.iter_mut().flat_map(Block::weights_mut) {
+            *w = w.convert(dtype)?;
         }
         self.output = self.output.convert(dtype)?;
         Ok(())
@@ -514,7 +612,7 @@ impl TokenAr {
     /// Bytes of weights one decoding step reads: every block's projections and the output head
     /// (the embedding rows it looks up are negligible).
     pub fn step_weight_bytes(&self) -> usize {
-        let blocks: usize = self.layers.iter().map(|b| [&b.wqkv, &b.wo, &b.w1, &b.w2, &b.w3].iter().map(|w| w.bytes()).sum::<usize>()).sum();
+        let blocks: usize = self.layers.iter().flat_map(Block::weights).map(Weight::bytes).sum();
         blocks + self.output.bytes()
     }
 
@@ -586,44 +684,7 @@ impl TokenAr {
 
     /// The text features of a dropped caption, (b, caption_len, caption_dim).
     pub fn uncond_text(&self, b: usize) -> Result<Tensor> {
-        let (l, c) = self.uncond_embedding.dims2()?;
-        Ok(self.uncond_embedding.unsqueeze(0)?.broadcast_as((b, l, c))?.contiguous()?)
-    }
-
-    /// Prefill the conditions (with CFG: rows `[cond; uncond]`, the uncond rows using the
-    /// uncond text embedding) and return the decoding session and the logits (rows, V) of the
-    /// first generated token.
-    pub fn start(&self, cond: &Condition, cfg_guidance: bool) -> Result<(Session<'_>, Tensor)> {
-        self.start_with(cond, cfg_guidance, true)
-    }
-
-    /// [`TokenAr::start`] for `samples` samples of one condition (`cond` of batch 1): the
-    /// prefix is run once and its keys and values copied to every sample's rows
-    /// ([`Session::repeat_samples`]).
-    pub fn start_samples(&self, cond: &Condition, cfg_guidance: bool, samples: usize) -> Result<(Session<'_>, Tensor)> {
-        let b = cond.batch()?;
-        if b != 1 {
-            return Err(crate::error::Error::invalid("condition", format!("batch of {b}; samples of one condition need a batch of 1")));
-        }
-        let (mut session, first) = self.start(cond, cfg_guidance)?;
-        let first = session.repeat_samples(samples, &first)?;
-        Ok((session, first))
-    }
-
-    /// [`TokenAr::start`]; `fused_attention: false` keeps the composed attention on the CPU
-    /// too (the path other devices take), so that tests can compare the two.
-    pub(crate) fn start_with(&self, cond: &Condition, cfg_guidance: bool, fused_attention: bool) -> Result<(Session<'_>, Tensor)> {
-        let layout = self.layout_for(cond)?;
-        let cond = if cfg_guidance { cond.with_uncond_rows()? } else { cond.clone() };
-        let rows = cond.batch()?;
-        let (cos, sin) = rope::tables(layout.rope_cells(), self.cfg.head_dim(), self.cfg.rope_base, &self.device)?;
-        let keypad = self.key_padding(&cond, &layout, layout.total_len())?;
-        let x = self.embed_prefix(&cond, &layout)?;
-        let mut session = Session::new(self, layout, rows, (cos, sin, keypad), fused_attention)?;
-        let h = session.prefill(x)?;
-        let p = h.dim(1)?;
-        let logits = session.head(&h.narrow(1, p - 1, 1)?)?.squeeze(1)?;
-        Ok((session, logits))
+        self.cls_embedding.uncond_text(b)
     }
 
     /// Every variable name that is a buffer in the reference code (not trained).
@@ -640,7 +701,3 @@ impl TokenAr {
         (self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim())
     }
 }
-
-#[cfg(test)]
-#[path = "dtype_tests.rs"]
-mod dtype_tests;

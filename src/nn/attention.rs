@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 /// Self-attention of the fused projection `qkv` (B, S, 3 * H * D: the queries, keys and
 /// values of the H heads side by side, as `wqkv` writes them): each head's q and k rotated
-/// by the interleaved RoPE tables `cos`/`sin` (S, D / 2) ([`crate::model::rope`]), q scaled by
+/// by the interleaved RoPE tables `cos`/`sin` (S, D / 2) ([`crate::nn::rope`]), q scaled by
 /// `scale`, then `softmax(q k^T + mask) v` with an additive `mask` (1 or B, 1, S, S). Returns
 /// (B, S, H * D), the heads side by side as the output projection reads them; the gradient
 /// goes to `qkv` only. `None` where there is no fused kernel (off the CPU, not f32, other

@@ -29,7 +29,7 @@ pub struct CachedStep<'a> {
     /// Keys already in the cache: the position of the step's first query.
     pub start: usize,
     /// Interleaved RoPE tables of the step's positions, `T * head_dim / 2` values each
-    /// ([`crate::model::rope::tables`] rows `start..start + T`).
+    /// ([`crate::nn::rope::tables`] rows `start..start + T`).
     pub cos: &'a [f32],
     pub sin: &'a [f32],
     /// Additive per-key mask: one row of `stride` values per batch row, of which the first
@@ -273,7 +273,7 @@ mod tests {
         let steps = [70usize, 1, 3, 9, 1, 80];
         let total: usize = steps.iter().sum();
         let cells: Vec<_> = (0..total).map(|i| crate::layout::RopeCell::Cell(i / 11, i % 11)).collect();
-        let (cos, sin) = crate::model::rope::tables(&cells, d, 10000.0, &dev).unwrap();
+        let (cos, sin) = crate::nn::rope::tables(&cells, d, 10000.0, &dev).unwrap();
         let mut pad = vec![0f32; rows * cap];
         for j in [0usize, 2, 5] {
             pad[cap + j] = -1e9;
@@ -306,7 +306,7 @@ mod tests {
         let dev = Device::Cpu;
         let (rows, heads, d, cap) = (1, 2, 4, 16);
         let cells: Vec<_> = (0..cap).map(|i| crate::layout::RopeCell::Cell(0, i)).collect();
-        let (cos, sin) = crate::model::rope::tables(&cells, d, 10000.0, &dev).unwrap();
+        let (cos, sin) = crate::nn::rope::tables(&cells, d, 10000.0, &dev).unwrap();
         let table = |t: &Tensor, a: usize, n: usize| t.narrow(0, a, n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let kc = Tensor::zeros((rows, heads, d, cap), DType::F32, &dev).unwrap();
         let vc = kc.zeros_like().unwrap();

@@ -358,7 +358,7 @@ impl Bundle {
 pub fn builtin_text_from_file(file: &mut TensorFile, device: &Device) -> Result<(BuiltinTextEncoder, VarMap)> {
     let vm = VarMap::new();
     // Every variable is loaded (strictly): zeros until then, no random draws.
-    let enc = BuiltinTextEncoder::from_metadata(&file.metadata, crate::model::load::zeros_builder(&vm, DType::F32, device).pp(TEXT_PREFIX))?;
+    let enc = BuiltinTextEncoder::from_metadata(&file.metadata, crate::weights::builders::zeros_builder(&vm, DType::F32, device).pp(TEXT_PREFIX))?;
     let opts = weights::LoadOptions { strict_unexpected: true, ..Default::default() };
     weights::load_into_varmap(&vm, file, &opts)?;
     Ok((enc, vm))

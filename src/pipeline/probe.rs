@@ -23,9 +23,10 @@
 //! sampled images do. The ITD copies' NLL (`itd`) is reported separately (always on the
 //! sample's own references).
 
-use super::train_job::JobParts;
+use crate::data::cache::CachedSample;
 use crate::error::{Error, Result};
-use crate::model::condition::Condition;
+use crate::model::{Condition, TokenAr};
+use crate::text::TextEncoder;
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -78,8 +79,16 @@ impl Probe {
     }
 }
 
+/// What the probe reads: the model, the text encoder, and the training samples (a training
+/// job's parts convert into it).
+pub struct ProbeData<'a> {
+    pub gpt: &'a TokenAr,
+    pub text: &'a dyn TextEncoder,
+    pub samples: &'a [CachedSample],
+}
+
 /// Per-position NLL (B, n_loss) of `target` under `cond`.
-fn nll(parts: &JobParts, cond: &Condition, target: &Tensor) -> Result<Vec<Vec<f32>>> {
+fn nll(parts: &ProbeData, cond: &Condition, target: &Tensor) -> Result<Vec<Vec<f32>>> {
     let mut rng = crate::util::rng(0);
     let (logits, targets) = parts.gpt.forward_train(cond, target, false, &mut rng)?;
     let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
@@ -89,7 +98,8 @@ fn nll(parts: &JobParts, cond: &Condition, target: &Tensor) -> Result<Vec<Vec<f3
 /// Probe the first `n` training samples that have two or more references (in batches of
 /// `batch`, at least 2 so that "another sample" exists). `None` when the data has fewer than
 /// two such samples.
-pub fn probe(parts: &JobParts, step: u64, n: usize, batch: usize) -> Result<Option<Probe>> {
+pub fn probe<'a>(parts: impl Into<ProbeData<'a>>, step: u64, n: usize, batch: usize) -> Result<Option<Probe>> {
+    let parts = &parts.into();
     if batch < 2 {
         return Err(Error::invalid("probe batch", format!("{batch}: needs at least 2 samples per batch")));
     }
@@ -125,7 +135,7 @@ pub fn probe(parts: &JobParts, step: u64, n: usize, batch: usize) -> Result<Opti
         if idx.len() < 2 {
             break;
         }
-        let (cond, target) = parts.batch_tensors(idx, &device)?;
+        let (cond, target) = crate::data::batch::batch(parts.samples, idx, parts.text, &device)?;
         let b = idx.len();
         let own = nll(parts, &cond, &target)?;
         add(1, &own, false);
@@ -196,7 +206,7 @@ pub fn read(path: &std::path::Path) -> Result<Vec<Probe>> {
 }
 
 /// The probe written at each checkpoint: [`PROBE_SAMPLES`] samples in batches of [`PROBE_BATCH`].
-pub fn checkpoint_probe(parts: &JobParts, step: u64) -> Result<Option<Probe>> {
+pub fn checkpoint_probe<'a>(parts: impl Into<ProbeData<'a>>, step: u64) -> Result<Option<Probe>> {
     probe(parts, step, PROBE_SAMPLES, PROBE_BATCH)
 }
 

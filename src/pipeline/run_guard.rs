@@ -8,7 +8,7 @@
 //! - the cache must have been encoded with the run's tokenizer (by content);
 //! - temporary files left by a killed write are deleted.
 
-use super::train_job::TrainJobConfig;
+use super::train_config::TrainJobConfig;
 use crate::data::cache::CacheReader;
 use crate::data::provenance::file_fingerprint;
 use crate::error::{Error, IoContext, Result};

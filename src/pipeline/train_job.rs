@@ -12,12 +12,14 @@
 //! a line of the reference probe (`checkpoints/probe.jsonl`, see [`super::probe`]).
 
 use super::bundle::{save_builtin_text, MODEL_FILE, TEXT_FILE, TEXT_PREFIX, TOKENIZER_FILE};
+use super::probe::ProbeData;
 use super::run_guard::RunStart;
-use crate::data::cache::{CacheReader, CachedSample};
+use crate::data::batch::{self, buckets_by_refs, load_training_samples};
+use crate::data::cache::CachedSample;
 use crate::error::{Error, Result};
-use crate::model::{self, Condition, GptConfig, TokenAr};
+use crate::model::{self, Condition, TokenAr};
 use crate::sample::{self, DecodePlan, ItdMode, SampleOptions};
-use crate::text::{BuiltinConfig, BuiltinTextEncoder, TextEncoder, WordVocab};
+use crate::text::{BuiltinTextEncoder, WordVocab};
 use crate::tokenizer::{self, Vq};
 use crate::train::dist::{Collective, Single};
 use crate::train::shard::{EpochSampler, Split};
@@ -26,165 +28,11 @@ use crate::util::Rng;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::Rng as _;
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// The training configuration (TOML). See `configs/tokenar-builtin.toml` for every field with
-/// its meaning.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainJobConfig {
-    pub cache: PathBuf,
-    pub out: PathBuf,
-    pub tokenizer: PathBuf,
-    #[serde(default)]
-    pub init: Option<PathBuf>,
-    #[serde(default)]
-    pub init_preset: Option<String>,
-    pub seed: u64,
-    pub steps: u64,
-    pub batch: usize,
-    /// Micro-steps per optimiser step (also spelt `accum_steps`): the global batch is
-    /// `batch` x `accum` x the number of ranks.
-    #[serde(default = "one", alias = "accum_steps")]
-    pub accum: usize,
-    pub lr: f64,
-    #[serde(default)]
-    pub warmup: u64,
-    #[serde(default)]
-    pub cosine: bool,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub grad_clip: f64,
-    pub log_every: u64,
-    pub ckpt_every: u64,
-    pub keep_last: usize,
-    /// CFG dropout (EditAR): both image and text / image only / text only.
-    pub drop_both: f32,
-    pub drop_image: f32,
-    pub drop_text: f32,
-    /// Samples drawn in the grid written at each checkpoint (0 = none).
-    #[serde(default)]
-    pub grid_samples: usize,
-    /// Weight of the binding loss (0 = off): a linear head on the GPT's final features at
-    /// each target position predicts which reference the token it is about to generate
-    /// shows, trained with cross-entropy on the code cells a subject covers (the cache's
-    /// owner grids). The head is used in training only and is not exported.
-    #[serde(default)]
-    pub binding_loss: f64,
-    /// Cells of each subject the binding loss counts: 0 = all of them; k = only its first k
-    /// in raster order (where generation decides which subject a region is; later cells can
-    /// read the answer off the cells above them).
-    #[serde(default)]
-    pub binding_first: usize,
-    /// Weight of an extra token cross-entropy on the target cells the binding loss counts
-    /// (0 = off; needs `binding_loss` > 0): the token head is pushed to draw the subject the
-    /// binding head names where generation decides it.
-    #[serde(default)]
-    pub binding_token_loss: f64,
-    pub model: ModelSection,
-    pub text: BuiltinConfig,
-}
-
-fn one() -> usize {
-    1
-}
-
-/// The GPT: a preset plus the switches of the ablation study and size overrides.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSection {
-    pub preset: String,
-    pub n_layer: Option<usize>,
-    pub n_head: Option<usize>,
-    pub dim: Option<usize>,
-    pub n_instruct: Option<usize>,
-    pub index_embedding: Option<bool>,
-    pub itd: Option<bool>,
-    /// This project's cell embedding (see `model::cell_embedding`).
-    #[serde(default)]
-    pub cell_embedding: Option<bool>,
-    pub max_refs: Option<usize>,
-    /// One dropout rate for token, residual and FFN dropout.
-    pub dropout: Option<f32>,
-}
-
-impl TrainJobConfig {
-    pub fn from_toml(text: &str, sets: &[String], origin: &Path) -> Result<Self> {
-        let value: toml::Value =
-            toml::from_str(text).map_err(|e| Error::bad_file(origin, format!("not a valid training config: {e}")))?;
-        let value = train::apply_overrides(value, sets)?;
-        let cfg: Self = value
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::bad_file(origin, format!("bad training config: {e}")))?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, msg: String| Err(Error::invalid(what, msg));
-        if self.batch == 0 || self.steps == 0 {
-            return bad("batch/steps", "must be at least 1".into());
-        }
-        crate::util::check_batch("batch", self.batch)?;
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad("lr", format!("{} (must be positive)", self.lr));
-        }
-        let p = self.drop_both + self.drop_image + self.drop_text;
-        if !(0.0..=1.0).contains(&p) || self.drop_both < 0.0 || self.drop_image < 0.0 || self.drop_text < 0.0 {
-            return bad("drop_*", format!("probabilities must be >= 0 and sum to at most 1 (sum {p})"));
-        }
-        if !(self.binding_loss >= 0.0 && self.binding_loss.is_finite()) {
-            return bad("binding_loss", format!("{} (must be >= 0)", self.binding_loss));
-        }
-        if !(self.binding_token_loss >= 0.0 && self.binding_token_loss.is_finite()) || (self.binding_token_loss > 0.0 && self.binding_loss == 0.0) {
-            return bad("binding_token_loss", format!("{} (must be >= 0, and needs binding_loss > 0)", self.binding_token_loss));
-        }
-        self.text.validate()
-    }
-
-    /// The GPT config: the preset, the overrides, and what the data and the text encoder fix.
-    pub fn gpt_config(&self, vocab: usize, grid: (usize, usize)) -> Result<GptConfig> {
-        let m = &self.model;
-        let mut c = GptConfig::preset(&m.preset)?;
-        c.vocab_size = vocab;
-        c.grid = grid;
-        c.caption_dim = self.text.dim;
-        c.caption_len = self.text.max_len;
-        if let Some(v) = m.n_layer {
-            c.n_layer = v;
-        }
-        if let Some(v) = m.n_head {
-            c.n_head = v;
-        }
-        if let Some(v) = m.dim {
-            c.dim = v;
-        }
-        if let Some(v) = m.n_instruct {
-            c.n_instruct = v;
-        }
-        if let Some(v) = m.index_embedding {
-            c.index_embedding = v;
-        }
-        if let Some(v) = m.itd {
-            c.itd = v;
-        }
-        if let Some(v) = m.cell_embedding {
-            c.cell_embedding = v;
-        }
-        if let Some(v) = m.max_refs {
-            c.max_refs = v;
-        }
-        if let Some(d) = m.dropout {
-            c.dropouts.token = d;
-            c.dropouts.resid = d;
-            c.dropouts.ffn = d;
-        }
-        c.validate()?;
-        Ok(c)
-    }
-}
+// The configuration and the binding loss under their former path.
+pub use super::binding::{binding_loss, Binding, BindingCells};
+pub use super::train_config::{ModelSection, TrainJobConfig};
 
 /// Everything a training run holds: the models and data (read by every step) and the
 /// optimisation state (changed by every step).
@@ -213,24 +61,6 @@ pub const PROBE_LOG: &str = "probe.jsonl";
 const TEXT_GROUP: &str = "text";
 const BINDING_GROUP: &str = "binding";
 
-fn load_cache(path: &Path) -> Result<Vec<CachedSample>> {
-    let reader = CacheReader::open(path)?;
-    if !reader.is_complete() {
-        return Err(Error::bad_file(path, "the code cache is incomplete; finish `tokenar data encode` first"));
-    }
-    let mut out = Vec::with_capacity(reader.len());
-    for i in 0..reader.len() {
-        let s = reader.get(i)?;
-        if !s.target.is_empty() {
-            out.push(s);
-        }
-    }
-    if out.is_empty() {
-        return Err(Error::bad_file(path, "the code cache holds no sample with a target"));
-    }
-    Ok(out)
-}
-
 impl TrainJob {
     /// Build (or, with `resume`, restore) a run; an old run in `cfg.out` is refused (see
     /// [`TrainJob::open`]).
@@ -244,22 +74,12 @@ impl TrainJob {
     pub fn open(cfg: TrainJobConfig, start: RunStart, device: &Device) -> Result<Self> {
         super::run_guard::prepare(&cfg, start)?;
         let resume = start.resume;
-        let samples = load_cache(&cfg.cache)?;
+        let samples = load_training_samples(&cfg.cache)?;
         let grid = samples[0].grid;
         let (vq, vq_vars) = tokenizer::load(&cfg.tokenizer, None, device)?;
         let vocab = vq.config().codebook_size;
         let gcfg = cfg.gpt_config(vocab, grid)?;
-        let max_refs = samples.iter().map(|s| s.refs.len()).max().unwrap_or(0);
-        if max_refs > gcfg.max_refs {
-            return Err(Error::invalid("model.max_refs", format!("the data has samples with {max_refs} references but the model supports {}", gcfg.max_refs)));
-        }
-        let mut buckets = vec![Vec::new(); gcfg.max_refs + 1];
-        for (i, s) in samples.iter().enumerate() {
-            if s.grid != grid {
-                return Err(Error::invalid("cache", format!("sample {} has grid {:?}, others {:?}", s.id, s.grid, grid)));
-            }
-            buckets[s.refs.len()].push(i);
-        }
+        let buckets = buckets_by_refs(&samples, gcfg.max_refs)?;
 
         let (gpt, gpt_vars) = model::build(&gcfg, device, cfg.seed)?;
         let prompts: Vec<&str> = samples.iter().map(|s| s.prompt.as_str()).collect();
@@ -351,6 +171,12 @@ impl TrainJob {
     }
 }
 
+impl<'a> From<&'a JobParts> for ProbeData<'a> {
+    fn from(parts: &'a JobParts) -> Self {
+        ProbeData { gpt: &parts.gpt, text: &parts.text, samples: &parts.samples }
+    }
+}
+
 fn group<'a>(state: &'a TrainState, name: &str) -> Result<&'a VarMap> {
     state
         .models
@@ -366,24 +192,10 @@ impl JobParts {
         EpochSampler::new(self.buckets.clone(), self.cfg.seed)
     }
 
-    /// Condition and target tensors for the given samples.
+    /// Condition and target tensors for the given samples ([`batch::batch`]).
     pub fn batch_tensors(&self, idx: &[usize], device: &Device) -> Result<(Condition, Tensor)> {
-        let b = idx.len();
-        let nr = self.samples[idx[0]].refs.len();
-        let hw = self.samples[idx[0]].background.len();
-        let refs: Vec<u32> = idx.iter().flat_map(|&i| self.samples[i].refs.iter().flatten().copied()).collect();
-        let bg: Vec<u32> = idx.iter().flat_map(|&i| self.samples[i].background.iter().copied()).collect();
-        let tg: Vec<u32> = idx.iter().flat_map(|&i| self.samples[i].target.iter().copied()).collect();
-        let prompts: Vec<String> = idx.iter().map(|&i| self.samples[i].prompt.clone()).collect();
         // `caption_len` is the encoder's `max_len` (see `gpt_config`), so the rows fit as they are.
-        let (text, mask) = self.text.encode(&prompts)?;
-        let cond = Condition::new(
-            Tensor::from_vec(refs, (b, nr, hw), device)?,
-            Tensor::from_vec(bg, (b, hw), device)?,
-            text,
-            Some(mask),
-        );
-        Ok((cond, Tensor::from_vec(tg, (b, hw), device)?))
+        batch::batch(&self.samples, idx, &self.text, device)
     }
 
     /// One training micro-step's loss on the samples `idx`; `draws[i]` makes sample i's CFG
@@ -537,106 +349,17 @@ impl JobParts {
 
 }
 
-/// The target cells the binding loss counts, gathered over a batch.
-pub struct BindingCells {
-    /// Row `b * h*w + cell` of each counted cell in the batch's (B * h*w) target positions.
-    pub rows: Vec<u32>,
-    /// Its subject (reference index).
-    pub labels: Vec<u32>,
-    /// Whether it is its subject's first cell in raster order.
-    pub first: Vec<bool>,
-    /// Whether it is its sample's first subject cell: the one decision generation makes
-    /// unaided (a later subject can be told by elimination from the cells already drawn).
-    pub decision: Vec<bool>,
-}
-
-impl BindingCells {
-    /// The cells a subject covers (`owners[b][cell]` = k + 1 for subject k): all of them
-    /// (`first` = 0) or each subject's first `first` cells in raster order; samples whose
-    /// images were dropped are left out.
-    pub fn select(owners: &[&[u8]], dropped: &[bool], hw: usize, first: usize) -> Result<Self> {
-        let mut c = Self { rows: Vec::new(), labels: Vec::new(), first: Vec::new(), decision: Vec::new() };
-        for (i, o) in owners.iter().enumerate() {
-            if dropped.get(i).copied().unwrap_or(false) {
-                continue;
-            }
-            if o.len() != hw {
-                return Err(Error::invalid("owner grid", format!("sample {i} has {} cells, the target {hw}", o.len())));
-            }
-            // Cells seen so far of each subject, and of any subject.
-            let mut seen = [0usize; 256];
-            let mut any = 0;
-            for (cell, &k) in o.iter().enumerate() {
-                if k > 0 {
-                    seen[k as usize] += 1;
-                    any += 1;
-                    if first == 0 || seen[k as usize] <= first {
-                        c.rows.push((i * hw + cell) as u32);
-                        c.labels.push(k as u32 - 1);
-                        c.first.push(seen[k as usize] == 1);
-                        c.decision.push(any == 1);
-                    }
-                }
-            }
-        }
-        Ok(c)
-    }
-}
-
-/// What [`binding_loss`] returns.
-pub struct Binding {
-    /// Mean cross-entropy over the counted cells (a scalar).
-    pub loss: Tensor,
-    /// Accuracy over the counted cells.
-    pub acc: f64,
-    /// Accuracy over each subject's first cell in raster order.
-    pub first_acc: f64,
-    /// Accuracy over each sample's first subject cell (see [`BindingCells::decision`]).
-    pub decision_acc: f64,
-}
-
-/// The binding loss: mean cross-entropy of the binding head's prediction (which reference)
-/// at the `cells`; `None` when there are none. `features`: (B, h*w, dim), the GPT's
-/// normalised features where it predicts each target token.
-pub fn binding_loss(features: &Tensor, w: &Tensor, bias: &Tensor, cells: &BindingCells) -> Result<Option<Binding>> {
-    let (b, hw, d) = features.dims3()?;
-    let n = cells.rows.len();
-    if n == 0 {
-        return Ok(None);
-    }
-    if let Some(r) = cells.rows.iter().find(|&&r| r as usize >= b * hw) {
-        return Err(Error::invalid("binding cells", format!("row {r} outside the {b} x {hw} target positions")));
-    }
-    let classes = w.dim(0)?;
-    if let Some(bad) = cells.labels.iter().find(|&&k| k as usize >= classes) {
-        return Err(Error::invalid("owner grid", format!("subject {bad} but the binding head has {classes} references")));
-    }
-    let dev = features.device();
-    let x = features.reshape((b * hw, d))?.index_select(&Tensor::from_vec(cells.rows.clone(), n, dev)?, 0)?;
-    let logits = x.matmul(&w.t()?)?.broadcast_add(bias)?;
-    let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-    let right: Vec<bool> = pred.iter().zip(&cells.labels).map(|(p, l)| p == l).collect();
-    let acc_over = |sel: &[bool]| {
-        let k = sel.iter().filter(|f| **f).count();
-        right.iter().zip(sel).filter(|(r, f)| **r && **f).count() as f64 / k.max(1) as f64
-    };
-    let acc = acc_over(&vec![true; n]);
-    let (first_acc, decision_acc) = (acc_over(&cells.first), acc_over(&cells.decision));
-    let loss = model::loss::cross_entropy(&logits, &Tensor::from_vec(cells.labels.clone(), n, dev)?)?;
-    Ok(Some(Binding { loss, acc, first_acc, decision_acc }))
-}
-
 /// Seeded initialisation of the built-in text encoder (so a run depends on its seed only):
 /// LayerNorm weights 1, biases 0, every matrix N(0, 0.02).
 fn init_text_encoder(vars: &VarMap, seed: u64) -> Result<()> {
-    model::load::init_vars(vars, seed, |name, dims, rng| {
+    crate::weights::builders::init_vars(vars, seed, |name, dims, rng| {
         let n: usize = dims.iter().product();
         if name.ends_with(".bias") {
             vec![0.0; n]
         } else if dims.len() == 1 {
             vec![1.0; n]
         } else {
-            (0..n).map(|_| model::load::normal(rng) * 0.02).collect()
+            (0..n).map(|_| crate::weights::builders::normal(rng) * 0.02).collect()
         }
     })
 }
@@ -669,6 +392,7 @@ impl Hooks for JobHooks<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::text::BuiltinConfig;
 
     #[test]
     fn text_encoder_init_is_seeded_with_unit_norms() {
@@ -689,69 +413,5 @@ mod tests {
             }
         }
         assert_ne!(build(2)["text_encoder.pos_embeddings"].to_vec2::<f32>().unwrap(), a["text_encoder.pos_embeddings"].to_vec2::<f32>().unwrap());
-    }
-
-    #[test]
-    fn binding_loss_counts_subject_cells_of_kept_samples() {
-        let dev = Device::Cpu;
-        // Two samples of 3 cells, dim 2; the head reads feature 0 as reference 0, feature 1
-        // as reference 1.
-        let f = Tensor::new(&[[[2f32, 0.], [0., 1.], [5., 5.]], [[0., 3.], [1., 0.], [1., 0.]]], &dev).unwrap();
-        let w = Tensor::new(&[[1f32, 0.], [0., 1.]], &dev).unwrap();
-        let bias = Tensor::new(&[0f32, 0.], &dev).unwrap();
-        let ce = |l: [f32; 2], k: usize| {
-            let m = l[0].max(l[1]);
-            (m + ((l[0] - m).exp() + (l[1] - m).exp()).ln() - l[k]) as f64
-        };
-        // Sample 0: cells owned by subject 0, subject 0 (wrongly predicted), none.
-        let owners: [&[u8]; 2] = [&[1, 1, 0], &[2, 0, 2]];
-        let value = |b: &Binding| b.loss.to_scalar::<f32>().unwrap() as f64;
-        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&owners, &[false, false], 3, 0).unwrap()).unwrap().unwrap();
-        let want = (ce([2., 0.], 0) + ce([0., 1.], 0) + ce([0., 3.], 1) + ce([1., 0.], 1)) / 4.0;
-        assert!((value(&bl) - want).abs() < 1e-6);
-        // Right: cells 0 of both samples (each its subject's first); wrong: sample 0 cell 1
-        // and sample 1 cell 2.
-        assert_eq!((bl.acc, bl.first_acc, bl.decision_acc), (0.5, 1.0, 1.0));
-        // Only each subject's first cell.
-        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&owners, &[false, false], 3, 1).unwrap()).unwrap().unwrap();
-        assert!((value(&bl) - (ce([2., 0.], 0) + ce([0., 3.], 1)) / 2.0).abs() < 1e-6);
-        assert_eq!((bl.acc, bl.first_acc), (1.0, 1.0));
-        // A sample whose images were dropped does not count.
-        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&owners, &[false, true], 3, 0).unwrap()).unwrap().unwrap();
-        assert!((value(&bl) - (ce([2., 0.], 0) + ce([0., 1.], 0)) / 2.0).abs() < 1e-6);
-        assert_eq!(bl.acc, 0.5);
-        // The decision is each sample's first subject cell: sample 1's (cell 0, right) and,
-        // with its first cell swapped to subject 0 (then predicted wrongly), none right.
-        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&[&[0, 0, 0], &[1, 0, 2]], &[false, false], 3, 0).unwrap()).unwrap().unwrap();
-        assert_eq!((bl.acc, bl.first_acc, bl.decision_acc), (0.0, 0.0, 0.0));
-        let bl = binding_loss(&f, &w, &bias, &BindingCells::select(&[&[0, 0, 0], &[2, 0, 1]], &[false, false], 3, 0).unwrap()).unwrap().unwrap();
-        assert_eq!((bl.acc, bl.first_acc, bl.decision_acc), (1.0, 1.0, 1.0));
-        assert!(binding_loss(&f, &w, &bias, &BindingCells::select(&[&[0, 0, 0], &[0, 0, 0]], &[false, false], 3, 0).unwrap()).unwrap().is_none());
-        // Bad owner grids are reported.
-        let e = BindingCells::select(&[&[1, 1], &[0, 0, 0]], &[false, false], 3, 0).err().unwrap();
-        assert!(e.to_string().contains("2 cells"), "{e}");
-        let e = binding_loss(&f, &w, &bias, &BindingCells::select(&[&[3, 0, 0], &[0, 0, 0]], &[false, false], 3, 0).unwrap()).err().unwrap();
-        assert!(e.to_string().contains("subject 2"), "{e}");
-    }
-
-    #[test]
-    fn shipped_config_parses_and_overrides_apply() {
-        let text = include_str!("../../configs/tokenar-builtin.toml");
-        let cfg = TrainJobConfig::from_toml(text, &[], Path::new("configs/tokenar-builtin.toml")).unwrap();
-        let g = cfg.gpt_config(1024, (8, 8)).unwrap();
-        assert!(g.itd && g.index_embedding && g.n_instruct > 0);
-        assert_eq!((g.caption_dim, g.caption_len), (cfg.text.dim, cfg.text.max_len));
-        let sets = vec!["model.itd=false".to_string(), "model.n_instruct=0".to_string(), "steps=7".to_string()];
-        let ab = TrainJobConfig::from_toml(text, &sets, Path::new("x.toml")).unwrap();
-        let g = ab.gpt_config(1024, (8, 8)).unwrap();
-        assert!(!g.itd && g.n_instruct == 0 && ab.steps == 7);
-        let binding = include_str!("../../configs/tokenar-binding.toml");
-        let bc = TrainJobConfig::from_toml(binding, &[], Path::new("configs/tokenar-binding.toml")).unwrap();
-        assert!(bc.binding_loss > 0.0 && bc.binding_first > 0 && bc.binding_token_loss > 0.0);
-        assert!(bc.gpt_config(1024, (8, 8)).unwrap().cell_embedding && !g.cell_embedding);
-        let e = TrainJobConfig::from_toml(text, &["model.colour=3".to_string()], Path::new("x.toml")).unwrap_err();
-        assert!(e.to_string().contains("colour"), "{e}");
-        let e = TrainJobConfig::from_toml(text, &["drop_text=0.99".to_string()], Path::new("x.toml")).unwrap_err();
-        assert!(e.to_string().contains("drop"), "{e}");
     }
 }

@@ -151,7 +151,7 @@ fn in_chunks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor
 /// gives the same weights).
 pub fn build(cfg: &VqConfig, device: &Device, seed: u64) -> Result<(Vq, VarMap)> {
     let varmap = VarMap::new();
-    let vq = Vq::new(cfg, crate::model::load::seeded_builder(&varmap, seed, DType::F32, device))?;
+    let vq = Vq::new(cfg, crate::weights::builders::seeded_builder(&varmap, seed, DType::F32, device))?;
     Ok((vq, varmap))
 }
 
@@ -205,7 +205,7 @@ pub fn load_file(file: &mut TensorFile, preset: Option<&str>, device: &Device) -
         .map_err(|e| Error::bad_file(&file.path, e.to_string()))?;
     // Every variable is loaded (strictly), so it starts as zeros instead of random draws.
     let varmap = VarMap::new();
-    let vq = Vq::new(&cfg, crate::model::load::zeros_builder(&varmap, DType::F32, device))?;
+    let vq = Vq::new(&cfg, crate::weights::builders::zeros_builder(&varmap, DType::F32, device))?;
     let opts = LoadOptions {
         ignore: IGNORED_KEYS.iter().map(|s| s.to_string()).collect(),
         strict_unexpected: true,

@@ -1,10 +1,12 @@
 //! Reduced-precision inference weights against f32: logits KL and top-1 agreement on a small
 //! model, and the reduced paths loading, converting and generating.
 
-use super::*;
 use crate::layout::Scheme;
-use crate::model::{build, load, Dropouts, Family};
+use crate::model::{build, load, Condition, Dropouts, Family, GptConfig, TokenAr};
+use crate::nn::WeightDtype;
 use crate::sample::{DecodePlan, ItdMode, SampleOptions, TokenModel};
+use candle_core::{DType, Device, Tensor};
+use rand::Rng as _;
 
 /// A small config whose linear layers have input widths in multiples of Q8_0's 32.
 fn small(scheme: Scheme) -> GptConfig {
@@ -47,7 +49,7 @@ fn spread_model(cfg: &GptConfig, seed: u64) -> candle_nn::VarMap {
         if v.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings") {
             let fan_in = v.dim(1).expect("dims") as f32;
             let std = if name == "output.weight" { 4.0 } else { 1.0 } / fan_in.sqrt();
-            let vals: Vec<f32> = (0..v.elem_count()).map(|_| std * load::normal(&mut rng)).collect();
+            let vals: Vec<f32> = (0..v.elem_count()).map(|_| std * crate::weights::builders::normal(&mut rng)).collect();
             v.set(&Tensor::from_vec(vals, v.dims(), &Device::Cpu).expect("tensor")).expect("set");
         }
     }
@@ -56,7 +58,7 @@ fn spread_model(cfg: &GptConfig, seed: u64) -> candle_nn::VarMap {
 }
 
 fn inference_model(cfg: &GptConfig, vm: &candle_nn::VarMap, dtype: WeightDtype) -> TokenAr {
-    let mut m = TokenAr::new(cfg, load::zeros_builder(vm, DType::F32, &Device::Cpu)).expect("model");
+    let mut m = TokenAr::new(cfg, crate::weights::builders::zeros_builder(vm, DType::F32, &Device::Cpu)).expect("model");
     m.convert_weights(dtype).expect("convert");
     m
 }
@@ -68,7 +70,7 @@ fn condition(cfg: &GptConfig, n_refs: usize, seed: u64) -> Condition {
     let codes = |n: usize, rng: &mut crate::util::Rng| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..v)).collect() };
     let refs = Tensor::from_vec(codes(n_refs * hw, &mut rng), (1, n_refs, hw), &Device::Cpu).expect("refs");
     let bg = Tensor::from_vec(codes(hw, &mut rng), (1, hw), &Device::Cpu).expect("bg");
-    let text: Vec<f32> = (0..cfg.caption_len * cfg.caption_dim).map(|_| load::normal(&mut rng)).collect();
+    let text: Vec<f32> = (0..cfg.caption_len * cfg.caption_dim).map(|_| crate::weights::builders::normal(&mut rng)).collect();
     let text = Tensor::from_vec(text, (1, cfg.caption_len, cfg.caption_dim), &Device::Cpu).expect("text");
     Condition::new(refs, bg, text, None)
 }

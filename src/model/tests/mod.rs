@@ -5,6 +5,8 @@ use crate::weights::{torch_zip, TensorFile};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng as _;
 
+mod dtype;
+
 /// A small configuration with every addition switched on.
 fn tiny(scheme: Scheme) -> GptConfig {
     GptConfig {
@@ -315,10 +317,11 @@ fn checkpoint_round_trips_reproduce_logits() {
 #[test]
 fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
     let full = tiny(Scheme::Tiles);
-    let plain = llamagen_t2i(full.clone());
+    let plain = full.without_additions();
     let (_, vm) = model(&plain, 1);
     let tensors = crate::weights::varmap_tensors(&vm);
     assert!(tensors.keys().all(|k| k == "tok_embeddings.weight" || k.starts_with("layers.") || k.starts_with("cls_embedding.") || k == "norm.weight" || k == "output.weight"));
+    assert!(tensors.keys().all(|k| !ADDITIONS.iter().any(|a| k.starts_with(a))));
     let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let pt = tmp("llamagen.pt");
     torch_zip::write_checkpoint(&pt, Some("model"), &named).unwrap();
@@ -330,6 +333,8 @@ fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
         fresh,
         vec!["alignment.bias", "alignment.weight", "cell_embeddings.weight", "img_uncond_embedding", "instruct_token_embeddings.weight", "ref_index_embeddings.weight"]
     );
+    // Each addition's parameters are fresh, and nothing else is.
+    assert!(ADDITIONS.iter().all(|a| fresh.iter().any(|f| f.starts_with(a))));
     assert_eq!(report.loaded.len(), tensors.len());
     // The shared weights were loaded; the fresh ones follow LlamaGen's rules (biases 0,
     // weights N(0, 0.02)), not the zeros the model is built with before loading.
@@ -366,24 +371,8 @@ fn llamagen_checkpoint_into_tokenar_reports_fresh_keys() {
 #[test]
 fn kv_cache_decoding_equals_full_forward_llamagen_and_editar() {
     let reference = Scheme::Reference { pad_to: None, quirk_index: false };
-    let t2i = llamagen_t2i(tiny(reference));
+    let t2i = tiny(reference).without_additions();
     check_cache_matches_full(&t2i, 0);
     let editar = GptConfig { family: Family::EditAr, background: true, img_uncond: true, ..t2i };
     check_cache_matches_full(&editar, 0);
-}
-
-/// `base` with every TokenAR/EditAR addition removed: a LlamaGen text-to-image config.
-fn llamagen_t2i(base: GptConfig) -> GptConfig {
-    GptConfig {
-        family: Family::LlamaGen,
-        max_refs: 0,
-        background: false,
-        n_instruct: 0,
-        index_embedding: false,
-        itd: false,
-        cell_embedding: false,
-        img_uncond: false,
-        align_dim: None,
-        ..base
-    }
 }

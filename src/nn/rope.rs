@@ -1,4 +1,5 @@
-//! 2D rotary position embedding as LlamaGen computes it.
+//! 2D rotary position embedding as LlamaGen computes it (the GPT's; the fused kernel with its
+//! backward pass is [`super::rope_interleaved`]).
 //!
 //! `head_dim / 2` interleaved pairs `(x[2k], x[2k+1])`; with `q = head_dim / 4` frequencies
 //! `f_k = 1 / base^(2k / (head_dim / 2))`, pairs `0..q` rotate by `row * f_k` and pairs
@@ -45,7 +46,7 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Re
     if !differentiable {
         return Ok(candle_nn::rotary_emb::rope_i(&x.contiguous()?, cos, sin)?);
     }
-    match crate::nn::rope_interleaved(x, cos, sin)? {
+    match super::rope_interleaved(x, cos, sin)? {
         Some(y) => Ok(y),
         None => apply_composed(x, cos, sin),
     }

@@ -1,74 +1,51 @@
-//! KV cache and the decoding session the sampler drives ([`TokenModel`]).
+//! The decoding session: [`TokenAr::start`] prefills the condition part of a sequence into a
+//! KV cache per layer ([`LayerCache`]) and hands a [`Session`] that the sampler drives through
+//! [`TokenModel`], feeding generated tokens at the positions the layout gives them.
 
+use super::condition::Condition;
 use super::gpt::{AttnInputs, Ctx, TokenAr};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::nn::CachedStep;
+use crate::nn::{rope, CachedStep, LayerCache};
 use crate::sample::TokenModel;
 use candle_core::{DType, Tensor};
 
-/// One layer's keys and values, preallocated; the first `len` positions are valid. Layout
-/// (rows, H, capacity, head_dim) for the composed attention ([`LayerCache::append`]), or
-/// (rows, H, head_dim, capacity) for the fused CPU attention ([`LayerCache::attend`]).
-pub struct LayerCache {
-    k: Tensor,
-    v: Tensor,
-    len: usize,
-    transposed: bool,
-}
-
-impl LayerCache {
-    /// A cache for the composed attention; `transposed`: for the fused CPU attention.
-    pub fn new(rows: usize, n_head: usize, capacity: usize, head_dim: usize, device: &candle_core::Device, transposed: bool) -> Result<Self> {
-        let shape = if transposed { (rows, n_head, head_dim, capacity) } else { (rows, n_head, capacity, head_dim) };
-        let z = || Tensor::zeros(shape, DType::F32, device);
-        Ok(Self { k: z()?, v: z()?, len: 0, transposed })
+impl TokenAr {
+    /// Prefill the conditions (with CFG: rows `[cond; uncond]`, the uncond rows using the
+    /// uncond text embedding) and return the decoding session and the logits (rows, V) of the
+    /// first generated token.
+    pub fn start(&self, cond: &Condition, cfg_guidance: bool) -> Result<(Session<'_>, Tensor)> {
+        self.start_with(cond, cfg_guidance, true)
     }
 
-    /// Append (rows, H, T, hd) keys and values; return all valid keys and values.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        if self.transposed {
-            return Err(Error::invalid("KV cache", "a cache laid out for the fused CPU attention was given to the composed one"));
+    /// [`TokenAr::start`] for `samples` samples of one condition (`cond` of batch 1): the
+    /// prefix is run once and its keys and values copied to every sample's rows
+    /// ([`Session::repeat_samples`]).
+    pub fn start_samples(&self, cond: &Condition, cfg_guidance: bool, samples: usize) -> Result<(Session<'_>, Tensor)> {
+        let b = cond.batch()?;
+        if b != 1 {
+            return Err(Error::invalid("condition", format!("batch of {b}; samples of one condition need a batch of 1")));
         }
-        let t = k.dim(2)?;
-        let cap = self.k.dim(2)?;
-        if self.len + t > cap {
-            return Err(Error::invalid("KV cache", format!("{} + {t} positions exceed the capacity {cap}", self.len)));
-        }
-        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
-        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
-        self.len += t;
-        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+        let (mut session, first) = self.start(cond, cfg_guidance)?;
+        let first = session.repeat_samples(samples, &first)?;
+        Ok((session, first))
     }
 
-    /// The fused CPU attention ([`crate::nn::cached_attention`]): appends the step's keys and
-    /// values from `qkv` and attends from its last `queries` positions. `None` for a cache
-    /// laid out for the composed attention (nothing appended).
-    pub fn attend(&mut self, qkv: &Tensor, heads: usize, scale: f64, step: &CachedStep, queries: usize) -> Result<Option<Tensor>> {
-        if !self.transposed {
-            return Ok(None);
-        }
-        if step.start != self.len {
-            return Err(Error::invalid("KV cache", format!("a step at position {} after {} cached positions", step.start, self.len)));
-        }
-        let y = crate::nn::cached_attention(qkv, &self.k, &self.v, heads, scale, step, queries)?;
-        if y.is_none() {
-            return Err(Error::invalid("KV cache", "the fused CPU attention does not apply to these tensors (not f32 on the CPU)"));
-        }
-        self.len += qkv.dim(1)?;
-        Ok(y)
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// [`TokenAr::start`]; `fused_attention: false` keeps the composed attention on the CPU
+    /// too (the path other devices take), so that tests can compare the two.
+    pub(crate) fn start_with(&self, cond: &Condition, cfg_guidance: bool, fused_attention: bool) -> Result<(Session<'_>, Tensor)> {
+        let layout = self.layout_for(cond)?;
+        let cond = if cfg_guidance { cond.with_uncond_rows()? } else { cond.clone() };
+        let rows = cond.batch()?;
+        let cfg = self.config();
+        let (cos, sin) = rope::tables(layout.rope_cells(), cfg.head_dim(), cfg.rope_base, self.device())?;
+        let keypad = self.key_padding(&cond, &layout, layout.total_len())?;
+        let x = self.embed_prefix(&cond, &layout)?;
+        let mut session = Session::new(self, layout, rows, (cos, sin, keypad), fused_attention)?;
+        let h = session.prefill(x)?;
+        let p = h.dim(1)?;
+        let logits = session.head(&h.narrow(1, p - 1, 1)?)?.squeeze(1)?;
+        Ok((session, logits))
     }
 }
 
@@ -142,8 +119,7 @@ impl<'m> Session<'m> {
         let index: Vec<u32> = (0..self.rows as u32).flat_map(|g| std::iter::repeat_n(g, samples)).collect();
         let idx = Tensor::new(index.as_slice(), first.device())?;
         for c in &mut self.caches {
-            c.k = c.k.index_select(&idx, 0)?;
-            c.v = c.v.index_select(&idx, 0)?;
+            c.select_rows(&idx)?;
         }
         self.keypad = self.keypad.as_ref().map(|k| k.index_select(&idx, 0)).transpose()?;
         if let Some(host) = &mut self.host {

@@ -186,6 +186,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             };
             let cfg = bench::bench_config(&a.preset, &o)?;
             bench::check_memory(&cfg, a.train_batch)?;
+            if a.train_batch == 0 {
+                // Inference only: the linear weights drawn and converted one at a time, never
+                // all in f32 (the same values as the f32 build of this seed).
+                let (model, _vars) = tokenar::weights::convert::build_seeded(&cfg, &device, a.seed, a.dtype)?;
+                opts.n_refs = a.refs.unwrap_or(cfg.max_refs.min(2));
+                let report = bench::run_inference(model, None, &opts)?;
+                return finish(&a, report, &cfg);
+            }
             built = tokenar::model::build(&cfg, &device, a.seed)?;
             (built.0, built.1, None)
         }
@@ -195,7 +203,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Some(c) => c.refs.len(),
         None => a.refs.unwrap_or(cfg.max_refs.min(2)),
     };
-    let mut report = bench::run_owned(model, varmap, text.as_ref(), &opts)?;
+    let report = bench::run_owned(model, varmap, text.as_ref(), &opts)?;
+    finish(&a, report, &cfg)
+}
+
+/// The PyTorch comparison (with --torch), then the table and the JSON report.
+fn finish(a: &BenchArgs, mut report: bench::BenchReport, cfg: &tokenar::model::GptConfig) -> anyhow::Result<()> {
     if a.torch {
         let t = TorchArgs { python: a.python.clone(), script: a.torch_script.clone(), threads: report.threads, repeat: a.repeat, warmup: a.warmup, seed: a.seed };
         bench::run_torch(&mut report, &t, cfg.caption_len, cfg.caption_dim)?;

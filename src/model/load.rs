@@ -36,7 +36,7 @@ pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
 }
 
 /// LlamaGen's initial value of the variable `name` of shape `dims` (see [`init_weights`]).
-fn llamagen_init(name: &str, dims: &[usize], rng: &mut crate::util::Rng) -> Vec<f32> {
+pub(crate) fn llamagen_init(name: &str, dims: &[usize], rng: &mut crate::util::Rng) -> Vec<f32> {
     let n: usize = dims.iter().product();
     let width = *dims.last().unwrap_or(&1) as f32;
     if name.ends_with("norm.weight") {

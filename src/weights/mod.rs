@@ -6,6 +6,7 @@
 //! reference checkpoint keys; loading a checkpoint is then "set each variable from the file",
 //! which is where missing keys, shape mismatches and unknown keys are reported.
 
+pub mod convert;
 pub mod pickle;
 pub mod torch_zip;
 

@@ -463,9 +463,6 @@ pub fn run_inference(model: TokenAr, text: Option<&Tensor>, o: &BenchOptions) ->
     if o.train_batch > 0 {
         return Err(Error::invalid("--train-batch", "a model built for inference cannot time a training step"));
     }
-    if model.weight_dtype() != o.dtype {
-        return Err(Error::invalid("--dtype", format!("the model's weights are {}, {} asked for", model.weight_dtype(), o.dtype)));
-    }
     measure(Views { inference: model, trainable: None }, text, o)
 }
 

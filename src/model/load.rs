@@ -18,7 +18,7 @@ pub const CONFIG_KEY: &str = "tokenar.gpt_config";
 pub const ADDITIONS: [&str; 5] = ["ref_index_embeddings.", "instruct_token_embeddings.", "alignment.", "img_uncond_embedding", "cell_embeddings."];
 
 /// Non-parameter entries some reference checkpoints carry; ignored.
-const IGNORED: [&str; 2] = ["freqs_cis", "causal_mask"];
+pub(crate) const IGNORED: [&str; 2] = ["freqs_cis", "causal_mask"];
 
 /// Build a fresh model with a `VarMap` (seeded with [`init_weights`]).
 pub fn build(cfg: &GptConfig, device: &Device, seed: u64) -> Result<(TokenAr, VarMap)> {

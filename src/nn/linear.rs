@@ -390,22 +390,32 @@ fn rows_product(x: &[f32], n: usize, w: Rows, dout: usize, din: usize) -> candle
         return Ok(y);
     }
     let mut y = vec![0f32; n * dout];
-    let mut wide = Vec::new();
-    let w32: &[f32] = match w {
-        Rows::F32(w) => w,
-        _ => {
-            wide.resize(dout * din, 0f32);
-            wide.par_chunks_mut(din).enumerate().for_each(|(o, dst)| {
-                // `row` writes into its scratch, here the destination row itself.
-                w.row(o, din, dst);
-            });
-            &wide
+    if let Rows::F32(w32) = w {
+        // y = x w^T: w^T (in x out) is w read with row stride 1, column stride in.
+        mm(n, dout, din, &mut y, x, din, 1, w32, 1, din)?;
+        return Ok(y);
+    }
+    // A reduced weight is widened a block of output rows at a time (never the whole weight in
+    // f32: GPT-XL's largest is 80 MiB), each block's columns of y computed by gemm.
+    let block = WIDEN_BLOCK.min(dout);
+    let mut wide = vec![0f32; block * din];
+    let mut part = vec![0f32; n * block];
+    for o0 in (0..dout).step_by(block) {
+        let rows = block.min(dout - o0);
+        wide[..rows * din].par_chunks_mut(din).enumerate().for_each(|(o, dst)| {
+            // `row` writes into its scratch, here the destination row itself.
+            w.row(o0 + o, din, dst);
+        });
+        mm(n, rows, din, &mut part[..n * rows], x, din, 1, &wide[..rows * din], 1, din)?;
+        for (r, src) in part[..n * rows].chunks_exact(rows).enumerate() {
+            y[r * dout + o0..r * dout + o0 + rows].copy_from_slice(src);
         }
-    };
-    // y = x w^T: w^T (in x out) is w read with row stride 1, column stride in.
-    mm(n, dout, din, &mut y, x, din, 1, w32, 1, din)?;
+    }
     Ok(y)
 }
+
+/// Output rows of a reduced weight widened to f32 at a time for gemm (many rows).
+const WIDEN_BLOCK: usize = 512;
 
 impl CustomOp2 for DenseProduct {
     fn name(&self) -> &'static str {
@@ -454,4 +464,27 @@ fn quant_forward(x: &Tensor, q: &QTensor) -> Result<Tensor> {
         }
     };
     Ok(Tensor::from_vec(y, (n, dout), x.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Many rows through a reduced weight wider than one widening block (600 outputs): the
+    /// product of the weight's own values (as widened to f32), every block in its place.
+    #[test]
+    fn many_rows_through_reduced_weights_match_the_widened_product() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (600, 64), &dev).expect("w");
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).expect("x");
+        for dtype in [WeightDtype::Bf16, WeightDtype::Q8_0] {
+            let q = Weight::from_f32(&w, dtype).expect("convert");
+            let want = x.reshape((6, 64)).expect("r").matmul(&q.to_f32().expect("f32").t().expect("t")).expect("mm");
+            let got = q.forward(&x).expect("forward");
+            assert_eq!(got.dims(), [2, 3, 600]);
+            let d = (got.reshape((6, 600)).expect("r") - want).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("s");
+            assert!(d < 1e-3, "{dtype}: {d}");
+        }
+    }
 }

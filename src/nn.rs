@@ -910,7 +910,7 @@ mod tests {
         let e = q.tensor().unwrap_err().to_string();
         assert!(e.contains("inference only"), "{e}");
         assert_eq!("Q8_0".parse::<WeightDtype>().unwrap(), WeightDtype::Q8_0);
-        assert!("int4".parse::<WeightDtype>().unwrap_err().contains("expected f32, bf16, f16 or q8_0"));
+        assert!("int4".parse::<WeightDtype>().unwrap_err().contains("expected f32, bf16, f16, q8_0 or q4_k"));
     }
 
     #[test]

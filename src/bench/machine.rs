@@ -13,7 +13,8 @@ pub struct Isa {
     pub gemm_f32: String,
     /// This project's few-row products and attention kernels (`vmath`): the same choice.
     pub vmath: String,
-    /// candle's Q8_0 dot products: "avx2+fma" or "baseline" (they have no AVX-512 path).
+    /// The Q8_0 few-row products: "avx512vnni" (this project's integer kernel), else candle's
+    /// block dot products, "avx2+fma" or "baseline".
     pub q8_0: String,
     /// f16 weights are widened with F16C where the CPU has it.
     pub f16c: bool,
@@ -28,7 +29,9 @@ pub fn isa() -> Isa {
         let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
         let vl = avx512 && std::is_x86_feature_detected!("avx512vl") && std::is_x86_feature_detected!("fma");
         let pick = |wide: bool| if wide { "avx512f" } else if avx2 { "avx2+fma" } else { "baseline" }.to_string();
-        Isa { gemm_f32: pick(avx512), vmath: pick(vl), q8_0: if avx2 { "avx2+fma" } else { "baseline" }.into(), f16c: std::is_x86_feature_detected!("f16c") }
+        let vnni = avx2 && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("f16c");
+        let q8_0 = if avx512 && vnni { "avx512vnni" } else if avx2 { "avx2+fma" } else { "baseline" };
+        Isa { gemm_f32: pick(avx512), vmath: pick(vl), q8_0: q8_0.into(), f16c: std::is_x86_feature_detected!("f16c") }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -451,6 +451,15 @@ pub fn run_owned(model: TokenAr, varmap: VarMap, text: Option<&Tensor>, o: &Benc
     measure(views, text, o)
 }
 
+/// Every inference measurement on `model` as it is (its weights already in `o.dtype`, e.g.
+/// from [`crate::weights::convert::build_seeded`]); no training step.
+pub fn run_inference(model: TokenAr, text: Option<&Tensor>, o: &BenchOptions) -> Result<BenchReport> {
+    if o.train_batch > 0 {
+        return Err(Error::invalid("--train-batch", "a model built for inference cannot time a training step"));
+    }
+    measure(Views { inference: model, trainable: None }, text, o)
+}
+
 fn measure(views: Views, text: Option<&Tensor>, o: &BenchOptions) -> Result<BenchReport> {
     let load_start = loadavg();
     let model = &views.inference;

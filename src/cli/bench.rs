@@ -63,9 +63,10 @@ pub struct BenchArgs {
     /// Decoding steps timed.
     #[arg(long, default_value_t = 64)]
     decode: usize,
-    /// ITD modes timed per image (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "off,naive,forced,exact")]
-    itd: Vec<ItdMode>,
+    /// ITD modes timed per image (comma-separated), or `none` (no whole image: at GPT-XL
+    /// sizes one image takes minutes).
+    #[arg(long, value_delimiter = ',', default_value = "off,naive,forced,exact", value_parser = parse_itd)]
+    itd: Vec<Option<ItdMode>>,
     /// Training batch (0: skip the training step; at most 256).
     #[arg(long, default_value_t = 4)]
     train_batch: usize,
@@ -108,6 +109,14 @@ pub struct BenchArgs {
     dtype: tokenar::nn::WeightDtype,
 }
 
+/// An ITD mode, or `none` (`None`).
+fn parse_itd(s: &str) -> Result<Option<ItdMode>, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    s.parse::<ItdMode>().map(Some).map_err(|e| e.to_string())
+}
+
 fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
     let parse = |x: &str| x.trim().parse::<usize>().with_context(|| format!("--grid `{s}`: expected N or RxC"));
     match s.split_once(['x', 'X']) {
@@ -130,7 +139,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         label: a.preset.clone(),
         n_refs: 0,
         decode_steps: a.decode,
-        itd_modes: a.itd.clone(),
+        itd_modes: a.itd.iter().flatten().copied().collect(),
         train_batch: a.train_batch,
         repeat: a.repeat,
         warmup: a.warmup,
@@ -147,7 +156,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let built;
     let (model, varmap, text) = match &a.weights {
         Some(dir) => {
-            let hints = LoadHints { preset: a.weights_preset.clone(), tokenizer_preset: None };
+            let hints = LoadHints { preset: a.weights_preset.clone(), tokenizer_preset: None, ..Default::default() };
             bundle = Bundle::load(dir, &hints, &device).with_context(|| format!("loading {}", dir.display()))?;
             let caption_len = bundle.gpt.config().caption_len;
             let (feats, _mask) = bundle.text.encode(std::slice::from_ref(&a.prompt), caption_len)?;
@@ -186,6 +195,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             };
             let cfg = bench::bench_config(&a.preset, &o)?;
             bench::check_memory(&cfg, a.train_batch)?;
+            if a.train_batch == 0 {
+                // Inference only: the linear weights drawn and converted one at a time, never
+                // all in f32 (the same values as the f32 build of this seed).
+                let (model, _vars) = tokenar::weights::convert::build_seeded(&cfg, &device, a.seed, a.dtype)?;
+                opts.n_refs = a.refs.unwrap_or(cfg.max_refs.min(2));
+                let report = bench::run_inference(model, None, &opts)?;
+                return finish(&a, report, &cfg);
+            }
             built = tokenar::model::build(&cfg, &device, a.seed)?;
             (built.0, built.1, None)
         }
@@ -195,7 +212,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Some(c) => c.refs.len(),
         None => a.refs.unwrap_or(cfg.max_refs.min(2)),
     };
-    let mut report = bench::run_owned(model, varmap, text.as_ref(), &opts)?;
+    let report = bench::run_owned(model, varmap, text.as_ref(), &opts)?;
+    finish(&a, report, &cfg)
+}
+
+/// The PyTorch comparison (with --torch), then the table and the JSON report.
+fn finish(a: &BenchArgs, mut report: bench::BenchReport, cfg: &tokenar::model::GptConfig) -> anyhow::Result<()> {
     if a.torch {
         let t = TorchArgs { python: a.python.clone(), script: a.torch_script.clone(), threads: report.threads, repeat: a.repeat, warmup: a.warmup, seed: a.seed };
         bench::run_torch(&mut report, &t, cfg.caption_len, cfg.caption_dim)?;

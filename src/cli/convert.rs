@@ -16,7 +16,7 @@ pub struct ConvertArgs {
     /// Architecture preset for a reference checkpoint (e.g. XL, tokenar-xl).
     #[arg(long)]
     preset: Option<String>,
-    /// f32, bf16 or f16. (q8_0 is made at load time: `--dtype q8_0` on generate, serve, bench.)
+    /// f32, bf16 or f16. (q8_0 and q4_k are made at load time: `--dtype` on generate, serve, bench, eval.)
     #[arg(long)]
     dtype: WeightDtype,
     /// The safetensors file to write (atomically).
@@ -26,8 +26,10 @@ pub struct ConvertArgs {
 
 pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
     let dtype = match a.dtype {
-        WeightDtype::Q8_0 => anyhow::bail!(
-            "--dtype q8_0: checkpoint files hold f32, bf16 or f16; 8-bit weights are made when loading (--dtype q8_0 on generate, serve, bench)"
+        WeightDtype::Q8_0 | WeightDtype::Q4K => anyhow::bail!(
+            "--dtype {}: checkpoint files hold f32, bf16 or f16; quantized weights are made when loading (--dtype {} on generate, serve, bench, eval)",
+            a.dtype,
+            a.dtype
         ),
         WeightDtype::F32 => candle_core::DType::F32,
         WeightDtype::Bf16 => candle_core::DType::BF16,

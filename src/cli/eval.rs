@@ -93,6 +93,10 @@ struct ModelArgs {
     model: Option<PathBuf>,
     #[command(flatten)]
     sampling: super::SamplingArgs,
+    /// Inference weights of the GPT's linear layers: f32, bf16, f16, q8_0 or q4_k (converted
+    /// at load time).
+    #[arg(long, default_value = "f32")]
+    dtype: tokenar::nn::WeightDtype,
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -224,7 +228,17 @@ fn score_model(a: ScoreArgs) -> anyhow::Result<()> {
     let m = &a.model;
     let model = m.model.clone().unwrap_or_default();
     let device = tokenar::util::best_device();
-    let bundle = if model.as_os_str() == "builtin" { Bundle::builtin(&device)? } else { Bundle::load(&model, &Default::default(), &device)? };
+    let mut bundle = if model.as_os_str() == "builtin" {
+        let mut b = Bundle::builtin(&device)?;
+        b.gpt.convert_weights(m.dtype)?;
+        b
+    } else {
+        Bundle::load(&model, &tokenar::pipeline::bundle::LoadHints { dtype: m.dtype, ..Default::default() }, &device)?
+    };
+    if m.dtype != tokenar::nn::WeightDtype::F32 {
+        // The converted model holds the only copy of its weights.
+        bundle.gpt_vars = candle_nn::VarMap::new();
+    }
     let (specs, built) = build_metrics(a.weights, a.metrics.as_deref())?;
     let name = a.name.unwrap_or_else(|| model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
     let out = a.out.unwrap_or_else(|| PathBuf::from("eval").join(&name));

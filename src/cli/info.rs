@@ -308,7 +308,7 @@ fn list(dir: &Path, depth: usize) -> Result<Listing> {
 
 pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     let device = candle_core::Device::Cpu;
-    let hints = LoadHints { preset: a.preset.clone(), tokenizer_preset: a.tokenizer_preset.clone() };
+    let hints = LoadHints { preset: a.preset.clone(), tokenizer_preset: a.tokenizer_preset.clone(), ..Default::default() };
     let bundle = match &a.weights {
         None => Bundle::builtin(&device)?,
         Some(p) if p.is_dir() => {

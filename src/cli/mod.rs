@@ -88,14 +88,17 @@ impl ModelArgs {
         let device = tokenar::util::device(self.gpu)?;
         let bundle = match &self.weights {
             Some(dir) => {
-                let hints = tokenar::pipeline::bundle::LoadHints { preset: self.preset.clone(), tokenizer_preset: self.tokenizer_preset.clone() };
+                let hints = tokenar::pipeline::bundle::LoadHints { preset: self.preset.clone(), tokenizer_preset: self.tokenizer_preset.clone(), dtype: self.dtype };
                 tokenar::pipeline::Bundle::load_with_grid(dir, &hints, self.grid, &device)?
             }
             None => tokenar::pipeline::Bundle::builtin(&device)?,
         };
         let mut bundle = bundle;
         if self.dtype != tokenar::nn::WeightDtype::F32 {
-            bundle.gpt.convert_weights(self.dtype)?;
+            // A bundle folder's GPT was converted while loading; the built-in model is here.
+            if self.weights.is_none() {
+                bundle.gpt.convert_weights(self.dtype)?;
+            }
             // The model now holds the only copy of the converted weights: the f32 variables go.
             bundle.gpt_vars = candle_nn::VarMap::new();
         }

@@ -590,6 +590,23 @@ impl TokenAr {
         Ok(())
     }
 
+    /// Every linear weight that [`TokenAr::convert_weights`] converts, with its variable name
+    /// (loaders set them one at a time, each converted as it is read).
+    pub fn linear_weights_mut(&mut self) -> Vec<(String, &mut Weight)> {
+        let mut out = Vec::with_capacity(5 * self.layers.len() + 1);
+        for (i, b) in self.layers.iter_mut().enumerate() {
+            let a = format!("layers.{i}.attention");
+            let f = format!("layers.{i}.feed_forward");
+            out.push((format!("{a}.wqkv.weight"), &mut b.wqkv));
+            out.push((format!("{a}.wo.weight"), &mut b.wo));
+            out.push((format!("{f}.w1.weight"), &mut b.w1));
+            out.push((format!("{f}.w2.weight"), &mut b.w2));
+            out.push((format!("{f}.w3.weight"), &mut b.w3));
+        }
+        out.push(("output.weight".to_string(), &mut self.output));
+        out
+    }
+
     /// Whether a variable is one of the linear layers' weights that
     /// [`TokenAr::convert_weights`] stores in a reduced dtype (block projections, output head).
     pub fn is_linear_weight(name: &str) -> bool {

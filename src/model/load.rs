@@ -20,7 +20,7 @@ pub const CONFIG_KEY: &str = "tokenar.gpt_config";
 pub use super::config::ADDITIONS;
 
 /// Non-parameter entries some reference checkpoints carry; ignored.
-const IGNORED: [&str; 2] = ["freqs_cis", "causal_mask"];
+pub(crate) const IGNORED: [&str; 2] = ["freqs_cis", "causal_mask"];
 
 // The generic builders under their former path.
 pub use crate::weights::builders::{init_vars, normal, seeded_builder, zeros_builder};
@@ -41,7 +41,7 @@ pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
 }
 
 /// LlamaGen's initial value of the variable `name` of shape `dims` (see [`init_weights`]).
-fn llamagen_init(name: &str, dims: &[usize], rng: &mut crate::util::Rng) -> Vec<f32> {
+pub(crate) fn llamagen_init(name: &str, dims: &[usize], rng: &mut crate::util::Rng) -> Vec<f32> {
     let n: usize = dims.iter().product();
     let width = *dims.last().unwrap_or(&1) as f32;
     if name.ends_with("norm.weight") {

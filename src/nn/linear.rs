@@ -7,6 +7,8 @@
 //! step. Here the op reads the activations and the weight where they lie and its backward
 //! pass is two matrix products.
 
+mod quant;
+
 use super::rows_of;
 use crate::error::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -141,8 +143,10 @@ const PARALLEL_MIN_WEIGHT: usize = 1 << 15;
 const OUTPUT_BLOCK: usize = 64;
 
 /// How inference weights are stored: the trained f32, 16-bit floats (bf16 keeps f32's range,
-/// f16 keeps 3 more mantissa bits), or 8-bit blocks (ggml's Q8_0: 32 values of i8 and one f16
-/// scale, 8.5 bits per value). Activations stay f32 throughout.
+/// f16 keeps 3 more mantissa bits), 8-bit blocks (ggml's Q8_0: 32 values of i8 and one f16
+/// scale, 8.5 bits per value), or 4-bit k-quant super-blocks (ggml's Q4_K: 256 values of 4
+/// bits in 8 groups with 6-bit scales and minimums, 4.5 bits per value; a weight whose input
+/// width is not a multiple of 256 is stored as Q8_0 instead). Activations stay f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightDtype {
     #[default]
@@ -150,10 +154,11 @@ pub enum WeightDtype {
     Bf16,
     F16,
     Q8_0,
+    Q4K,
 }
 
 impl WeightDtype {
-    pub const ALL: [WeightDtype; 4] = [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16, WeightDtype::Q8_0];
+    pub const ALL: [WeightDtype; 5] = [WeightDtype::F32, WeightDtype::Bf16, WeightDtype::F16, WeightDtype::Q8_0, WeightDtype::Q4K];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -161,6 +166,7 @@ impl WeightDtype {
             Self::Bf16 => "bf16",
             Self::F16 => "f16",
             Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
         }
     }
 
@@ -170,7 +176,17 @@ impl WeightDtype {
             Self::F32 => Some(DType::F32),
             Self::Bf16 => Some(DType::BF16),
             Self::F16 => Some(DType::F16),
-            Self::Q8_0 => None,
+            Self::Q8_0 | Self::Q4K => None,
+        }
+    }
+
+    /// The ggml block format of a quantized kind for a weight `in_width` values wide.
+    fn ggml(self, in_width: usize) -> Option<GgmlDType> {
+        match self {
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Q4K if in_width % GgmlDType::Q4K.block_size() == 0 => Some(GgmlDType::Q4K),
+            Self::Q4K => Some(GgmlDType::Q8_0),
+            _ => None,
         }
     }
 }
@@ -189,7 +205,8 @@ impl std::str::FromStr for WeightDtype {
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "float16" | "half" => Ok(Self::F16),
             "q8_0" | "q8" | "int8" | "8bit" => Ok(Self::Q8_0),
-            _ => Err(format!("unknown weight dtype `{s}` (expected f32, bf16, f16 or q8_0)")),
+            "q4_k" | "q4k" | "4bit" => Ok(Self::Q4K),
+            _ => Err(format!("unknown weight dtype `{s}` (expected f32, bf16, f16, q8_0 or q4_k)")),
         }
     }
 }
@@ -216,6 +233,7 @@ impl Weight {
             Self::Dense(w) if w.dtype() == DType::BF16 => WeightDtype::Bf16,
             Self::Dense(w) if w.dtype() == DType::F16 => WeightDtype::F16,
             Self::Dense(_) => WeightDtype::F32,
+            Self::Quantized(q) if q.dtype() == GgmlDType::Q4K => WeightDtype::Q4K,
             Self::Quantized(_) => WeightDtype::Q8_0,
         }
     }
@@ -245,31 +263,39 @@ impl Weight {
     }
 
     /// This weight stored as `dtype` (from f32 values; a reduced weight is widened first).
-    /// Q8_0 needs the input width to be a multiple of its block of 32 values.
+    /// Q8_0 needs the input width to be a multiple of its block of 32 values; Q4_K falls back
+    /// to Q8_0 where it is not a multiple of 256.
     pub fn convert(&self, dtype: WeightDtype) -> Result<Weight> {
         if self.dtype() == dtype {
             return Ok(self.clone());
         }
-        let w = self.to_f32()?;
-        match dtype.dense() {
-            Some(d) => Ok(Self::Dense(w.to_dtype(d)?)),
-            None => {
-                let (out, inp) = w.dims2()?;
-                let block = GgmlDType::Q8_0.block_size();
+        Self::from_f32(&self.to_f32()?, dtype)
+    }
+
+    /// An f32 `(out, in)` tensor stored as `dtype` (see [`Weight::convert`]).
+    pub fn from_f32(w: &Tensor, dtype: WeightDtype) -> Result<Weight> {
+        let (out, inp) = w.dims2()?;
+        match (dtype.dense(), dtype.ggml(inp)) {
+            (Some(DType::F32), _) => Ok(Self::Dense(w.to_dtype(DType::F32)?)),
+            (Some(d), _) => Ok(Self::Dense(w.to_dtype(d)?)),
+            (None, Some(g)) => {
+                let block = g.block_size();
                 if inp % block != 0 {
-                    return Err(crate::error::Error::invalid("weights", format!("a ({out}, {inp}) weight cannot be stored as q8_0: its input width is not a multiple of {block}")));
+                    return Err(crate::error::Error::invalid("weights", format!("a ({out}, {inp}) weight cannot be stored as {dtype}: its input width is not a multiple of {block}")));
                 }
-                Ok(Self::Quantized(std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?)))
+                Ok(Self::Quantized(std::sync::Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, g)?)))
             }
+            (None, None) => Err(crate::error::Error::invalid("weights", format!("no storage for {dtype}"))),
         }
     }
 
     /// `x @ w^T` over the last dimension of `x` (f32, `(..., in)`) -> f32 `(..., out)`, for
     /// inference (no gradient). On the CPU, up to [`FEW_ROWS`] rows read the weight once, row
     /// by row, widening bf16/f16 on the fly (a decoding step is bound by reading the weights);
-    /// more rows go through gemm (a 16-bit or 8-bit weight widened to f32 first). Q8_0 weights
-    /// are read in place from candle's blocks (its own quantized kernels, whose thread pool
-    /// spins, serve other devices).
+    /// more rows go through gemm (a 16-bit or 8-bit weight widened to f32 first). Quantized
+    /// weights are read in place from candle's blocks, a few rows by integer dot products
+    /// against the rows quantized likewise (`quant`); candle's own quantized matmul, whose
+    /// thread pool spins, serves other devices.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (dout, din) = self.dims()?;
@@ -281,7 +307,7 @@ impl Weight {
         let y = match self {
             Self::Dense(w) if x.device().is_cpu() && x.dtype() == DType::F32 => x2.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &DenseProduct)?,
             Self::Dense(w) => x2.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())?,
-            Self::Quantized(q) if x.device().is_cpu() && x.dtype() == DType::F32 && q.dtype() == GgmlDType::Q8_0 => q8_forward(&x2, q)?,
+            Self::Quantized(q) if x.device().is_cpu() && x.dtype() == DType::F32 && matches!(q.dtype(), GgmlDType::Q8_0 | GgmlDType::Q4K) => quant_forward(&x2, q)?,
             Self::Quantized(q) => {
                 use candle_core::Module;
                 QMatMul::from_arc(q.clone())?.forward(&x2.contiguous()?)?
@@ -305,8 +331,7 @@ enum Rows<'a> {
 }
 
 /// Bytes of one Q8_0 block (f16 scale, 32 i8 values) and the values it holds.
-const Q8_BLOCK_BYTES: usize = 34;
-const Q8_BLOCK: usize = 32;
+use quant::{Q8_BLOCK, Q8_BLOCK_BYTES};
 
 impl<'a> Rows<'a> {
     /// Row `o` of `din` values as f32: the storage itself for f32, else widened into `scratch`.
@@ -365,22 +390,32 @@ fn rows_product(x: &[f32], n: usize, w: Rows, dout: usize, din: usize) -> candle
         return Ok(y);
     }
     let mut y = vec![0f32; n * dout];
-    let mut wide = Vec::new();
-    let w32: &[f32] = match w {
-        Rows::F32(w) => w,
-        _ => {
-            wide.resize(dout * din, 0f32);
-            wide.par_chunks_mut(din).enumerate().for_each(|(o, dst)| {
-                // `row` writes into its scratch, here the destination row itself.
-                w.row(o, din, dst);
-            });
-            &wide
+    if let Rows::F32(w32) = w {
+        // y = x w^T: w^T (in x out) is w read with row stride 1, column stride in.
+        mm(n, dout, din, &mut y, x, din, 1, w32, 1, din)?;
+        return Ok(y);
+    }
+    // A reduced weight is widened a block of output rows at a time (never the whole weight in
+    // f32: GPT-XL's largest is 80 MiB), each block's columns of y computed by gemm.
+    let block = WIDEN_BLOCK.min(dout);
+    let mut wide = vec![0f32; block * din];
+    let mut part = vec![0f32; n * block];
+    for o0 in (0..dout).step_by(block) {
+        let rows = block.min(dout - o0);
+        wide[..rows * din].par_chunks_mut(din).enumerate().for_each(|(o, dst)| {
+            // `row` writes into its scratch, here the destination row itself.
+            w.row(o0 + o, din, dst);
+        });
+        mm(n, rows, din, &mut part[..n * rows], x, din, 1, &wide[..rows * din], 1, din)?;
+        for (r, src) in part[..n * rows].chunks_exact(rows).enumerate() {
+            y[r * dout + o0..r * dout + o0 + rows].copy_from_slice(src);
         }
-    };
-    // y = x w^T: w^T (in x out) is w read with row stride 1, column stride in.
-    mm(n, dout, din, &mut y, x, din, 1, w32, 1, din)?;
+    }
     Ok(y)
 }
+
+/// Output rows of a reduced weight widened to f32 at a time for gemm (many rows).
+const WIDEN_BLOCK: usize = 512;
 
 impl CustomOp2 for DenseProduct {
     fn name(&self) -> &'static str {
@@ -405,16 +440,51 @@ impl CustomOp2 for DenseProduct {
     }
 }
 
-/// [`rows_product`] over a Q8_0 weight on the CPU (its blocks read in place).
-fn q8_forward(x: &Tensor, q: &QTensor) -> Result<Tensor> {
+/// `x (n, in) @ w^T` for a Q8_0 or Q4_K weight on the CPU, its blocks read in place: up to
+/// [`FEW_ROWS`] rows by integer block dot products (`quant`), more by gemm on the weight
+/// widened to f32.
+fn quant_forward(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     let (dout, din) = q.shape().dims2()?;
     let (n, _) = x.dims2()?;
     let data = q.data()?;
-    if data.len() != dout * din / Q8_BLOCK * Q8_BLOCK_BYTES || din % Q8_BLOCK != 0 {
-        return Err(crate::error::Error::invalid("linear", format!("a q8_0 weight of {} bytes for ({dout}, {din})", data.len())));
-    }
     let x = x.contiguous()?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let y = rows_product(&xs, n, Rows::Q8(&data), dout, din)?;
+    let y = match q.dtype() {
+        GgmlDType::Q8_0 if data.len() != dout * din / Q8_BLOCK * Q8_BLOCK_BYTES || din % Q8_BLOCK != 0 => {
+            return Err(crate::error::Error::invalid("linear", format!("a q8_0 weight of {} bytes for ({dout}, {din})", data.len())));
+        }
+        GgmlDType::Q8_0 if n <= FEW_ROWS => quant::q8_0_rows(&xs, n, &data, dout, din, quant::Kernel::best())?,
+        GgmlDType::Q8_0 => rows_product(&xs, n, Rows::Q8(&data), dout, din)?,
+        _ if n <= FEW_ROWS => quant::q4k_rows(&xs, n, &data, dout, din)?,
+        _ => {
+            let w = q.dequantize(x.device())?.flatten_all()?.to_vec1::<f32>()?;
+            let mut y = vec![0f32; n * dout];
+            mm(n, dout, din, &mut y, &xs, din, 1, &w, 1, din)?;
+            y
+        }
+    };
     Ok(Tensor::from_vec(y, (n, dout), x.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Many rows through a reduced weight wider than one widening block (600 outputs): the
+    /// product of the weight's own values (as widened to f32), every block in its place.
+    #[test]
+    fn many_rows_through_reduced_weights_match_the_widened_product() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (600, 64), &dev).expect("w");
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).expect("x");
+        for dtype in [WeightDtype::Bf16, WeightDtype::Q8_0] {
+            let q = Weight::from_f32(&w, dtype).expect("convert");
+            let want = x.reshape((6, 64)).expect("r").matmul(&q.to_f32().expect("f32").t().expect("t")).expect("mm");
+            let got = q.forward(&x).expect("forward");
+            assert_eq!(got.dims(), [2, 3, 600]);
+            let d = (got.reshape((6, 600)).expect("r") - want).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("s");
+            assert!(d < 1e-3, "{dtype}: {d}");
+        }
+    }
 }

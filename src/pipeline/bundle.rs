@@ -231,6 +231,9 @@ pub struct LoadHints {
     /// Tokenizer preset: a check of the architecture the tokenizer file describes, or the
     /// architecture of a file that does not describe one.
     pub tokenizer_preset: Option<String>,
+    /// How the GPT's linear weights are stored: converted one at a time while loading
+    /// (`weights::convert::load_converted`), never all in f32.
+    pub dtype: crate::nn::WeightDtype,
 }
 
 impl Bundle {
@@ -245,7 +248,7 @@ impl Bundle {
         let paths = BundlePaths::find(dir)?;
         // The tokenizer's shapes come from the file; a preset only checks them.
         let (vq, vq_vars) = tokenizer::load(&paths.tokenizer, hints.tokenizer_preset.as_deref(), device)?;
-        let (gpt, gpt_vars, report) = model::load_with_hints(&paths.model, hints.preset.as_deref(), grid, device)?;
+        let (gpt, gpt_vars, report) = crate::weights::convert::load_converted(&paths.model, hints.preset.as_deref(), grid, hints.dtype, device)?;
         let (text, text_vars) = match &paths.text {
             TextSource::Builtin(t) => {
                 let (enc, vm) = builtin_text_from_file(&mut TensorFile::load(t, device)?, device)?;

@@ -7,6 +7,7 @@
 //! which is where missing keys, shape mismatches and unknown keys are reported.
 
 pub mod builders;
+pub mod convert;
 pub mod pickle;
 pub mod torch_zip;
 

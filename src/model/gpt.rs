@@ -597,11 +597,11 @@ impl TokenAr {
         for (i, b) in self.layers.iter_mut().enumerate() {
             let a = format!("layers.{i}.attention");
             let f = format!("layers.{i}.feed_forward");
-            out.push((format!("{a}.wqkv.weight"), &mut b.wqkv));
-            out.push((format!("{a}.wo.weight"), &mut b.wo));
-            out.push((format!("{f}.w1.weight"), &mut b.w1));
-            out.push((format!("{f}.w2.weight"), &mut b.w2));
-            out.push((format!("{f}.w3.weight"), &mut b.w3));
+            out.push((format!("{a}.wqkv.weight"), &mut b.attention.wqkv));
+            out.push((format!("{a}.wo.weight"), &mut b.attention.wo));
+            out.push((format!("{f}.w1.weight"), &mut b.feed_forward.w1));
+            out.push((format!("{f}.w2.weight"), &mut b.feed_forward.w2));
+            out.push((format!("{f}.w3.weight"), &mut b.feed_forward.w3));
         }
         out.push(("output.weight".to_string(), &mut self.output));
         out

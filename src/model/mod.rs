@@ -3,6 +3,7 @@
 //! [`layout`](crate::layout); and this project's optional [`cell_embedding`]. Checkpoint IO in
 //! [`load`](mod@load).
 
+pub mod alignment;
 pub mod cell_embedding;
 pub mod condition;
 pub mod config;

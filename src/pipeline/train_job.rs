@@ -83,6 +83,11 @@ pub struct TrainJobConfig {
     /// binding head names where generation decides it.
     #[serde(default)]
     pub binding_token_loss: f64,
+    /// Weight of the EditAR/TokenAR distillation term (0 = off; the reference recipe: 0.5):
+    /// the `alignment` head regresses the cache's target features (`tokenar data encode
+    /// --distill-dinov2`), see [`crate::train::distill`]. Logged as `loss_distill`.
+    #[serde(default)]
+    pub distill_weight: f64,
     pub model: ModelSection,
     pub text: BuiltinConfig,
 }
@@ -140,6 +145,9 @@ impl TrainJobConfig {
         }
         if !(self.binding_token_loss >= 0.0 && self.binding_token_loss.is_finite()) || (self.binding_token_loss > 0.0 && self.binding_loss == 0.0) {
             return bad("binding_token_loss", format!("{} (must be >= 0, and needs binding_loss > 0)", self.binding_token_loss));
+        }
+        if !(self.distill_weight >= 0.0 && self.distill_weight.is_finite()) {
+            return bad("distill_weight", format!("{} (must be >= 0)", self.distill_weight));
         }
         self.text.validate()
     }
@@ -248,7 +256,11 @@ impl TrainJob {
         let grid = samples[0].grid;
         let (vq, vq_vars) = tokenizer::load(&cfg.tokenizer, None, device)?;
         let vocab = vq.config().codebook_size;
-        let gcfg = cfg.gpt_config(vocab, grid)?;
+        let mut gcfg = cfg.gpt_config(vocab, grid)?;
+        if cfg.distill_weight > 0.0 {
+            // The alignment head's width is the cached features' width.
+            gcfg.align_dim = Some(train::distill::feature_width(&cfg.cache, &samples, grid)?);
+        }
         let max_refs = samples.iter().map(|s| s.refs.len()).max().unwrap_or(0);
         if max_refs > gcfg.max_refs {
             return Err(Error::invalid("model.max_refs", format!("the data has samples with {max_refs} references but the model supports {}", gcfg.max_refs)));
@@ -405,8 +417,14 @@ impl JobParts {
         let (b, n) = out.targets.dims2()?;
         let nll = self.gpt.token_nll(&out.hidden, &out.targets)?;
         let loss = nll.mean_all()?;
-        let (terms, extras) = self.binding_terms(idx, &cond, &out, &nll)?.unwrap_or_default();
-        let loss = terms.into_iter().try_fold(loss, |acc, t| acc + t)?;
+        let (terms, mut extras) = self.binding_terms(idx, &cond, &out, &nll)?.unwrap_or_default();
+        let mut loss = terms.into_iter().try_fold(loss, |acc, t| acc + t)?;
+        if self.cfg.distill_weight > 0.0 {
+            let feats = train::distill::batch_targets(&self.samples, idx, &device)?;
+            let dl = train::distill::distill_loss(&self.gpt, &out.target_features, &feats)?;
+            extras.push(("loss_distill", dl.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64));
+            loss = (loss + (dl * self.cfg.distill_weight)?)?;
+        }
         Ok(StepOutput { loss, tokens: b * n, extras })
     }
 
@@ -653,7 +671,8 @@ impl Hooks for JobHooks<'_> {
         let recs = train::MetricsLog::read(out.join("checkpoints").join("metrics.jsonl")).unwrap_or_default();
         let pts: Vec<(f64, f64)> = recs.iter().map(|r| (r.step as f64, r.loss)).collect();
         if pts.len() >= 2 {
-            train::plot_losses(&pts, out.join("loss.png"), &train::PlotOptions { log_y: true, ..Default::default() })?;
+            let extra = train::metrics::extra_series(&recs, "loss_distill");
+            train::metrics::plot_loss_series(&pts, &[("distill", &extra)], out.join("loss.png"), &train::PlotOptions { log_y: true, ..Default::default() })?;
         }
         if job.cfg.grid_samples > 0 {
             let g = job.sample_grid(job.cfg.grid_samples, step)?;

@@ -24,7 +24,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear};
 
-use super::preprocess::{check_images, resize_shorter, Resample, IMAGENET_MEAN, IMAGENET_STD};
+use super::preprocess::{check_images, resize, Resample, IMAGENET_MEAN, IMAGENET_STD};
 use super::{layer_norm, linear, open_weights, Conv};
 use crate::{Error, Result};
 
@@ -270,10 +270,14 @@ pub fn preprocess(images: &Tensor, input: Dinov2Input) -> Result<Tensor> {
     let x01 = ((images.to_dtype(DType::F32)? + 1.0)? * 0.5)?;
     // to_pil_image: * 255, truncated to u8 (a small margin absorbs float error).
     let q = ((x01 * 255.0)? + 1e-4)?.floor()?.clamp(0.0, 255.0)?;
-    // PIL resizes the u8 image and rounds its output to u8 (an unchanged size is a copy).
-    let r = resize_shorter(&q, input.resize, Resample::BicubicAntialias)?;
-    let (_, _, h, w) = r.dims4()?;
-    let r = if (h, w) == q.dims4().map(|d| (d.2, d.3))? { r } else { r.round()?.clamp(0.0, 255.0)? };
+    // PIL resizes the u8 image in two passes, horizontal then vertical, each rounded and
+    // clipped to u8 (so bicubic overshoot is clipped between the passes); an unchanged side
+    // is not resampled.
+    let (_, _, h0, w0) = q.dims4()?;
+    let (h, w) = shorter_side_size(h0, w0, input.resize);
+    let u8_pass = |x: &Tensor, oh: usize, ow: usize| -> Result<Tensor> { Ok(resize(x, oh, ow, Resample::BicubicAntialias)?.round()?.clamp(0.0, 255.0)?) };
+    let r = if w != w0 { u8_pass(&q, h0, w)? } else { q };
+    let r = if h != h0 { u8_pass(&r, h, w)? } else { r };
     let r = (r / 255.0)?;
     if h < input.crop || w < input.crop {
         return Err(Error::invalid("DINOv2 input", format!("resized image {h}x{w} is smaller than the {} px crop", input.crop)));
@@ -284,6 +288,16 @@ pub fn preprocess(images: &Tensor, input: Dinov2Input) -> Result<Tensor> {
     let mean = Tensor::new(&IMAGENET_MEAN, dev)?.reshape((1, 3, 1, 1))?;
     let std = Tensor::new(&IMAGENET_STD, dev)?.reshape((1, 3, 1, 1))?;
     Ok(c.broadcast_sub(&mean)?.broadcast_div(&std)?)
+}
+
+/// The size after resizing the shorter side to `size` (the longer side `int(size * long /
+/// short)`, as transformers' `get_resize_output_image_size`).
+fn shorter_side_size(h: usize, w: usize, size: usize) -> (usize, usize) {
+    if h <= w {
+        (size, (size as u64 * w as u64 / h.max(1) as u64) as usize)
+    } else {
+        ((size as u64 * h as u64 / w.max(1) as u64) as usize, size)
+    }
 }
 
 /// PyTorch's `interpolate(mode="bicubic", align_corners=False)` along one axis as an

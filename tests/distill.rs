@@ -259,6 +259,8 @@ fn cache_keeps_features_and_training_needs_them() {
         let img = tokenar::imageio::rgb_to_tensor(sample.target.as_ref().unwrap(), &dev).unwrap().unsqueeze(0).unwrap();
         let want = net.features_for_grid(&img, (2, 2)).unwrap().squeeze(0).unwrap();
         let got = s.distill.expect("features stored");
+        assert_eq!(got.dtype(), DType::F16);
+        let got = got.to_dtype(DType::F32).unwrap();
         let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(max_abs_diff(&got, &want) <= 1e-3 * scale.max(1.0), "{}", s.id);
     }

@@ -40,7 +40,8 @@ pub struct CachedSample {
     /// when the sample's meta gives every subject's mask. See [`owner_grid`].
     pub owners: Option<Vec<u8>>,
     /// The distillation target: the frozen image encoder's features of the target image
-    /// (n x D, f32), when the cache holds them.
+    /// (n x D), when the cache holds them; read back as stored (f16: half the memory of a
+    /// training run that holds every sample's features).
     pub distill: Option<Tensor>,
 }
 
@@ -513,7 +514,7 @@ impl CacheReader {
             prompt: e.prompt.clone(),
             text,
             owners: e.owners.map(|r| get("owners")?.get(r)?.to_vec1::<u8>().map_err(Error::from)).transpose()?,
-            distill: e.distill.map(|r| get("distill")?.get(r)?.to_dtype(DType::F32).map_err(Error::from)).transpose()?,
+            distill: e.distill.map(|r| get("distill")?.get(r).map_err(Error::from)).transpose()?,
         })
     }
 }

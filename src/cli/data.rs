@@ -78,6 +78,13 @@ pub enum DataCmd {
         /// a cache is refused; one made the same way is resumed.
         #[arg(long)]
         force: bool,
+        /// A Hugging Face Dinov2Model .safetensors (facebook/dinov2-base in the reference
+        /// recipe; its config.json beside it gives the head count): store each target image's
+        /// patch features in the cache, for training with `distill_weight` > 0. The features
+        /// are pooled to half the code grid (the alignment head's output grid) and the
+        /// encoder is recorded in the cache's provenance.
+        #[arg(long, value_name = "WEIGHTS")]
+        distill_dinov2: Option<PathBuf>,
     },
     // ---- data import-subjects200k ----
     /// Import the single-subject benchmark from Subjects200K / SubjectSpatial200K parquet
@@ -142,8 +149,8 @@ fn parse_subjects(s: &str) -> anyhow::Result<(usize, usize)> {
 
 pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
     match cmd {
-        DataCmd::Encode { dataset, tokenizer, tokenizer_preset, out, size, t5, batch, max_refs, max_samples, force } => {
-            let sel = EncodeSelect { max_refs, max_samples, force };
+        DataCmd::Encode { dataset, tokenizer, tokenizer_preset, out, size, t5, batch, max_refs, max_samples, force, distill_dinov2 } => {
+            let sel = EncodeSelect { max_refs, max_samples, force, distill: distill_dinov2 };
             encode(&dataset, &tokenizer, tokenizer_preset.as_deref(), &out, size, t5.as_deref(), batch, &sel)
         }
         DataCmd::Synth { out, n, seed, size, split, subjects, threads, no_contact, force } => {
@@ -223,6 +230,8 @@ struct EncodeSelect {
     max_refs: usize,
     max_samples: Option<usize>,
     force: bool,
+    /// Distillation encoder weights (`--distill-dinov2`).
+    distill: Option<PathBuf>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -252,6 +261,14 @@ fn encode(
     let mut ds = data::Dataset::open(dataset, &opts)?;
     // The dataset's identity covers all of it, so that --max-samples can grow a cache.
     let maker = data::cache::CacheMaker::new(&ds, tokenizer, preset, t5)?;
+    let dino = match &sel.distill {
+        Some(p) => Some(tokenar::eval::nets::dinov2::Dinov2Features::load(p, &device)?),
+        None => None,
+    };
+    let maker = match &dino {
+        Some(d) => maker.with_distill(d.description()),
+        None => maker,
+    };
     if let Some(n) = sel.max_samples {
         if n == 0 {
             anyhow::bail!("--max-samples must be positive");
@@ -269,7 +286,11 @@ fn encode(
         .as_mut()
         .map(|f| f as &mut dyn FnMut(&[String]) -> tokenar::Result<(candle_core::Tensor, candle_core::Tensor)>);
     let eopts = data::cache::EncodeOptions { maker: Some(maker), force: sel.force, ..data::cache::EncodeOptions::new(size, batch) };
-    let r = data::cache::encode(&ds, out, &eopts, &mut enc_img, text, Some(&|k, _| bar.set_position(k as u64)));
+    let mut enc_feat = dino.as_ref().map(|d| move |x: &candle_core::Tensor, (h, w): (usize, usize)| d.features_for_grid(x, (h / 2, w / 2)));
+    let feats = enc_feat
+        .as_mut()
+        .map(|f| f as &mut dyn FnMut(&candle_core::Tensor, (usize, usize)) -> tokenar::Result<candle_core::Tensor>);
+    let r = data::cache::encode_with_features(&ds, out, &eopts, &mut enc_img, text, feats, Some(&|k, _| bar.set_position(k as u64)));
     bar.finish_and_clear();
     let s = r?;
     let mut msg = format!("encoded {} samples into {} ({} in the cache", s.stored, out.display(), s.in_cache);

@@ -83,6 +83,7 @@ mod tests {
             prompt: format!("prompt {id}"),
             text: None,
             owners: None,
+            distill: None,
         }
     }
 

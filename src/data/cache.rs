@@ -6,7 +6,9 @@
 //! Shard `shard_<k>.safetensors` holds `codes` (images x h*w, u32), with text `text`
 //! (samples x L x D, f32) and `text_mask` (samples x L, u8), and, for samples whose meta gives
 //! every subject's mask, `owners` (samples x h*w, u8: which subject each target code cell shows,
-//! see [`owner_grid`]). The index maps each sample to its rows.
+//! see [`owner_grid`]), and, when the cache was encoded with a distillation encoder, `distill`
+//! (targets x n x D, f16: the frozen encoder's features of each target image, see
+//! [`encode_with_features`]). The index maps each sample to its rows.
 
 use super::format::Dataset;
 use crate::error::{Error, IoContext, Result};
@@ -37,6 +39,10 @@ pub struct CachedSample {
     /// Which subject each target code cell shows (h*w, row-major; 0 = none, k + 1 = subject k),
     /// when the sample's meta gives every subject's mask. See [`owner_grid`].
     pub owners: Option<Vec<u8>>,
+    /// The distillation target: the frozen image encoder's features of the target image
+    /// (n x D), when the cache holds them; read back as stored (f16: half the memory of a
+    /// training run that holds every sample's features).
+    pub distill: Option<Tensor>,
 }
 
 /// Which subject each code cell of a `grid` shows, from the subjects' own masks (all the same
@@ -84,6 +90,8 @@ struct Entry {
     text: Option<usize>,
     #[serde(default)]
     owners: Option<usize>,
+    #[serde(default)]
+    distill: Option<usize>,
 }
 
 /// What made a cache: the tokenizer (by content), the dataset (by path and content) and the
@@ -105,6 +113,10 @@ pub struct CacheMaker {
     /// The text-feature encoder folder (T5), if features were stored.
     #[serde(default)]
     pub text: Option<String>,
+    /// The encoder of the distillation features (file, fingerprint, architecture), if
+    /// features were stored.
+    #[serde(default)]
+    pub distill: Option<String>,
 }
 
 impl CacheMaker {
@@ -119,7 +131,14 @@ impl CacheMaker {
             dataset_path: root.display().to_string(),
             dataset: super::provenance::dataset_identity(ds),
             text: text.map(|t| t.canonicalize().unwrap_or_else(|_| t.to_path_buf()).display().to_string()),
+            distill: None,
         })
+    }
+
+    /// This maker with distillation features from the encoder `description`.
+    pub fn with_distill(mut self, description: &str) -> Self {
+        self.distill = Some(description.to_string());
+        self
     }
 
     /// How `other` differs from this maker, one phrase per difference (empty when equal).
@@ -140,6 +159,10 @@ impl CacheMaker {
             let t = |t: &Option<String>| t.clone().unwrap_or_else(|| "none".into());
             out.push(format!("text features {} vs {}", t(&self.text), t(&other.text)));
         }
+        if self.distill != other.distill {
+            let t = |t: &Option<String>| t.clone().unwrap_or_else(|| "none".into());
+            out.push(format!("distillation features {} vs {}", t(&self.distill), t(&other.distill)));
+        }
         out
     }
 }
@@ -154,6 +177,9 @@ struct Index {
     /// Image size the codes were computed at.
     size: u32,
     grid: Option<(usize, usize)>,
+    /// (tokens, width) of the distillation features, when stored.
+    #[serde(default)]
+    distill: Option<(usize, usize)>,
     shards: Vec<String>,
     samples: Vec<Entry>,
     /// Samples that could not be loaded, with the reason.
@@ -190,7 +216,7 @@ impl CacheWriter {
         }
         std::fs::create_dir_all(dir).with_path(dir)?;
         let index_path = dir.join(INDEX);
-        let fresh = || Index { version: 1, maker: maker.cloned(), size, grid: None, shards: vec![], samples: vec![], skipped: vec![], complete: false };
+        let fresh = || Index { version: 1, maker: maker.cloned(), size, grid: None, distill: None, shards: vec![], samples: vec![], skipped: vec![], complete: false };
         let index = if index_path.is_file() {
             let old = read_index(&index_path);
             let mut why = match &old {
@@ -271,6 +297,18 @@ impl CacheWriter {
         if s.owners.as_ref().is_some_and(|o| o.len() != n) {
             return Err(Error::invalid("owners", format!("sample {}: the owner grid is not {n} long", s.id)));
         }
+        if let Some(f) = &s.distill {
+            let shape = f.dims2().map_err(|_| Error::invalid("distillation features", format!("sample {}: shape {:?}, (tokens, width) expected", s.id, f.dims())))?;
+            if s.target.is_empty() {
+                return Err(Error::invalid("distillation features", format!("sample {} has features but no target", s.id)));
+            }
+            match self.index.distill {
+                Some(want) if want != shape => {
+                    return Err(Error::invalid("distillation features", format!("sample {} has {shape:?}, the cache {want:?}", s.id)))
+                }
+                _ => self.index.distill = Some(shape),
+            }
+        }
         self.pending.push(s);
         if self.pending.len() >= self.shard_samples {
             self.flush()?;
@@ -289,6 +327,7 @@ impl CacheWriter {
         let mut texts = Vec::new();
         let mut masks: Vec<u8> = Vec::new();
         let mut owners: Vec<u8> = Vec::new();
+        let mut feats = Vec::new();
         let mut rows = 0usize;
         let mut take = |c: &[u32], codes: &mut Vec<u32>| {
             codes.extend_from_slice(c);
@@ -312,7 +351,14 @@ impl CacheWriter {
                 owners.extend_from_slice(&o);
                 owners.len() / n.max(1) - 1
             });
-            entries.push(Entry { id: s.id, shard: k, refs, background, target, prompt: s.prompt, text, owners: owner_row });
+            let distill = match &s.distill {
+                Some(f) => {
+                    feats.push(f.to_device(&Device::Cpu)?.to_dtype(DType::F16)?.unsqueeze(0)?);
+                    Some(feats.len() - 1)
+                }
+                None => None,
+            };
+            entries.push(Entry { id: s.id, shard: k, refs, background, target, prompt: s.prompt, text, owners: owner_row, distill });
         }
         let mut tensors = HashMap::new();
         tensors.insert("codes".to_string(), Tensor::from_vec(codes, (rows, n), &Device::Cpu)?);
@@ -328,6 +374,9 @@ impl CacheWriter {
             }
             tensors.insert("text_mask".to_string(), Tensor::from_vec(masks, (b, l), &Device::Cpu)?);
             tensors.insert("text".to_string(), text);
+        }
+        if !feats.is_empty() {
+            tensors.insert("distill".to_string(), Tensor::cat(&feats, 0)?);
         }
         crate::weights::save_safetensors(self.dir.join(shard_name(k)), &tensors, &BTreeMap::new())?;
         self.index.shards.push(shard_name(k));
@@ -414,6 +463,16 @@ impl CacheReader {
         self.index.maker.as_ref()
     }
 
+    /// (tokens, width) of the distillation features, when the cache holds them.
+    pub fn distill_shape(&self) -> Option<(usize, usize)> {
+        self.index.distill
+    }
+
+    /// The directory of the cache.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.index.samples.iter().map(|e| e.id.as_str())
     }
@@ -455,6 +514,7 @@ impl CacheReader {
             prompt: e.prompt.clone(),
             text,
             owners: e.owners.map(|r| get("owners")?.get(r)?.to_vec1::<u8>().map_err(Error::from)).transpose()?,
+            distill: e.distill.map(|r| get("distill")?.get(r).map_err(Error::from)).transpose()?,
         })
     }
 }
@@ -463,6 +523,10 @@ impl CacheReader {
 pub type ImageEncoder<'a> = &'a mut dyn FnMut(&Tensor) -> Result<Tensor>;
 /// The text encoder: prompts -> ((B, L, D) features, (B, L) mask of valid positions).
 pub type TextEncoder<'a> = &'a mut dyn FnMut(&[String]) -> Result<(Tensor, Tensor)>;
+
+/// The distillation encoder: target images (B, 3, H, W) in [-1, 1] and the code grid (h, w)
+/// -> features (B, n, D) (see [`crate::eval::nets::dinov2::Dinov2Features::features_for_grid`]).
+pub type FeatureEncoder<'a> = &'a mut dyn FnMut(&Tensor, (usize, usize)) -> Result<Tensor>;
 
 /// What an encoding run did.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -540,7 +604,22 @@ pub fn encode(
     out: &Path,
     opts: &EncodeOptions,
     encode_images: ImageEncoder,
+    encode_text: Option<TextEncoder>,
+    progress: Option<&dyn Fn(usize, usize)>,
+) -> Result<EncodeSummary> {
+    encode_with_features(ds, out, opts, encode_images, encode_text, None, progress)
+}
+
+/// [`encode`], also storing each target image's distillation features from `encode_features`
+/// (record the encoder in `opts.maker` with [`CacheMaker::with_distill`], so that a cache
+/// made with other features is not resumed).
+pub fn encode_with_features(
+    ds: &Dataset,
+    out: &Path,
+    opts: &EncodeOptions,
+    encode_images: ImageEncoder,
     mut encode_text: Option<TextEncoder>,
+    mut encode_features: Option<FeatureEncoder>,
     progress: Option<&dyn Fn(usize, usize)>,
 ) -> Result<EncodeSummary> {
     let (size, batch) = (opts.size, opts.batch);
@@ -585,6 +664,22 @@ pub fn encode(
                 }
                 None => None,
             };
+            let feats = match encode_features.as_mut() {
+                Some(f) => {
+                    let targets: Vec<Tensor> = loaded.iter().filter_map(|(_, l)| l.target.as_ref()).map(|t| rgb_to_tensor(t, &Device::Cpu)).collect::<Result<_>>()?;
+                    if targets.is_empty() {
+                        None
+                    } else {
+                        let fs = f(&Tensor::stack(&targets, 0)?, (h, gw))?;
+                        if fs.rank() != 3 || fs.dim(0)? != targets.len() {
+                            return Err(Error::invalid("distillation encoder output", format!("shape {:?} for {} target images", fs.dims(), targets.len())));
+                        }
+                        Some(fs)
+                    }
+                }
+                None => None,
+            };
+            let mut feat_row = 0usize;
             let mut rows = codes.into_iter();
             for (k, (s, l)) in loaded.iter().enumerate() {
                 let mut next = || rows.next().unwrap_or_default();
@@ -599,7 +694,14 @@ pub fn encode(
                     (Some(m), Some(_)) => Some(owner_grid(m, (h, gw))?),
                     _ => None,
                 };
-                w.push(CachedSample { id: s.id.clone(), refs, background, target, grid: (h, gw), prompt: l.prompt.clone(), text, owners })?;
+                let distill = match (&feats, &l.target) {
+                    (Some(fs), Some(_)) => {
+                        feat_row += 1;
+                        Some(fs.get(feat_row - 1)?)
+                    }
+                    _ => None,
+                };
+                w.push(CachedSample { id: s.id.clone(), refs, background, target, grid: (h, gw), prompt: l.prompt.clone(), text, owners, distill })?;
             }
         }
         finished += chunk.len();

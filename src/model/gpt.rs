@@ -338,7 +338,7 @@ pub struct TokenAr {
     cell_embedding: Option<CellEmbedding>,
     instruct: Option<InstructTokens>,
     img_uncond: Option<Tensor>,
-    alignment: Option<(Tensor, Tensor)>,
+    alignment: Option<super::alignment::Alignment>,
     device: Device,
 }
 
@@ -361,10 +361,7 @@ impl TokenAr {
             None
         };
         let alignment = match cfg.align_dim {
-            Some(a) => {
-                let al = vb.pp("alignment");
-                Some((al.get_with_hints((a, d, 2, 2), "weight", STD)?, al.get_with_hints(a, "bias", Init::Const(0.0))?))
-            }
+            Some(a) => Some(super::alignment::Alignment::new(d, a, vb.pp("alignment"))?),
             None => None,
         };
         Ok(Self {
@@ -691,12 +688,8 @@ impl TokenAr {
     /// The distillation head (`alignment`, Conv2d k=2 s=2) on target features (B, h*w, dim):
     /// returns (B, h*w/4, align_dim).
     pub fn align(&self, target_features: &Tensor) -> Result<Tensor> {
-        let (w, bias) = self.alignment.as_ref().ok_or_else(|| Error::invalid("alignment", "this configuration has no alignment head"))?;
-        let (b, _, d) = target_features.dims3()?;
-        let (gh, gw) = self.cfg.grid;
-        let x = target_features.transpose(1, 2)?.reshape((b, d, gh, gw))?.contiguous()?;
-        let y = x.conv2d(w, 0, 2, 1, 1)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
-        Ok(y.flatten_from(2)?.transpose(1, 2)?)
+        let head = self.alignment.as_ref().ok_or_else(|| Error::invalid("alignment", "this configuration has no alignment head"))?;
+        head.forward(target_features, self.cfg.grid)
     }
 
     /// The text features of a dropped caption, (b, caption_len, caption_dim).

@@ -70,6 +70,8 @@ pub fn load(path: &Path, preset: Option<&str>, device: &Device) -> Result<(Token
 /// (LlamaGen t2i; see [`GptConfig::infer_from_tensors`]).
 pub fn load_with_hints(path: &Path, preset: Option<&str>, grid: Option<usize>, device: &Device) -> Result<(TokenAr, VarMap, LoadReport)> {
     let mut file = TensorFile::load(path, device)?;
+    // The reference's ModuleList head names (`alignment.0.*`) load as `alignment.*`.
+    super::alignment::normalize_keys(&mut file.tensors);
     let cfg = match file.metadata.get(CONFIG_KEY) {
         Some(_) => config_from_metadata(&file)?,
         None => config_from_tensors(&file, preset, grid)?,

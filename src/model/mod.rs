@@ -4,6 +4,7 @@
 //! session in [`session`], the configuration and presets in [`config`], checkpoint IO in
 //! [`load`](mod@load).
 
+pub mod alignment;
 pub mod cell_embedding;
 pub mod condition;
 pub mod config;

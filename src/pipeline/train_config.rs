@@ -62,6 +62,11 @@ pub struct TrainJobConfig {
     /// binding head names where generation decides it.
     #[serde(default)]
     pub binding_token_loss: f64,
+    /// Weight of the EditAR/TokenAR distillation term (0 = off; the reference recipe: 0.5):
+    /// the `alignment` head regresses the cache's target features (`tokenar data encode
+    /// --distill-dinov2`), see [`crate::train::distill`]. Logged as `loss_distill`.
+    #[serde(default)]
+    pub distill_weight: f64,
     pub model: ModelSection,
     pub text: BuiltinConfig,
 }
@@ -141,6 +146,9 @@ impl TrainJobConfig {
         }
         if !(self.binding_token_loss >= 0.0 && self.binding_token_loss.is_finite()) || (self.binding_token_loss > 0.0 && self.binding_loss == 0.0) {
             return bad("binding_token_loss", format!("{} (must be >= 0, and needs binding_loss > 0)", self.binding_token_loss));
+        }
+        if !(self.distill_weight >= 0.0 && self.distill_weight.is_finite()) {
+            return bad("distill_weight", format!("{} (must be >= 0)", self.distill_weight));
         }
         self.text.validate()
     }

@@ -78,7 +78,11 @@ impl TrainJob {
         let grid = samples[0].grid;
         let (vq, vq_vars) = tokenizer::load(&cfg.tokenizer, None, device)?;
         let vocab = vq.config().codebook_size;
-        let gcfg = cfg.gpt_config(vocab, grid)?;
+        let mut gcfg = cfg.gpt_config(vocab, grid)?;
+        if cfg.distill_weight > 0.0 {
+            // The alignment head's width is the cached features' width.
+            gcfg.align_dim = Some(train::distill::feature_width(&cfg.cache, &samples, grid)?);
+        }
         let buckets = buckets_by_refs(&samples, gcfg.max_refs)?;
 
         let (gpt, gpt_vars) = model::build(&gcfg, device, cfg.seed)?;
@@ -217,8 +221,14 @@ impl JobParts {
         let (b, n) = out.targets.dims2()?;
         let nll = self.gpt.token_nll(&out.hidden, &out.targets)?;
         let loss = nll.mean_all()?;
-        let (terms, extras) = self.binding_terms(idx, &cond, &out, &nll)?.unwrap_or_default();
-        let loss = terms.into_iter().try_fold(loss, |acc, t| acc + t)?;
+        let (terms, mut extras) = self.binding_terms(idx, &cond, &out, &nll)?.unwrap_or_default();
+        let mut loss = terms.into_iter().try_fold(loss, |acc, t| acc + t)?;
+        if self.cfg.distill_weight > 0.0 {
+            let feats = train::distill::batch_targets(&self.samples, idx, &device)?;
+            let dl = train::distill::distill_loss(&self.gpt, &out.target_features, &feats)?;
+            extras.push(("loss_distill", dl.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64));
+            loss = (loss + (dl * self.cfg.distill_weight)?)?;
+        }
         Ok(StepOutput { loss, tokens: b * n, extras })
     }
 
@@ -376,7 +386,8 @@ impl Hooks for JobHooks<'_> {
         let recs = train::MetricsLog::read(out.join("checkpoints").join("metrics.jsonl")).unwrap_or_default();
         let pts: Vec<(f64, f64)> = recs.iter().map(|r| (r.step as f64, r.loss)).collect();
         if pts.len() >= 2 {
-            train::plot_losses(&pts, out.join("loss.png"), &train::PlotOptions { log_y: true, ..Default::default() })?;
+            let extra = train::metrics::extra_series(&recs, "loss_distill");
+            train::metrics::plot_loss_series(&pts, &[("distill", &extra)], out.join("loss.png"), &train::PlotOptions { log_y: true, ..Default::default() })?;
         }
         if job.cfg.grid_samples > 0 {
             let g = job.sample_grid(job.cfg.grid_samples, step)?;

@@ -88,6 +88,8 @@ const MARGIN: i64 = 40;
 const AXIS: Rgb<u8> = Rgb([40, 40, 40]);
 const GRID: Rgb<u8> = Rgb([225, 225, 225]);
 const LINE: Rgb<u8> = Rgb([31, 119, 180]);
+/// Colours of further series ([`plot_loss_series`]), in order.
+const SERIES: [Rgb<u8>; 3] = [Rgb([255, 127, 14]), Rgb([44, 160, 44]), Rgb([214, 39, 40])];
 
 fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
     if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
@@ -140,8 +142,10 @@ fn glyph(c: char) -> Option<[u8; 5]> {
         ')' => [4, 2, 2, 2, 4],
         'a' => [0, 6, 1, 7, 7],
         'c' => [0, 7, 4, 4, 7],
+        'd' => [1, 1, 7, 5, 7],
         'e' => [7, 5, 7, 4, 7],
         'g' => [0, 7, 5, 7, 1],
+        'i' => [2, 0, 2, 2, 2],
         'l' => [4, 4, 4, 4, 6],
         'o' => [0, 7, 5, 5, 7],
         'p' => [7, 5, 7, 4, 4],
@@ -213,19 +217,38 @@ fn tick_label(v: f64) -> String {
 /// Points
 /// with a non-finite loss (or a non-positive one on a log axis) are skipped.
 pub fn plot_losses(points: &[(f64, f64)], path: impl AsRef<Path>, opts: &PlotOptions) -> Result<()> {
+    plot_loss_series(points, &[], path, opts)
+}
+
+/// The (step, value) points of the extra figure `key` (e.g. `loss_distill`) of the records
+/// that carry it.
+pub fn extra_series(records: &[MetricsRecord], key: &str) -> Vec<(f64, f64)> {
+    records.iter().filter_map(|r| r.extras.get(key).map(|&v| (r.step as f64, v))).collect()
+}
+
+/// [`plot_losses`] with further series on the same axes (each in its own colour, named in a
+/// legend at the top right when it has points; names use the plot's small glyph set:
+/// lower-case letters of "loss", "distill" and digits). Empty series are left out.
+pub fn plot_loss_series(points: &[(f64, f64)], extra: &[(&str, &[(f64, f64)])], path: impl AsRef<Path>, opts: &PlotOptions) -> Result<()> {
     let path = path.as_ref();
     if opts.width < 2 * MARGIN as u32 + 10 || opts.height < 2 * MARGIN as u32 + 10 {
         return Err(Error::invalid("plot size", format!("{}x{} is too small", opts.width, opts.height)));
     }
     let ty = |v: f64| if opts.log_y { v.log10() } else { v };
-    let pts: Vec<(f64, f64)> = points
-        .iter()
-        .filter(|(x, y)| x.is_finite() && y.is_finite() && (!opts.log_y || *y > 0.0))
-        .map(|&(x, y)| (x, ty(y)))
-        .collect();
-    if pts.is_empty() {
+    let keep = |points: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!opts.log_y || *y > 0.0))
+            .map(|&(x, y)| (x, ty(y)))
+            .collect()
+    };
+    let main = keep(points);
+    if main.is_empty() {
         return Err(Error::invalid("loss curve", "no finite points to plot"));
     }
+    let others: Vec<(&str, Vec<(f64, f64)>)> = extra.iter().map(|(n, p)| (*n, keep(p))).filter(|(_, p)| !p.is_empty()).collect();
+    // The axes span every series.
+    let pts: Vec<(f64, f64)> = main.iter().chain(others.iter().flat_map(|(_, p)| p.iter())).copied().collect();
     let (w, h) = (opts.width as i64, opts.height as i64);
     let mut img = RgbImage::from_pixel(opts.width, opts.height, Rgb([255, 255, 255]));
     let min = |f: fn(&(f64, f64)) -> f64| pts.iter().map(f).fold(f64::INFINITY, f64::min);
@@ -275,12 +298,21 @@ pub fn plot_losses(points: &[(f64, f64)], path: impl AsRef<Path>, opts: &PlotOpt
     let (yb, yt) = (tick_label(untransform(y0)), tick_label(untransform(y1)));
     draw_text(&mut img, (MARGIN - 8 - text_width(&yt, 1)).max(16), MARGIN - 8, &yt, 1, AXIS);
     draw_text(&mut img, (MARGIN - 8 - text_width(&yb, 1)).max(16), h - MARGIN - 8, &yb, 1, AXIS);
-    let px: Vec<(i64, i64)> = pts.iter().map(|&p| to_px(p)).collect();
-    if px.len() == 1 {
-        line(&mut img, (px[0].0 - 2, px[0].1), (px[0].0 + 2, px[0].1), LINE, 2);
-    }
-    for pair in px.windows(2) {
-        line(&mut img, pair[0], pair[1], LINE, 2);
+    let series = std::iter::once(("loss", &main, LINE)).chain(others.iter().zip(SERIES.iter().cycle()).map(|((n, p), c)| (*n, p, *c)));
+    for (k, (name, points, colour)) in series.enumerate() {
+        let px: Vec<(i64, i64)> = points.iter().map(|&p| to_px(p)).collect();
+        if px.len() == 1 {
+            line(&mut img, (px[0].0 - 2, px[0].1), (px[0].0 + 2, px[0].1), colour, 2);
+        }
+        for pair in px.windows(2) {
+            line(&mut img, pair[0], pair[1], colour, 2);
+        }
+        if !others.is_empty() {
+            let y = MARGIN + 6 + 12 * k as i64;
+            let x = w - MARGIN - 6 - text_width(name, 2) - 16;
+            line(&mut img, (x, y + 4), (x + 10, y + 4), colour, 2);
+            draw_text(&mut img, x + 16, y, name, 2, colour);
+        }
     }
     crate::imageio::save_rgb(path, &img)
 }
@@ -313,6 +345,39 @@ mod tests {
         assert_eq!(tick_label(6.0 / 50f64.sqrt()), "0.849");
         assert!(tick_label(1e-5).contains('e'));
         assert!(tick_label(1e-5).chars().all(|c| glyph(c).is_some()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn extra_series_are_drawn_in_their_own_colour() {
+        let dir = std::env::temp_dir().join(format!("tokenar-plot-series-{}", std::process::id()));
+        let path = dir.join("loss.png");
+        let rec = |step: u64, extra: Option<f64>| MetricsRecord {
+            step,
+            loss: 5.0 - step as f64 * 0.01,
+            lr: 1e-3,
+            tokens_per_s: 1.0,
+            grad_norm: 1.0,
+            elapsed_s: 0.0,
+            unix_time: 0.0,
+            extras: extra.map(|v| ("loss_distill".to_string(), v)).into_iter().collect(),
+        };
+        let recs: Vec<MetricsRecord> = (1..=20).map(|i| rec(i * 10, (i > 2).then(|| 1.0 / i as f64))).collect();
+        let extra = extra_series(&recs, "loss_distill");
+        assert_eq!(extra.len(), 18);
+        assert_eq!(extra[0], (30.0, 1.0 / 3.0));
+        let main: Vec<(f64, f64)> = recs.iter().map(|r| (r.step as f64, r.loss)).collect();
+        let count = |c: Rgb<u8>| {
+            let img = image::open(&path).unwrap().to_rgb8();
+            img.pixels().filter(|p| **p == c).count()
+        };
+        plot_loss_series(&main, &[("distill", &extra)], &path, &PlotOptions { log_y: true, ..Default::default() }).unwrap();
+        assert!(count(SERIES[0]) > 100, "the distill series is drawn");
+        assert!(count(LINE) > 100);
+        // Without the extra series (or with an empty one) nothing is drawn in its colour.
+        plot_loss_series(&main, &[("distill", &[])], &path, &PlotOptions::default()).unwrap();
+        assert_eq!(count(SERIES[0]), 0);
+        assert!("distill".chars().all(|c| glyph(c).is_some()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -24,6 +24,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod dist;
+pub mod distill;
 pub mod metrics;
 pub mod optim;
 pub mod run;

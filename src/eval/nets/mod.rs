@@ -10,6 +10,7 @@
 
 pub mod clip;
 pub mod dino;
+pub mod dinov2;
 pub mod eigen;
 pub mod fid;
 pub mod inception;

@@ -38,6 +38,10 @@ enum EvalCmd {
         /// Write the table here instead of printing it.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// One row per group and run instead of one per run: `subjects` (the number of
+        /// references) or `relation` (from each sample's meta.json).
+        #[arg(long)]
+        by: Option<String>,
     },
     /// List the metrics in the registry.
     Metrics,
@@ -107,9 +111,14 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     match args.cmd {
         Some(EvalCmd::Merge { parts, out, grid }) => merge(&parts, &out, &grid),
-        Some(EvalCmd::Table { results, columns, out }) => {
+        Some(EvalCmd::Table { results, columns, out, by }) => {
             let runs = results.iter().map(report::read_json).collect::<Result<Vec<_>, _>>()?;
-            let table = report::markdown_table(&runs, columns.as_deref());
+            let table = match by.as_deref() {
+                None => report::markdown_table(&runs, columns.as_deref()),
+                Some(key) => report::group_table(&runs, key, columns.as_deref()).with_context(|| {
+                    format!("--by {key}: no sample of these results has that group (known: subjects, relation; results written before groups were recorded have none)")
+                })?,
+            };
             match out {
                 Some(p) => tokenar::util::atomic_write(&p, table.as_bytes())?,
                 None => println!("{table}"),
@@ -197,6 +206,15 @@ fn write_outputs(r: &run::EvalResult, out: &Path, grid: &GridArgs) -> anyhow::Re
         return Ok(());
     }
     tokenar::util::atomic_write(out.join("table.md"), table.as_bytes())?;
+    // Per-group tables (by subject count, by relation) beside the whole run's.
+    for key in ["subjects", "relation"] {
+        if let Some(t) = report::group_table(std::slice::from_ref(r), key, None) {
+            tokenar::util::atomic_write(out.join(format!("table_by_{key}.md")), t.as_bytes())?;
+            if key == "subjects" {
+                println!("{t}");
+            }
+        }
+    }
     let rank = grid.rank_by.clone().or_else(|| {
         ["psnr", "id_acc", "f1"].iter().find(|c| r.aggregates.contains_key(**c)).map(|c| c.to_string())
     });

@@ -85,6 +85,67 @@ pub fn markdown_table(runs: &[EvalResult], select: Option<&[String]>) -> String 
     out
 }
 
+/// Markdown table per group: one row per (group value, run), grouped by `key` (`subjects` or
+/// `relation`, see [`super::run::group_summaries`]), so that a model sits next to its ceiling
+/// (e.g. the tokenizer's round trip) within each group. Cells are `mean ± ci95` of the samples
+/// of that group; columns as in [`markdown_table`] (set metrics are not split by group and are
+/// left out). `None` when no run has the key.
+pub fn group_table(runs: &[EvalResult], key: &str, select: Option<&[String]>) -> Option<String> {
+    let grouped: Vec<Vec<super::run::GroupSummary>> = runs.iter().map(|r| super::run::group_summaries(r, key)).collect();
+    if grouped.iter().all(|g| g.is_empty()) {
+        return None;
+    }
+    let mut cols: Vec<Column> = Vec::new();
+    for r in runs {
+        for c in r.columns.iter().filter(|c| !r.set_scores.contains_key(&c.name) && !r.set_features.contains_key(&c.name)) {
+            if !cols.iter().any(|k| k.name == c.name) {
+                cols.push(c.clone());
+            }
+        }
+    }
+    if let Some(sel) = select {
+        cols = sel.iter().filter_map(|s| cols.iter().find(|c| &c.name == s).cloned()).collect();
+    }
+    // Group values in the order of the first run that has them (numbers by number).
+    let mut values: Vec<String> = Vec::new();
+    for g in &grouped {
+        for v in g {
+            if !values.contains(&v.value) {
+                values.push(v.value.clone());
+            }
+        }
+    }
+    values.sort_by_key(|v| (v.parse::<u64>().unwrap_or(u64::MAX), v.clone()));
+    let mut out = format!("| {key} | Method | n |");
+    for c in &cols {
+        out += &format!(" {}{} |", c.label, if c.higher_is_better { "↑" } else { "↓" });
+    }
+    out += "\n|---|---|---:|";
+    out += &"---:|".repeat(cols.len());
+    out += "\n";
+    for v in &values {
+        for (r, g) in runs.iter().zip(&grouped) {
+            let Some(g) = g.iter().find(|g| &g.value == v) else { continue };
+            out += &format!("| {v} | {} | {} |", r.name, g.samples);
+            for c in &cols {
+                out += &match g.aggregates.get(&c.name) {
+                    None => " - |".to_string(),
+                    Some(s) => {
+                        let d = decimals(s.mean);
+                        match s.ci95 {
+                            Some(h) => format!(" {:.d$} ± {h:.d$} |", s.mean),
+                            None => format!(" {:.d$} |", s.mean),
+                        }
+                    }
+                };
+            }
+            out += "\n";
+        }
+    }
+    out += &format!("\n± = half width of the {}, within each group.\n", super::run::CI_METHOD);
+    Some(out)
+}
+
 /// The `k` best and `k` worst rows by `column` (best first, then worst with the worst last).
 /// Rows without a value are left out; with fewer than 2k rows they are split about evenly and
 /// the two lists share none.

@@ -1,0 +1,232 @@
+//! `tokenar attention`: where the generated cells look, as PNG heat maps.
+
+use anyhow::{bail, Context};
+use clap::Args;
+use image::{Rgb, RgbImage};
+use std::path::{Path, PathBuf};
+use tokenar::pipeline::attention::{self, AttentionMaps, AttentionResult, GroupKind, Pick};
+use tokenar::pipeline::GenerateRequest;
+
+#[derive(Args)]
+pub struct AttentionArgs {
+    /// A reference image of one subject (repeat for each subject, in order; 1 to the model's
+    /// maximum).
+    #[arg(long = "ref", value_name = "IMAGE")]
+    refs: Vec<PathBuf>,
+    /// The scene (see `tokenar generate --help`).
+    #[arg(long)]
+    background: Option<PathBuf>,
+    /// White where the subjects go (see `tokenar generate --help`).
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Output folder: generated.png, shares.png, one cell_<row>_<col>.png per --cell, and
+    /// attention.json (every layer's and head's mean shares).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also draw where this target cell (token row, column; `tokenar info` gives the grid)
+    /// looks inside each reference and the background; repeat for more cells.
+    #[arg(long, value_name = "ROW,COL", value_parser = parse_cell)]
+    cell: Vec<(usize, usize)>,
+    /// One row per layer and head instead of per layer (averaged over its heads).
+    #[arg(long)]
+    per_head: bool,
+    /// Side of each picture in the figures, in pixels.
+    #[arg(long, default_value_t = 128)]
+    panel: u32,
+    #[command(flatten)]
+    model: super::ModelArgs,
+    #[command(flatten)]
+    sampling: super::SamplingArgs,
+}
+
+fn parse_cell(s: &str) -> Result<(usize, usize), String> {
+    let (r, c) = s.split_once(',').ok_or_else(|| format!("`{s}`: expected ROW,COL, e.g. 3,4"))?;
+    let n = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("`{t}` in `{s}` is not a row or column number"));
+    Ok((n(r)?, n(c)?))
+}
+
+/// The rows of a figure: (layer, head) picks, per layer (heads averaged) or per layer and
+/// head, then the mean over everything.
+fn figure_rows(maps: &AttentionMaps, per_head: bool) -> Vec<(Pick, Pick)> {
+    let mut rows = Vec::new();
+    for l in 0..maps.layers {
+        if per_head {
+            rows.extend((0..maps.heads).map(|h| (Pick::One(l), Pick::One(h))));
+        } else {
+            rows.push((Pick::One(l), Pick::Mean));
+        }
+    }
+    rows.push((Pick::Mean, Pick::Mean));
+    rows
+}
+
+/// The picture a group's keys belong to (a reference, the background), if any.
+fn group_image(r: &AttentionResult, kind: GroupKind) -> Option<&RgbImage> {
+    match kind {
+        GroupKind::Reference(i) => r.refs.get(i),
+        GroupKind::Background => Some(&r.background),
+        _ => None,
+    }
+}
+
+/// A flat panel standing for a group without a picture (text, instruct, ITD, target), shaded
+/// so that the columns can be told apart.
+fn plain(size: u32, kind: GroupKind) -> RgbImage {
+    let v = match kind {
+        GroupKind::Text => 200,
+        GroupKind::Instruct => 170,
+        GroupKind::Itd => 140,
+        _ => 110,
+    };
+    RgbImage::from_pixel(size, size, Rgb([v, v, v]))
+}
+
+/// The generated image with target cell `(row, col)` outlined.
+fn mark_cell(img: &RgbImage, grid: (usize, usize), (row, col): (usize, usize), size: u32) -> RgbImage {
+    let mut out = tokenar::imageio::resize_rgb(img, size, size);
+    let (gh, gw) = (grid.0 as u32, grid.1 as u32);
+    let (x0, x1) = (col as u32 * size / gw, ((col as u32 + 1) * size / gw).min(size) - 1);
+    let (y0, y1) = (row as u32 * size / gh, ((row as u32 + 1) * size / gh).min(size) - 1);
+    for x in x0..=x1 {
+        out.put_pixel(x, y0, Rgb([0, 255, 0]));
+        out.put_pixel(x, y1, Rgb([0, 255, 0]));
+    }
+    for y in y0..=y1 {
+        out.put_pixel(x0, y, Rgb([0, 255, 0]));
+        out.put_pixel(x1, y, Rgb([0, 255, 0]));
+    }
+    out
+}
+
+/// shares.png: a header row (the generated image, then each group's picture), then per row of
+/// [`figure_rows`] the generated image and each group's share of every cell's attention laid
+/// over it, on one scale for the whole figure (its largest share is white).
+fn shares_figure(r: &AttentionResult, rows: &[(Pick, Pick)], size: u32) -> anyhow::Result<(RgbImage, f32)> {
+    let m = &r.maps;
+    let all: Vec<Vec<Vec<f32>>> = rows.iter().map(|&(l, h)| m.shares(l, h)).collect::<Result<_, _>>()?;
+    let per_group: Vec<Vec<Vec<f32>>> =
+        all.iter().map(|cells| (0..m.groups.len()).map(|g| cells.iter().map(|c| c[g]).collect()).collect()).collect();
+    let scale = attention::max_of(per_group.iter().flatten());
+    let gen = tokenar::imageio::resize_rgb(&r.image, size, size);
+    let mut panels = vec![gen.clone()];
+    for g in &m.groups {
+        panels.push(group_image(r, g.kind).map(|i| tokenar::imageio::resize_rgb(i, size, size)).unwrap_or_else(|| plain(size, g.kind)));
+    }
+    for maps in &per_group {
+        panels.push(gen.clone());
+        for v in maps {
+            panels.push(attention::overlay(&r.image, v, m.grid, size, scale));
+        }
+    }
+    Ok((tokenar::imageio::grid(&panels, m.groups.len() + 1, 2), scale))
+}
+
+/// cell_<row>_<col>.png: a header row (the generated image with the cell outlined, then each
+/// reference and the background), then per row of [`figure_rows`] the cell's attention inside
+/// each of those pictures, each panel on its own scale (its largest value is white).
+fn cell_figure(r: &AttentionResult, rows: &[(Pick, Pick)], cell: (usize, usize), size: u32) -> anyhow::Result<RgbImage> {
+    let m = &r.maps;
+    let index = cell.0 * m.grid.1 + cell.1;
+    let images: Vec<(usize, &RgbImage)> = m.groups.iter().enumerate().filter_map(|(i, g)| group_image(r, g.kind).map(|img| (i, img))).collect();
+    let marked = mark_cell(&r.image, m.grid, cell, size);
+    let mut panels = vec![marked.clone()];
+    panels.extend(images.iter().map(|(_, img)| tokenar::imageio::resize_rgb(img, size, size)));
+    for &(l, h) in rows {
+        panels.push(marked.clone());
+        for &(g, img) in &images {
+            let v = m.cell_over(l, h, index, g)?;
+            let scale = attention::max_of([&v]);
+            panels.push(attention::overlay(img, &v, m.grid, size, scale));
+        }
+    }
+    Ok(tokenar::imageio::grid(&panels, images.len() + 1, 2))
+}
+
+/// attention.json: the groups, and for every layer and head (and their means) each group's
+/// share of the target cells' attention, averaged over the cells.
+fn summary(r: &AttentionResult, figure_scale: f32, cells: &[(usize, usize)]) -> anyhow::Result<serde_json::Value> {
+    let m = &r.maps;
+    let mean_share = |l: Pick, h: Pick| -> anyhow::Result<Vec<f64>> {
+        let s = m.shares(l, h)?;
+        Ok((0..m.groups.len()).map(|g| s.iter().map(|c| c[g] as f64).sum::<f64>() / s.len() as f64).collect())
+    };
+    let mut layers = Vec::new();
+    for l in 0..m.layers {
+        let heads = (0..m.heads).map(|h| mean_share(Pick::One(l), Pick::One(h))).collect::<anyhow::Result<Vec<_>>>()?;
+        layers.push(serde_json::json!({ "layer": l, "heads": heads, "mean": mean_share(Pick::One(l), Pick::Mean)? }));
+    }
+    Ok(serde_json::json!({
+        "about": "share of the attention of the generated target cells that goes to each group of keys, averaged over the cells (each cell's shares sum to 1)",
+        "groups": m.groups.iter().map(|g| g.kind.name()).collect::<Vec<_>>(),
+        "grid": [m.grid.0, m.grid.1],
+        "layers": layers,
+        "mean": mean_share(Pick::Mean, Pick::Mean)?,
+        "shares_png_scale": figure_scale,
+        "cells": cells.iter().map(|c| [c.0, c.1]).collect::<Vec<_>>(),
+    }))
+}
+
+fn write_png(path: &Path, img: &RgbImage) -> anyhow::Result<()> {
+    tokenar::imageio::save_rgb(path, img).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+pub fn run(a: AttentionArgs) -> anyhow::Result<()> {
+    if !(16..=1024).contains(&a.panel) {
+        bail!("--panel {}: expected 16 to 1024 pixels", a.panel);
+    }
+    let (refs, background, mask) = super::generate::load_condition_images(&a.refs, a.background.as_ref(), a.mask.as_ref())?;
+    let mut req = GenerateRequest {
+        refs,
+        background,
+        mask,
+        prompt: a.prompt.clone(),
+        options: a.sampling.options(&Default::default(), 0),
+        itd: a.sampling.itd,
+        num_samples: 1,
+        paste_back: a.sampling.paste_back,
+        decode_itd: false,
+    };
+    req.validate()?;
+    if a.model.dtype != tokenar::nn::WeightDtype::F32 {
+        bail!("--dtype {}: the attention is read from the f32 weights (leave --dtype out)", a.model.dtype);
+    }
+    let bundle = a.model.load()?;
+    let (gh, gw) = bundle.config().grid;
+    if let Some(c) = a.cell.iter().find(|c| c.0 >= gh || c.1 >= gw) {
+        bail!("--cell {},{}: the model's target grid is {gh} x {gw} (rows and columns from 0)", c.0, c.1);
+    }
+    req.options = a.sampling.options(&bundle.sampling, 0);
+    req.validate()?;
+    for w in tokenar::pipeline::generate::warnings(&bundle, &req) {
+        eprintln!("warning: {w}");
+    }
+    let r = attention::attention(&bundle, &req)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    write_png(&a.out.join("generated.png"), &r.image)?;
+    let rows = figure_rows(&r.maps, a.per_head);
+    let (fig, scale) = shares_figure(&r, &rows, a.panel)?;
+    write_png(&a.out.join("shares.png"), &fig)?;
+    for &c in &a.cell {
+        write_png(&a.out.join(format!("cell_{}_{}.png", c.0, c.1)), &cell_figure(&r, &rows, c, a.panel)?)?;
+    }
+    let json = serde_json::to_string_pretty(&summary(&r, scale, &a.cell)?)?;
+    tokenar::util::atomic_write(a.out.join("attention.json"), json.as_bytes())?;
+    let names: Vec<String> = r.maps.groups.iter().map(|g| g.kind.name()).collect();
+    let mean = r.maps.shares(Pick::Mean, Pick::Mean)?;
+    let avg: Vec<String> = (0..names.len())
+        .map(|g| format!("{} {:.3}", names[g], mean.iter().map(|c| c[g]).sum::<f32>() / mean.len() as f32))
+        .collect();
+    eprintln!(
+        "{} layers x {} heads; mean share of the target cells' attention: {}. shares.png: rows = {}, then the mean; columns = generated, {}",
+        r.maps.layers,
+        r.maps.heads,
+        avg.join(", "),
+        if a.per_head { "each layer's heads" } else { "layers (heads averaged)" },
+        names.join(", ")
+    );
+    Ok(())
+}

@@ -44,8 +44,13 @@ log_every = 1
 ckpt_every = 4
 keep_last = 1
 grid_samples = 1
+# The recipe's binding options (configs/tokenar-builtin-f4.toml) with 1 to 3 references.
+binding_loss = 1.0
+binding_first = 2
+binding_token_loss = 0.25
 [model]
 preset = "tiny"
+cell_embedding = true
 n_layer = 1
 n_head = 2
 dim = 32

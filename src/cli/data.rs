@@ -146,7 +146,7 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
             for (id, reason) in &report.bad {
                 println!("BAD {id}: {reason}");
             }
-            println!("{} samples: {} good, {} bad", report.total, report.good, report.bad.len());
+            println!("{} samples: {} good, {} bad (files confined to {})", report.total, report.good, report.bad.len(), report.root.display());
             if report.is_ok() {
                 Ok(())
             } else {

@@ -181,6 +181,6 @@ pub fn run_identity(
             p(done, todo.len());
         }
     }
-    report.write_kept(&ds.samples, &out.join(KEPT))?;
+    report.write_kept(&ds.samples, &ds.root, &out.join(KEPT))?;
     Ok(Summary { decided: todo.len(), resumed: ds.samples.len() - todo.len(), ..report.summary(&ds.samples) })
 }

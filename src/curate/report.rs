@@ -170,14 +170,15 @@ impl Report {
     }
 
     /// Write the kept samples of `samples`, in their order, as a manifest at `path`
-    /// (atomically), with absolute paths so that it can live anywhere.
-    pub fn write_kept(&self, samples: &[Sample], path: &Path) -> Result<usize> {
+    /// (atomically), with absolute paths so that it can live anywhere, declaring the dataset's
+    /// `root` (the folder its files live in) as the manifest's root.
+    pub fn write_kept(&self, samples: &[Sample], root: &Path, path: &Path) -> Result<usize> {
         let kept: Vec<Sample> = samples
             .iter()
             .filter(|s| self.get(&s.id).is_some_and(|v| v.kept))
             .map(absolute_sample)
             .collect::<Result<_>>()?;
-        write_manifest(path, &kept)?;
+        write_manifest(path, Some(&absolute(root)?), &kept)?;
         Ok(kept.len())
     }
 }

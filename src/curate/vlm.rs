@@ -247,6 +247,6 @@ pub fn run_vlm(ds: &Dataset, opts: &VlmOptions, out: &Path, progress: Option<&dy
         }
         Ok(())
     })?;
-    report.write_kept(&ds.samples, &out.join(KEPT))?;
+    report.write_kept(&ds.samples, &ds.root, &out.join(KEPT))?;
     Ok(Summary { decided: todo.len(), resumed: ds.samples.len() - todo.len(), ..report.summary(&ds.samples) })
 }

@@ -240,7 +240,9 @@ fn unreachable_endpoint_drops_every_sample_with_the_reason() {
     let report = Report::open(&out.join(vlm::REPORT), &vlm::filter_label("m")).unwrap();
     let r = &report.get("s_1").unwrap().reason;
     assert!(r.contains(&format!("127.0.0.1:{port}/v1/chat/completions")) && r.contains("failed"), "{r}");
-    assert_eq!(std::fs::read_to_string(out.join(vlm::KEPT)).unwrap(), "");
+    // The kept manifest declares the dataset's folder as its root and lists no sample.
+    let kept = std::fs::read_to_string(out.join(vlm::KEPT)).unwrap();
+    assert_eq!(kept, format!("#root {}\n", data.canonicalize().unwrap().display()));
     // Bad settings are errors before anything is asked.
     assert!(vlm::run_vlm(&ds, &VlmOptions::new("https://x:1", "m"), &root.join("o2"), None).unwrap_err().to_string().contains("https"));
     assert!(vlm::run_vlm(&ds, &VlmOptions::new("http://x:1", " "), &root.join("o2"), None).unwrap_err().to_string().contains("--model"));

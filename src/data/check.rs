@@ -12,6 +12,8 @@ pub struct CheckReport {
     pub good: usize,
     /// (sample id, reason), in dataset order.
     pub bad: Vec<(String, String)>,
+    /// The folder every file of the dataset must lie in (a manifest's declared root).
+    pub root: std::path::PathBuf,
 }
 
 impl CheckReport {
@@ -30,5 +32,6 @@ pub fn check(path: &Path, opts: &OpenOptions) -> Result<CheckReport> {
         total: ds.samples.len() + ds.skipped.len(),
         good: ds.samples.len(),
         bad: ds.skipped,
+        root: ds.root,
     })
 }

@@ -1,11 +1,15 @@
 //! A JSONL manifest for datasets that do not live in one folder tree: one JSON object per line,
 //! `{"id", "refs": [..], "background", "target", "mask", "prompt", "meta"}`, with paths relative
 //! to the manifest's folder (or absolute). Blank lines and lines starting with `#` are ignored.
-//! A manifest is an explicit list of files (curation writes one naming another folder's
-//! images), so its paths are not confined to its folder; the folder layout's are (see
-//! `instructar::open_dir`).
+//!
+//! Every path a manifest names must lie inside its root (symbolic links and `..` resolved, as
+//! for the folder layout, see `instructar::open_dir`): by default the manifest's own folder. A
+//! manifest that lists another folder's images (curation writes one) declares that folder on a
+//! header line `#root <path>` (absolute, or relative to the manifest's folder); a sample naming a
+//! file outside the root is skipped with a reason naming the path. The declared root is shown by
+//! `tokenar data check`, so what a manifest can reach is one line to read.
 
-use super::format::{validate, Dataset, Meta, OpenOptions, Sample};
+use super::format::{canonical_root, confine_sample, validate, Dataset, Meta, OpenOptions, Sample};
 use crate::error::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -26,12 +30,35 @@ pub struct Entry {
     pub meta: Option<Meta>,
 }
 
+/// The header line that declares a manifest's root.
+pub const ROOT_HEADER: &str = "#root ";
+
+/// The root a manifest's text declares (`#root <path>` before the first entry), resolved against
+/// the manifest's folder `base`; `base` itself when none is declared.
+fn declared_root(path: &Path, text: &str, base: &Path) -> Result<PathBuf> {
+    for line in text.lines().map(str::trim) {
+        if let Some(root) = line.strip_prefix(ROOT_HEADER) {
+            let root = Path::new(root.trim());
+            if root.as_os_str().is_empty() {
+                return Err(Error::bad_file(path, "`#root` names no folder"));
+            }
+            let full = if root.is_absolute() { root.to_path_buf() } else { base.join(root) };
+            return canonical_root(&full).map_err(|e| Error::bad_file(path, format!("declared root {}: {e}", root.display())));
+        }
+        if !line.is_empty() && !line.starts_with('#') {
+            break;
+        }
+    }
+    canonical_root(base)
+}
+
 pub fn open_manifest(path: &Path, opts: &OpenOptions) -> Result<Dataset> {
     let text = std::fs::read_to_string(path).with_path(path)?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let root = declared_root(path, &text, &base)?;
     let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     let mut ds = Dataset {
-        root: base.clone(),
+        root: root.clone(),
         samples: Vec::new(),
         skipped: Vec::new(),
     };
@@ -58,7 +85,7 @@ pub fn open_manifest(path: &Path, opts: &OpenOptions) -> Result<Dataset> {
             prompt: entry.prompt.trim().to_string(),
             meta: entry.meta,
         };
-        match validate(&sample, opts) {
+        match confine_sample(&root, &sample).and_then(|()| validate(&sample, opts)) {
             Ok(()) => ds.samples.push(sample),
             Err(reason) => ds.skipped.push((sample.id, reason)),
         }
@@ -66,9 +93,16 @@ pub fn open_manifest(path: &Path, opts: &OpenOptions) -> Result<Dataset> {
     Ok(ds)
 }
 
-/// Write a manifest for `samples` (paths as stored), one line each, atomically.
-pub fn write_manifest(path: &Path, samples: &[Sample]) -> Result<()> {
+/// Write a manifest for `samples` (paths as stored), one line each, atomically; `root`, when
+/// given, is declared on the header line (the folder the samples' files live in).
+pub fn write_manifest(path: &Path, root: Option<&Path>, samples: &[Sample]) -> Result<()> {
     let mut out = String::new();
+    if let Some(root) = root {
+        let root = root.to_str().ok_or_else(|| Error::invalid("manifest root", format!("{} is not valid UTF-8", root.display())))?;
+        out.push_str(ROOT_HEADER);
+        out.push_str(root);
+        out.push('\n');
+    }
     for s in samples {
         let e = Entry {
             id: Some(s.id.clone()),

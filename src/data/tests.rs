@@ -182,7 +182,7 @@ fn manifest_round_trips_and_reports_bad_lines() {
     for s in &mut rel {
         s.background = s.background.strip_prefix(&root).unwrap().to_path_buf();
     }
-    write_manifest(&manifest, &rel).unwrap();
+    write_manifest(&manifest, None, &rel).unwrap();
     let mut text = std::fs::read_to_string(&manifest).unwrap();
     text.push_str("{not json\n\n");
     std::fs::write(&manifest, text).unwrap();
@@ -201,5 +201,50 @@ fn manifest_round_trips_and_reports_bad_lines() {
     let report = check(&manifest, &OpenOptions::default()).unwrap();
     let bad: Vec<&str> = report.bad.iter().map(|b| b.0.as_str()).collect();
     assert_eq!(bad, ["s_2", "s_3", "s_4", "s_6", "line_7"]);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn manifest_paths_stay_inside_its_root() {
+    let root = temp_dir("manifest_root");
+    let data = root.join("tree");
+    std::fs::create_dir_all(&data).unwrap();
+    write_mixed_dataset(&data);
+    let ds = Dataset::open_quiet(&data, &OpenOptions { max_refs: 3, ..Default::default() }).unwrap();
+    let mut samples = ds.samples.clone();
+    for s in &mut samples {
+        s.dir = None;
+    }
+    assert!(!samples.is_empty());
+    let lists = root.join("lists");
+    std::fs::create_dir_all(&lists).unwrap();
+
+    // Without a declared root, files beside the manifest's folder are out of reach.
+    let manifest = lists.join("m.jsonl");
+    write_manifest(&manifest, None, &samples).unwrap();
+    let back = Dataset::open_quiet(&manifest, &OpenOptions::default()).unwrap();
+    assert!(back.samples.is_empty());
+    assert_eq!(back.skipped.len(), samples.len());
+    assert!(back.skipped.iter().all(|(_, why)| why.contains("outside the dataset root")), "{:?}", back.skipped);
+
+    // Declaring the data folder (relative to the manifest) as the root lets them load ...
+    write_manifest(&manifest, Some(Path::new("../tree")), &samples).unwrap();
+    let back = Dataset::open_quiet(&manifest, &OpenOptions::default()).unwrap();
+    assert_eq!(back.samples, samples);
+    assert_eq!(back.root, data.canonicalize().unwrap());
+
+    // ... and nothing else: a sample reaching out of it is skipped with its path named.
+    let mut escaping = samples.clone();
+    escaping[0].target = Some(data.join("..").join("secret.png"));
+    write_manifest(&manifest, Some(&data), &escaping).unwrap();
+    let back = Dataset::open_quiet(&manifest, &OpenOptions::default()).unwrap();
+    assert_eq!(back.samples.len(), samples.len() - 1);
+    assert_eq!(back.skipped.len(), 1);
+    assert!(back.skipped[0].1.contains("secret.png") && back.skipped[0].1.contains("outside"), "{:?}", back.skipped);
+
+    // A declared root that does not exist is an error naming the manifest.
+    std::fs::write(&manifest, "#root ../nowhere\n").unwrap();
+    let err = Dataset::open_quiet(&manifest, &OpenOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("m.jsonl") && err.contains("nowhere"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }

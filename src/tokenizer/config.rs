@@ -36,6 +36,13 @@ pub struct VqConfig {
     pub image_size: usize,
 }
 
+/// Limits on a tokenizer config (far above LlamaGen's: 512 channels, 5 levels, 16384 codes), so
+/// that a file's metadata cannot ask for impossible memory.
+pub const MAX_VQ_CHANNELS: usize = 8192;
+pub const MAX_VQ_LEVELS: usize = 8;
+pub const MAX_VQ_RES_BLOCKS: usize = 16;
+pub const MAX_VQ_CODEBOOK: usize = 1 << 20;
+
 /// The names [`VqConfig::preset`] accepts.
 pub const PRESETS: [&str; 5] = ["vq-16", "vq-8", "vq-small", "vq-small-f4", "vq-tiny"];
 
@@ -218,8 +225,60 @@ impl VqConfig {
         1usize << self.ch_mult.len().saturating_sub(1)
     }
 
+    /// Every size within its limit (`MAX_VQ_*` above), run first by [`Self::validate`], so that
+    /// a config from a file's metadata cannot make the counts overflow or ask for impossible
+    /// memory.
+    pub fn check_limits(&self) -> Result<()> {
+        let fields: [(&str, usize, usize); 8] = [
+            ("ch", self.ch, MAX_VQ_CHANNELS),
+            ("ch_mult length", self.ch_mult.len(), MAX_VQ_LEVELS),
+            ("enc_res_blocks", self.enc_res_blocks, MAX_VQ_RES_BLOCKS),
+            ("dec_res_blocks", self.dec_res_blocks, MAX_VQ_RES_BLOCKS),
+            ("z_channels", self.z_channels, MAX_VQ_CHANNELS),
+            ("codebook_size", self.codebook_size, MAX_VQ_CODEBOOK),
+            ("codebook_dim", self.codebook_dim, MAX_VQ_CHANNELS),
+            ("image_size", self.image_size, crate::util::MAX_IMAGE_SIZE as usize),
+        ];
+        for (name, value, max) in fields {
+            if value > max {
+                return Err(Error::invalid("tokenizer config", format!("{name} {value} is larger than the limit of {max}")));
+            }
+        }
+        for m in &self.ch_mult {
+            if self.ch * m > MAX_VQ_CHANNELS {
+                return Err(Error::invalid(
+                    "tokenizer config",
+                    format!("ch {} x ch_mult {m} is larger than the limit of {MAX_VQ_CHANNELS} channels", self.ch),
+                ));
+            }
+        }
+        if self.norm_groups > MAX_VQ_CHANNELS || !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return Err(Error::invalid(
+                "tokenizer config",
+                format!("norm_groups {} must be at most {MAX_VQ_CHANNELS} and norm_eps {} finite and non-negative", self.norm_groups, self.norm_eps),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A configuration read from a file's metadata must describe the tensors beside it: the
+    /// parameters it implies cannot exceed the `values` the file holds. Checked before the
+    /// model is built, so an edited config is an error naming both numbers, not an allocation.
+    pub fn check_fits_values(&self, values: usize) -> Result<()> {
+        self.check_limits()?;
+        let implied = self.num_params();
+        if implied > values {
+            return Err(Error::invalid(
+                "tokenizer config",
+                format!("it implies {implied} parameters ({}) but the file holds only {values} values", self.describe()),
+            ));
+        }
+        Ok(())
+    }
+
     /// Check that the config builds a model.
     pub fn validate(&self) -> Result<()> {
+        self.check_limits()?;
         let bad = |msg: String| Err(Error::invalid("tokenizer config", msg));
         if self.ch == 0 || self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
             return bad(format!("ch {} and ch_mult {:?} must be non-empty and positive", self.ch, self.ch_mult));

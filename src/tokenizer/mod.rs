@@ -186,6 +186,7 @@ pub fn config_of(path: &Path, metadata: &BTreeMap<String, String>, shape: &dyn F
     if let Some(json) = metadata.get(META_CONFIG) {
         let cfg = serde_json::from_str::<VqConfig>(json)
             .map_err(|e| Error::bad_file(path, format!("metadata `{META_CONFIG}` is not a tokenizer config: {e}")))?;
+        cfg.check_limits().map_err(|e| Error::bad_file(path, format!("metadata `{META_CONFIG}`: {e}")))?;
         return Ok(Found::Metadata(cfg));
     }
     match VqConfig::infer_from_shapes(shape) {
@@ -200,6 +201,8 @@ pub fn load_file(file: &mut TensorFile, preset: Option<&str>, device: &Device) -
     let tensors = &file.tensors;
     let found = config_of(&file.path, &file.metadata, &|k| tensors.get(k).map(|t| t.dims().to_vec()))?;
     let cfg = resolve(&file.path, preset, found)?;
+    cfg.check_fits_values(file.tensors.values().map(|t| t.elem_count()).sum())
+        .map_err(|e| Error::bad_file(&file.path, e.to_string()))?;
     // Every variable is loaded (strictly), so it starts as zeros instead of random draws.
     let varmap = VarMap::new();
     let vq = Vq::new(&cfg, crate::model::load::zeros_builder(&varmap, DType::F32, device))?;

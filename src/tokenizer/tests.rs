@@ -516,3 +516,29 @@ fn batches_are_coded_as_their_images_one_by_one() {
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn metadata_configs_beyond_limits_or_the_file_are_refused() {
+    let d = tmpdir("meta_limits");
+    let cfg = VqConfig::preset("vq-tiny").unwrap();
+    let (_, vm) = build(&cfg, &Device::Cpu, 0).unwrap();
+    let p = d.join("vq.safetensors");
+    // A config claiming a model larger than the tensors beside it: an error naming both counts,
+    // before anything of that size is allocated.
+    save(&p, &VqConfig::preset("vq-16").unwrap(), &vm).unwrap();
+    let e = load(&p, None, &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("vq.safetensors") && e.contains("holds only"), "{e}");
+    // Sizes beyond the limits: refused where the metadata is read (load and `info` alike).
+    for (field, big) in [("ch", 1usize << 40), ("codebook_size", usize::MAX / 2), ("image_size", 1 << 20)] {
+        let mut c = cfg.clone();
+        match field {
+            "ch" => c.ch = big,
+            "codebook_size" => c.codebook_size = big,
+            _ => c.image_size = big,
+        }
+        save(&p, &c, &vm).unwrap();
+        let e = load(&p, None, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("vq.safetensors") && e.contains(field) && e.contains("limit"), "{field}: {e}");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -184,7 +184,7 @@ fn one_to_three_subjects_from_synth_mix_to_per_count_eval() {
     for n in 1..=3 {
         assert!(by.lines().any(|l| l.starts_with(&format!("| {n} | ")) && l.contains(" | 3 |")), "{by}");
     }
-    assert!(ev.join("table_by_relation.md").exists());
+    assert!(ev.join("table_by_relation.md").exists() && ev.join("sheet.png").exists());
     let (code, t) = tokenar_cmd(&["eval", "table", ev.join("results.json").to_str().unwrap(), "--by", "subjects", "--columns", "psnr"]);
     assert_eq!(code, 0, "{t}");
     assert!(t.contains("| subjects | Method | n | PSNR↑ |"), "{t}");

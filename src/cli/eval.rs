@@ -230,6 +230,17 @@ fn write_outputs(r: &run::EvalResult, out: &Path, grid: &GridArgs) -> anyhow::Re
         })
         .context("drawing the best/worst grid")?;
         tokenar::imageio::save_rgb(out.join("best_worst.png"), &img)?;
+        // Contact sheet: the 9 best, 9 median and 9 worst samples, 3 a row (references,
+        // target, prediction each).
+        let blocks = report::best_median_worst(r, &rank, 9)?;
+        let sheet = report::contact_sheet(&blocks, 3, &mut |row| {
+            let s = samples.get(row.index).filter(|s| s.id == row.id).ok_or_else(|| {
+                tokenar::Error::invalid("dataset", format!("sample {} is no longer at index {}", row.id, row.index))
+            })?;
+            run::sheet_panels(s, Path::new(pred_dir), size)
+        })
+        .context("drawing the contact sheet")?;
+        tokenar::imageio::save_rgb(out.join("sheet.png"), &sheet)?;
     }
     eprintln!("wrote {}", out.display());
     Ok(())

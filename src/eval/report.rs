@@ -168,6 +168,66 @@ pub fn best_and_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<(
     Ok((best, worst))
 }
 
+/// The `k` best, `k` median and `k` worst rows by `column` (each list best first). Rows
+/// without a value are left out; with fewer than 3k rows the three lists split them about
+/// evenly and share none.
+pub fn best_median_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<[Vec<&'a Row>; 3]> {
+    let col = r
+        .columns
+        .iter()
+        .find(|c| c.name == column)
+        .ok_or_else(|| Error::invalid("rank metric", format!("`{column}` is not a per-sample column of this result")))?;
+    let mut rows: Vec<(&Row, f64)> =
+        r.rows.iter().filter_map(|row| row.values.get(column).copied().flatten().map(|v| (row, v))).collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.index.cmp(&b.0.index)));
+    if !col.higher_is_better {
+        rows.reverse();
+    }
+    let n = rows.len();
+    let take = |r: std::ops::Range<usize>| -> Vec<&'a Row> { rows[r].iter().map(|x| x.0).collect() };
+    if n >= 3 * k {
+        let mid = (n - k) / 2;
+        return Ok([take(0..k), take(mid..mid + k), take(n - k..n)]);
+    }
+    let n1 = n.div_ceil(3);
+    let n2 = n1 + (n - n1).div_ceil(2);
+    let (best, median, worst) = (take(0..n1), take(n1..n2), take(n2..n));
+    Ok([best, median, worst])
+}
+
+/// A contact sheet: one block per list of rows (e.g. best, median, worst), each a grid of
+/// `cols` samples per row, blocks separated by red bars. `load(row)` returns the panels of one
+/// sample, laid side by side.
+pub fn contact_sheet(blocks: &[Vec<&Row>], cols: usize, load: &mut dyn FnMut(&Row) -> Result<Vec<RgbImage>>) -> Result<RgbImage> {
+    let mut strips = Vec::new();
+    for rows in blocks.iter().filter(|b| !b.is_empty()) {
+        let mut samples = Vec::new();
+        for row in rows {
+            let p = load(row)?;
+            samples.push(crate::imageio::grid(&p, p.len(), 1));
+        }
+        strips.push(crate::imageio::grid(&samples, cols, 6));
+    }
+    let w = strips.iter().map(|s| s.width()).max().unwrap_or(1);
+    let bar = 4;
+    let h = strips.iter().map(|s| s.height()).sum::<u32>() + bar * strips.len().saturating_sub(1) as u32;
+    let mut out = RgbImage::from_pixel(w, h.max(1), Rgb([255, 255, 255]));
+    let mut y = 0;
+    for (i, s) in strips.iter().enumerate() {
+        if i > 0 {
+            for yy in y..y + bar {
+                for x in 0..w {
+                    out.put_pixel(x, yy, Rgb([200, 30, 30]));
+                }
+            }
+            y += bar;
+        }
+        image::imageops::replace(&mut out, s, 0, y as i64);
+        y += s.height();
+    }
+    Ok(out)
+}
+
 /// One image: a row of panels per sample (e.g. target | prediction | mask), the best samples
 /// on top, a red bar, then the worst. `load(row)` returns the panels of a sample.
 pub fn best_worst_grid(

@@ -243,6 +243,21 @@ pub fn sample_panels(s: &EvalSample, pred_dir: &Path, size: Option<u32>) -> Resu
     Ok(out)
 }
 
+/// The panels of one sample on a contact sheet: its references, the target and the
+/// prediction, all at the target's size.
+pub fn sheet_panels(s: &EvalSample, pred_dir: &Path, size: Option<u32>) -> Result<Vec<RgbImage>> {
+    let target = s.target.as_ref().map(|p| imageio::load_rgb(p, size)).transpose()?;
+    let pred = imageio::load_rgb(pred_dir.join(format!("{}.png", s.id)), None)?;
+    let (w, h) = target.as_ref().map(|t| t.dimensions()).unwrap_or(pred.dimensions());
+    let mut out = Vec::new();
+    for r in &s.refs {
+        out.push(imageio::resize_rgb(&imageio::load_rgb(r, None)?, w, h));
+    }
+    out.extend(target);
+    out.push(if pred.dimensions() == (w, h) { pred } else { imageio::resize_rgb(&pred, w, h) });
+    Ok(out)
+}
+
 /// One group of samples (e.g. the 2-subject samples) and its per-column aggregates, with the
 /// same interval as the whole run's ([`CI_METHOD`]).
 #[derive(Clone, Debug, PartialEq)]

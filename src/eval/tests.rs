@@ -300,6 +300,27 @@ mod pipeline {
     }
 
     #[test]
+    fn contact_sheet_of_best_median_and_worst() {
+        let (_tmp, data, pred) = build("sheet");
+        let r = eval(&data, &pred, (0, 1));
+        // Five scored samples: ground truth (id_acc 1) at 0, 20, 40; swapped (0) at 10, 30.
+        let [b, m, w] = report::best_median_worst(&r, "psnr", 1).unwrap();
+        assert_eq!((b.len(), m.len(), w.len()), (1, 1, 1));
+        assert!(b[0].values["psnr"] >= m[0].values["psnr"] && m[0].values["psnr"] >= w[0].values["psnr"]);
+        let [b, m, w] = report::best_median_worst(&r, "id_acc", 9).unwrap();
+        assert_eq!((b.len(), m.len(), w.len()), (2, 2, 1), "fewer than 3k rows split about evenly");
+        assert!(b.iter().all(|row| row.values["id_acc"] == Some(1.0)) && w[0].values["id_acc"] == Some(0.0));
+        let samples = samples::list_samples(&data).unwrap();
+        let panels = run::sheet_panels(&samples[0], &pred, None).unwrap();
+        assert_eq!(panels.len(), samples[0].refs.len() + 2, "references, target, prediction");
+        assert!(panels.iter().all(|p| p.dimensions() == (64, 64)));
+        let sheet = report::contact_sheet(&[b, m, w], 3, &mut |row| run::sheet_panels(&samples[row.index], &pred, None)).unwrap();
+        let strip = (panels.len() as u32) * 65 + 1;
+        assert_eq!(sheet.width(), 2 * strip + 3 * 6, "two samples a row in the widest block");
+        assert!(report::best_median_worst(&r, "nope", 3).is_err());
+    }
+
+    #[test]
     fn unknown_metric_and_bad_dataset_are_errors() {
         let ctx = MetricContext { weights_dir: None, device: candle_core::Device::Cpu };
         let e = metric::build_metrics(&specs(), Some(&["nope".to_string()]), &ctx).err().unwrap().to_string();

@@ -2,9 +2,9 @@
 
 use anyhow::{bail, Context};
 use clap::Args;
-use image::{Rgb, RgbImage};
+use image::RgbImage;
 use std::path::{Path, PathBuf};
-use tokenar::pipeline::attention::{self, AttentionMaps, AttentionResult, GroupKind, Pick};
+use tokenar::pipeline::attention::{self, AttentionResult, Pick};
 use tokenar::pipeline::GenerateRequest;
 
 #[derive(Args)]
@@ -45,103 +45,6 @@ fn parse_cell(s: &str) -> Result<(usize, usize), String> {
     let (r, c) = s.split_once(',').ok_or_else(|| format!("`{s}`: expected ROW,COL, e.g. 3,4"))?;
     let n = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("`{t}` in `{s}` is not a row or column number"));
     Ok((n(r)?, n(c)?))
-}
-
-/// The rows of a figure: (layer, head) picks, per layer (heads averaged) or per layer and
-/// head, then the mean over everything.
-fn figure_rows(maps: &AttentionMaps, per_head: bool) -> Vec<(Pick, Pick)> {
-    let mut rows = Vec::new();
-    for l in 0..maps.layers {
-        if per_head {
-            rows.extend((0..maps.heads).map(|h| (Pick::One(l), Pick::One(h))));
-        } else {
-            rows.push((Pick::One(l), Pick::Mean));
-        }
-    }
-    rows.push((Pick::Mean, Pick::Mean));
-    rows
-}
-
-/// The picture a group's keys belong to (a reference, the background), if any.
-fn group_image(r: &AttentionResult, kind: GroupKind) -> Option<&RgbImage> {
-    match kind {
-        GroupKind::Reference(i) => r.refs.get(i),
-        GroupKind::Background => Some(&r.background),
-        _ => None,
-    }
-}
-
-/// A flat panel standing for a group without a picture (text, instruct, ITD, target), shaded
-/// so that the columns can be told apart.
-fn plain(size: u32, kind: GroupKind) -> RgbImage {
-    let v = match kind {
-        GroupKind::Text => 200,
-        GroupKind::Instruct => 170,
-        GroupKind::Itd => 140,
-        _ => 110,
-    };
-    RgbImage::from_pixel(size, size, Rgb([v, v, v]))
-}
-
-/// The generated image with target cell `(row, col)` outlined.
-fn mark_cell(img: &RgbImage, grid: (usize, usize), (row, col): (usize, usize), size: u32) -> RgbImage {
-    let mut out = tokenar::imageio::resize_rgb(img, size, size);
-    let (gh, gw) = (grid.0 as u32, grid.1 as u32);
-    let (x0, x1) = (col as u32 * size / gw, ((col as u32 + 1) * size / gw).min(size) - 1);
-    let (y0, y1) = (row as u32 * size / gh, ((row as u32 + 1) * size / gh).min(size) - 1);
-    for x in x0..=x1 {
-        out.put_pixel(x, y0, Rgb([0, 255, 0]));
-        out.put_pixel(x, y1, Rgb([0, 255, 0]));
-    }
-    for y in y0..=y1 {
-        out.put_pixel(x0, y, Rgb([0, 255, 0]));
-        out.put_pixel(x1, y, Rgb([0, 255, 0]));
-    }
-    out
-}
-
-/// shares.png: a header row (the generated image, then each group's picture), then per row of
-/// [`figure_rows`] the generated image and each group's share of every cell's attention laid
-/// over it, on one scale for the whole figure (its largest share is white).
-fn shares_figure(r: &AttentionResult, rows: &[(Pick, Pick)], size: u32) -> anyhow::Result<(RgbImage, f32)> {
-    let m = &r.maps;
-    let all: Vec<Vec<Vec<f32>>> = rows.iter().map(|&(l, h)| m.shares(l, h)).collect::<Result<_, _>>()?;
-    let per_group: Vec<Vec<Vec<f32>>> =
-        all.iter().map(|cells| (0..m.groups.len()).map(|g| cells.iter().map(|c| c[g]).collect()).collect()).collect();
-    let scale = attention::max_of(per_group.iter().flatten());
-    let gen = tokenar::imageio::resize_rgb(&r.image, size, size);
-    let mut panels = vec![gen.clone()];
-    for g in &m.groups {
-        panels.push(group_image(r, g.kind).map(|i| tokenar::imageio::resize_rgb(i, size, size)).unwrap_or_else(|| plain(size, g.kind)));
-    }
-    for maps in &per_group {
-        panels.push(gen.clone());
-        for v in maps {
-            panels.push(attention::overlay(&r.image, v, m.grid, size, scale));
-        }
-    }
-    Ok((tokenar::imageio::grid(&panels, m.groups.len() + 1, 2), scale))
-}
-
-/// cell_<row>_<col>.png: a header row (the generated image with the cell outlined, then each
-/// reference and the background), then per row of [`figure_rows`] the cell's attention inside
-/// each of those pictures, each panel on its own scale (its largest value is white).
-fn cell_figure(r: &AttentionResult, rows: &[(Pick, Pick)], cell: (usize, usize), size: u32) -> anyhow::Result<RgbImage> {
-    let m = &r.maps;
-    let index = cell.0 * m.grid.1 + cell.1;
-    let images: Vec<(usize, &RgbImage)> = m.groups.iter().enumerate().filter_map(|(i, g)| group_image(r, g.kind).map(|img| (i, img))).collect();
-    let marked = mark_cell(&r.image, m.grid, cell, size);
-    let mut panels = vec![marked.clone()];
-    panels.extend(images.iter().map(|(_, img)| tokenar::imageio::resize_rgb(img, size, size)));
-    for &(l, h) in rows {
-        panels.push(marked.clone());
-        for &(g, img) in &images {
-            let v = m.cell_over(l, h, index, g)?;
-            let scale = attention::max_of([&v]);
-            panels.push(attention::overlay(img, &v, m.grid, size, scale));
-        }
-    }
-    Ok(tokenar::imageio::grid(&panels, images.len() + 1, 2))
 }
 
 /// attention.json: the groups, and for every layer and head (and their means) each group's
@@ -207,11 +110,11 @@ pub fn run(a: AttentionArgs) -> anyhow::Result<()> {
     let r = attention::attention(&bundle, &req)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     write_png(&a.out.join("generated.png"), &r.image)?;
-    let rows = figure_rows(&r.maps, a.per_head);
-    let (fig, scale) = shares_figure(&r, &rows, a.panel)?;
+    let rows = attention::figure_rows(&r.maps, a.per_head);
+    let (fig, scale) = attention::shares_figure(&r, &rows, a.panel)?;
     write_png(&a.out.join("shares.png"), &fig)?;
     for &c in &a.cell {
-        write_png(&a.out.join(format!("cell_{}_{}.png", c.0, c.1)), &cell_figure(&r, &rows, c, a.panel)?)?;
+        write_png(&a.out.join(format!("cell_{}_{}.png", c.0, c.1)), &attention::cell_figure(&r, &rows, c, a.panel)?)?;
     }
     let json = serde_json::to_string_pretty(&summary(&r, scale, &a.cell)?)?;
     tokenar::util::atomic_write(a.out.join("attention.json"), json.as_bytes())?;

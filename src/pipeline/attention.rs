@@ -191,14 +191,22 @@ pub struct AttentionResult {
 /// Generate one image for `req` (its first sample) and record where its target cells look.
 pub fn attention(bundle: &Bundle, req: &GenerateRequest) -> Result<AttentionResult> {
     let req = GenerateRequest { num_samples: 1, decode_itd: false, ..req.clone() };
-    let out = generate(bundle, &req, None)?;
-    let (cond, refs, background) = request_condition(bundle, &req)?;
+    let mut out = generate(bundle, &req, None)?;
+    attention_of(bundle, &req, out.images.remove(0), &out.target_codes[0])
+}
+
+/// Where the target cells of an image already generated for `req` (its target `codes`) look.
+pub fn attention_of(bundle: &Bundle, req: &GenerateRequest, image: RgbImage, codes: &[u32]) -> Result<AttentionResult> {
+    let (cond, refs, background) = request_condition(bundle, req)?;
     let gpt = &bundle.gpt;
     let layout = gpt.layout_for(&cond)?;
     let target = layout.segment(SegmentKind::Target).ok_or_else(|| Error::invalid("layout", "the sequence has no target segment"))?;
     let hw = target.len;
+    if codes.len() != hw {
+        return Err(Error::invalid("attention", format!("{} target codes given, the model's grid has {hw}", codes.len())));
+    }
     let rows = target.start - 1..target.start - 1 + hw;
-    let codes = Tensor::from_vec(out.target_codes[0].clone(), (1, hw), gpt.device())?;
+    let codes = Tensor::from_vec(codes.to_vec(), (1, hw), gpt.device())?;
     let mut rng = crate::util::rng(0);
     let (_, layers) = crate::nn::attention_record::record(rows, || gpt.forward_train_full(&cond, &codes, false, &mut rng))?;
     let keys = layout.input_len();
@@ -211,7 +219,7 @@ pub fn attention(bundle: &Bundle, req: &GenerateRequest) -> Result<AttentionResu
         })
         .collect::<Result<Vec<_>>>()?;
     let maps = AttentionMaps::new(gpt.config().grid, keys, key_groups(&layout), per_layer)?;
-    Ok(AttentionResult { image: out.images.into_iter().next().unwrap_or_default(), refs, background, maps })
+    Ok(AttentionResult { image, refs, background, maps })
 }
 
 /// Colour of a value in [0, 1]: black, red, yellow, white (a "hot" map).
@@ -240,6 +248,103 @@ pub fn overlay(under: &RgbImage, values: &[f32], grid: (usize, usize), size: u32
 /// The largest value of several maps (the common scale of one figure), at least 1e-6.
 pub fn max_of<'a>(maps: impl IntoIterator<Item = &'a Vec<f32>>) -> f32 {
     maps.into_iter().flatten().copied().fold(1e-6, f32::max)
+}
+
+/// The rows of a figure: (layer, head) picks, per layer (heads averaged) or per layer and
+/// head, then the mean over everything.
+pub fn figure_rows(maps: &AttentionMaps, per_head: bool) -> Vec<(Pick, Pick)> {
+    let mut rows = Vec::new();
+    for l in 0..maps.layers {
+        if per_head {
+            rows.extend((0..maps.heads).map(|h| (Pick::One(l), Pick::One(h))));
+        } else {
+            rows.push((Pick::One(l), Pick::Mean));
+        }
+    }
+    rows.push((Pick::Mean, Pick::Mean));
+    rows
+}
+
+/// The picture a group's keys belong to (a reference, the background), if any.
+fn group_image(r: &AttentionResult, kind: GroupKind) -> Option<&RgbImage> {
+    match kind {
+        GroupKind::Reference(i) => r.refs.get(i),
+        GroupKind::Background => Some(&r.background),
+        _ => None,
+    }
+}
+
+/// A flat panel standing for a group without a picture (text, instruct, ITD, target), shaded
+/// so that the columns can be told apart.
+fn plain(size: u32, kind: GroupKind) -> RgbImage {
+    let v = match kind {
+        GroupKind::Text => 200,
+        GroupKind::Instruct => 170,
+        GroupKind::Itd => 140,
+        _ => 110,
+    };
+    RgbImage::from_pixel(size, size, Rgb([v, v, v]))
+}
+
+/// The generated image with target cell `(row, col)` outlined.
+fn mark_cell(img: &RgbImage, grid: (usize, usize), (row, col): (usize, usize), size: u32) -> RgbImage {
+    let mut out = crate::imageio::resize_rgb(img, size, size);
+    let (gh, gw) = (grid.0 as u32, grid.1 as u32);
+    let (x0, x1) = (col as u32 * size / gw, ((col as u32 + 1) * size / gw).min(size) - 1);
+    let (y0, y1) = (row as u32 * size / gh, ((row as u32 + 1) * size / gh).min(size) - 1);
+    for x in x0..=x1 {
+        out.put_pixel(x, y0, Rgb([0, 255, 0]));
+        out.put_pixel(x, y1, Rgb([0, 255, 0]));
+    }
+    for y in y0..=y1 {
+        out.put_pixel(x0, y, Rgb([0, 255, 0]));
+        out.put_pixel(x1, y, Rgb([0, 255, 0]));
+    }
+    out
+}
+
+/// shares.png: a header row (the generated image, then each group's picture), then per row of
+/// [`figure_rows`] the generated image and each group's share of every cell's attention laid
+/// over it, on one scale for the whole figure (its largest share is white).
+pub fn shares_figure(r: &AttentionResult, rows: &[(Pick, Pick)], size: u32) -> Result<(RgbImage, f32)> {
+    let m = &r.maps;
+    let all: Vec<Vec<Vec<f32>>> = rows.iter().map(|&(l, h)| m.shares(l, h)).collect::<Result<_>>()?;
+    let per_group: Vec<Vec<Vec<f32>>> =
+        all.iter().map(|cells| (0..m.groups.len()).map(|g| cells.iter().map(|c| c[g]).collect()).collect()).collect();
+    let scale = max_of(per_group.iter().flatten());
+    let gen = crate::imageio::resize_rgb(&r.image, size, size);
+    let mut panels = vec![gen.clone()];
+    for g in &m.groups {
+        panels.push(group_image(r, g.kind).map(|i| crate::imageio::resize_rgb(i, size, size)).unwrap_or_else(|| plain(size, g.kind)));
+    }
+    for maps in &per_group {
+        panels.push(gen.clone());
+        for v in maps {
+            panels.push(overlay(&r.image, v, m.grid, size, scale));
+        }
+    }
+    Ok((crate::imageio::grid(&panels, m.groups.len() + 1, 2), scale))
+}
+
+/// cell_<row>_<col>.png: a header row (the generated image with the cell outlined, then each
+/// reference and the background), then per row of [`figure_rows`] the cell's attention inside
+/// each of those pictures, each panel on its own scale (its largest value is white).
+pub fn cell_figure(r: &AttentionResult, rows: &[(Pick, Pick)], cell: (usize, usize), size: u32) -> Result<RgbImage> {
+    let m = &r.maps;
+    let index = cell.0 * m.grid.1 + cell.1;
+    let images: Vec<(usize, &RgbImage)> = m.groups.iter().enumerate().filter_map(|(i, g)| group_image(r, g.kind).map(|img| (i, img))).collect();
+    let marked = mark_cell(&r.image, m.grid, cell, size);
+    let mut panels = vec![marked.clone()];
+    panels.extend(images.iter().map(|(_, img)| crate::imageio::resize_rgb(img, size, size)));
+    for &(l, h) in rows {
+        panels.push(marked.clone());
+        for &(g, img) in &images {
+            let v = m.cell_over(l, h, index, g)?;
+            let scale = max_of([&v]);
+            panels.push(overlay(img, &v, m.grid, size, scale));
+        }
+    }
+    Ok(crate::imageio::grid(&panels, images.len() + 1, 2))
 }
 
 #[cfg(test)]

@@ -166,20 +166,26 @@ stage_pack() {
   echo "$(date -u +%FT%TZ) pack: $bytes bytes into assets/builtin (rebuild to compile them in)" >> "$LOG"
 }
 
-STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(data ceiling tokenizer encode train eval pack)
-[ -n "${TOKENAR:-}" ] || cargo build --release
-for s in "${STAGES[@]}"; do
-  case $s in
-    data | ceiling | tokenizer | encode | train | eval | pack) ;;
-    *) echo "unknown stage \`$s\` (data ceiling tokenizer encode train eval pack)" >&2; exit 2 ;;
-  esac
-  # train and eval always run (train resumes to STEPS; eval scores the newest export).
-  if is_done "$s" && [ "$s" != train ] && [ "$s" != eval ]; then
-    echo "stage $s: done ($(cat "$RUN/$s.done")); delete $RUN/$s.done to run it again"
-    continue
-  fi
-  echo "stage $s"
-  "stage_$s"
-  done_mark "$s"
-done
+# Everything runs from main, which bash has read whole before it starts: editing this file
+# while a run goes on does not change that run.
+main() {
+  local s stages=("$@")
+  [ ${#stages[@]} -eq 0 ] && stages=(data ceiling tokenizer encode train eval pack)
+  [ -n "${TOKENAR:-}" ] || cargo build --release
+  for s in "${stages[@]}"; do
+    case $s in
+      data | ceiling | tokenizer | encode | train | eval | pack) ;;
+      *) echo "unknown stage \`$s\` (data ceiling tokenizer encode train eval pack)" >&2; exit 2 ;;
+    esac
+    # train and eval always run (train resumes to STEPS; eval scores the newest export).
+    if is_done "$s" && [ "$s" != train ] && [ "$s" != eval ]; then
+      echo "stage $s: done ($(cat "$RUN/$s.done")); delete $RUN/$s.done to run it again"
+      continue
+    fi
+    echo "stage $s"
+    "stage_$s"
+    done_mark "$s"
+  done
+}
+
+main "$@"; exit

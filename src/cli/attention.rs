@@ -19,10 +19,14 @@ pub struct AttentionArgs {
     /// White where the subjects go (see `tokenar generate --help`).
     #[arg(long)]
     mask: Option<PathBuf>,
+    /// What the image shows (as for `tokenar generate`).
     #[arg(long)]
     prompt: String,
-    /// Output folder: generated.png, shares.png, one cell_<row>_<col>.png per --cell, and
-    /// attention.json (every layer's and head's mean shares).
+    /// Output folder: generated.png; shares.png (columns: the image, then each group of keys
+    /// -- ref1.., background, text, instruct, itd, target -- under a header row of their
+    /// pictures; rows: each layer with its heads averaged, or each head with --per-head, then
+    /// the mean; each panel the group's share of every cell's attention, on one scale); one
+    /// cell_<row>_<col>.png per --cell; attention.json (every layer's and head's mean shares).
     #[arg(long)]
     out: PathBuf,
     /// Also draw where this target cell (token row, column; `tokenar info` gives the grid)

@@ -80,6 +80,44 @@ pub enum DataCmd {
         #[arg(long)]
         force: bool,
     },
+    // ---- data import-subjects200k ----
+    /// Import the single-subject benchmark from Subjects200K / SubjectSpatial200K parquet
+    /// shards: scene panel = target, subject panel = the reference, bbox = the mask, the scene
+    /// with the box blacked out = the background, description_0 = the prompt.
+    #[command(name = "import-subjects200k")]
+    ImportSubjects200k {
+        /// Parquet shards as published (read in the order given).
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+        /// Output dataset folder (written as a whole, then renamed into place).
+        #[arg(long)]
+        out: PathBuf,
+        /// Samples to draw among the eligible rows (all of them when fewer).
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        /// Seed of the draw.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 512)]
+        size: u32,
+        /// Eligible rows by quality scores: test (object consistency and image quality 5,
+        /// composite structure 3 or 4: the SubjectSpatial200K evaluation split), train (all 5)
+        /// or all.
+        #[arg(long, default_value = "test")]
+        partition: data::subjects200k::Partition,
+        /// Pixels cut from every side of each panel before resizing (Subjects200K's 512-pixel
+        /// panels have an 8-pixel margin); 0 splits the image in two halves as they are.
+        #[arg(long, default_value_t = 0)]
+        padding: u32,
+        /// The shards have no `bbox` column (Subjects200K): mask the whole scene.
+        #[arg(long)]
+        no_box: bool,
+        /// Replace an earlier import in --out.
+        #[arg(long)]
+        force: bool,
+    },
+    // ---- end data import-subjects200k ----
     /// Write a contact sheet (references, background, mask, target per row).
     Sheet {
         path: PathBuf,
@@ -153,6 +191,32 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
                 anyhow::bail!("{} bad sample(s) in {}", report.bad.len(), path.display())
             }
         }
+        // ---- data import-subjects200k ----
+        DataCmd::ImportSubjects200k { shards, out, count, seed, size, partition, padding, no_box, force } => {
+            let opts = data::subjects200k::ImportOptions { count, seed, size, partition, padding, no_box };
+            let bar = super::progress_bar(0, "{msg} {bar:40} {pos}/{len} [{elapsed_precise}]");
+            let progress = |stage: &str, done: usize, total: usize| {
+                bar.set_message(stage.to_string());
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            };
+            let r = data::subjects200k::import(&shards, &out, &opts, force, Some(&progress));
+            bar.finish_and_clear();
+            let r = r?;
+            eprintln!(
+                "wrote {} samples to {} ({} of {} rows eligible; left out: {:?})",
+                r.samples.len(),
+                out.display(),
+                r.eligible,
+                r.rows,
+                r.excluded
+            );
+            if r.samples.len() < count {
+                eprintln!("note: only {} eligible rows, fewer than --count {count}", r.eligible);
+            }
+            Ok(())
+        }
+        // ---- end data import-subjects200k ----
         DataCmd::Sheet { path, out, rows, size } => {
             tokenar::util::check_image_size("--size", size)?;
             tokenar::util::check_samples("--rows", rows)?;

@@ -8,6 +8,7 @@ pub mod instructar;
 pub mod manifest;
 pub mod provenance;
 pub mod sheet;
+pub mod subjects200k;
 pub mod synth;
 
 pub use format::{Dataset, LoadedSample, Meta, OpenOptions, Sample, SubjectMeta};

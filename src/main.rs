@@ -36,6 +36,9 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Describe a checkpoint or bundle (family, preset, parameters, additions).
     Info(cli::info::InfoArgs),
+    /// Where the generated cells look: PNG heat maps of each layer's and head's attention over
+    /// the references, the background and the text, for one request.
+    Attention(cli::attention::AttentionArgs),
     /// Score generated images against a dataset (PSNR, SSIM, LPIPS, FID, CLIP-I, DINO, ...).
     Eval(cli::eval::EvalArgs),
     /// Speed: prefill, decode, ITD modes, train step (optionally against PyTorch).
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cli::eval::run(a),
         Command::Train(a) => cli::train::run(a),
         Command::Generate(a) => cli::generate::run(a),
+        Command::Attention(a) => cli::attention::run(a),
         Command::Info(a) => cli::info::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Serve(a) => cli::serve::run(a),

@@ -6,6 +6,7 @@
 //! passes, compositions of elementary ops elsewhere); frozen encoders may use candle's.
 
 mod attention;
+pub mod attention_record;
 mod kv_attention;
 mod kv_cache;
 mod linear;

@@ -21,7 +21,8 @@ pub enum DataCmd {
         /// train or test (disjoint seed streams).
         #[arg(long, default_value = "train")]
         split: synth::Split,
-        /// Subjects per sample: N or MIN-MAX (1 to 4).
+        /// Subjects per sample: N, MIN-MAX (each sample's count drawn from its seed, 1 to 4),
+        /// or `mix` (1, 2 and 3 subjects in turn by sample index: equal shares in any prefix).
         #[arg(long, default_value = "2")]
         subjects: String,
         /// Worker threads (0: all cores).
@@ -136,7 +137,15 @@ pub enum DataCmd {
     },
 }
 
-fn parse_subjects(s: &str) -> anyhow::Result<(usize, usize)> {
+/// `--subjects`: the count range and whether counts are cycled by index (`mix`).
+fn parse_subjects(s: &str) -> anyhow::Result<((usize, usize), bool)> {
+    if s.trim() == "mix" {
+        return Ok(((1, 3), true));
+    }
+    Ok((parse_range(s)?, false))
+}
+
+fn parse_range(s: &str) -> anyhow::Result<(usize, usize)> {
     let parse = |t: &str| t.trim().parse::<usize>().with_context(|| format!("invalid --subjects `{s}`"));
     match s.split_once('-') {
         Some((a, b)) => Ok((parse(a)?, parse(b)?)),
@@ -155,7 +164,8 @@ pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
         }
         DataCmd::Synth { out, n, seed, size, split, subjects, threads, no_contact, force } => {
             tokenar::util::check_image_size("--size", size)?;
-            let opts = synth::SynthOptions { n, seed, size, subjects: parse_subjects(&subjects)?, split, threads };
+            let (subjects, mix) = parse_subjects(&subjects)?;
+            let opts = synth::SynthOptions { n, seed, size, subjects, mix, split, threads };
             if force {
                 let removed = synth::clear_output(&out)?;
                 if removed > 0 {

@@ -38,6 +38,10 @@ enum EvalCmd {
         /// Write the table here instead of printing it.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// One row per group and run instead of one per run: `subjects` (the number of
+        /// references) or `relation` (from each sample's meta.json).
+        #[arg(long)]
+        by: Option<String>,
     },
     /// List the metrics in the registry.
     Metrics,
@@ -111,9 +115,14 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     match args.cmd {
         Some(EvalCmd::Merge { parts, out, grid }) => merge(&parts, &out, &grid),
-        Some(EvalCmd::Table { results, columns, out }) => {
+        Some(EvalCmd::Table { results, columns, out, by }) => {
             let runs = results.iter().map(report::read_json).collect::<Result<Vec<_>, _>>()?;
-            let table = report::markdown_table(&runs, columns.as_deref());
+            let table = match by.as_deref() {
+                None => report::markdown_table(&runs, columns.as_deref()),
+                Some(key) => report::group_table(&runs, key, columns.as_deref()).with_context(|| {
+                    format!("--by {key}: no sample of these results has that group (known: subjects, relation; results written before groups were recorded have none)")
+                })?,
+            };
             match out {
                 Some(p) => tokenar::util::atomic_write(&p, table.as_bytes())?,
                 None => println!("{table}"),
@@ -201,6 +210,15 @@ fn write_outputs(r: &run::EvalResult, out: &Path, grid: &GridArgs) -> anyhow::Re
         return Ok(());
     }
     tokenar::util::atomic_write(out.join("table.md"), table.as_bytes())?;
+    // Per-group tables (by subject count, by relation) beside the whole run's.
+    for key in ["subjects", "relation"] {
+        if let Some(t) = report::group_table(std::slice::from_ref(r), key, None) {
+            tokenar::util::atomic_write(out.join(format!("table_by_{key}.md")), t.as_bytes())?;
+            if key == "subjects" {
+                println!("{t}");
+            }
+        }
+    }
     let rank = grid.rank_by.clone().or_else(|| {
         ["psnr", "id_acc", "f1"].iter().find(|c| r.aggregates.contains_key(**c)).map(|c| c.to_string())
     });
@@ -216,6 +234,17 @@ fn write_outputs(r: &run::EvalResult, out: &Path, grid: &GridArgs) -> anyhow::Re
         })
         .context("drawing the best/worst grid")?;
         tokenar::imageio::save_rgb(out.join("best_worst.png"), &img)?;
+        // Contact sheet: the 9 best, 9 median and 9 worst samples, 3 a row (references,
+        // target, prediction each).
+        let blocks = report::best_median_worst(r, &rank, 9)?;
+        let sheet = report::contact_sheet(&blocks, 3, &mut |row| {
+            let s = samples.get(row.index).filter(|s| s.id == row.id).ok_or_else(|| {
+                tokenar::Error::invalid("dataset", format!("sample {} is no longer at index {}", row.id, row.index))
+            })?;
+            run::sheet_panels(s, Path::new(pred_dir), size)
+        })
+        .context("drawing the contact sheet")?;
+        tokenar::imageio::save_rgb(out.join("sheet.png"), &sheet)?;
     }
     eprintln!("wrote {}", out.display());
     Ok(())

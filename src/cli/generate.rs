@@ -7,7 +7,8 @@ use tokenar::pipeline::{generate, GenerateRequest};
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A reference image of one subject (repeat for each subject, in order).
+    /// A reference image of one subject (repeat for each subject, in order): 1 to the model's
+    /// maximum (`tokenar info` shows it; a request with more is refused naming the maximum).
     #[arg(long = "ref", value_name = "IMAGE")]
     refs: Vec<PathBuf>,
     /// The scene, any size (resized to the model's image size; `tokenar info` shows it).

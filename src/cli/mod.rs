@@ -1,5 +1,6 @@
 //! One file per command group; each parses its flags and calls the library.
 
+pub mod attention;
 pub mod bench;
 pub mod convert;
 pub mod curate;

@@ -85,6 +85,67 @@ pub fn markdown_table(runs: &[EvalResult], select: Option<&[String]>) -> String 
     out
 }
 
+/// Markdown table per group: one row per (group value, run), grouped by `key` (`subjects` or
+/// `relation`, see [`super::run::group_summaries`]), so that a model sits next to its ceiling
+/// (e.g. the tokenizer's round trip) within each group. Cells are `mean ± ci95` of the samples
+/// of that group; columns as in [`markdown_table`] (set metrics are not split by group and are
+/// left out). `None` when no run has the key.
+pub fn group_table(runs: &[EvalResult], key: &str, select: Option<&[String]>) -> Option<String> {
+    let grouped: Vec<Vec<super::run::GroupSummary>> = runs.iter().map(|r| super::run::group_summaries(r, key)).collect();
+    if grouped.iter().all(|g| g.is_empty()) {
+        return None;
+    }
+    let mut cols: Vec<Column> = Vec::new();
+    for r in runs {
+        for c in r.columns.iter().filter(|c| !r.set_scores.contains_key(&c.name) && !r.set_features.contains_key(&c.name)) {
+            if !cols.iter().any(|k| k.name == c.name) {
+                cols.push(c.clone());
+            }
+        }
+    }
+    if let Some(sel) = select {
+        cols = sel.iter().filter_map(|s| cols.iter().find(|c| &c.name == s).cloned()).collect();
+    }
+    // Group values in the order of the first run that has them (numbers by number).
+    let mut values: Vec<String> = Vec::new();
+    for g in &grouped {
+        for v in g {
+            if !values.contains(&v.value) {
+                values.push(v.value.clone());
+            }
+        }
+    }
+    values.sort_by_key(|v| (v.parse::<u64>().unwrap_or(u64::MAX), v.clone()));
+    let mut out = format!("| {key} | Method | n |");
+    for c in &cols {
+        out += &format!(" {}{} |", c.label, if c.higher_is_better { "↑" } else { "↓" });
+    }
+    out += "\n|---|---|---:|";
+    out += &"---:|".repeat(cols.len());
+    out += "\n";
+    for v in &values {
+        for (r, g) in runs.iter().zip(&grouped) {
+            let Some(g) = g.iter().find(|g| &g.value == v) else { continue };
+            out += &format!("| {v} | {} | {} |", r.name, g.samples);
+            for c in &cols {
+                out += &match g.aggregates.get(&c.name) {
+                    None => " - |".to_string(),
+                    Some(s) => {
+                        let d = decimals(s.mean);
+                        match s.ci95 {
+                            Some(h) => format!(" {:.d$} ± {h:.d$} |", s.mean),
+                            None => format!(" {:.d$} |", s.mean),
+                        }
+                    }
+                };
+            }
+            out += "\n";
+        }
+    }
+    out += &format!("\n± = half width of the {}, within each group.\n", super::run::CI_METHOD);
+    Some(out)
+}
+
 /// The `k` best and `k` worst rows by `column` (best first, then worst with the worst last).
 /// Rows without a value are left out; with fewer than 2k rows they are split about evenly and
 /// the two lists share none.
@@ -105,6 +166,66 @@ pub fn best_and_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<(
     let best = rows[..kb].iter().map(|r| r.0).collect();
     let worst = rows[rows.len() - kw..].iter().map(|r| r.0).collect();
     Ok((best, worst))
+}
+
+/// The `k` best, `k` median and `k` worst rows by `column` (each list best first). Rows
+/// without a value are left out; with fewer than 3k rows the three lists split them about
+/// evenly and share none.
+pub fn best_median_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<[Vec<&'a Row>; 3]> {
+    let col = r
+        .columns
+        .iter()
+        .find(|c| c.name == column)
+        .ok_or_else(|| Error::invalid("rank metric", format!("`{column}` is not a per-sample column of this result")))?;
+    let mut rows: Vec<(&Row, f64)> =
+        r.rows.iter().filter_map(|row| row.values.get(column).copied().flatten().map(|v| (row, v))).collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.index.cmp(&b.0.index)));
+    if !col.higher_is_better {
+        rows.reverse();
+    }
+    let n = rows.len();
+    let take = |r: std::ops::Range<usize>| -> Vec<&'a Row> { rows[r].iter().map(|x| x.0).collect() };
+    if n >= 3 * k {
+        let mid = (n - k) / 2;
+        return Ok([take(0..k), take(mid..mid + k), take(n - k..n)]);
+    }
+    let n1 = n.div_ceil(3);
+    let n2 = n1 + (n - n1).div_ceil(2);
+    let (best, median, worst) = (take(0..n1), take(n1..n2), take(n2..n));
+    Ok([best, median, worst])
+}
+
+/// A contact sheet: one block per list of rows (e.g. best, median, worst), each a grid of
+/// `cols` samples per row, blocks separated by red bars. `load(row)` returns the panels of one
+/// sample, laid side by side.
+pub fn contact_sheet(blocks: &[Vec<&Row>], cols: usize, load: &mut dyn FnMut(&Row) -> Result<Vec<RgbImage>>) -> Result<RgbImage> {
+    let mut strips = Vec::new();
+    for rows in blocks.iter().filter(|b| !b.is_empty()) {
+        let mut samples = Vec::new();
+        for row in rows {
+            let p = load(row)?;
+            samples.push(crate::imageio::grid(&p, p.len(), 1));
+        }
+        strips.push(crate::imageio::grid(&samples, cols, 6));
+    }
+    let w = strips.iter().map(|s| s.width()).max().unwrap_or(1);
+    let bar = 4;
+    let h = strips.iter().map(|s| s.height()).sum::<u32>() + bar * strips.len().saturating_sub(1) as u32;
+    let mut out = RgbImage::from_pixel(w, h.max(1), Rgb([255, 255, 255]));
+    let mut y = 0;
+    for (i, s) in strips.iter().enumerate() {
+        if i > 0 {
+            for yy in y..y + bar {
+                for x in 0..w {
+                    out.put_pixel(x, yy, Rgb([200, 30, 30]));
+                }
+            }
+            y += bar;
+        }
+        image::imageops::replace(&mut out, s, 0, y as i64);
+        y += s.height();
+    }
+    Ok(out)
 }
 
 /// One image: a row of panels per sample (e.g. target | prediction | mask), the best samples

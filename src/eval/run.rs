@@ -40,6 +40,10 @@ pub struct Row {
     pub values: BTreeMap<String, Option<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The sample's groups (`subjects` -> "2", `relation` -> "next to"), for the per-group
+    /// tables ([`group_summaries`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, String>,
 }
 
 /// One sample's features for a set metric.
@@ -175,7 +179,7 @@ pub fn evaluate(
                 Some(e.to_string())
             }
         };
-        rows.push(Row { index: s.index, id: s.id.clone(), values, error });
+        rows.push(Row { index: s.index, id: s.id.clone(), values, error, groups: s.groups.clone() });
         if let Some(p) = progress {
             p(k + 1, mine.len());
         }
@@ -237,6 +241,61 @@ pub fn sample_panels(s: &EvalSample, pred_dir: &Path, size: Option<u32>) -> Resu
         out.push(imageio::mask_to_rgb(&resize_mask(imageio::load_mask(m, None)?, dims)));
     }
     Ok(out)
+}
+
+/// The panels of one sample on a contact sheet: its references, the target and the
+/// prediction, all at the target's size.
+pub fn sheet_panels(s: &EvalSample, pred_dir: &Path, size: Option<u32>) -> Result<Vec<RgbImage>> {
+    let target = s.target.as_ref().map(|p| imageio::load_rgb(p, size)).transpose()?;
+    let pred = imageio::load_rgb(pred_dir.join(format!("{}.png", s.id)), None)?;
+    let (w, h) = target.as_ref().map(|t| t.dimensions()).unwrap_or(pred.dimensions());
+    let mut out = Vec::new();
+    for r in &s.refs {
+        out.push(imageio::resize_rgb(&imageio::load_rgb(r, None)?, w, h));
+    }
+    out.extend(target);
+    out.push(if pred.dimensions() == (w, h) { pred } else { imageio::resize_rgb(&pred, w, h) });
+    Ok(out)
+}
+
+/// One group of samples (e.g. the 2-subject samples) and its per-column aggregates, with the
+/// same interval as the whole run's ([`CI_METHOD`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupSummary {
+    /// The group's value ("2", "next to").
+    pub value: String,
+    /// Samples in the group that were scored (failed ones are left out).
+    pub samples: usize,
+    pub aggregates: BTreeMap<String, Summary>,
+}
+
+/// The run's scored rows grouped by `key` (`subjects` or `relation`), each group's columns
+/// summarised; groups in order of their value (numbers by number). Rows without the key are
+/// left out; an empty list when no row has it. Set metrics (FID) are not split: with a few
+/// hundred samples per group their covariance would be meaningless.
+pub fn group_summaries(r: &EvalResult, key: &str) -> Vec<GroupSummary> {
+    let mut groups: BTreeMap<(u64, String), Vec<&Row>> = BTreeMap::new();
+    for row in r.rows.iter().filter(|row| row.error.is_none()) {
+        if let Some(v) = row.groups.get(key) {
+            // Numbers sort by value, words after them alphabetically.
+            let order = v.parse::<u64>().unwrap_or(u64::MAX);
+            groups.entry((order, v.clone())).or_default().push(row);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((_, value), rows)| {
+            let aggregates = r
+                .columns
+                .iter()
+                .filter_map(|c| {
+                    let vals: Vec<f64> = rows.iter().filter_map(|row| row.values.get(&c.name).copied().flatten()).collect();
+                    summarize(&vals).map(|s| (c.name.clone(), s))
+                })
+                .collect();
+            GroupSummary { value, samples: rows.len(), aggregates }
+        })
+        .collect()
 }
 
 /// Recompute aggregates and set scores from the rows (sorted by dataset index).

@@ -4,6 +4,7 @@
 //! so that it can later be replaced by `crate::data`.
 
 use crate::error::{Error, IoContext, Result};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// One sample to evaluate, as plain paths.
@@ -18,6 +19,9 @@ pub struct EvalSample {
     pub refs: Vec<PathBuf>,
     /// Per-subject (mask, reference) from `meta.json`, empty without one.
     pub subjects: Vec<(PathBuf, PathBuf)>,
+    /// What the sample is grouped by in the per-group tables: `subjects` (the number of
+    /// references) and, where `meta.json` names one, `relation` (its first relation).
+    pub groups: BTreeMap<String, String>,
 }
 
 fn sample_number(name: &str) -> Option<u64> {
@@ -43,17 +47,19 @@ fn str_field<'a>(v: &'a serde_json::Value, keys: &[&str]) -> Option<&'a str> {
 }
 
 /// Per-subject (mask, reference) paths from `meta.json`: `subjects[i].mask` (or `mask_<i>.png`)
-/// and `subjects[i].reference` / `ref` (or the i-th file of `ref/`).
-fn read_subjects(dir: &Path, refs: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>> {
+/// and `subjects[i].reference` / `ref` (or the i-th file of `ref/`); and its `relation`, when
+/// it names one.
+fn read_subjects(dir: &Path, refs: &[PathBuf]) -> Result<(Vec<(PathBuf, PathBuf)>, Option<String>)> {
     let path = dir.join("meta.json");
     if !path.exists() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let bytes = std::fs::read(&path).with_path(&path)?;
     let meta: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| Error::bad_file(&path, format!("not valid JSON: {e}")))?;
+    let relation = meta.get("relation").and_then(|r| r.as_str()).filter(|r| !r.is_empty()).map(str::to_string);
     let Some(list) = meta.get("subjects").and_then(|s| s.as_array()) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), relation));
     };
     let mut out = Vec::new();
     for (i, s) in list.iter().enumerate() {
@@ -69,7 +75,7 @@ fn read_subjects(dir: &Path, refs: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>
         };
         out.push((mask, reference));
     }
-    Ok(out)
+    Ok((out, relation))
 }
 
 /// All sample folders under `root`, in the order of the integer after their last `_`.
@@ -102,8 +108,12 @@ pub fn list_samples(root: &Path) -> Result<Vec<EvalSample>> {
             let meta = dir.join("meta.json");
             inside(&id, &meta)?;
             let refs = if ref_dir.is_dir() { image_files(&ref_dir)? } else { Vec::new() };
-            let subjects = read_subjects(&dir, &refs)?;
-            let s = EvalSample { index, id, target: opt("real.png"), mask: opt("mask.png"), refs, subjects };
+            let (subjects, relation) = read_subjects(&dir, &refs)?;
+            let mut groups = BTreeMap::from([("subjects".to_string(), refs.len().to_string())]);
+            if let Some(r) = relation {
+                groups.insert("relation".into(), r);
+            }
+            let s = EvalSample { index, id, target: opt("real.png"), mask: opt("mask.png"), refs, subjects, groups };
             for p in s.target.iter().chain(&s.mask).chain(&s.refs).chain(s.subjects.iter().flat_map(|(m, r)| [m, r])) {
                 inside(&s.id, p)?;
             }

@@ -259,6 +259,68 @@ mod pipeline {
     }
 
     #[test]
+    fn per_group_tables_by_subject_count_and_relation() {
+        let (_tmp, data, pred) = build("groups");
+        // Two samples name a relation; the subject count comes from ref/.
+        for (i, rel) in [(0, "next to"), (1, "far from")] {
+            let f = data.join(format!("sample_{}/meta.json", i * 10));
+            let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
+            v["relation"] = serde_json::json!(rel);
+            std::fs::write(&f, v.to_string()).unwrap();
+        }
+        let samples = samples::list_samples(&data).unwrap();
+        let n = samples[0].refs.len().to_string();
+        assert_eq!(samples[0].groups.get("relation").map(String::as_str), Some("next to"));
+        assert!(samples[2].groups.get("relation").is_none());
+        assert!(samples.iter().all(|s| s.groups["subjects"] == n));
+        let mut r = eval(&data, &pred, (0, 1));
+        // Rows keep their groups; pretend sample 20 had one subject fewer to get two groups.
+        r.rows[2].groups.insert("subjects".into(), "1".into());
+        let g = run::group_summaries(&r, "subjects");
+        assert_eq!(g.iter().map(|g| (g.value.as_str(), g.samples)).collect::<Vec<_>>(), [("1", 1), (n.as_str(), 4)]);
+        // Each group's aggregate is the summary of its own rows (failed sample 50 left out).
+        let want: Vec<f64> = [0, 1, 3, 4].iter().filter_map(|&k| r.rows[k].values["id_acc"]).collect();
+        assert_eq!(g[1].aggregates["id_acc"], crate::eval::stats::summarize(&want).unwrap());
+        assert_eq!(g[0].aggregates["id_acc"].ci95, None, "one sample has no interval");
+        let rel = run::group_summaries(&r, "relation");
+        assert_eq!(rel.iter().map(|g| g.value.as_str()).collect::<Vec<_>>(), ["far from", "next to"]);
+        // Ground truth (sample 0) is right, the swapped prediction (sample 10) wrong.
+        assert_eq!((rel[0].aggregates["id_acc"].mean, rel[1].aggregates["id_acc"].mean), (0.0, 1.0));
+        // Table: one row per (group, run); set metrics are not split.
+        let t = report::group_table(&[r.clone()], "subjects", None).unwrap();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("| subjects | Method | n | PSNR↑") && !lines[0].contains("MeanCol"), "{t}");
+        assert!(lines[2].starts_with("| 1 | gt-or-swapped | 1 |") && lines[3].starts_with(&format!("| {n} | gt-or-swapped | 4 |")), "{t}");
+        assert!(t.contains("within each group"), "{t}");
+        // JSON keeps the groups; a key no row has gives no table.
+        let f = _tmp.0.join("r.json");
+        report::write_json(&f, &r).unwrap();
+        assert_eq!(report::read_json(&f).unwrap().rows[2].groups["subjects"], "1");
+        assert!(report::group_table(&[r], "colour", None).is_none());
+    }
+
+    #[test]
+    fn contact_sheet_of_best_median_and_worst() {
+        let (_tmp, data, pred) = build("sheet");
+        let r = eval(&data, &pred, (0, 1));
+        // Five scored samples: ground truth (id_acc 1) at 0, 20, 40; swapped (0) at 10, 30.
+        let [b, m, w] = report::best_median_worst(&r, "psnr", 1).unwrap();
+        assert_eq!((b.len(), m.len(), w.len()), (1, 1, 1));
+        assert!(b[0].values["psnr"] >= m[0].values["psnr"] && m[0].values["psnr"] >= w[0].values["psnr"]);
+        let [b, m, w] = report::best_median_worst(&r, "id_acc", 9).unwrap();
+        assert_eq!((b.len(), m.len(), w.len()), (2, 2, 1), "fewer than 3k rows split about evenly");
+        assert!(b.iter().all(|row| row.values["id_acc"] == Some(1.0)) && w[0].values["id_acc"] == Some(0.0));
+        let samples = samples::list_samples(&data).unwrap();
+        let panels = run::sheet_panels(&samples[0], &pred, None).unwrap();
+        assert_eq!(panels.len(), samples[0].refs.len() + 2, "references, target, prediction");
+        assert!(panels.iter().all(|p| p.dimensions() == (64, 64)));
+        let sheet = report::contact_sheet(&[b, m, w], 3, &mut |row| run::sheet_panels(&samples[row.index], &pred, None)).unwrap();
+        let strip = (panels.len() as u32) * 65 + 1;
+        assert_eq!(sheet.width(), 2 * strip + 3 * 6, "two samples a row in the widest block");
+        assert!(report::best_median_worst(&r, "nope", 3).is_err());
+    }
+
+    #[test]
     fn unknown_metric_and_bad_dataset_are_errors() {
         let ctx = MetricContext { weights_dir: None, device: candle_core::Device::Cpu };
         let e = metric::build_metrics(&specs(), Some(&["nope".to_string()]), &ctx).err().unwrap().to_string();

@@ -136,7 +136,8 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         // Training without attention dropout: one fused op from the projection to the heads'
         // outputs (RoPE, scaling, scores, softmax, values), with no (B, H, S, S) tensor kept.
-        let fusable = ctx.differentiable && cache.is_none() && (drop.attn == 0.0 || ctx.rng.is_none());
+        // (Not while the attention is recorded: the fused kernel keeps no probabilities.)
+        let fusable = ctx.differentiable && cache.is_none() && (drop.attn == 0.0 || ctx.rng.is_none()) && !crate::nn::attention_record::active();
         let (fused, cache) = match (fusable, cache, &att.cached) {
             (true, c, _) => (crate::nn::attention_qkv(&qkv, att.cos, att.sin, scale, h, att.mask)?, c),
             (false, Some(c), Some(step)) if drop.attn == 0.0 || ctx.rng.is_none() => (c.attend(&qkv, h, scale, step, keep)?, Some(c)),
@@ -156,6 +157,7 @@ impl Attention {
     fn composed(&self, qkv: &Tensor, scale: f64, att: &AttnInputs, cache: Option<&mut LayerCache>, ctx: &mut Ctx, drop: &Dropouts) -> Result<Tensor> {
         let (b, s, w) = qkv.dims3()?;
         let (h, hd) = (self.n_head, w / (3 * self.n_head));
+        let recorded = crate::nn::attention_record::active().then(|| qkv.clone());
         let qkv = qkv.reshape((b, s, 3, h, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
         let q = rope::apply(&qkv.get(0)?, att.cos, att.sin, ctx.differentiable)?;
         let q = (q * scale)?;
@@ -176,6 +178,9 @@ impl Attention {
             };
             candle_nn::ops::softmax_last_dim(&scores)?
         };
+        if let Some(qkv) = &recorded {
+            crate::nn::attention_record::push(qkv, &probs);
+        }
         let probs = ctx.dropout(&probs, drop.attn)?;
         Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * hd))?)
     }

@@ -37,6 +37,8 @@ pub struct GenerateRequest {
 
 pub struct GenerateResult {
     pub images: Vec<RgbImage>,
+    /// The generated target codes behind each image (h*w per sample).
+    pub target_codes: Vec<Vec<u32>>,
     /// What the model wrote at the ITD positions, decoded (one list of references per sample;
     /// empty unless [`GenerateRequest::decode_itd`]).
     pub itd_refs: Vec<Vec<RgbImage>>,
@@ -236,6 +238,40 @@ fn encode_condition(bundle: &Bundle, mut refs: Vec<RgbImage>, cond_bg: RgbImage)
     Ok((codes, bg))
 }
 
+/// The model's condition (one row) for prepared references, masked background and prompt:
+/// the images' codes, the prompt's features, and for a scheme with padded reference slots the
+/// mid-grey image's codes in the unused slots.
+fn build_condition(bundle: &Bundle, refs: Vec<RgbImage>, cond_bg: RgbImage, prompt: &str) -> Result<Condition> {
+    let cfg = bundle.gpt.config();
+    let dev = bundle.gpt.device();
+    let size = bundle.image_size() as u32;
+    let (ref_codes, bg_codes) = encode_condition(bundle, refs, cond_bg)?;
+    let hw = bg_codes.len();
+    let nr = ref_codes.len();
+    // One condition; the session repeats its prefix for the samples.
+    let ref_flat: Vec<u32> = ref_codes.iter().flatten().copied().collect();
+    let refs_t = Tensor::from_vec(ref_flat, (1, nr, hw), dev)?;
+    let bg_t = Tensor::from_vec(bg_codes, (1, hw), dev)?;
+    let (text, mask_t) = bundle.text.encode(&[prompt.to_string()], cfg.caption_len)?;
+    let cond = Condition::new(refs_t, bg_t, text, Some(mask_t));
+    Ok(match cfg.scheme {
+        crate::layout::Scheme::Reference { pad_to: Some(slots), .. } if nr < slots => {
+            let grey = RgbImage::from_pixel(size, size, image::Rgb([128, 128, 128]));
+            let g = encode_images(bundle, &[grey], size)?;
+            cond.pad_refs(slots, &Tensor::new(g[0].as_slice(), dev)?)?
+        }
+        _ => cond,
+    })
+}
+
+/// A request's condition as the model sees it (see [`generate`]) and the images it was made
+/// from at the model's size: the references and the masked background.
+pub fn request_condition(bundle: &Bundle, req: &GenerateRequest) -> Result<(Condition, Vec<RgbImage>, RgbImage)> {
+    let (refs, cond_bg, _, _) = prepare(bundle, req)?;
+    let cond = build_condition(bundle, refs.clone(), cond_bg.clone(), &req.prompt)?;
+    Ok((cond, refs, cond_bg))
+}
+
 /// Generate `num_samples` images for one request.
 pub fn generate(
     bundle: &Bundle,
@@ -245,28 +281,11 @@ pub fn generate(
     let cfg = bundle.gpt.config();
     let itd = resolve_itd(cfg.itd, req.itd)?;
     let (refs, cond_bg, mask, bg_full) = prepare(bundle, req)?;
-    let size = bundle.image_size() as u32;
-    let dev = bundle.gpt.device();
     let n = req.num_samples;
     crate::util::check_memory("--num-samples", cache_bytes(cfg, n, req.options.guides()))?;
 
-    let (ref_codes, bg_codes) = encode_condition(bundle, refs, cond_bg)?;
-    let hw = bg_codes.len();
-    let nr = ref_codes.len();
-    // One condition; the session repeats its prefix for the samples.
-    let ref_flat: Vec<u32> = ref_codes.iter().flatten().copied().collect();
-    let refs_t = Tensor::from_vec(ref_flat, (1, nr, hw), dev)?;
-    let bg_t = Tensor::from_vec(bg_codes, (1, hw), dev)?;
-    let (text, mask_t) = bundle.text.encode(std::slice::from_ref(&req.prompt), cfg.caption_len)?;
-    let cond = Condition::new(refs_t, bg_t, text, Some(mask_t));
-    let cond = match cfg.scheme {
-        crate::layout::Scheme::Reference { pad_to: Some(slots), .. } if nr < slots => {
-            let grey = RgbImage::from_pixel(size, size, image::Rgb([128, 128, 128]));
-            let g = encode_images(bundle, &[grey], size)?;
-            cond.pad_refs(slots, &Tensor::new(g[0].as_slice(), dev)?)?
-        }
-        _ => cond,
-    };
+    let cond = build_condition(bundle, refs, cond_bg, &req.prompt)?;
+    let hw = cfg.image_tokens();
     // The ITD draft: the reference codes as the model will see them (padded slots included).
     let known_one: Vec<u32> = cond.refs.get(0)?.flatten_all()?.to_vec1::<u32>()?;
     let guided = req.options.guides();
@@ -294,7 +313,7 @@ pub fn generate(
             itd_refs.push(decode_codes(bundle, &per)?);
         }
     }
-    Ok(GenerateResult { images: imgs, itd_refs, stats: out.stats, itd })
+    Ok(GenerateResult { images: imgs, target_codes: out.target, itd_refs, stats: out.stats, itd })
 }
 
 /// Keep `background` exactly where `mask` is black.

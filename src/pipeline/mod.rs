@@ -1,6 +1,7 @@
 //! The jobs that tie the modules together: a model bundle (tokenizer + text encoder + GPT),
 //! the TokenAR training job, and generation.
 
+pub mod attention;
 pub mod binding;
 pub mod bundle;
 pub mod generate;

@@ -110,6 +110,10 @@ pub struct GenerateJson {
     /// Also return what the model wrote at the ITD positions, decoded.
     #[serde(default)]
     pub show_itd: bool,
+    /// Also return where the first image's cells look (`attention`: a figure of each group's
+    /// share per cell and layer, and the mean shares), as `tokenar attention` draws it.
+    #[serde(default)]
+    pub attention: bool,
 }
 
 /// The bytes of a data URL (`data:<type>;base64,<data>`) or of bare base64.
@@ -241,6 +245,11 @@ impl App {
 
     /// Parse, check and run a generation request.
     pub fn request(&self, body: &[u8]) -> Result<GenerateRequest> {
+        Ok(self.parse(body)?.0)
+    }
+
+    /// [`App::request`], and whether the attention figure is asked for.
+    fn parse(&self, body: &[u8]) -> Result<(GenerateRequest, bool)> {
         let j: GenerateJson = serde_json::from_slice(body).map_err(|e| Error::invalid("request body", format!("not a generation request: {e}")))?;
         let refs = j
             .refs
@@ -274,11 +283,11 @@ impl App {
             decode_itd: j.show_itd,
         };
         req.validate()?;
-        Ok(req)
+        Ok((req, j.attention))
     }
 
     fn generate(&self, body: Vec<u8>) -> Result<serde_json::Value> {
-        let req = self.request(&body)?;
+        let (req, show_attention) = self.parse(&body)?;
         drop(body);
         let t0 = Instant::now();
         self.done.store(0, Ordering::SeqCst);
@@ -304,6 +313,24 @@ impl App {
         let out = out?;
         let seconds = t0.elapsed().as_secs_f64();
         let images = out.images.iter().map(png_data_url).collect::<Result<Vec<_>>>()?;
+        // With `attention`, where the first image's cells look: each group's share per cell,
+        // per layer (heads averaged) and over all layers (see `tokenar attention`).
+        let attention = if show_attention {
+            let r = crate::pipeline::attention::attention_of(&self.bundle, &req, out.images[0].clone(), &out.target_codes[0])?;
+            let rows = crate::pipeline::attention::figure_rows(&r.maps, false);
+            let (fig, _) = crate::pipeline::attention::shares_figure(&r, &rows, 96)?;
+            let mean = r.maps.shares(crate::pipeline::attention::Pick::Mean, crate::pipeline::attention::Pick::Mean)?;
+            let groups: Vec<serde_json::Value> = r
+                .maps
+                .groups
+                .iter()
+                .enumerate()
+                .map(|(g, k)| serde_json::json!({ "name": k.kind.name(), "share": mean.iter().map(|c| c[g] as f64).sum::<f64>() / mean.len() as f64 }))
+                .collect();
+            serde_json::json!({ "figure": png_data_url(&fig)?, "groups": groups, "layers": r.maps.layers, "heads": r.maps.heads })
+        } else {
+            serde_json::Value::Null
+        };
         let itd_refs = out
             .itd_refs
             .iter()
@@ -318,6 +345,7 @@ impl App {
             "draft_accepted": out.stats.draft_accepted,
             "draft_rejected": out.stats.draft_rejected,
             "seed": req.options.seed,
+            "attention": attention,
         }))
     }
 }

@@ -121,6 +121,27 @@ fn generation_over_the_api_equals_the_library_call() {
     let itd = v["itd_refs"].as_array().unwrap();
     assert_eq!(itd.len(), 2);
     assert!(itd.iter().all(|per| per.as_array().unwrap().len() == 2));
+    assert!(v["attention"].is_null(), "no attention unless asked");
+
+    // With `attention`: the figure and each group's mean share (summing to 1) of the first
+    // image, the same as the library computes for it.
+    let mut a = demo_request();
+    a["attention"] = true.into();
+    let (status, v) = post(&a);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["images"][0], images[0], "the image does not change");
+    let groups = v["attention"]["groups"].as_array().unwrap();
+    let names: Vec<&str> = groups.iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(names[..3], ["ref1", "ref2", "background"]);
+    let total: f64 = groups.iter().map(|g| g["share"].as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-4, "{total}");
+    let fig = imageio::decode(&data_url_bytes(v["attention"]["figure"].as_str().unwrap()).unwrap()).unwrap();
+    let layers = bundle.config().n_layer as u32;
+    assert_eq!(fig.height(), (layers + 2) * 98 + 2, "header, one row per layer, the mean");
+    let r = crate::pipeline::attention::attention_of(bundle, &req, direct.images[0].clone(), &direct.target_codes[0]).unwrap();
+    let mean = r.maps.shares(crate::pipeline::attention::Pick::Mean, crate::pipeline::attention::Pick::Mean).unwrap();
+    let want = mean.iter().map(|c| c[0] as f64).sum::<f64>() / mean.len() as f64;
+    assert!((groups[0]["share"].as_f64().unwrap() - want).abs() < 1e-6);
 }
 
 #[test]

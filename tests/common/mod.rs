@@ -8,7 +8,7 @@ use tokenar::data::{self, synth};
 /// 4x (4 x 4 codes of 16) and its code cache: (dataset, tokenizer, cache).
 pub fn fixture(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ds_dir = root.join("synth");
-    let opts = synth::SynthOptions { n: 24, seed: 3, size: 16, subjects: (2, 2), split: synth::Split::Train, threads: 1 };
+    let opts = synth::SynthOptions { n: 24, seed: 3, size: 16, subjects: (2, 2), mix: false, split: synth::Split::Train, threads: 1 };
     synth::generate(&ds_dir, &opts, None).unwrap();
     let mut cfg = tokenar::tokenizer::VqConfig::preset("vq-tiny").unwrap();
     cfg.ch_mult = vec![1, 2, 2];

@@ -54,6 +54,11 @@ pub struct SynthOptions {
     pub size: u32,
     /// Inclusive range of the number of subjects per sample (1..=4).
     pub subjects: (usize, usize),
+    /// How a range of counts is spread over the samples: `false` draws each sample's count
+    /// from its seed; `true` cycles through the range by sample index (`lo + i % (hi-lo+1)`),
+    /// so every count gets an equal share of any prefix of the split (`--subjects mix`).
+    #[serde(default)]
+    pub mix: bool,
     pub split: Split,
     /// Worker threads (0: all available cores).
     #[serde(skip)]
@@ -67,6 +72,7 @@ impl Default for SynthOptions {
             seed: 0,
             size: 64,
             subjects: (2, 2),
+            mix: false,
             split: Split::Train,
             threads: 0,
         }
@@ -74,6 +80,17 @@ impl Default for SynthOptions {
 }
 
 impl SynthOptions {
+    /// The subject-count range sample `i` is drawn from: one count with `mix`, else the range.
+    pub fn subjects_of(&self, i: usize) -> (usize, usize) {
+        let (lo, hi) = self.subjects;
+        if self.mix && hi >= lo {
+            let k = lo + i % (hi - lo + 1);
+            (k, k)
+        } else {
+            self.subjects
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let (lo, hi) = self.subjects;
         if lo < 1 || hi > 4 || lo > hi {
@@ -304,6 +321,10 @@ fn check_output(out: &Path, opts: &SynthOptions) -> Result<()> {
     if old.subjects != opts.subjects {
         diff.push(format!("subjects {:?} (asked {:?})", old.subjects, opts.subjects));
     }
+    if old.mix != opts.mix {
+        let how = |m: bool| if m { "cycled counts (mix)" } else { "drawn counts" };
+        diff.push(format!("{} (asked {})", how(old.mix), how(opts.mix)));
+    }
     if old.split != opts.split {
         diff.push(format!("split {:?} (asked {:?})", old.split, opts.split));
     }
@@ -409,7 +430,7 @@ fn write_one(out: &Path, opts: &SynthOptions, i: usize) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    let s = render_sample(sample_seed(opts.seed, opts.split, i), opts.size, opts.subjects);
+    let s = render_sample(sample_seed(opts.seed, opts.split, i), opts.size, opts.subjects_of(i));
     let extra: Vec<(String, GrayImage)> = s
         .subject_masks
         .iter()

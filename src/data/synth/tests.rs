@@ -146,3 +146,34 @@ fn identity_lives_only_in_the_references() {
     assert_eq!(relations.len(), RELATIONS.len(), "all relations occur: {relations:?}");
     assert_eq!(categories.len(), shapes::CATEGORIES.len());
 }
+
+#[test]
+fn mix_cycles_one_two_and_three_subjects_and_a_mixed_folder_is_not_completed_as_drawn() {
+    let dir = temp_dir("mix");
+    let opts = SynthOptions { n: 7, seed: 4, size: 32, subjects: (1, 3), mix: true, threads: 2, ..Default::default() };
+    generate(&dir, &opts, None).unwrap();
+    let ds = Dataset::open(&dir, &OpenOptions { max_refs: 3, ..OpenOptions::default() }).unwrap();
+    assert!(ds.skipped.is_empty(), "{:?}", ds.skipped);
+    let mut counts: Vec<(usize, usize)> = ds
+        .samples
+        .iter()
+        .map(|s| (s.id.strip_prefix("sample_").unwrap().parse::<usize>().unwrap(), s.meta.as_ref().unwrap().subjects.len()))
+        .collect();
+    counts.sort();
+    let got: Vec<usize> = counts.iter().map(|c| c.1).collect();
+    assert_eq!(got, vec![1, 2, 3, 1, 2, 3, 1]);
+    for s in &ds.samples {
+        assert_eq!(s.refs.len(), s.meta.as_ref().unwrap().subjects.len(), "{}", s.id);
+    }
+    // Sample i of a mix is the sample a fixed count gives with the same seed.
+    let fixed = render_sample(sample_seed(4, Split::Train, 2), 32, (3, 3));
+    let l = ds.samples.iter().find(|s| s.id == "sample_2").unwrap().load(32).unwrap();
+    assert_eq!(l.target.unwrap(), fixed.target);
+    // The same folder with drawn counts would mix two datasets: refused, naming the difference.
+    let e = generate(&dir, &SynthOptions { mix: false, ..opts.clone() }, None).unwrap_err().to_string();
+    assert!(e.contains("mix") && e.contains("--force"), "{e}");
+    // Without mix a range is drawn per sample (not cycled).
+    let drawn = SynthOptions { mix: false, ..opts };
+    assert_eq!(drawn.subjects_of(5), (1, 3));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -43,6 +43,7 @@ pub mod ops;
 pub mod refine;
 pub mod resample;
 pub mod swin;
+pub mod synthetic;
 
 use std::path::Path;
 

@@ -98,3 +98,50 @@ fn cutout_and_background_match_the_reference() {
     let parts = split_with_threshold(&img, &ref_alpha, 0);
     assert_eq!(u8_diff(parts.background.as_raw(), &bg), (0, 0));
 }
+
+/// `tokenar curate matte --model ben2` on a two-sample tree: writes the three files, resumes,
+/// refuses bad flags with exit status 2.
+#[test]
+fn curate_matte_with_ben2_writes_resumes_and_refuses_bad_flags() {
+    let root = std::env::temp_dir().join(format!("tokenar-ben2-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let img = image(&io());
+    for s in ["s_0", "s_1"] {
+        std::fs::create_dir_all(root.join(s)).unwrap();
+        img.save(root.join(s).join("real.png")).unwrap();
+    }
+    let weights = fixtures().join("ben2_parity.pth");
+    let run = |extra: &[&str]| {
+        let mut args: Vec<String> = ["curate", "matte", "--dataset"].iter().map(|s| s.to_string()).collect();
+        args.push(root.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        std::process::Command::new(env!("CARGO_BIN_EXE_tokenar")).args(&args).output().unwrap()
+    };
+    let w = weights.to_str().unwrap();
+    let out = run(&["--model", "ben2", "--weights", w, "--size", "512"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("split 2"));
+    let fg = image::open(root.join("s_1/foreground.png")).unwrap().to_rgba8();
+    let want = cut_out(&net(), &img, SIZE).unwrap().foreground;
+    assert_eq!(fg.as_raw(), want.as_raw());
+    let mask = image::open(root.join("s_1/mask.png")).unwrap().to_luma8();
+    assert!(mask.pixels().zip(fg.pixels()).all(|(m, f)| (m[0] == 255) == (f[3] > 0)));
+    let again = run(&["--model", "ben2", "--weights", w, "--size", "512"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already split 2"));
+    // a higher threshold: fewer subject pixels
+    let high = run(&["--model", "ben2", "--weights", w, "--size", "512", "--threshold", "0.5", "--overwrite"]);
+    assert!(high.status.success());
+    let mask_high = image::open(root.join("s_1/mask.png")).unwrap().to_luma8();
+    assert!(mask_high.pixels().zip(fg.pixels()).all(|(m, f)| (m[0] == 255) == (f[3] > 127)));
+    for (bad, says) in [
+        (vec!["--model", "ben2", "--weights", w, "--threshold", "1"], "--threshold"),
+        (vec!["--model", "ben2", "--weights", w, "--size", "600"], "multiple of 128"),
+        (vec!["--model", "ben2", "--weights", "/nonexistent/BEN2_Base.pth"], "BEN2_Base.pth"),
+    ] {
+        let out = run(&bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{bad:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

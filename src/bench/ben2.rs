@@ -173,3 +173,23 @@ pub fn render(r: &Ben2BenchReport) -> String {
     s += &format!("  peak memory   {:8.0} MiB\n", r.peak_mib);
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_checkpoint_is_timed_and_reported() {
+        let weights = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/ben2_parity.pth");
+        let o = Ben2BenchOptions { size: 512, weights: Some(weights), image: 48, repeat: 1, warmup: 0, seed: 0, torch: None };
+        let r = bench_ben2(&o, &Device::Cpu).unwrap();
+        assert!(r.forward_s > 0.0 && r.cutout_s > 0.0);
+        assert!(r.parameters > 100_000 && r.parameters < 1_000_000, "{}", r.parameters);
+        let text = render(&r);
+        assert!(text.contains("input 512x512") && text.contains("48x48 image"), "{text}");
+        let bad = Ben2BenchOptions { size: 700, ..o.clone() };
+        assert!(bench_ben2(&bad, &Device::Cpu).unwrap_err().to_string().contains("multiple of 128"));
+        let none = Ben2BenchOptions { repeat: 0, ..o };
+        assert!(bench_ben2(&none, &Device::Cpu).is_err());
+    }
+}

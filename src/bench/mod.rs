@@ -7,6 +7,7 @@
 //! `crate::train::AdamW` for training. Token rates count every model row (both CFG rows for
 //! prefill and decode), as the PyTorch script and the reference anchors do.
 
+pub mod ben2;
 mod machine;
 mod report;
 mod torch;

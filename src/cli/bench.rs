@@ -107,6 +107,61 @@ pub struct BenchArgs {
     /// training step needs f32, so pass --train-batch 0 with the others).
     #[arg(long, default_value = "f32")]
     dtype: tokenar::nn::WeightDtype,
+    #[command(flatten)]
+    ben2: Ben2BenchArgs,
+}
+
+/// BEN2 matting speed instead of the GPT's (`--ben2`); shares --repeat, --warmup, --seed,
+/// --gpu, --torch, --python, --json and --json-only.
+#[derive(Args)]
+struct Ben2BenchArgs {
+    /// Time BEN2 matting (published shape, random weights unless --ben2-weights) instead of the GPT.
+    #[arg(long)]
+    ben2: bool,
+    /// A BEN2 checkpoint (BEN2_Base.pth or model.safetensors) to time instead of random weights.
+    #[arg(long, requires = "ben2")]
+    ben2_weights: Option<PathBuf>,
+    /// BEN2's input side (1024 as published).
+    #[arg(long, default_value_t = tokenar::curate::ben2::INPUT_SIZE)]
+    ben2_size: usize,
+    /// Side of the test image cut out (resized to the input side and back).
+    #[arg(long, default_value_t = 1024)]
+    ben2_image: u32,
+    /// With --torch: the PyTorch BEN2 script.
+    #[arg(long, default_value = "bench/torch_ben2.py")]
+    ben2_torch_script: PathBuf,
+    /// With --torch: a TokenAR checkout (its scripts/BEN2.py is the reference module).
+    #[arg(long)]
+    tokenar_ref: Option<PathBuf>,
+}
+
+fn run_ben2(a: &BenchArgs) -> anyhow::Result<()> {
+    let b = &a.ben2;
+    let torch = match (a.torch, &b.tokenar_ref) {
+        (true, Some(r)) => Some((a.python.clone(), b.ben2_torch_script.clone(), r.clone())),
+        (true, None) => anyhow::bail!("--ben2 --torch needs --tokenar-ref DIR (a TokenAR checkout holding scripts/BEN2.py)"),
+        _ => None,
+    };
+    let o = bench::ben2::Ben2BenchOptions {
+        size: b.ben2_size,
+        weights: b.ben2_weights.clone(),
+        image: b.ben2_image,
+        repeat: a.repeat,
+        warmup: a.warmup,
+        seed: a.seed,
+        torch,
+    };
+    let report = bench::ben2::bench_ben2(&o, &tokenar::util::device(a.gpu)?)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(p) = &a.json {
+        tokenar::util::atomic_write(p, json.as_bytes())?;
+    }
+    if a.json_only {
+        println!("{json}");
+    } else {
+        print!("{}", bench::ben2::render(&report));
+    }
+    Ok(())
 }
 
 /// An ITD mode, or `none` (`None`).
@@ -129,6 +184,9 @@ fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if a.ben2.ben2 {
+        return run_ben2(&a);
+    }
     if a.train_batch > 0 {
         tokenar::util::check_batch("--train-batch", a.train_batch)?;
     }

@@ -1,5 +1,6 @@
 //! `tokenar curate ...`: build a dataset from generated targets: split them by their alpha
-//! mattes, filter the samples with a vision-language model and by DINO identity.
+//! mattes (from files, or made here by BEN2), filter the samples with a vision-language model
+//! and by DINO identity.
 
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
@@ -9,15 +10,35 @@ use tokenar::data::{self, Dataset, OpenOptions};
 
 #[derive(Subcommand)]
 pub enum CurateCmd {
-    /// Split each sample's target (`real.png`) by its alpha matte `MATTES/<sample folder>.png`
-    /// into `background.png` (subjects blacked out), `mask.png` and `foreground.png` (RGBA).
+    /// Split each sample's target (`real.png`) by an alpha matte into `background.png`
+    /// (subjects blacked out), `mask.png` and `foreground.png` (RGBA). The matte is either a
+    /// file `MATTES/<sample folder>.png` (--mattes) or made by the BEN2 matting network
+    /// (--model ben2 --weights BEN2_Base.pth), whose foreground colours are then refined as the
+    /// reference's `refine_foreground=True`. Samples already split are kept (a rerun resumes).
     Matte {
         /// InstructAR folder tree (one folder per sample holding `real.png`).
         #[arg(long)]
         dataset: PathBuf,
         /// Folder of alpha mattes named after the sample folders (grayscale, or the alpha of a cut-out).
+        #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+        mattes: Option<PathBuf>,
+        /// Make the mattes with this network (`ben2`).
+        #[arg(long, value_enum, requires = "weights")]
+        model: Option<MatteModel>,
+        /// BEN2 weights: `BEN2_Base.pth` or `model.safetensors` (PramaLLC/BEN2 on Hugging Face).
         #[arg(long)]
-        mattes: PathBuf,
+        weights: Option<PathBuf>,
+        /// A pixel is subject when its matte is above T (0 <= T < 1; T = 0, the reference's
+        /// rule, takes every pixel with a non-zero 8-bit alpha). Equivalently a logit threshold
+        /// of ln(T / (1 - T)).
+        #[arg(long, default_value_t = 0.0)]
+        threshold: f64,
+        /// BEN2's input side (the reference resizes every image to 1024 x 1024).
+        #[arg(long, default_value_t = tokenar::curate::ben2::INPUT_SIZE)]
+        size: usize,
+        /// Run BEN2 on the GPU (a build with the `cuda` feature).
+        #[arg(long)]
+        gpu: bool,
         /// Rewrite samples that already hold all three files (a hand-refined mask is lost).
         #[arg(long)]
         overwrite: bool,
@@ -75,6 +96,21 @@ pub enum CurateCmd {
     },
 }
 
+/// The matting networks `curate matte --model` knows.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum MatteModel {
+    /// BEN2 (BEN_Base: Swin-B backbone, multi-view decoder and refiner).
+    Ben2,
+}
+
+/// `--threshold` as a level of the 8-bit matte: alpha > floor(T * 255).
+fn threshold_level(t: f64) -> anyhow::Result<u8> {
+    if !(0.0..1.0).contains(&t) {
+        anyhow::bail!("--threshold {t}: must be at least 0 and below 1 (a level of the matte)");
+    }
+    Ok((t * 255.0).floor() as u8)
+}
+
 const BAR: &str = "{bar:40} {pos}/{len} samples {per_sec} [{elapsed_precise}<{eta_precise}]";
 
 fn open(dataset: &Path, max_refs: usize) -> anyhow::Result<Dataset> {
@@ -104,9 +140,24 @@ fn finish(what: &str, sum: &Summary, out: &Path, report: &str, kept: &str) -> an
 
 pub fn run(cmd: CurateCmd) -> anyhow::Result<()> {
     match cmd {
-        CurateCmd::Matte { dataset, mattes, overwrite } => {
+        CurateCmd::Matte { dataset, mattes, model, weights, threshold, size, gpu, overwrite } => {
+            let level = threshold_level(threshold)?;
+            let net = match (model, &weights) {
+                (Some(MatteModel::Ben2), Some(w)) => {
+                    tokenar::curate::ben2::Ben2::check_size(size)?;
+                    let device = tokenar::util::device(gpu)?;
+                    Some(tokenar::curate::ben2::Ben2::load(w, &device)?)
+                }
+                (None, Some(_)) => anyhow::bail!("--weights needs --model ben2"),
+                _ => None,
+            };
+            let source = match (&net, &mattes) {
+                (Some(net), _) => matte::MatteSource::Ben2 { net, size },
+                (None, Some(m)) => matte::MatteSource::Files(m),
+                (None, None) => anyhow::bail!("give --mattes FOLDER or --model ben2 --weights FILE"),
+            };
             let bar = super::progress_bar(0, BAR);
-            let run = matte::run_matte(&dataset, &mattes, overwrite, Some(&super::bar_progress(&bar)))?;
+            let run = matte::run_matte_with(&dataset, &source, level, overwrite, Some(&super::bar_progress(&bar)))?;
             bar.finish_and_clear();
             for (id, reason) in &run.failed {
                 println!("FAIL {id}: {reason}");

@@ -4,6 +4,7 @@
 //! resumes) and writes the kept samples as a JSONL manifest that `tokenar data encode` and
 //! training read directly, and that the next filter can take as its dataset.
 
+pub mod ben2;
 pub mod identity;
 pub mod matte;
 pub mod report;

@@ -525,10 +525,11 @@ fn oversized_requests_are_refused_with_status_2() {
         let m = bundle.join("model.safetensors");
         std::fs::write(&m, edit_config(&model, edit)).unwrap();
         run(gen(&["--weights", b]), &[needle, "model.safetensors"]);
-        // `info` on the file no longer reports the config's imagined size.
+        // `info` on the file refuses the config (naming the file and the field) instead of
+        // reporting its imagined size.
         let (code, text, _) = tokenar_cmd(&["info", "--weights", m.to_str().unwrap()]);
-        assert_eq!(code, 0, "{text}");
-        assert!(!text.contains("TokenAR GPT:"), "{text}");
+        assert_eq!(code, 2, "{text}");
+        assert!(text.contains(needle) && text.contains("model.safetensors") && !text.contains("TokenAR GPT:"), "{text}");
     }
 
     // A .pt of a few hundred bytes declaring 4 TiB.

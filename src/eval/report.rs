@@ -146,10 +146,8 @@ pub fn group_table(runs: &[EvalResult], key: &str, select: Option<&[String]>) ->
     Some(out)
 }
 
-/// The `k` best and `k` worst rows by `column` (best first, then worst with the worst last).
-/// Rows without a value are left out; with fewer than 2k rows they are split about evenly and
-/// the two lists share none.
-pub fn best_and_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<(Vec<&'a Row>, Vec<&'a Row>)> {
+/// The rows with a value in `column`, best first (ties in sample order).
+fn ranked_rows<'a>(r: &'a EvalResult, column: &str) -> Result<Vec<(&'a Row, f64)>> {
     let col = r
         .columns
         .iter()
@@ -161,6 +159,14 @@ pub fn best_and_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<(
     if !col.higher_is_better {
         rows.reverse();
     }
+    Ok(rows)
+}
+
+/// The `k` best and `k` worst rows by `column` (best first, then worst with the worst last).
+/// Rows without a value are left out; with fewer than 2k rows they are split about evenly and
+/// the two lists share none.
+pub fn best_and_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<(Vec<&'a Row>, Vec<&'a Row>)> {
+    let rows = ranked_rows(r, column)?;
     let kb = k.min(rows.len().div_ceil(2));
     let kw = k.min(rows.len() - kb);
     let best = rows[..kb].iter().map(|r| r.0).collect();
@@ -172,17 +178,7 @@ pub fn best_and_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<(
 /// without a value are left out; with fewer than 3k rows the three lists split them about
 /// evenly and share none.
 pub fn best_median_worst<'a>(r: &'a EvalResult, column: &str, k: usize) -> Result<[Vec<&'a Row>; 3]> {
-    let col = r
-        .columns
-        .iter()
-        .find(|c| c.name == column)
-        .ok_or_else(|| Error::invalid("rank metric", format!("`{column}` is not a per-sample column of this result")))?;
-    let mut rows: Vec<(&Row, f64)> =
-        r.rows.iter().filter_map(|row| row.values.get(column).copied().flatten().map(|v| (row, v))).collect();
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.index.cmp(&b.0.index)));
-    if !col.higher_is_better {
-        rows.reverse();
-    }
+    let rows = ranked_rows(r, column)?;
     let n = rows.len();
     let take = |r: std::ops::Range<usize>| -> Vec<&'a Row> { rows[r].iter().map(|x| x.0).collect() };
     if n >= 3 * k {

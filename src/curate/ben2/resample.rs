@@ -41,17 +41,7 @@ impl Filter {
                     0.0
                 }
             }
-            Filter::Bicubic => {
-                let a = -0.5;
-                let x = x.abs();
-                if x < 1.0 {
-                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
-                } else {
-                    0.0
-                }
-            }
+            Filter::Bicubic => crate::eval::nets::preprocess::cubic(x),
         }
     }
 }

@@ -22,7 +22,8 @@ pub enum Resample {
     BilinearAntialias,
 }
 
-fn cubic(x: f64) -> f64 {
+/// PIL's bicubic kernel (a = -0.5).
+pub(crate) fn cubic(x: f64) -> f64 {
     let a = -0.5;
     let x = x.abs();
     if x < 1.0 {

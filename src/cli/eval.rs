@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
-use tokenar::eval::{metric, report, run, samples};
+use tokenar::eval::{metric, registry, report, run, samples};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -130,7 +130,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Some(EvalCmd::Metrics) => {
-            for m in metric::builtin_metrics() {
+            for m in registry::builtin_metrics() {
                 println!("{:<12} {}", m.name, m.about);
             }
             Ok(())
@@ -162,7 +162,7 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
 /// The registry's metrics that were asked for (all when `select` is `None`), built with the
 /// weights folder; each one that cannot be built is reported, and none at all is an error.
 fn build_metrics(weights: Option<PathBuf>, select: Option<&[String]>) -> anyhow::Result<(Vec<metric::MetricSpec>, metric::BuiltMetrics)> {
-    let specs = metric::builtin_metrics();
+    let specs = registry::builtin_metrics();
     let ctx = metric::MetricContext { weights_dir: weights, device: candle_core::Device::Cpu };
     let built = metric::build_metrics(&specs, select, &ctx)?;
     for s in &built.skipped {
@@ -184,7 +184,7 @@ fn progress_to(bar: &indicatif::ProgressBar) -> impl Fn(usize, usize) + '_ {
 
 fn merge(parts: &[PathBuf], out: &Path, grid: &GridArgs) -> anyhow::Result<()> {
     let runs = parts.iter().map(report::read_json).collect::<Result<Vec<_>, _>>()?;
-    let merged = run::merge(&runs, &metric::builtin_metrics())?;
+    let merged = run::merge(&runs, &registry::builtin_metrics())?;
     if merged.shard.is_some() {
         eprintln!("note: the shards cover {} of {} samples", merged.rows.len(), merged.dataset_samples);
     }

@@ -17,5 +17,3 @@ pub use vlm::{run_vlm, VlmClient, VlmOptions};
 
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod vlm_tests;

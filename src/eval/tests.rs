@@ -59,7 +59,7 @@ mod pipeline {
     //! have the subjects swapped, shards + merge, reports, skipped metrics.
     use crate::eval::identity::tests::scenes;
     use crate::eval::metric::{self, Column, MetricContext, MetricKind, MetricSpec, SampleData, SetFeatures, SetMetric};
-    use crate::eval::{report, run, samples};
+    use crate::eval::{registry, report, run, samples};
     use crate::Result;
     use image::{Rgb, RgbImage};
     use std::path::{Path, PathBuf};
@@ -125,7 +125,7 @@ mod pipeline {
     }
 
     fn specs() -> Vec<MetricSpec> {
-        let mut s = metric::builtin_metrics();
+        let mut s = registry::builtin_metrics();
         s.push(MetricSpec {
             name: "meancolour",
             about: "test set metric",
@@ -233,7 +233,7 @@ mod pipeline {
     fn predictions_from_a_closure_and_a_two_run_table() {
         // The hook a model plugs into: the closure produces each sample's prediction.
         let (_tmp, data, _pred) = build("closure");
-        let specs = metric::builtin_metrics();
+        let specs = registry::builtin_metrics();
         let ctx = MetricContext { weights_dir: None, device: candle_core::Device::Cpu };
         let built = metric::build_metrics(&specs, Some(&["pixel".into(), "identity".into()]), &ctx).unwrap();
         let samples = samples::list_samples(&data).unwrap();

@@ -15,7 +15,6 @@
 //!   ([`PadRows::Encoded`]). Those are computed as the reference does, on the padded batch
 //!   under the mask.
 
-#[path = "t5_stack.rs"]
 pub mod stack;
 
 use super::{pad_features, Padding, TextEncoder, DEFAULT_MAX_LEN};
@@ -256,5 +255,4 @@ impl TextEncoder for T5Encoder {
 }
 
 #[cfg(test)]
-#[path = "t5_tests.rs"]
 mod tests;

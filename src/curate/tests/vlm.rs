@@ -2,9 +2,9 @@
 //! connection): what each request holds, how every kind of answer is decided, resumption, and
 //! an unreachable endpoint.
 
-use super::tests::{pattern, temp_dir, write_sample};
-use super::vlm::{self, completions_url, judge, prompt_text, VlmOptions, PROMPT_TEMPLATE};
-use super::report::Report;
+use super::{pattern, temp_dir, write_sample};
+use crate::curate::vlm::{self, completions_url, judge, prompt_text, VlmOptions, PROMPT_TEMPLATE};
+use crate::curate::report::Report;
 use crate::data::{Dataset, OpenOptions};
 use base64::Engine;
 use serde_json::{json, Value};

@@ -1,14 +1,16 @@
 //! Tests of the matte split, the identity filter (on the tiny DINO fixture) and the report's
-//! resumption. The VLM filter's tests, against a mock server, are in `vlm_tests.rs`.
+//! resumption. The VLM filter's tests, against a mock server, are in `vlm.rs` beside this file.
 
-use super::identity::{self, decide, embed_images, identity_scores, IdentityOptions};
-use super::matte::{self, alpha_of, split_files, FOREGROUND};
-use super::report::Report;
+use crate::curate::identity::{self, decide, embed_images, identity_scores, IdentityOptions};
+use crate::curate::matte::{self, alpha_of, split_files, FOREGROUND};
+use crate::curate::report::Report;
 use crate::data::{Dataset, OpenOptions};
 use crate::eval::nets::{DinoConfig, DinoEncoder};
 use candle_core::Device;
 use image::{DynamicImage, GrayImage, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use std::path::{Path, PathBuf};
+
+mod vlm;
 
 pub(super) fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tokenar-curate-{name}-{}", std::process::id()));

@@ -194,45 +194,9 @@ fn encode_with_dino(ds_dir: &Path, tok: &Path, out: &Path, dino: bool) -> (token
 }
 
 fn train_config(tok: &Path, cache: &Path, out: &Path, steps: u64, distill_weight: f64) -> TrainJobConfig {
-    let text = format!(
-        r#"
-cache = "{cache}"
-out = "{out}"
-tokenizer = "{tok}"
-seed = 5
-steps = {steps}
-batch = 4
-lr = 3e-3
-weight_decay = 0.05
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-log_every = 1
-ckpt_every = 2
-keep_last = 1
-drop_both = 0.0
-drop_image = 0.0
-drop_text = 0.0
-distill_weight = {distill_weight}
-[model]
-preset = "tiny"
-n_layer = 1
-n_head = 2
-dim = 32
-dropout = 0.0
-[text]
-dim = 32
-n_layer = 1
-n_head = 2
-max_len = 8
-mlp_ratio = 2
-norm_eps = 1e-5
-"#,
-        cache = cache.display(),
-        out = out.display(),
-        tok = tok.display()
-    );
-    TrainJobConfig::from_toml(&text, &[], Path::new("test.toml")).unwrap()
+    let (steps, weight) = (format!("steps={steps}"), format!("distill_weight={distill_weight:?}"));
+    let sets = [steps.as_str(), &weight, "drop_both=0.0", "drop_image=0.0", "drop_text=0.0"];
+    common::train_config(cache, out, tok, &sets)
 }
 
 #[test]

@@ -19,47 +19,9 @@ fn tmp(tag: &str) -> PathBuf {
 }
 
 fn config(tok: &Path, cache: &Path, out: &Path, steps: u64) -> TrainJobConfig {
-    let text = format!(
-        r#"
-cache = "{cache}"
-out = "{out}"
-tokenizer = "{tok}"
-seed = 5
-steps = {steps}
-batch = 8
-lr = 3e-3
-warmup = 2
-weight_decay = 0.05
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-log_every = 1
-ckpt_every = 5
-keep_last = 2
-drop_both = 0.05
-drop_image = 0.05
-drop_text = 0.05
-grid_samples = 2
-[model]
-preset = "tiny"
-n_layer = 2
-n_head = 2
-dim = 32
-n_instruct = 4
-dropout = 0.0
-[text]
-dim = 32
-n_layer = 1
-n_head = 2
-max_len = 8
-mlp_ratio = 2
-norm_eps = 1e-5
-"#,
-        cache = cache.display(),
-        out = out.display(),
-        tok = tok.display()
-    );
-    TrainJobConfig::from_toml(&text, &[], Path::new("test.toml")).unwrap()
+    let steps = format!("steps={steps}");
+    let sets = [steps.as_str(), "batch=8", "warmup=2", "ckpt_every=5", "keep_last=2", "grid_samples=2", "model.n_layer=2", "model.n_instruct=4"];
+    common::train_config(cache, out, tok, &sets)
 }
 
 #[test]

@@ -7,6 +7,8 @@ use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tokenar-safe-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -75,46 +77,10 @@ fn fixture(tag: &str) -> Fixture {
 impl Fixture {
     /// A training config of a tiny model, `steps` steps, checkpoints every 3.
     fn config(&self, name: &str, out: &Path, steps: u64) -> PathBuf {
-        let text = format!(
-            r#"cache = "{cache}"
-out = "{out}"
-tokenizer = "{tok}"
-seed = 5
-steps = {steps}
-batch = 4
-lr = 3e-3
-weight_decay = 0.05
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-log_every = 1
-ckpt_every = 3
-keep_last = 0
-drop_both = 0.05
-drop_image = 0.05
-drop_text = 0.05
-[model]
-preset = "tiny"
-n_layer = 1
-n_head = 2
-dim = 16
-n_instruct = 2
-max_refs = 2
-dropout = 0.0
-[text]
-dim = 16
-n_layer = 1
-n_head = 2
-max_len = 8
-mlp_ratio = 2
-norm_eps = 1e-5
-"#,
-            cache = self.cache.display(),
-            out = out.display(),
-            tok = self.tok.display()
-        );
+        let steps = format!("steps={steps}");
+        let sets = [steps.as_str(), "ckpt_every=3", "keep_last=0", "model.dim=16", "model.n_instruct=2", "model.max_refs=2", "text.dim=16"];
         let p = self.root.join(name);
-        std::fs::write(&p, text).unwrap();
+        std::fs::write(&p, common::train_toml(&self.cache, out, &self.tok, &sets)).unwrap();
         p
     }
 }

@@ -9,6 +9,8 @@ use tokenar::data;
 use tokenar::pipeline::{generate, Bundle, GenerateRequest, TrainJob, TrainJobConfig};
 use tokenar::sample::SampleOptions;
 
+mod common;
+
 fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tokenar-subjects-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -23,55 +25,25 @@ fn tokenar_cmd(args: &[&str]) -> (i32, String) {
 }
 
 fn config(tok: &Path, cache: &Path, out: &Path, steps: u64, max_refs: usize) -> TrainJobConfig {
-    let text = format!(
-        r#"
-cache = "{cache}"
-out = "{out}"
-tokenizer = "{tok}"
-seed = 2
-steps = {steps}
-batch = 4
-lr = 3e-3
-warmup = 1
-weight_decay = 0.05
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-drop_both = 0.05
-drop_image = 0.05
-drop_text = 0.05
-log_every = 1
-ckpt_every = 4
-keep_last = 1
-grid_samples = 1
-# The recipe's binding options (configs/tokenar-builtin-f4.toml) with 1 to 3 references.
-binding_loss = 1.0
-binding_first = 2
-binding_token_loss = 0.25
-[model]
-preset = "tiny"
-cell_embedding = true
-n_layer = 1
-n_head = 2
-dim = 32
-n_instruct = 2
-index_embedding = true
-itd = true
-max_refs = {max_refs}
-dropout = 0.0
-[text]
-dim = 32
-n_layer = 1
-n_head = 2
-max_len = 12
-mlp_ratio = 2
-norm_eps = 1e-5
-"#,
-        cache = cache.display(),
-        out = out.display(),
-        tok = tok.display()
-    );
-    TrainJobConfig::from_toml(&text, &[], Path::new("test.toml")).unwrap()
+    let (steps, max_refs) = (format!("steps={steps}"), format!("model.max_refs={max_refs}"));
+    let sets = [
+        steps.as_str(),
+        "seed=2",
+        "warmup=1",
+        "ckpt_every=4",
+        "grid_samples=1",
+        // The recipe's binding options (configs/tokenar-builtin-f4.toml) with 1 to 3 references.
+        "binding_loss=1.0",
+        "binding_first=2",
+        "binding_token_loss=0.25",
+        "model.cell_embedding=true",
+        "model.n_instruct=2",
+        "model.index_embedding=true",
+        "model.itd=true",
+        &max_refs,
+        "text.max_len=12",
+    ];
+    common::train_config(cache, out, tok, &sets)
 }
 
 #[test]

@@ -9,19 +9,8 @@ use tokenar::pipeline::GenerateRequest;
 
 #[derive(Args)]
 pub struct AttentionArgs {
-    /// A reference image of one subject (repeat for each subject, in order; 1 to the model's
-    /// maximum).
-    #[arg(long = "ref", value_name = "IMAGE")]
-    refs: Vec<PathBuf>,
-    /// The scene (see `tokenar generate --help`).
-    #[arg(long)]
-    background: Option<PathBuf>,
-    /// White where the subjects go (see `tokenar generate --help`).
-    #[arg(long)]
-    mask: Option<PathBuf>,
-    /// What the image shows (as for `tokenar generate`).
-    #[arg(long)]
-    prompt: String,
+    #[command(flatten)]
+    scene: super::generate::SceneArgs,
     /// Output folder: generated.png; shares.png (columns: the image, then each group of keys
     /// -- ref1.., background, text, instruct, itd, target -- under a header row of their
     /// pictures; rows: each layer with its heads averaged, or each head with --per-head, then
@@ -85,12 +74,12 @@ pub fn run(a: AttentionArgs) -> anyhow::Result<()> {
     if !(16..=1024).contains(&a.panel) {
         bail!("--panel {}: expected 16 to 1024 pixels", a.panel);
     }
-    let (refs, background, mask) = super::generate::load_condition_images(&a.refs, a.background.as_ref(), a.mask.as_ref())?;
+    let (refs, background, mask) = a.scene.load()?;
     let mut req = GenerateRequest {
         refs,
         background,
         mask,
-        prompt: a.prompt.clone(),
+        prompt: a.scene.prompt.clone(),
         options: a.sampling.options(&Default::default(), 0),
         itd: a.sampling.itd,
         num_samples: 1,

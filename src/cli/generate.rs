@@ -5,27 +5,42 @@ use clap::Args;
 use std::path::PathBuf;
 use tokenar::pipeline::{generate, GenerateRequest};
 
+/// One request's scene: the references, the background with its mask, and the prompt (the
+/// flags of `generate`, also taken by `attention`).
 #[derive(Args)]
-pub struct GenerateArgs {
+pub struct SceneArgs {
     /// A reference image of one subject (repeat for each subject, in order): 1 to the model's
     /// maximum (`tokenar info` shows it; a request with more is refused naming the maximum).
     #[arg(long = "ref", value_name = "IMAGE")]
-    refs: Vec<PathBuf>,
+    pub refs: Vec<PathBuf>,
     /// The scene, any size (resized to the model's image size; `tokenar info` shows it).
     /// Without --mask the background is given to the model unchanged: it counts as already
     /// blacked out where the subjects go (black pixels, as in InstructAR's data), and nothing
     /// is pasted back. Without --background the subjects are drawn on an empty canvas.
     #[arg(long)]
-    background: Option<PathBuf>,
+    pub background: Option<PathBuf>,
     /// White where the subjects go: the background is blacked out there before the model sees
     /// it. Needs --background; of its size, or at least its aspect ratio (it is resized with
     /// the background).
     #[arg(long)]
-    mask: Option<PathBuf>,
+    pub mask: Option<PathBuf>,
     /// What the image shows. The built-in text encoder knows a small word list: unknown words
     /// are listed in a warning.
     #[arg(long)]
-    prompt: String,
+    pub prompt: String,
+}
+
+impl SceneArgs {
+    /// Read the reference, background and mask files (errors name the file).
+    pub fn load(&self) -> tokenar::Result<ConditionImages> {
+        load_condition_images(&self.refs, self.background.as_ref(), self.mask.as_ref())
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    scene: SceneArgs,
     /// Output image; the extension picks the format (.png, .jpg, .jpeg or .webp). With
     /// --num-samples > 1, `_<i>` is added before the extension.
     #[arg(long)]
@@ -67,12 +82,12 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     // Refuse an output format that cannot be written before any work is done.
     tokenar::imageio::output_format(&a.out)?;
     // Read every input before loading the model, so a bad file is reported at once.
-    let (refs, background, mask) = load_condition_images(&a.refs, a.background.as_ref(), a.mask.as_ref())?;
+    let (refs, background, mask) = a.scene.load()?;
     let mut req = GenerateRequest {
         refs,
         background,
         mask,
-        prompt: a.prompt.clone(),
+        prompt: a.scene.prompt.clone(),
         // Flags without a model's defaults, checked now; the model's fill in below.
         options: a.sampling.options(&Default::default(), 0),
         itd: a.sampling.itd,

@@ -253,6 +253,28 @@ fn cache_keeps_features_and_training_needs_them() {
     // The exported model keeps the head (`alignment.*`) and loads.
     let exported = TensorFile::load(run.join("export").join("model.safetensors"), &dev).unwrap();
     assert_eq!(exported.tensors["alignment.weight"].dims(), &[32, 32, 2, 2]);
-    model::load(&run.join("export").join("model.safetensors"), None, &dev).unwrap();
+    let export = run.join("export").join("model.safetensors");
+    model::load(&export, None, &dev).unwrap();
+
+    // A run initialised from it with distillation starts from its head; one whose features
+    // are of another width (here: the head's width edited in the file) starts a fresh head.
+    let head = |job: &TrainJob| -> Vec<f32> {
+        let vars = tokenar::weights::varmap_tensors(&job.state.models[0].1);
+        vars.into_iter().find(|(k, _)| k == "alignment.weight").unwrap().1.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let mut cfg = train_config(&tok, &with, &root.join("run-init"), 1, 0.5);
+    cfg.init = Some(export.clone());
+    let want: Vec<f32> = exported.tensors["alignment.weight"].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(head(&TrainJob::new(cfg, false, &dev).unwrap()), want);
+    let mut other = exported.tensors.clone();
+    other.insert("alignment.weight".into(), Tensor::ones((8, 32, 2, 2), DType::F32, &dev).unwrap());
+    other.insert("alignment.bias".into(), Tensor::zeros(8, DType::F32, &dev).unwrap());
+    let other_file = root.join("other-head.safetensors");
+    candle_core::safetensors::save(&other, &other_file).unwrap();
+    let mut cfg = train_config(&tok, &with, &root.join("run-init-other"), 1, 0.5);
+    cfg.init = Some(other_file);
+    let fresh = head(&TrainJob::new(cfg, false, &dev).unwrap());
+    assert_eq!(fresh.len(), want.len());
+    assert_ne!(fresh, want);
     std::fs::remove_dir_all(&root).unwrap();
 }

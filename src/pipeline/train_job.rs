@@ -98,9 +98,14 @@ impl TrainJob {
 
         if let (Some(init), false) = (&cfg.init, resume) {
             let mut file = crate::weights::TensorFile::load(init, device)?;
+            // The reference's multi-encoder head names (`alignment.0.*`) as `alignment.*`.
+            model::alignment::normalize_keys(&mut file.tensors);
+            if !alignment_carries_over(&gpt_vars, &file, init)? {
+                file.tensors.retain(|k, _| !k.starts_with("alignment."));
+            }
             let opts = crate::weights::LoadOptions {
                 allow_missing: model::ADDITIONS.iter().map(|s| s.to_string()).collect(),
-                ignore: vec!["alignment.".into()],
+                ignore: Vec::new(),
                 strict_unexpected: false,
             };
             let report = crate::weights::load_into_varmap(&gpt_vars, &mut file, &opts)?;
@@ -397,6 +402,26 @@ impl Hooks for JobHooks<'_> {
             super::probe::append(&out.join("checkpoints").join(PROBE_LOG), &p)?;
         }
         Ok(())
+    }
+}
+
+/// Whether `init`'s distillation head (`alignment.*`) starts this run's: when the run trains a
+/// head (`distill_weight > 0`) of the file's shape. A file head of another width (features of
+/// another encoder) is left behind, said on stderr; so is any head when the run trains none.
+fn alignment_carries_over(gpt_vars: &VarMap, file: &crate::weights::TensorFile, init: &std::path::Path) -> Result<bool> {
+    let Some(in_file) = file.tensors.get("alignment.weight") else { return Ok(false) };
+    let ours = gpt_vars.data().lock().map_err(|_| Error::invalid("model variables", "lock poisoned"))?.get("alignment.weight").map(|v| v.dims().to_vec());
+    match ours {
+        Some(dims) if dims == in_file.dims() => Ok(true),
+        Some(dims) => {
+            eprintln!(
+                "{}: its alignment head {:?} does not fit this run's {dims:?} (features of another width): the head starts fresh",
+                init.display(),
+                in_file.dims()
+            );
+            Ok(false)
+        }
+        None => Ok(false),
     }
 }
 

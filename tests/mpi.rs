@@ -155,3 +155,148 @@ fn two_ranks_equal_one_process() {
     }
     comm.barrier().unwrap();
 }
+
+/// The processes of `mpirun` whose command line names `needle` and whose MPI rank is `rank`.
+#[cfg(feature = "mpi")]
+fn rank_pids(needle: &str, rank: usize) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let has = |bytes: &[u8], s: &str| bytes.split(|b| *b == 0).any(|part| part == s.as_bytes() || (s.len() > 1 && String::from_utf8_lossy(part).contains(s)));
+        if has(&cmdline, needle) && has(&environ, &format!("OMPI_COMM_WORLD_RANK={rank}")) && !has(&cmdline, "mpirun") {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Run by `.ci/run` as a plain test (it starts `mpirun -n 2 tokenar train` itself): kill -9 of
+/// one rank in the middle of training stops the job (the launcher sees the death); a rank that
+/// hangs stops it through the collective timeout; `--resume` in one process then continues
+/// from the last checkpoint.
+#[cfg(feature = "mpi")]
+#[test]
+#[ignore = "starts mpirun itself (see .ci/run)"]
+fn a_killed_rank_stops_the_job_and_a_resume_continues() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let root = tmp("kill");
+    let (_, tok, cache) = fixture(&root);
+    let run = root.join("run");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tokenar-builtin.toml");
+    let sets = [
+        format!("cache={}", cache.display()),
+        format!("out={}", run.display()),
+        format!("tokenizer={}", tok.display()),
+        "steps=100000".into(),
+        "batch=4".into(),
+        "ckpt_every=2".into(),
+        "keep_last=2".into(),
+        "log_every=1".into(),
+        "grid_samples=0".into(),
+    ];
+    let mut args: Vec<String> = vec!["train".into(), "--config".into(), config.display().to_string(), "--collective-timeout".into(), "20".into()];
+    for s in &sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    let mut child = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", env!("CARGO_BIN_EXE_tokenar")])
+        .args(&args)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun on PATH");
+
+    // Wait for a checkpoint past step 2, then kill rank 1.
+    let metrics = run.join("checkpoints").join("metrics.jsonl");
+    let start = Instant::now();
+    let logged = || std::fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0);
+    while logged() < 5 {
+        assert!(child.try_wait().unwrap().is_none(), "training ended before the kill");
+        assert!(start.elapsed() < Duration::from_secs(300), "no training progress in 300 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let needle = run.display().to_string();
+    let victims = rank_pids(&needle, 1);
+    assert_eq!(victims.len(), 1, "rank 1's process: {victims:?}");
+    let killed_at = Instant::now();
+    assert!(Command::new("kill").args(["-9", &victims[0].to_string()]).status().unwrap().success());
+
+    // The job stops by itself, well within the collective timeout plus the launcher's clean-up.
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if killed_at.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            panic!("the job still runs 90 s after rank 1 was killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    eprintln!("stopped {:.1} s after the kill, {status}; its last lines:\n{}", killed_at.elapsed().as_secs_f64(), err.lines().rev().take(6).collect::<Vec<_>>().join("\n"));
+    assert!(!status.success(), "a job that lost a rank must not report success");
+    let survivors = rank_pids(&needle, 0);
+    assert!(survivors.is_empty(), "rank 0 outlived the job: {survivors:?}");
+
+    // A rank that hangs (stopped, not dead: the launcher sees nothing) stops the job through
+    // the collective's timeout, with a message that says what to do.
+    let mut hang_args = args.clone();
+    hang_args.extend(["--resume".into(), "--force".into()]);
+    let t = hang_args.iter().position(|a| a == "--collective-timeout").unwrap();
+    hang_args[t + 1] = "5".into();
+    let logged_before = logged();
+    let mut child = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", env!("CARGO_BIN_EXE_tokenar")])
+        .args(&hang_args)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while logged() < logged_before + 2 {
+        assert!(child.try_wait().unwrap().is_none(), "the resumed job ended before the stop");
+        assert!(start.elapsed() < Duration::from_secs(300), "no progress after the resume in 300 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let victims = rank_pids(&needle, 1);
+    assert_eq!(victims.len(), 1, "rank 1's process: {victims:?}");
+    let stopped_at = Instant::now();
+    assert!(Command::new("kill").args(["-STOP", &victims[0].to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if stopped_at.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            let _ = Command::new("kill").args(["-9", &victims[0].to_string()]).status();
+            panic!("the job still runs 90 s after rank 1 hung (collective timeout 5 s)");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = Command::new("kill").args(["-9", &victims[0].to_string()]).status();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    eprintln!("stopped {:.1} s after rank 1 hung, {status}", stopped_at.elapsed().as_secs_f64());
+    assert!(!status.success());
+    assert!(err.contains("waited more than 5 s") && err.contains("--resume"), "{err}");
+
+    // One process resumes from the newest checkpoint (another world size: --force) and runs on.
+    let last = tokenar::train::MetricsLog::read(&metrics).unwrap().last().map(|r| r.step).unwrap();
+    let mut resume_args = args.clone();
+    let i = resume_args.iter().position(|a| a.starts_with("steps=")).unwrap();
+    resume_args[i] = format!("steps={}", last + 4);
+    resume_args.extend(["--resume".into(), "--force".into()]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenar")).args(&resume_args).env("RAYON_NUM_THREADS", "1").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "resume: {text}");
+    let recs = tokenar::train::MetricsLog::read(&metrics).unwrap();
+    assert_eq!(recs.last().map(|r| r.step), Some(last + 4), "{text}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

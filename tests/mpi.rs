@@ -172,6 +172,51 @@ fn rank_pids(needle: &str, rank: usize) -> Vec<u32> {
     pids
 }
 
+/// Start `mpirun -n 2 tokenar ARGS` (one thread per rank), wait until `metrics` has `lines`
+/// more lines, send `signal` to rank 1 and wait (at most 90 s) for the job to end: its exit
+/// status, its stderr and the seconds it took after the signal.
+#[cfg(feature = "mpi")]
+fn signal_rank_1(args: &[String], metrics: &Path, lines: usize, needle: &str, signal: &str) -> (std::process::ExitStatus, String, f64) {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let logged = || std::fs::read_to_string(metrics).map(|t| t.lines().count()).unwrap_or(0);
+    let target = logged() + lines;
+    let mut child = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", env!("CARGO_BIN_EXE_tokenar")])
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun on PATH");
+    let start = Instant::now();
+    while logged() < target {
+        assert!(child.try_wait().unwrap().is_none(), "the job ended before the signal");
+        assert!(start.elapsed() < Duration::from_secs(300), "no training progress in 300 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let victims = rank_pids(needle, 1);
+    assert_eq!(victims.len(), 1, "rank 1's process: {victims:?}");
+    let signalled = Instant::now();
+    assert!(Command::new("kill").args([signal, &victims[0].to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if signalled.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            let _ = Command::new("kill").args(["-9", &victims[0].to_string()]).status();
+            panic!("the job still runs 90 s after `kill {signal}` of rank 1");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // A stopped rank may outlive its launcher: end it.
+    let _ = Command::new("kill").args(["-9", &victims[0].to_string()]).status();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status, err, signalled.elapsed().as_secs_f64())
+}
+
 /// Run by `.ci/run` as a plain test (it starts `mpirun -n 2 tokenar train` itself): kill -9 of
 /// one rank in the middle of training stops the job (the launcher sees the death); a rank that
 /// hangs stops it through the collective timeout; `--resume` in one process then continues
@@ -180,8 +225,7 @@ fn rank_pids(needle: &str, rank: usize) -> Vec<u32> {
 #[test]
 #[ignore = "starts mpirun itself (see .ci/run)"]
 fn a_killed_rank_stops_the_job_and_a_resume_continues() {
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
+    use std::process::Command;
     let root = tmp("kill");
     let (_, tok, cache) = fixture(&root);
     let run = root.join("run");
@@ -202,44 +246,12 @@ fn a_killed_rank_stops_the_job_and_a_resume_continues() {
         args.push("--set".into());
         args.push(s.clone());
     }
-    let mut child = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", env!("CARGO_BIN_EXE_tokenar")])
-        .args(&args)
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mpirun on PATH");
-
-    // Wait for a checkpoint past step 2, then kill rank 1.
     let metrics = run.join("checkpoints").join("metrics.jsonl");
-    let start = Instant::now();
-    let logged = || std::fs::read_to_string(&metrics).map(|t| t.lines().count()).unwrap_or(0);
-    while logged() < 5 {
-        assert!(child.try_wait().unwrap().is_none(), "training ended before the kill");
-        assert!(start.elapsed() < Duration::from_secs(300), "no training progress in 300 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     let needle = run.display().to_string();
-    let victims = rank_pids(&needle, 1);
-    assert_eq!(victims.len(), 1, "rank 1's process: {victims:?}");
-    let killed_at = Instant::now();
-    assert!(Command::new("kill").args(["-9", &victims[0].to_string()]).status().unwrap().success());
 
-    // The job stops by itself, well within the collective timeout plus the launcher's clean-up.
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if killed_at.elapsed() > Duration::from_secs(90) {
-            let _ = child.kill();
-            panic!("the job still runs 90 s after rank 1 was killed");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    eprintln!("stopped {:.1} s after the kill, {status}; its last lines:\n{}", killed_at.elapsed().as_secs_f64(), err.lines().rev().take(6).collect::<Vec<_>>().join("\n"));
+    // kill -9 of rank 1 after 5 steps: the job stops by itself.
+    let (status, err, took) = signal_rank_1(&args, &metrics, 5, &needle, "-9");
+    eprintln!("stopped {took:.1} s after the kill, {status}; its last lines:\n{}", err.lines().rev().take(6).collect::<Vec<_>>().join("\n"));
     assert!(!status.success(), "a job that lost a rank must not report success");
     let survivors = rank_pids(&needle, 0);
     assert!(survivors.is_empty(), "rank 0 outlived the job: {survivors:?}");
@@ -250,40 +262,8 @@ fn a_killed_rank_stops_the_job_and_a_resume_continues() {
     hang_args.extend(["--resume".into(), "--force".into()]);
     let t = hang_args.iter().position(|a| a == "--collective-timeout").unwrap();
     hang_args[t + 1] = "5".into();
-    let logged_before = logged();
-    let mut child = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", env!("CARGO_BIN_EXE_tokenar")])
-        .args(&hang_args)
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while logged() < logged_before + 2 {
-        assert!(child.try_wait().unwrap().is_none(), "the resumed job ended before the stop");
-        assert!(start.elapsed() < Duration::from_secs(300), "no progress after the resume in 300 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let victims = rank_pids(&needle, 1);
-    assert_eq!(victims.len(), 1, "rank 1's process: {victims:?}");
-    let stopped_at = Instant::now();
-    assert!(Command::new("kill").args(["-STOP", &victims[0].to_string()]).status().unwrap().success());
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if stopped_at.elapsed() > Duration::from_secs(90) {
-            let _ = child.kill();
-            let _ = Command::new("kill").args(["-9", &victims[0].to_string()]).status();
-            panic!("the job still runs 90 s after rank 1 hung (collective timeout 5 s)");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let _ = Command::new("kill").args(["-9", &victims[0].to_string()]).status();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    eprintln!("stopped {:.1} s after rank 1 hung, {status}", stopped_at.elapsed().as_secs_f64());
+    let (status, err, took) = signal_rank_1(&hang_args, &metrics, 2, &needle, "-STOP");
+    eprintln!("stopped {took:.1} s after rank 1 hung, {status}");
     assert!(!status.success());
     assert!(err.contains("waited more than 5 s") && err.contains("--resume"), "{err}");
 

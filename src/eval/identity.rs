@@ -590,6 +590,55 @@ mod calibration {
         format!("n {} min {:.3} p05 {:.3} p50 {:.3} p95 {:.3} max {:.3}", v.len(), q(0.0), q(0.05), q(0.5), q(0.95), q(1.0))
     }
 
+    /// Reference round trips through vq-small-f4 at 64 px (16 x 16 codes), downscaled to 32 px
+    /// (8 x 8 codes) and cropped to the subject's box then 32 px: the structure distance of each
+    /// round trip's foreground to the original reference's (run by hand, as below).
+    #[test]
+    #[ignore]
+    fn measure_reference_round_trips() {
+        use image::imageops::{crop_imm, resize, FilterType};
+        let dev = candle_core::Device::Cpu;
+        let (vq, _) = crate::tokenizer::load(std::path::Path::new("assets/vq-small-f4.safetensors"), None, &dev).unwrap();
+        let n: usize = std::env::var("CAL_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+        let rt = |img: &RgbImage| -> RgbImage {
+            let x = crate::imageio::rgb_to_tensor(img, &dev).unwrap().unsqueeze(0).unwrap();
+            crate::imageio::tensor_to_rgb(&vq.decode(&vq.encode(&x).unwrap()).unwrap().get(0).unwrap()).unwrap()
+        };
+        let fg = |img: &RgbImage| structure_descriptor(img, |x, y| img.get_pixel(x, y).0.iter().any(|&c| c < WHITE_LEVEL));
+        let mut d = [vec![], vec![], vec![]];
+        let mut psnr = [0.0f64; 3];
+        for i in 0..n {
+            let s = render_sample(sample_seed(20261205, Split::Test, i), 64, (2, 2));
+            for r in &s.refs {
+                let orig = fg(r).unwrap();
+                let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+                for (x, y, p) in r.enumerate_pixels() {
+                    if p.0.iter().any(|&c| c < WHITE_LEVEL) {
+                        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+                    }
+                }
+                let side = (x1 - x0).max(y1 - y0) + 1;
+                let (cx, cy) = ((x0 + x1) / 2, (y0 + y1) / 2);
+                let left = (cx as i64 - side as i64 / 2).clamp(0, (64 - side) as i64) as u32;
+                let top = (cy as i64 - side as i64 / 2).clamp(0, (64 - side) as i64) as u32;
+                let cropped = crop_imm(r, left, top, side, side).to_image();
+                let variants = [r.clone(), resize(r, 32, 32, FilterType::Triangle), resize(&cropped, 32, 32, FilterType::Triangle)];
+                for (k, v) in variants.iter().enumerate() {
+                    let out = rt(v);
+                    let mse = v.as_raw().iter().zip(out.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>()
+                        / v.as_raw().len() as f64;
+                    psnr[k] += 10.0 * (255.0f64 * 255.0 / mse.max(1e-9)).log10();
+                    d[k].push(fg(&out).map(|o| structure_distance(&orig, &o)).unwrap_or(2.0));
+                }
+            }
+        }
+        for (k, name) in ["64 px, 16x16 codes", "whole ref at 32 px, 8x8 codes", "subject crop at 32 px, 8x8 codes"].iter().enumerate() {
+            let m = d[k].len() as f64;
+            let within = d[k].iter().filter(|&&x| x <= MAX_STRUCTURE_DISTANCE).count() as f64 / m;
+            eprintln!("{name}: PSNR {:.2} dB, within threshold {within:.3}, {}", psnr[k] / m, quantiles(d[k].clone()));
+        }
+    }
+
     /// Distributions behind the structure threshold, printed (run by hand with `cargo test
     /// --release --lib measure_structure_distances -- --ignored --nocapture`; CAL_N samples,
     /// default 200, of the 2-subject test split, seed 20261205, through vq-small-f4).

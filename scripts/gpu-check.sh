@@ -9,13 +9,14 @@
 #                   CPU for comparison
 #   3. image-256    one whole 256 px image of TokenAR-XL (random weights) on the GPU, bf16
 #   4. nccl-1       two training steps of the built-in config on the GPU through NCCL, one rank
-#                   (WORLD_SIZE=1), against the same steps on the CPU (loss of each step)
+#                   (WORLD_SIZE=1), in f32 and with autocast = "bf16", against the same steps on
+#                   the CPU (loss of each step)
 #   5. nccl-2       the same with two ranks on the one GPU (NCCL may refuse two ranks per GPU:
 #                   the log says so)
 #
 # The binary: $TOKENAR, else target-cuda/release/tokenar or target/release/tokenar (built with
-# `--features cuda,nccl`, e.g. on another machine with scripts/cuda-toolchain.sh), else it is
-# built here (needs nvcc and the crates). The CUDA libraries are looked for on LD_LIBRARY_PATH,
+# `--features nccl`, e.g. on another machine with scripts/cuda-toolchain.sh), or
+# target-cuda/release/tokenar.xz, else it is built here (needs nvcc and the crates). The CUDA libraries are looked for on LD_LIBRARY_PATH,
 # in $CUDA_LIBS, /usr/local/cuda/lib64 and the pip `nvidia` packages of python3 (torch's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +30,16 @@ say() { echo "$*" | tee -a "$summary"; }
 T=${TOKENAR:-}
 if [ -z "$T" ]; then
     for c in target-cuda/release/tokenar target/release/tokenar; do
-        if [ -x "$c" ]; then T=$c; break; fi
+        # Only a CUDA build (linked to the driver library).
+        if [ -x "$c" ] && ldd "$c" 2>/dev/null | grep -q 'libcuda\.so'; then T=$c; break; fi
     done
+fi
+# A binary built elsewhere may travel compressed (xz -T0 -6 -k target-cuda/release/tokenar).
+if [ -z "$T" ] && [ -f target-cuda/release/tokenar.xz ]; then
+    T=${TMPDIR:-/tmp}/tokenar-gpu-check
+    xz -dc target-cuda/release/tokenar.xz >"$T" 2>/dev/null \
+        || python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" target-cuda/release/tokenar.xz "$T"
+    chmod +x "$T"
 fi
 if [ -z "$T" ]; then
     say "building: cargo build --release --features cuda,nccl"
@@ -122,8 +131,10 @@ train=(train --config configs/tokenar-builtin.toml --force --set "cache=$data/ca
 losses() { grep -o '"loss":[^,]*' "$1/checkpoints/metrics.jsonl" 2>/dev/null | cut -d: -f2 | tr '\n' ' '; }
 step train-cpu 120 "$T" "${train[@]}" --set "out=$out/train-cpu"
 step nccl-1 120 env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 "$T" "${train[@]}" --gpu --set "out=$out/train-nccl1"
-say "losses cpu:    $(losses "$out/train-cpu")"
-say "losses nccl-1: $(losses "$out/train-nccl1")"
+step nccl-1-bf16 120 env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 "$T" "${train[@]}" --gpu --set 'autocast="bf16"' --set "out=$out/train-nccl1-bf16"
+say "losses cpu:         $(losses "$out/train-cpu")"
+say "losses nccl-1:      $(losses "$out/train-nccl1")"
+say "losses nccl-1 bf16: $(losses "$out/train-nccl1-bf16")"
 # Two ranks of batch 4 on the same GPU (the global batch of 8 above).
 port=$((29500 + RANDOM % 1000))
 two() {
@@ -138,5 +149,5 @@ two() {
     return $rc
 }
 step nccl-2 120 bash -c "$(declare -f two); T='$T'; out='$out'; port=$port; train=($(printf '%q ' "${train[@]}")); two"
-say "losses nccl-2: $(losses "$out/train-nccl2")"
+say "losses nccl-2:      $(losses "$out/train-nccl2")"
 say "results in $out"

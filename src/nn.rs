@@ -15,7 +15,7 @@ pub mod rope;
 pub use attention::attention_qkv;
 pub use kv_attention::{cached_attention, CachedStep};
 pub use kv_cache::LayerCache;
-pub use linear::{linear, Weight, WeightDtype, FEW_ROWS};
+pub use linear::{autocast, linear, AutocastGuard, Weight, WeightDtype, FEW_ROWS};
 pub(crate) use linear::mm;
 
 use crate::error::Result;
@@ -912,6 +912,34 @@ mod tests {
         assert!(e.contains("inference only"), "{e}");
         assert_eq!("Q8_0".parse::<WeightDtype>().unwrap(), WeightDtype::Q8_0);
         assert!("int4".parse::<WeightDtype>().unwrap_err().contains("expected f32, bf16, f16, q8_0 or q4_k"));
+    }
+
+    #[test]
+    fn autocast_multiplies_in_bf16_and_keeps_f32_gradients() {
+        let dev = Device::Cpu;
+        // Values and products exact in bf16 (8 significant bits).
+        let x = candle_core::Var::new(&[[1f32, 2., 3.], [0.5, -1., 4.]], &dev).unwrap();
+        let w = candle_core::Var::new(&[[1f32, 0., -1.], [2., 0.25, 1.]], &dev).unwrap();
+        let want = vec![vec![-2f32, 5.5], vec![-3.5, 4.75]];
+        // 1 + 2^-10 is not a bf16 value: it rounds to 1 under autocast only.
+        let fine = Tensor::new(&[[1.0f32 + 1.0 / 1024.0]], &dev).unwrap();
+        let one = Tensor::new(&[[1f32]], &dev).unwrap();
+        {
+            let _bf16 = autocast(Some(DType::BF16));
+            let y = linear(x.as_tensor(), w.as_tensor()).unwrap();
+            assert_eq!(y.dtype(), DType::F32);
+            assert_eq!(y.to_vec2::<f32>().unwrap(), want);
+            let g = y.sum_all().unwrap().backward().unwrap();
+            let gw = g.get(w.as_tensor()).unwrap();
+            assert_eq!(gw.dtype(), DType::F32);
+            // d(sum)/dw[o][i] = sum over rows of x[.][i].
+            assert_eq!(gw.to_vec2::<f32>().unwrap(), vec![vec![1.5f32, 1., 7.], vec![1.5, 1., 7.]]);
+            assert_eq!(g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap(), vec![vec![3f32, 0.25, 0.], vec![3., 0.25, 0.]]);
+            assert_eq!(linear(&fine, &one).unwrap().to_vec2::<f32>().unwrap(), vec![vec![1f32]]);
+        }
+        // The guard restored f32 products.
+        assert_eq!(linear(&fine, &one).unwrap().to_vec2::<f32>().unwrap(), vec![vec![1.0f32 + 1.0 / 1024.0]]);
+        assert_eq!(linear(x.as_tensor(), w.as_tensor()).unwrap().to_vec2::<f32>().unwrap(), want);
     }
 
     #[test]

@@ -33,8 +33,9 @@ pub struct TrainArgs {
     probe: bool,
     #[arg(long, requires = "probe")]
     json: bool,
-    /// Data-parallel runs (`mpirun -n N tokenar train ...`, built with the `mpi` feature): how
-    /// long a rank waits for the others before the job is stopped (a rank died or hangs).
+    /// Data-parallel runs (`mpirun -n N tokenar train ...` with the `mpi` feature, or one
+    /// process per GPU under torchrun/mpirun with `--gpu` and the `nccl` feature): how long a
+    /// rank waits for the others before the job is stopped (a rank died or hangs).
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
     collective_timeout: f64,
 }
@@ -42,8 +43,8 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config).map_err(|e| tokenar::Error::io(&args.config, e))?;
     let cfg = TrainJobConfig::from_toml(&text, &args.sets, &args.config)?;
-    let device = tokenar::util::device(args.gpu)?;
     if args.probe {
+        let device = tokenar::util::device(args.gpu)?;
         let dir = cfg.out.join("checkpoints");
         if tokenar::train::Checkpointer::latest_in(&dir)?.is_none() {
             anyhow::bail!("{}: no checkpoint to probe (train first)", dir.display());
@@ -58,8 +59,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    // One rank of a data-parallel job under an MPI launcher, else the only one.
-    let comm = tokenar::train::dist::from_environment(args.collective_timeout)?;
+    // One rank of a data-parallel job (MPI, or NCCL with --gpu under mpirun or torchrun),
+    // else the only one.
+    let (comm, device) = tokenar::train::dist::for_device(args.gpu, args.collective_timeout)?;
     let start = RunStart { resume: args.resume, force: args.force };
     if comm.world() == 1 {
         return train(cfg, start, &device, &*comm);

@@ -15,14 +15,40 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+thread_local! {
+    static AUTOCAST: std::cell::Cell<Option<DType>> = const { std::cell::Cell::new(None) };
+}
+
+/// Until the returned guard is dropped, [`linear`] on this thread multiplies f32 inputs and
+/// weights in `dtype` (bf16 or f16) and returns f32: mixed-precision training with f32 master
+/// weights (their gradients come back in f32 through the casts). `None`: f32 products.
+pub fn autocast(dtype: Option<DType>) -> AutocastGuard {
+    AutocastGuard(AUTOCAST.with(|a| a.replace(dtype)))
+}
+
+/// Restores the previous [`autocast`] setting when dropped.
+pub struct AutocastGuard(Option<DType>);
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        AUTOCAST.with(|a| a.set(self.0));
+    }
+}
+
 /// `x @ w^T` over the last dimension: `x` (..., in), `w` (out, in) -> (..., out). Gradients
 /// pass to both. On the CPU in f32 one op (forward and backward straight to the matrix
-/// kernels); elsewhere candle's matmul on the flattened rows.
+/// kernels); elsewhere candle's matmul on the flattened rows. Under [`autocast`] the product of
+/// f32 operands runs in the autocast dtype.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (dout, din) = w.dims2()?;
     if dims.last() != Some(&din) {
         return Err(crate::error::Error::invalid("linear", format!("input {dims:?} does not end in the weight's {din} inputs ({dout} x {din})")));
+    }
+    if let Some(dt) = AUTOCAST.with(|a| a.get()).filter(|_| x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((n, din))?.to_dtype(dt)?.matmul(&w.to_dtype(dt)?.t()?)?.to_dtype(DType::F32)?;
+        return Ok(y.reshape(with_last(&dims, dout))?);
     }
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
         return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, FusedLinear)?);

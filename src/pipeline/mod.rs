@@ -13,5 +13,5 @@ pub mod train_job;
 pub use bundle::{Bundle, TextModel};
 pub use generate::{generate, GenerateRequest, GenerateResult};
 pub use run_guard::RunStart;
-pub use train_config::TrainJobConfig;
+pub use train_config::{Autocast, TrainJobConfig};
 pub use train_job::TrainJob;

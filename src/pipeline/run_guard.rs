@@ -37,8 +37,9 @@ pub const RUN_FILES: [&str; 6] = ["checkpoints", "export", "config.toml", "loss.
 
 /// Config fields that may change when resuming: how long to run and how often to log, save
 /// and draw; where the run folder is; the initial weights (read by a fresh run only); and the
-/// paths of the tokenizer and cache (their content is compared through `run.json`).
-const MAY_CHANGE: [&str; 10] = ["steps", "out", "log_every", "ckpt_every", "keep_last", "grid_samples", "init", "init_preset", "cache", "tokenizer"];
+/// paths of the tokenizer and cache (their content is compared through `run.json`); and the
+/// precision of the matrix products (the weights stay f32 either way).
+const MAY_CHANGE: [&str; 11] = ["steps", "out", "log_every", "ckpt_every", "keep_last", "grid_samples", "init", "init_preset", "cache", "tokenizer", "autocast"];
 
 /// What a run trains on, by content.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -67,8 +67,35 @@ pub struct TrainJobConfig {
     /// --distill-dinov2`), see [`crate::train::distill`]. Logged as `loss_distill`.
     #[serde(default)]
     pub distill_weight: f64,
+    /// Mixed precision: "bf16" multiplies the GPT's linear layers in bf16 (f32 master weights,
+    /// f32 optimiser; for GPUs), "off" (default) keeps everything in f32.
+    #[serde(default, skip_serializing_if = "Autocast::is_off")]
+    pub autocast: Autocast,
     pub model: ModelSection,
     pub text: BuiltinConfig,
+}
+
+/// The `autocast` setting of a training config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Autocast {
+    #[default]
+    Off,
+    Bf16,
+}
+
+impl Autocast {
+    pub fn is_off(&self) -> bool {
+        *self == Autocast::Off
+    }
+
+    /// The dtype of the matrix products, `None` for f32.
+    pub fn dtype(&self) -> Option<candle_core::DType> {
+        match self {
+            Autocast::Off => None,
+            Autocast::Bf16 => Some(candle_core::DType::BF16),
+        }
+    }
 }
 
 fn one() -> usize {
@@ -182,5 +209,19 @@ mod tests {
         assert!(e.to_string().contains("colour"), "{e}");
         let e = TrainJobConfig::from_toml(text, &["drop_text=0.99".to_string()], Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("drop"), "{e}");
+    }
+
+    #[test]
+    fn autocast_is_off_unless_asked_and_bad_values_are_named() {
+        let text = include_str!("../../configs/tokenar-builtin.toml");
+        let cfg = TrainJobConfig::from_toml(text, &[], Path::new("c.toml")).unwrap();
+        assert_eq!((cfg.autocast, cfg.autocast.dtype()), (Autocast::Off, None));
+        // Off is not written out: configs saved before the field existed compare equal.
+        assert!(!toml::to_string(&cfg).unwrap().contains("autocast"));
+        let cfg = TrainJobConfig::from_toml(text, &["autocast=\"bf16\"".to_string()], Path::new("c.toml")).unwrap();
+        assert_eq!(cfg.autocast.dtype(), Some(candle_core::DType::BF16));
+        assert!(toml::to_string(&cfg).unwrap().contains("autocast = \"bf16\""));
+        let e = TrainJobConfig::from_toml(text, &["autocast=\"fp8\"".to_string()], Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("fp8") && e.contains("bf16"), "{e}");
     }
 }

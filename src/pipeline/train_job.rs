@@ -310,6 +310,8 @@ impl JobParts {
             let (idx, start) = sampler.micro_batch(step, &split, at.1)?;
             at.1 += 1;
             let mut draws: Vec<Rng> = (0..idx.len()).map(|k| sampler.sample_rng(step, start + k)).collect();
+            // The forward pass records the products in the autocast dtype; backward follows it.
+            let _autocast = crate::nn::autocast(cfg.autocast.dtype());
             self.loss(&idx, &mut draws, rng)
         };
         train::run_loop_on(comm, &lc, state, step_fn, &mut hooks)

@@ -6,7 +6,9 @@
 //! all-reduce calls on buffers of [`BUCKET_ELEMS`] values, not one call per tensor) and divided
 //! by the number of ranks, so that every rank applies the same AdamW update and the parameters
 //! stay identical without ever being sent. [`Single`] is the one-process case; with the cargo
-//! feature `mpi`, `MpiCollective` runs over MPI (`mpirun -n N tokenar train ...`).
+//! feature `mpi`, `MpiCollective` runs over MPI (`mpirun -n N tokenar train ...`); with the
+//! feature `nccl`, `NcclCollective` (in `train::nccl`) over NCCL, one process per GPU, summing
+//! the gradient buckets in device memory ([`for_device`] picks the collective and the device).
 //!
 //! A collective that waits longer than its timeout (a rank died or hangs) does not return: it
 //! prints which rank waited for what and stops the whole job (`MPI_Abort`), so a job never
@@ -27,6 +29,18 @@ pub trait Collective {
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
     /// As [`Collective::all_reduce_sum`] for f64 values (the loop's figures).
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// The element-wise sum over the ranks of the f32 tensor `t` (same shape on every rank),
+    /// on `t`'s device. The default goes through [`Collective::all_reduce_sum`] on the host;
+    /// NCCL sums device buffers in place of that.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let mut buf = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut buf)?;
+        Ok(Tensor::from_vec(buf, t.shape(), t.device())?)
+    }
+    /// Values per gradient bucket of [`average_grads`] (one all-reduce each).
+    fn bucket_elems(&self) -> usize {
+        BUCKET_ELEMS
+    }
     /// Return once every rank has called it.
     fn barrier(&self) -> Result<()>;
     /// Replace `buf` on every rank by rank `root`'s `buf`.
@@ -74,49 +88,61 @@ impl Collective for Single {
 pub const BUCKET_ELEMS: usize = 1 << 20;
 
 /// Sum the gradients of `vars` over the ranks and divide them by the number of ranks, in
-/// buckets of about `bucket_elems` values. A variable without a gradient on a rank counts as
-/// zero there; it gets the average where any rank has a gradient for it, and stays without one
-/// (so AdamW skips it, as in one process) where none has. Does nothing for one rank.
+/// buckets of about `bucket_elems` values (see [`buckets`]), each summed by one
+/// [`Collective::all_reduce_sum_tensor`] on the gradients' device. A variable without a
+/// gradient on a rank counts as zero there; it gets the average where any rank has a gradient
+/// for it, and stays without one (so AdamW skips it, as in one process) where none has. Does
+/// nothing for one rank.
 pub fn average_grads(comm: &dyn Collective, grads: &mut GradStore, vars: &[(String, Var)], bucket_elems: usize) -> Result<()> {
     let world = comm.world();
     if world == 1 {
         return Ok(());
     }
-    let inv = 1.0 / world as f32;
+    let inv = 1.0 / world as f64;
     // The presence flags of every variable travel in the first all-reduce.
     let mut present: Vec<f32> = vars.iter().map(|(_, v)| if grads.get(v.as_tensor()).is_some() { 1.0 } else { 0.0 }).collect();
     comm.all_reduce_sum(&mut present)?;
     let todo: Vec<usize> = (0..vars.len()).filter(|&i| present[i] > 0.0).collect();
-    let mut start = 0;
-    while start < todo.len() {
-        // Variables [start, end) of `todo` share one buffer.
-        let mut end = start;
-        let mut len = 0;
-        while end < todo.len() && (end == start || len + vars[todo[end]].1.elem_count() <= bucket_elems) {
-            len += vars[todo[end]].1.elem_count();
-            end += 1;
-        }
-        let mut buf = Vec::with_capacity(len);
-        for &i in &todo[start..end] {
+    let sizes: Vec<usize> = todo.iter().map(|&i| vars[i].1.elem_count()).collect();
+    for range in buckets(&sizes, bucket_elems) {
+        let idx = &todo[range];
+        let mut parts = Vec::with_capacity(idx.len());
+        for &i in idx {
             let var = &vars[i].1;
-            match grads.get(var.as_tensor()) {
-                Some(g) => buf.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-                None => buf.resize(buf.len() + var.elem_count(), 0.0),
-            }
+            parts.push(match grads.get(var.as_tensor()) {
+                Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+                None => Tensor::zeros(var.elem_count(), DType::F32, var.device())?,
+            });
         }
-        comm.all_reduce_sum(&mut buf)?;
+        let flat = if parts.len() == 1 { parts.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&parts, 0)? };
+        let avg = (comm.all_reduce_sum_tensor(&flat)? * inv)?;
         let mut off = 0;
-        for &i in &todo[start..end] {
+        for &i in idx {
             let var = &vars[i].1;
             let n = var.elem_count();
-            let avg: Vec<f32> = buf[off..off + n].iter().map(|x| x * inv).collect();
-            let g = Tensor::from_vec(avg, var.shape(), var.device())?.to_dtype(var.dtype())?;
+            let g = avg.narrow(0, off, n)?.reshape(var.shape())?.to_dtype(var.dtype())?;
             grads.insert(var.as_tensor(), g);
             off += n;
         }
-        start = end;
     }
     Ok(())
+}
+
+/// Split tensors of `sizes` values, in order, into buckets of at most `bucket_elems` values
+/// (a larger tensor alone): the index ranges of the buckets.
+pub fn buckets(sizes: &[usize], bucket_elems: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < sizes.len() {
+        let (mut end, mut len) = (start, 0);
+        while end < sizes.len() && (end == start || len + sizes[end] <= bucket_elems) {
+            len += sizes[end];
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
 }
 
 /// The collective of the process: MPI when the `mpi` feature is built and the process was
@@ -137,6 +163,34 @@ pub fn from_environment(timeout_s: f64) -> Result<Box<dyn Collective>> {
         ));
     }
     Ok(Box::new(Single))
+}
+
+/// The collective and the device of a training process. With `gpu` and a launcher (torchrun's
+/// `WORLD_SIZE`, or `mpirun` with several ranks): NCCL on CUDA device `LOCAL_RANK` (feature
+/// `nccl`); otherwise [`from_environment`] on `crate::util::device(gpu)`. A torchrun-style
+/// launch of several ranks without `--gpu`, or without the `nccl` feature, is refused with the
+/// reason.
+pub fn for_device(gpu: bool, timeout_s: f64) -> Result<(Box<dyn Collective>, candle_core::Device)> {
+    let env = super::launch::LaunchEnv::from_env()?;
+    let env_world = env.as_ref().map_or(1, |e| e.world);
+    #[cfg(feature = "nccl")]
+    if gpu && (env.is_some() || launcher_world_size().is_some_and(|n| n > 1)) {
+        if let Some(c) = super::nccl::NcclCollective::from_environment(timeout_s)? {
+            let dev = c.device().clone();
+            return Ok((Box::new(c), dev));
+        }
+    }
+    if env_world > 1 && launcher_world_size().is_none() {
+        return Err(Error::invalid(
+            "WORLD_SIZE",
+            if !gpu {
+                format!("{env_world} ranks from a torchrun-style launcher need --gpu (NCCL); CPU ranks run under mpirun (feature `mpi`)")
+            } else {
+                format!("{env_world} ranks from a torchrun-style launcher, but this tokenar was built without the `nccl` feature (cargo build --release --features nccl)")
+            },
+        ));
+    }
+    Ok((from_environment(timeout_s)?, crate::util::device(gpu)?))
 }
 
 /// The number of ranks an MPI launcher (Open MPI's `mpirun`, MPICH's Hydra) says this process is
@@ -295,6 +349,14 @@ mod tests {
         fn broadcast(&self, _buf: &mut [u8], _root: usize) -> Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn buckets_keep_order_and_size() {
+        assert_eq!(buckets(&[], 5), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(buckets(&[4, 2, 2, 9, 1, 5], 5), vec![0..1, 1..3, 3..4, 4..5, 5..6]);
+        assert_eq!(buckets(&[1, 1, 1], 3), vec![0..3]);
+        assert_eq!(buckets(&[3, 3], 0), vec![0..1, 1..2]);
     }
 
     #[test]

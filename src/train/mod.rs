@@ -24,8 +24,11 @@
 pub mod checkpoint;
 pub mod config;
 pub mod dist;
+pub mod launch;
 pub mod distill;
 pub mod metrics;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod optim;
 pub mod run;
 pub mod shard;

@@ -267,7 +267,7 @@ where
             let reduce_start = Instant::now();
             let mut figures = [loss_sum, step_tokens as f64];
             comm.all_reduce_sum_f64(&mut figures)?;
-            dist::average_grads(comm, &mut acc, &vars, dist::BUCKET_ELEMS)?;
+            dist::average_grads(comm, &mut acc, &vars, comm.bucket_elems())?;
             // Logged as `allreduce_ms`: the exchange plus the wait for the slowest rank.
             let e = win_extras.entry("allreduce_ms".to_string()).or_insert((0.0, 0));
             e.0 += reduce_start.elapsed().as_secs_f64() * 1e3;

@@ -305,6 +305,8 @@ def main():
         model = copy.deepcopy(model).to(half) if not a.skip_train else model.to(half)
         caption = caption.to(half)
     elif a.dtype == "q8_0":
+        # The default "x86" engine ran this model 40x slower than fbgemm on an AVX-512 EPYC.
+        torch.backends.quantized.engine = "fbgemm"
         model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=a.skip_train)
     result["dtype"] = a.dtype
     with torch.inference_mode():

@@ -18,9 +18,11 @@ pub struct TorchArgs {
 }
 
 /// The script's command-line arguments for the shapes of `r`: same model, prefix length,
-/// decode steps, CFG, top-k, training batch and sequence length, thread count.
+/// decode steps, CFG, top-k, training batch and sequence length, thread count, inference
+/// weights' dtype (the script takes f32, bf16, f16 and q8_0, the last as PyTorch's dynamic int8
+/// quantization of its linear layers).
 pub fn script_args(r: &BenchReport, t: &TorchArgs, caption_len: usize, caption_dim: usize) -> Vec<String> {
-    let flags: [(&str, String); 14] = [
+    let flags: [(&str, String); 15] = [
         ("--dim", r.dim.to_string()),
         ("--layers", r.layers.to_string()),
         ("--heads", r.heads.to_string()),
@@ -35,6 +37,7 @@ pub fn script_args(r: &BenchReport, t: &TorchArgs, caption_len: usize, caption_d
         ("--repeat", t.repeat.to_string()),
         ("--warmup", t.warmup.to_string()),
         ("--seed", t.seed.to_string()),
+        ("--dtype", r.dtype.clone()),
     ];
     let mut a = vec![t.script.display().to_string()];
     a.extend(flags.into_iter().flat_map(|(flag, value)| [flag.to_string(), value]));

@@ -6,7 +6,7 @@ use super::condition::Condition;
 use super::gpt::{AttnInputs, Ctx, TokenAr};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::nn::{rope, CachedStep, LayerCache};
+use crate::nn::{rope, CachedStep, LayerCache, WeightDtype};
 use crate::sample::TokenModel;
 use candle_core::{DType, Tensor};
 
@@ -74,13 +74,16 @@ struct HostTables {
 
 impl<'m> Session<'m> {
     /// A session over `layout` with the RoPE tables and key mask of its positions; `fused`:
-    /// the fused CPU attention where it applies (CPU, f32), else the composed one.
+    /// the fused CPU attention where it applies (CPU, f32), else the composed one. The fused
+    /// attention's cache is f16 when the linear weights are reduced (any `--dtype` but f32).
     pub(crate) fn new(model: &'m TokenAr, layout: Layout, rows: usize, (cos, sin, keypad): (Tensor, Tensor, Option<Tensor>), fused: bool) -> Result<Self> {
         let (n_layer, n_head, hd) = model.dims();
         let cap = layout.total_len();
         let fused = fused && model.device().is_cpu() && model.dtype() == DType::F32;
+        // Reduced weights: the fused attention's cache in f16 as well (half its memory).
+        let cache_dtype = if model.weight_dtype() == WeightDtype::F32 { DType::F32 } else { DType::F16 };
         let caches = (0..n_layer)
-            .map(|_| LayerCache::new(rows, n_head, cap, hd, model.device(), fused))
+            .map(|_| if fused { LayerCache::new_fused(rows, n_head, cap, hd, model.device(), cache_dtype) } else { LayerCache::new(rows, n_head, cap, hd, model.device(), false) })
             .collect::<Result<Vec<_>>>()?;
         let host = if fused {
             let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
@@ -93,6 +96,11 @@ impl<'m> Session<'m> {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// Bytes the KV caches of all layers take (allocated for the whole layout).
+    pub fn cache_bytes(&self) -> usize {
+        self.caches.iter().map(LayerCache::bytes).sum()
     }
 
     /// Turn a session prefilled for one sample (rows `[cond]`, or `[cond; uncond]` with

@@ -12,12 +12,19 @@
 //! horizontal sums per key) and its output D contiguous dot products. More queries than
 //! [`FEW_QUERIES`] go in blocks of [`ROW_BLOCK`] rows through the matrix kernel, each block
 //! stopping at the last key its rows see (about the lower triangle of a prefill).
+//!
+//! The caches may hold f16 instead of f32 (half the memory, for models whose weights are
+//! reduced): keys are rounded to f16 as they are appended, and each (row, head) job widens
+//! its head's valid columns, D x `len` values, into a scratch block of its own before the
+//! same f32 kernels run; there is no f32 copy of the cache.
 
 use super::attention::{head_width, mm, rotate_rows, row_blocks, Shared, ROW_BLOCK};
-use super::{rows_of, rows_of_mut};
+use super::rows_of;
 use crate::error::{Error, Result};
 use crate::vmath::{add_strided_dots, combine_rows, softmax_in_place};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor};
+use half::{f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 /// Up to this many queries a step goes key by key instead of through the matrix kernel.
@@ -42,11 +49,12 @@ pub struct CachedStep<'a> {
 /// j of a head's key is column j; written in place at columns `start..start + T`), then
 /// attend from the last `queries` of the T positions (T for all; fewer where only the last
 /// positions' outputs are needed, as in a prefill's last layer): returns (R, queries, H * D),
-/// the heads side by side, queries scaled by `scale`. `None` off the CPU or outside f32: the
-/// caller composes the same from elementary ops.
+/// the heads side by side, queries scaled by `scale`. The caches are f32 or f16 (both the
+/// same); `qkv` is f32. `None` off the CPU or for other dtypes: the caller composes the same
+/// from elementary ops.
 pub fn cached_attention(qkv: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, step: &CachedStep, queries: usize) -> Result<Option<Tensor>> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if ![qkv, k, v].into_iter().all(cpu_f32) {
+    let on_cpu = [qkv, k, v].into_iter().all(|t| t.device().is_cpu());
+    if !on_cpu || qkv.dtype() != DType::F32 || !matches!(k.dtype(), DType::F32 | DType::F16) || v.dtype() != k.dtype() {
         return Ok(None);
     }
     let (r, t, _) = qkv.dims3()?;
@@ -116,7 +124,12 @@ impl InplaceOp2 for Append<'_> {
     fn cpu_fwd(&self, sc: &mut CpuStorage, lc: &Layout, sq: &CpuStorage, lq: &Layout) -> candle_core::Result<()> {
         self.shape.check(lq, lc)?;
         let Dims { rows, t, heads, d, cap } = self.shape;
-        let cache = rows_of_mut(sc, lc)?;
+        let Some((a, b)) = lc.contiguous_offsets() else { candle_core::bail!("cached attention: the cache is not contiguous") };
+        let mut cache = match sc {
+            CpuStorage::F32(v) => CacheMut::F32(&mut v[a..b]),
+            CpuStorage::F16(v) => CacheMut::F16(&mut v[a..b]),
+            _ => candle_core::bail!("cached attention: a cache of {:?} (f32 or f16 expected)", sc.dtype()),
+        };
         let (qkv, w) = rows_of(sq, lq)?;
         let mut rotated = vec![0f32; if self.rope.is_some() { t * d } else { 0 }];
         for r in 0..rows {
@@ -131,15 +144,60 @@ impl InplaceOp2 for Append<'_> {
                     None => (src, w),
                 };
                 // Column start + i of the head's (D, capacity) block is position i's vector.
-                let head = &mut cache[(r * heads + h) * d * cap..][..d * cap];
+                let at = (r * heads + h) * d * cap;
                 for i in 0..t {
-                    for (k, &x) in src[i * src_rs..i * src_rs + d].iter().enumerate() {
-                        head[k * cap + self.start + i] = x;
+                    let col = src[i * src_rs..i * src_rs + d].iter().enumerate();
+                    match &mut cache {
+                        CacheMut::F32(c) => col.for_each(|(k, &x)| c[at + k * cap + self.start + i] = x),
+                        CacheMut::F16(c) => col.for_each(|(k, &x)| c[at + k * cap + self.start + i] = f16::from_f32(x)),
                     }
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// A cache's values, writable, in its storage dtype.
+enum CacheMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+}
+
+/// A cache's values in its storage dtype.
+#[derive(Clone, Copy)]
+enum CacheRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> CacheRef<'a> {
+    fn of(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Self> {
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("cached attention: the cache is not contiguous") };
+        Ok(match s {
+            CpuStorage::F32(v) => Self::F32(&v[a..b]),
+            CpuStorage::F16(v) => Self::F16(&v[a..b]),
+            _ => candle_core::bail!("cached attention: a cache of {:?} (f32 or f16 expected)", s.dtype()),
+        })
+    }
+
+    /// One head's (D, capacity) block starting at `at`, its columns `0..len` as f32 with the
+    /// row stride it returns: the cache itself for f32 (stride `cap`), else widened into
+    /// `scratch` (stride `len`).
+    fn head<'s>(self, at: usize, d: usize, cap: usize, len: usize, scratch: &'s mut Vec<f32>) -> (&'s [f32], usize)
+    where
+        'a: 's,
+    {
+        match self {
+            Self::F32(c) => (&c[at..at + d * cap], cap),
+            Self::F16(c) => {
+                scratch.resize(d * len, 0.0);
+                for (k, dst) in scratch.chunks_exact_mut(len).enumerate() {
+                    c[at + k * cap..at + k * cap + len].convert_to_f32_slice(dst);
+                }
+                (&scratch[..], len)
+            }
+        }
     }
 }
 
@@ -173,8 +231,7 @@ impl CustomOp3 for Attend<'_> {
         self.shape.check(lq, lv)?;
         let Dims { rows, t, heads: h, d, cap } = self.shape;
         let (qkv, w) = rows_of(sq, lq)?;
-        let (kc, _) = rows_of(sk, lk)?;
-        let (vc, _) = rows_of(sv, lv)?;
+        let (kc, vc) = (CacheRef::of(sk, lk)?, CacheRef::of(sv, lv)?);
         let len = self.step.start + t;
         // Queries: the step's positions first..t, i.e. absolute positions start + first + i.
         let (m, at) = (t - self.first, self.step.start + self.first);
@@ -182,28 +239,28 @@ impl CustomOp3 for Attend<'_> {
         let o = Shared(out.as_mut_ptr());
         let block = if m <= FEW_QUERIES { 1 } else { ROW_BLOCK.min(m) };
         (0..rows * h).into_par_iter().for_each_init(
-            || (vec![0f32; m * d], vec![0f32; block * len]),
-            |(q, p), rh| {
+            || (vec![0f32; m * d], vec![0f32; block * len], Vec::new(), Vec::new()),
+            |(q, p, wide_k, wide_v), rh| {
                 let (r, hi) = (rh / h, rh % h);
                 let o = o;
                 let half = d / 2;
                 let tables = (&self.step.cos[self.first * half..], &self.step.sin[self.first * half..]);
                 // SAFETY: q holds m rows of d values; it is scratch, not qkv.
                 unsafe { rotate_rows(&qkv[(r * t + self.first) * w + hi * d..], w, m, d, tables, self.scale, false, q.as_mut_ptr(), d) };
-                // This (row, head)'s keys and values, (D, capacity) each.
-                let keys = &kc[(r * h + hi) * d * cap..][..d * cap];
-                let values = &vc[(r * h + hi) * d * cap..][..d * cap];
+                // This (row, head)'s keys and values, (D, stride) each, columns 0..len valid.
+                let (keys, stride) = kc.head((r * h + hi) * d * cap, d, cap, len, wide_k);
+                let (values, _) = vc.head((r * h + hi) * d * cap, d, cap, len, wide_v);
                 // Output row i of this (row, head): (r, i, hi) of (R, m, H, D).
                 let out_at = |i: usize| ((r * m + i) * h + hi) * d;
                 if m <= FEW_QUERIES {
                     for i in 0..m {
                         let s = &mut p[..at + i + 1];
-                        combine_rows(&q[i * d..(i + 1) * d], keys, cap, s);
+                        combine_rows(&q[i * d..(i + 1) * d], keys, stride, s);
                         self.mask(r, s);
                         softmax_in_place(s);
                         // SAFETY: this job alone writes the (r, i, hi) output rows.
                         let dst = unsafe { std::slice::from_raw_parts_mut(o.0.add(out_at(i)), d) };
-                        add_strided_dots(s, values, cap, dst);
+                        add_strided_dots(s, values, stride, dst);
                     }
                     return;
                 }
@@ -211,8 +268,8 @@ impl CustomOp3 for Attend<'_> {
                     // Row i of the block sees keys 0..=at + r0 + i.
                     let n = at + r0 + nr;
                     // SAFETY: p holds nr x n scores (stride n); q rows r0..; the keys' (D x n)
-                    // columns 0..n (row stride capacity).
-                    unsafe { mm(nr, n, d, p.as_mut_ptr(), n, q.as_ptr().add(r0 * d), d, 1, keys.as_ptr(), cap, 1) };
+                    // columns 0..n (row stride `stride`).
+                    unsafe { mm(nr, n, d, p.as_mut_ptr(), n, q.as_ptr().add(r0 * d), d, 1, keys.as_ptr(), stride, 1) };
                     for (i, row) in p[..nr * n].chunks_exact_mut(n).enumerate() {
                         let (seen, unseen) = row.split_at_mut(at + r0 + i + 1);
                         self.mask(r, seen);
@@ -220,8 +277,8 @@ impl CustomOp3 for Attend<'_> {
                         unseen.fill(0.0);
                     }
                     // SAFETY: this job alone writes the (r, r0.., hi) output rows (stride H * D);
-                    // p as above; the values read as (n x D): row stride 1, column stride capacity.
-                    unsafe { mm(nr, d, n, o.0.add(out_at(r0)), h * d, p.as_ptr(), n, 1, values.as_ptr(), 1, cap) };
+                    // p as above; the values read as (n x D): row stride 1, column stride `stride`.
+                    unsafe { mm(nr, d, n, o.0.add(out_at(r0)), h * d, p.as_ptr(), n, 1, values.as_ptr(), 1, stride) };
                 }
             },
         );
@@ -236,13 +293,17 @@ mod tests {
 
     /// The composed reference: rotate, cache concatenation, scores, causal + key mask,
     /// softmax, values.
-    fn composed(qkv: &Tensor, past: Option<(&Tensor, &Tensor)>, heads: usize, scale: f64, cos: &Tensor, sin: &Tensor, keypad: Option<&Tensor>) -> (Tensor, Tensor, Tensor) {
+    /// `cache`: the dtype the new keys (after rotation) and values are rounded to, as a cache
+    /// of that dtype stores them.
+    fn composed(qkv: &Tensor, past: Option<(&Tensor, &Tensor)>, heads: usize, scale: f64, cos: &Tensor, sin: &Tensor, keypad: Option<&Tensor>, cache: DType) -> (Tensor, Tensor, Tensor) {
         let (b, s, w) = qkv.dims3().unwrap();
         let d = w / (3 * heads);
         let x = qkv.reshape((b, s, 3, heads, d)).unwrap().permute((2, 0, 3, 1, 4)).unwrap().contiguous().unwrap();
         let q = (candle_nn::rotary_emb::rope_i(&x.get(0).unwrap().contiguous().unwrap(), cos, sin).unwrap() * scale).unwrap();
         let k = candle_nn::rotary_emb::rope_i(&x.get(1).unwrap().contiguous().unwrap(), cos, sin).unwrap();
         let v = x.get(2).unwrap();
+        let round = |t: Tensor| t.to_dtype(cache).unwrap().to_dtype(DType::F32).unwrap();
+        let (k, v) = (round(k), round(v));
         let (k, v) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2).unwrap(), Tensor::cat(&[pv, &v], 2).unwrap()),
             None => (k, v),
@@ -268,6 +329,18 @@ mod tests {
     /// step's output and the cache contents equal the composed attention over the same keys.
     #[test]
     fn cached_steps_match_the_composed_attention() {
+        steps_match_the_composed_attention(DType::F32);
+    }
+
+    /// The same with f16 caches: equal to the composed attention over keys and values rounded
+    /// to f16 (the only difference from f32 is that rounding; the cache holds exactly those
+    /// values), and within 1e-2 of the f32 attention on N(0, 1) inputs.
+    #[test]
+    fn f16_cached_steps_match_the_composed_attention_over_rounded_keys() {
+        steps_match_the_composed_attention(DType::F16);
+    }
+
+    fn steps_match_the_composed_attention(dtype: DType) {
         let dev = Device::Cpu;
         let (rows, heads, d, cap) = (2, 3, 8, 200);
         let steps = [70usize, 1, 3, 9, 1, 80];
@@ -279,9 +352,10 @@ mod tests {
             pad[cap + j] = -1e9;
         }
         let keypad = Tensor::from_vec(pad.clone(), (rows, 1, 1, cap), &dev).unwrap();
-        let kc = Tensor::zeros((rows, heads, d, cap), DType::F32, &dev).unwrap();
+        let kc = Tensor::zeros((rows, heads, d, cap), dtype, &dev).unwrap();
         let vc = kc.zeros_like().unwrap();
         let mut past: Option<(Tensor, Tensor)> = None;
+        let mut past32: Option<(Tensor, Tensor)> = None;
         let mut start = 0;
         for (n, &t) in steps.iter().enumerate() {
             let qkv = Tensor::randn(0f32, 1.0, (rows, t, 3 * heads * d), &dev).unwrap();
@@ -289,14 +363,17 @@ mod tests {
             let (cv, sv) = (c.flatten_all().unwrap().to_vec1::<f32>().unwrap(), s.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             let step = CachedStep { start, cos: &cv, sin: &sv, keypad: Some((&pad, cap)) };
             let y = cached_attention(&qkv, &kc, &vc, heads, 0.35, &step, t).unwrap().unwrap();
-            let (want, k, v) = composed(&qkv, past.as_ref().map(|(k, v)| (k, v)), heads, 0.35, &c, &s, Some(&keypad));
+            let (want, k, v) = composed(&qkv, past.as_ref().map(|(k, v)| (k, v)), heads, 0.35, &c, &s, Some(&keypad), dtype);
             assert_eq!(y.dims(), [rows, t, heads * d]);
-            assert!(max_diff(&y, &want) < 1e-5, "step {n} ({t} positions after {start}): {}", max_diff(&y, &want));
+            assert!(max_diff(&y, &want) < 1e-5, "{dtype:?} step {n} ({t} positions after {start}): {}", max_diff(&y, &want));
+            let (exact, k32, v32) = composed(&qkv, past32.as_ref().map(|(k, v)| (k, v)), heads, 0.35, &c, &s, Some(&keypad), DType::F32);
+            assert!(max_diff(&y, &exact) < 1e-2, "{dtype:?} step {n} against f32: {}", max_diff(&y, &exact));
             start += t;
-            let cached = |c: &Tensor| c.i((.., .., .., ..start)).unwrap().transpose(2, 3).unwrap();
+            let cached = |c: &Tensor| c.i((.., .., .., ..start)).unwrap().to_dtype(DType::F32).unwrap().transpose(2, 3).unwrap();
             assert!(max_diff(&cached(&kc), &k) < 1e-6, "keys after step {n}");
             assert!(max_diff(&cached(&vc), &v) < 1e-6, "values after step {n}");
             past = Some((k, v));
+            past32 = Some((k32, v32));
         }
     }
 

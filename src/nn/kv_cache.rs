@@ -23,6 +23,26 @@ impl LayerCache {
         Ok(Self { k: z()?, v: z()?, len: 0, transposed })
     }
 
+    /// A cache for the fused CPU attention holding its keys and values as `dtype`: f32, or f16
+    /// (half the memory; values rounded to f16 as they are appended).
+    pub fn new_fused(rows: usize, n_head: usize, capacity: usize, head_dim: usize, device: &Device, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F16) {
+            return Err(Error::invalid("KV cache", format!("{dtype:?} (the fused CPU attention keeps f32 or f16)")));
+        }
+        let z = || Tensor::zeros((rows, n_head, head_dim, capacity), dtype, device);
+        Ok(Self { k: z()?, v: z()?, len: 0, transposed: true })
+    }
+
+    /// The dtype the keys and values are stored in.
+    pub fn dtype(&self) -> DType {
+        self.k.dtype()
+    }
+
+    /// Bytes the keys and values take (the whole capacity).
+    pub fn bytes(&self) -> usize {
+        2 * self.k.elem_count() * self.k.dtype().size_in_bytes()
+    }
+
     /// Append (rows, H, T, hd) keys and values; return all valid keys and values.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         if self.transposed {
@@ -51,7 +71,7 @@ impl LayerCache {
         }
         let y = cached_attention(qkv, &self.k, &self.v, heads, scale, step, queries)?;
         if y.is_none() {
-            return Err(Error::invalid("KV cache", "the fused CPU attention does not apply to these tensors (not f32 on the CPU)"));
+            return Err(Error::invalid("KV cache", "the fused CPU attention does not apply to these tensors (not f32 / f16 on the CPU)"));
         }
         self.len += qkv.dim(1)?;
         Ok(y)

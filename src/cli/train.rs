@@ -61,7 +61,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     // One rank of a data-parallel job (MPI, or NCCL with --gpu under mpirun or torchrun),
     // else the only one.
-    let (comm, device) = tokenar::train::dist::for_device(args.gpu, args.collective_timeout)?;
+    let (comm, device) = tokenar::train::world::for_device(args.gpu, args.collective_timeout)?;
     let start = RunStart { resume: args.resume, force: args.force };
     if comm.world() == 1 {
         return train(cfg, start, &device, &*comm);

@@ -8,7 +8,7 @@
 //! stay identical without ever being sent. [`Single`] is the one-process case; with the cargo
 //! feature `mpi`, `MpiCollective` runs over MPI (`mpirun -n N tokenar train ...`); with the
 //! feature `nccl`, `NcclCollective` (in `train::nccl`) over NCCL, one process per GPU, summing
-//! the gradient buckets in device memory ([`for_device`] picks the collective and the device).
+//! the gradient buckets in device memory ([`super::world::for_device`] picks the collective and the device).
 //!
 //! A collective that waits longer than its timeout (a rank died or hangs) does not return: it
 //! prints which rank waited for what and stops the whole job (`MPI_Abort`), so a job never
@@ -163,34 +163,6 @@ pub fn from_environment(timeout_s: f64) -> Result<Box<dyn Collective>> {
         ));
     }
     Ok(Box::new(Single))
-}
-
-/// The collective and the device of a training process. With `gpu` and a launcher (torchrun's
-/// `WORLD_SIZE`, or `mpirun` with several ranks): NCCL on CUDA device `LOCAL_RANK` (feature
-/// `nccl`); otherwise [`from_environment`] on `crate::util::device(gpu)`. A torchrun-style
-/// launch of several ranks without `--gpu`, or without the `nccl` feature, is refused with the
-/// reason.
-pub fn for_device(gpu: bool, timeout_s: f64) -> Result<(Box<dyn Collective>, candle_core::Device)> {
-    let env = super::launch::LaunchEnv::from_env()?;
-    let env_world = env.as_ref().map_or(1, |e| e.world);
-    #[cfg(feature = "nccl")]
-    if gpu && (env.is_some() || launcher_world_size().is_some_and(|n| n > 1)) {
-        if let Some(c) = super::nccl::NcclCollective::from_environment(timeout_s)? {
-            let dev = c.device().clone();
-            return Ok((Box::new(c), dev));
-        }
-    }
-    if env_world > 1 && launcher_world_size().is_none() {
-        return Err(Error::invalid(
-            "WORLD_SIZE",
-            if !gpu {
-                format!("{env_world} ranks from a torchrun-style launcher need --gpu (NCCL); CPU ranks run under mpirun (feature `mpi`)")
-            } else {
-                format!("{env_world} ranks from a torchrun-style launcher, but this tokenar was built without the `nccl` feature (cargo build --release --features nccl)")
-            },
-        ));
-    }
-    Ok((from_environment(timeout_s)?, crate::util::device(gpu)?))
 }
 
 /// The number of ranks an MPI launcher (Open MPI's `mpirun`, MPICH's Hydra) says this process is

@@ -32,6 +32,7 @@ pub mod nccl;
 pub mod optim;
 pub mod run;
 pub mod shard;
+pub mod world;
 
 pub use checkpoint::{Checkpointer, Restored, RngState};
 pub use config::{apply_overrides, apply_overrides_to};

@@ -699,8 +699,7 @@ mod calibration {
                 shuf.push(b.distances[k][k]);
             }
         }
-        eprintln!("kept (current threshold {MAX_STRUCTURE_DISTANCE}): gt {:.3} rt {:.3}", kept[0] / n as f64, kept[1] / n as f64);
-        eprintln!("full rule kept: gt {:.3} rt {:.3} (n {n})", kept[0] / n as f64, kept[1] / n as f64);
+        eprintln!("full rule kept (threshold {MAX_STRUCTURE_DISTANCE}): gt {:.3} rt {:.3} (n {n})", kept[0] / n as f64, kept[1] / n as f64);
         let mut blob_kept = [0usize; 3];
         let mut blob_n = 0usize;
         for seed in 0..n as u64 {

@@ -114,7 +114,7 @@ pub fn average_grads(comm: &dyn Collective, grads: &mut GradStore, vars: &[(Stri
                 None => Tensor::zeros(var.elem_count(), DType::F32, var.device())?,
             });
         }
-        let flat = if parts.len() == 1 { parts.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&parts, 0)? };
+        let flat = Tensor::cat(&parts, 0)?;
         let avg = (comm.all_reduce_sum_tensor(&flat)? * inv)?;
         let mut off = 0;
         for &i in idx {

@@ -204,12 +204,10 @@ fn fetch_id(host: &str, port: u16, timeout: Duration) -> Result<[u8; ID_BYTES]> 
 }
 
 fn write_id(path: &Path, id: &[u8; ID_BYTES]) -> Result<()> {
-    // Written whole under a temporary name, then renamed: a reader never sees half an id.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Atomic: a reader never sees half an id.
     let mut data = MAGIC.to_vec();
     data.extend_from_slice(id);
-    std::fs::write(&tmp, &data).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::util::atomic_write(path, &data)
 }
 
 fn wait_id(path: &Path, timeout: Duration) -> Result<[u8; ID_BYTES]> {

@@ -130,6 +130,33 @@ pub fn resize_rgb(img: &RgbImage, w: u32, h: u32) -> RgbImage {
     image::imageops::resize(img, w, h, FilterType::CatmullRom)
 }
 
+/// A channel value below which a pixel of a reference counts as subject, not its white
+/// background (references are subjects composited onto white).
+pub const WHITE_LEVEL: u8 = 235;
+
+/// A reference as a model with references on a grid of their own sees it: the square around its
+/// subject (the box of pixels with a channel below [`WHITE_LEVEL`], widened to a square about
+/// its centre and kept inside the image), resized to `side` x `side`. An image with no such
+/// pixel is resized whole. Training data and requests go through this one function.
+pub fn reference_view(img: &RgbImage, side: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    for (x, y, p) in img.enumerate_pixels() {
+        if p.0.iter().any(|&c| c < WHITE_LEVEL) {
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+        }
+    }
+    if x0 == u32::MAX {
+        return resize_rgb(img, side, side);
+    }
+    let box_side = ((x1 - x0).max(y1 - y0) + 1).min(w.min(h));
+    // The box's start, its slack split evenly on both sides, kept inside the image.
+    let place = |lo: u32, hi: u32, extent: u32| lo.saturating_sub((box_side - (hi - lo + 1).min(box_side)) / 2).min(extent - box_side);
+    let (left, top) = (place(x0, x1, w), place(y0, y1, h));
+    let crop = image::imageops::crop_imm(img, left, top, box_side, box_side).to_image();
+    resize_rgb(&crop, side, side)
+}
+
 /// Open a mask (any format; luminance > 127 is "inside"), resized with nearest neighbour.
 pub fn load_mask(path: impl AsRef<Path>, size: Option<u32>) -> Result<GrayImage> {
     let img = open(path)?.to_luma8();
@@ -327,6 +354,24 @@ mod tests {
         assert_eq!(decode_within(&png_bytes(40, 20), 64).unwrap().width(), 40);
         // Not an image at all.
         assert!(decode(b"GIF89a...").is_err());
+    }
+
+    #[test]
+    fn reference_view_crops_the_square_around_the_subject() {
+        // A 10x6 px red subject at (20..30, 8..14) on a white 64 px image: the 10 px square
+        // about its centre (rows 6..16), resized; the red rows fill 6 of every 10.
+        let img = RgbImage::from_fn(64, 64, |x, y| if (20..30).contains(&x) && (8..14).contains(&y) { Rgb([200, 10, 10]) } else { Rgb([255; 3]) });
+        let v = reference_view(&img, 20);
+        assert_eq!(v.dimensions(), (20, 20));
+        let red_rows: Vec<u32> = (0..20).filter(|&y| v.get_pixel(10, y)[1] < 128).collect();
+        assert_eq!(red_rows, (4..16).collect::<Vec<_>>());
+        assert!((0..20).all(|x| v.get_pixel(x, 10)[1] < 128), "every column is subject");
+        // A subject at the border: the square stays inside the image.
+        let corner = RgbImage::from_fn(16, 16, |x, y| if x >= 12 && y < 2 { Rgb([0; 3]) } else { Rgb([255; 3]) });
+        let v = reference_view(&corner, 4);
+        assert_eq!(v.get_pixel(3, 0)[0], 0);
+        // Nothing but white: the whole image, resized.
+        assert_eq!(reference_view(&RgbImage::from_pixel(16, 16, Rgb([255; 3])), 8), RgbImage::from_pixel(8, 8, Rgb([255; 3])));
     }
 
     #[test]

@@ -41,8 +41,12 @@ pub struct LayoutSpec {
     pub n_refs: usize,
     /// References the model supports (index embedding has `max_refs + 1` rows).
     pub max_refs: usize,
-    /// Token grid of one image (rows, cols).
+    /// Token grid of the background and the target (rows, cols).
     pub grid: (usize, usize),
+    /// Token grid of every reference and its ITD copy when it differs from `grid` (`None`:
+    /// `grid`). Smaller only (each reference cell is also a cell of `grid`), Tiles scheme only.
+    #[serde(default)]
+    pub ref_grid: Option<(usize, usize)>,
     /// Caption positions.
     pub text_len: usize,
     /// Instruct tokens (0 = off).
@@ -52,6 +56,13 @@ pub struct LayoutSpec {
     /// Whether a background (condition) image is part of the sequence (false for t2i).
     pub background: bool,
     pub scheme: Scheme,
+}
+
+impl LayoutSpec {
+    /// The grid of the references and their ITD copies.
+    pub fn ref_grid(&self) -> (usize, usize) {
+        self.ref_grid.unwrap_or(self.grid)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,16 +139,27 @@ impl Layout {
             }
             _ => spec.n_refs,
         };
+        let (rh, rw) = spec.ref_grid();
+        if rh == 0 || rw == 0 || rh > h || rw > w {
+            return Err(Error::invalid("layout reference grid", format!("{rh}x{rw} must be positive and within the image grid {h}x{w}")));
+        }
+        if (rh, rw) != (h, w) && spec.scheme != Scheme::Tiles {
+            return Err(Error::invalid(
+                "layout reference grid",
+                format!("{rh}x{rw} differs from the image grid {h}x{w}, which only the Tiles scheme supports"),
+            ));
+        }
         let hw = h * w;
+        let rhw = rh * rw;
         let mut kinds: Vec<(SegmentKind, usize)> = Vec::new();
-        kinds.extend((0..ref_slots).map(|i| (SegmentKind::Ref(i), hw)));
+        kinds.extend((0..ref_slots).map(|i| (SegmentKind::Ref(i), rhw)));
         if spec.background {
             kinds.push((SegmentKind::Background, hw));
         }
         kinds.push((SegmentKind::Text, spec.text_len));
         kinds.push((SegmentKind::Instruct, spec.n_instruct));
         if spec.itd {
-            kinds.extend((0..ref_slots).map(|i| (SegmentKind::ItdRef(i), hw)));
+            kinds.extend((0..ref_slots).map(|i| (SegmentKind::ItdRef(i), rhw)));
         }
         kinds.push((SegmentKind::Target, hw));
 
@@ -171,14 +193,18 @@ impl Layout {
                 (SegmentKind::Background, _) => Some(spec.max_refs),
                 _ => None,
             };
+            let seg_w = match seg.kind {
+                SegmentKind::Ref(_) | SegmentKind::ItdRef(_) => rw,
+                _ => w,
+            };
             for j in 0..seg.len {
                 let p = seg.start + j;
                 index_ids[p] = id;
                 if !matches!(seg.kind, SegmentKind::Text | SegmentKind::Instruct) {
-                    image_cells[p] = Some((j / w, j % w));
+                    image_cells[p] = Some((j / seg_w, j % seg_w));
                 }
                 if spec.scheme == Scheme::Tiles {
-                    cells[p] = tile_cell(seg.kind, j, spec);
+                    cells[p] = tile_cell(seg.kind, j, seg_w, spec);
                 }
             }
         }
@@ -252,9 +278,11 @@ impl Layout {
     }
 }
 
-/// Tiles scheme: tile `t` covers columns `t*w .. (t+1)*w`; text and instruct sit on (0, 0) with
-/// an ordinary (identity) rotation, so they are not zeroed like LlamaGen captions.
-fn tile_cell(kind: SegmentKind, j: usize, spec: &LayoutSpec) -> RopeCell {
+/// Tiles scheme: tile `t` covers columns `t*w .. (t+1)*w` (`w` the image grid's width; an image
+/// of `seg_w` columns, a reference on a smaller grid, fills the tile's top-left corner); text
+/// and instruct sit on (0, 0) with an ordinary (identity) rotation, so they are not zeroed like
+/// LlamaGen captions.
+fn tile_cell(kind: SegmentKind, j: usize, seg_w: usize, spec: &LayoutSpec) -> RopeCell {
     let (_, w) = spec.grid;
     let m = spec.max_refs;
     let tile = match kind {
@@ -264,7 +292,7 @@ fn tile_cell(kind: SegmentKind, j: usize, spec: &LayoutSpec) -> RopeCell {
         SegmentKind::Target => 2 * m + 1,
         SegmentKind::Text | SegmentKind::Instruct => return RopeCell::Cell(0, 0),
     };
-    RopeCell::Cell(j / w, tile * w + j % w)
+    RopeCell::Cell(j / seg_w, tile * w + j % seg_w)
 }
 
 /// Reference scheme: the RoPE tables of the reference code, chosen by the number `n` of
@@ -396,6 +424,7 @@ mod tests {
             n_refs,
             max_refs: 3,
             grid: (2, 2),
+            ref_grid: None,
             text_len: 3,
             n_instruct: 2,
             itd,
@@ -470,6 +499,46 @@ mod tests {
     }
 
     #[test]
+    fn tiles_with_a_smaller_reference_grid() {
+        // Image grid 3x3, references (and their ITD copies) on 2x2: each reference fills the
+        // top-left corner of its tile, with its own (row, col) cells.
+        let s = LayoutSpec { grid: (3, 3), ref_grid: Some((2, 2)), ..spec(2, true, Scheme::Tiles) };
+        let l = Layout::new(&s).unwrap();
+        use SegmentKind::*;
+        assert_eq!(
+            kinds(&l),
+            vec![
+                (Ref(0), 0, 4),
+                (Ref(1), 4, 4),
+                (Background, 8, 9),
+                (Text, 17, 3),
+                (Instruct, 20, 2),
+                (ItdRef(0), 22, 4),
+                (ItdRef(1), 26, 4),
+                (Target, 30, 9),
+            ]
+        );
+        assert_eq!((l.prefix_len(), l.generated_len(), l.target_offset_in_generated()), (22, 17, 8));
+        let c = l.rope_cells();
+        // Ref 1 on tile 1 (columns 3..6), its ITD copy on tile 5, background on tile 3.
+        assert_eq!(&c[4..8], &[RopeCell::Cell(0, 3), RopeCell::Cell(0, 4), RopeCell::Cell(1, 3), RopeCell::Cell(1, 4)]);
+        assert_eq!(&c[26..30], &[RopeCell::Cell(0, 15), RopeCell::Cell(0, 16), RopeCell::Cell(1, 15), RopeCell::Cell(1, 16)]);
+        assert_eq!(c[8], RopeCell::Cell(0, 9));
+        assert_eq!(c[16], RopeCell::Cell(2, 11));
+        assert_eq!(c[38], RopeCell::Cell(2, 23));
+        let cells = l.image_cells();
+        assert_eq!(&cells[4..8], &[Some((0, 0)), Some((0, 1)), Some((1, 0)), Some((1, 1))]);
+        assert_eq!(cells[16], Some((2, 2)));
+        assert_eq!(cells[29], Some((1, 1)));
+        assert_eq!(l.loss_range(), 21..38);
+        // A reference grid larger than the image grid, or outside the Tiles scheme, is refused.
+        let big = LayoutSpec { ref_grid: Some((4, 4)), ..s.clone() };
+        assert!(Layout::new(&big).unwrap_err().to_string().contains("4x4"));
+        let reference = LayoutSpec { scheme: Scheme::Reference { pad_to: None, quirk_index: false }, ..s };
+        assert!(Layout::new(&reference).unwrap_err().to_string().contains("Tiles"));
+    }
+
+    #[test]
     fn reference_tokenar_padded_quirk() {
         // 2 refs given, 3 slots required, background gets the last loop index (2).
         let s = spec(2, false, Scheme::Reference { pad_to: Some(3), quirk_index: true });
@@ -536,6 +605,7 @@ mod tests {
             n_refs,
             max_refs: 3,
             grid: (32, 32),
+            ref_grid: None,
             text_len: 120,
             n_instruct: 120,
             itd,

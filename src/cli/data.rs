@@ -86,6 +86,12 @@ pub enum DataCmd {
         /// encoder is recorded in the cache's provenance.
         #[arg(long, value_name = "WEIGHTS")]
         distill_dinov2: Option<PathBuf>,
+        /// Encode each reference cropped to its subject (the square around its non-white
+        /// pixels) at this side instead of whole at --size: references on a code grid of their
+        /// own (e.g. 32 px: 8x8 codes with a 4x tokenizer), which a model trained on the cache
+        /// keeps (`generate` crops a request's references the same way).
+        #[arg(long, value_name = "PX")]
+        ref_size: Option<u32>,
     },
     // ---- data import-subjects200k ----
     /// Import the single-subject benchmark from Subjects200K / SubjectSpatial200K parquet
@@ -158,8 +164,8 @@ fn parse_range(s: &str) -> anyhow::Result<(usize, usize)> {
 
 pub fn run(cmd: DataCmd) -> anyhow::Result<()> {
     match cmd {
-        DataCmd::Encode { dataset, tokenizer, tokenizer_preset, out, size, t5, batch, max_refs, max_samples, force, distill_dinov2 } => {
-            let sel = EncodeSelect { max_refs, max_samples, force, distill: distill_dinov2 };
+        DataCmd::Encode { dataset, tokenizer, tokenizer_preset, out, size, t5, batch, max_refs, max_samples, force, distill_dinov2, ref_size } => {
+            let sel = EncodeSelect { max_refs, max_samples, force, distill: distill_dinov2, ref_size };
             encode(&dataset, &tokenizer, tokenizer_preset.as_deref(), &out, size, t5.as_deref(), batch, &sel)
         }
         DataCmd::Synth { out, n, seed, size, split, subjects, threads, no_contact, force } => {
@@ -242,6 +248,8 @@ struct EncodeSelect {
     force: bool,
     /// Distillation encoder weights (`--distill-dinov2`).
     distill: Option<PathBuf>,
+    /// `--ref-size`.
+    ref_size: Option<u32>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -266,6 +274,12 @@ fn encode(
     let (vq, _) = tokenar::tokenizer::load(tokenizer, preset, &device)?;
     let size = size.unwrap_or(vq.config().image_size as u32);
     tokenar::util::check_coded_image_size("--size", size)?;
+    if let Some(r) = sel.ref_size {
+        tokenar::util::check_coded_image_size("--ref-size", r)?;
+        if r > size {
+            anyhow::bail!("invalid --ref-size: {r} px is larger than the image size {size} px");
+        }
+    }
     tokenar::util::check_batch("--batch", batch)?;
     let opts = data::OpenOptions { max_refs: sel.max_refs, ..Default::default() };
     let mut ds = data::Dataset::open(dataset, &opts)?;
@@ -295,7 +309,7 @@ fn encode(
     let text = enc_txt
         .as_mut()
         .map(|f| f as &mut dyn FnMut(&[String]) -> tokenar::Result<(candle_core::Tensor, candle_core::Tensor)>);
-    let eopts = data::cache::EncodeOptions { maker: Some(maker), force: sel.force, ..data::cache::EncodeOptions::new(size, batch) };
+    let eopts = data::cache::EncodeOptions { maker: Some(maker), force: sel.force, ref_size: sel.ref_size, ..data::cache::EncodeOptions::new(size, batch) };
     let mut enc_feat = dino.as_ref().map(|d| move |x: &candle_core::Tensor, (h, w): (usize, usize)| d.features_for_grid(x, (h / 2, w / 2)));
     let feats = enc_feat
         .as_mut()

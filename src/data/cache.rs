@@ -3,7 +3,9 @@
 //! instead of decoding images. Writing is resumable: shards are written whole and atomically,
 //! and the index lists only finished shards, so a rerun skips the samples already stored.
 //!
-//! Shard `shard_<k>.safetensors` holds `codes` (images x h*w, u32), with text `text`
+//! Shard `shard_<k>.safetensors` holds `codes` (images x h*w, u32; when the references were
+//! encoded on a grid of their own, see [`EncodeOptions::ref_size`], they are in `ref_codes`,
+//! references x rh*rw, instead), with text `text`
 //! (samples x L x D, f32) and `text_mask` (samples x L, u8), and, for samples whose meta gives
 //! every subject's mask, `owners` (samples x h*w, u8: which subject each target code cell shows,
 //! see [`owner_grid`]), and, when the cache was encoded with a distillation encoder, `distill`
@@ -31,8 +33,12 @@ pub struct CachedSample {
     pub background: Vec<u32>,
     /// Empty when the sample has no target.
     pub target: Vec<u32>,
-    /// (h, w) of every code grid.
+    /// (h, w) of the background's and the target's code grids (and of the references' unless
+    /// `ref_grid` says otherwise).
     pub grid: (usize, usize),
+    /// (h, w) of the references' code grids when they were encoded on a grid of their own
+    /// (cropped to their subject at [`EncodeOptions::ref_size`] px).
+    pub ref_grid: Option<(usize, usize)>,
     pub prompt: String,
     /// Text features (L x D) and the mask of valid positions (L, 1 = token, 0 = padding).
     pub text: Option<(Tensor, Vec<u8>)>,
@@ -117,6 +123,10 @@ pub struct CacheMaker {
     /// features were stored.
     #[serde(default)]
     pub distill: Option<String>,
+    /// The side the references were cropped to their subject and encoded at, when not the
+    /// image size ([`EncodeOptions::ref_size`]).
+    #[serde(default)]
+    pub ref_size: Option<u32>,
 }
 
 impl CacheMaker {
@@ -132,6 +142,7 @@ impl CacheMaker {
             dataset: super::provenance::dataset_identity(ds),
             text: text.map(|t| t.canonicalize().unwrap_or_else(|_| t.to_path_buf()).display().to_string()),
             distill: None,
+            ref_size: None,
         })
     }
 
@@ -163,6 +174,10 @@ impl CacheMaker {
             let t = |t: &Option<String>| t.clone().unwrap_or_else(|| "none".into());
             out.push(format!("distillation features {} vs {}", t(&self.distill), t(&other.distill)));
         }
+        if self.ref_size != other.ref_size {
+            let t = |t: Option<u32>| t.map_or("the image size".to_string(), |v| format!("{v} px cropped to the subject"));
+            out.push(format!("references encoded at {} vs {}", t(self.ref_size), t(other.ref_size)));
+        }
         out
     }
 }
@@ -177,6 +192,9 @@ struct Index {
     /// Image size the codes were computed at.
     size: u32,
     grid: Option<(usize, usize)>,
+    /// The references' code grid when they are stored apart (`ref_codes`).
+    #[serde(default)]
+    ref_grid: Option<(usize, usize)>,
     /// (tokens, width) of the distillation features, when stored.
     #[serde(default)]
     distill: Option<(usize, usize)>,
@@ -216,7 +234,7 @@ impl CacheWriter {
         }
         std::fs::create_dir_all(dir).with_path(dir)?;
         let index_path = dir.join(INDEX);
-        let fresh = || Index { version: 1, maker: maker.cloned(), size, grid: None, distill: None, shards: vec![], samples: vec![], skipped: vec![], complete: false };
+        let fresh = || Index { version: 1, maker: maker.cloned(), size, grid: None, ref_grid: None, distill: None, shards: vec![], samples: vec![], skipped: vec![], complete: false };
         let index = if index_path.is_file() {
             let old = read_index(&index_path);
             let mut why = match &old {
@@ -264,6 +282,11 @@ impl CacheWriter {
         Ok(Self { dir: dir.to_path_buf(), index, shard_samples: shard_samples.max(1), pending: Vec::new() })
     }
 
+    /// The references' code grid when they are stored apart (known once a sample is stored).
+    pub fn ref_grid(&self) -> Option<(usize, usize)> {
+        self.index.ref_grid
+    }
+
     /// Samples stored so far (finished shards and pending).
     pub fn stored(&self) -> usize {
         self.index.samples.len() + self.pending.len()
@@ -290,9 +313,15 @@ impl CacheWriter {
             }
             _ => self.index.grid = Some(s.grid),
         }
+        if self.index.samples.is_empty() && self.pending.is_empty() {
+            self.index.ref_grid = s.ref_grid;
+        } else if self.index.ref_grid != s.ref_grid {
+            return Err(Error::invalid("reference code grid", format!("sample {} has {:?}, the cache {:?}", s.id, s.ref_grid, self.index.ref_grid)));
+        }
         let n = s.grid.0 * s.grid.1;
-        if s.refs.iter().chain([&s.background]).any(|c| c.len() != n) || !(s.target.is_empty() || s.target.len() == n) {
-            return Err(Error::invalid("codes", format!("sample {}: a code list is not {n} long", s.id)));
+        let rn = s.ref_grid.map_or(n, |(h, w)| h * w);
+        if s.refs.iter().any(|c| c.len() != rn) || s.background.len() != n || !(s.target.is_empty() || s.target.len() == n) {
+            return Err(Error::invalid("codes", format!("sample {}: a code list is not {n} long ({rn} for a reference)", s.id)));
         }
         if s.owners.as_ref().is_some_and(|o| o.len() != n) {
             return Err(Error::invalid("owners", format!("sample {}: the owner grid is not {n} long", s.id)));
@@ -324,6 +353,9 @@ impl CacheWriter {
         let k = self.index.shards.len();
         let n = self.index.grid.map_or(0, |g| g.0 * g.1);
         let mut codes: Vec<u32> = Vec::new();
+        let mut ref_codes: Vec<u32> = Vec::new();
+        let mut ref_rows = 0usize;
+        let apart = self.index.ref_grid;
         let mut texts = Vec::new();
         let mut masks: Vec<u8> = Vec::new();
         let mut owners: Vec<u8> = Vec::new();
@@ -336,7 +368,18 @@ impl CacheWriter {
         };
         let mut entries = Vec::new();
         for s in self.pending.drain(..) {
-            let refs = s.refs.iter().map(|c| take(c, &mut codes)).collect();
+            let refs = match apart {
+                None => s.refs.iter().map(|c| take(c, &mut codes)).collect(),
+                Some(_) => s
+                    .refs
+                    .iter()
+                    .map(|c| {
+                        ref_codes.extend_from_slice(c);
+                        ref_rows += 1;
+                        ref_rows - 1
+                    })
+                    .collect(),
+            };
             let background = take(&s.background, &mut codes);
             let target = (!s.target.is_empty()).then(|| take(&s.target, &mut codes));
             let text = match &s.text {
@@ -362,6 +405,9 @@ impl CacheWriter {
         }
         let mut tensors = HashMap::new();
         tensors.insert("codes".to_string(), Tensor::from_vec(codes, (rows, n), &Device::Cpu)?);
+        if let Some((rh, rw)) = apart {
+            tensors.insert("ref_codes".to_string(), Tensor::from_vec(ref_codes, (ref_rows, rh * rw), &Device::Cpu)?);
+        }
         if !owners.is_empty() {
             let r = owners.len() / n.max(1);
             tensors.insert("owners".to_string(), Tensor::from_vec(owners, (r, n), &Device::Cpu)?);
@@ -498,6 +544,16 @@ impl CacheReader {
         let get = |k: &str| t.get(k).ok_or_else(|| Error::bad_file(&shard, format!("missing tensor `{k}`")));
         let codes = get("codes")?;
         let row = |r: usize| -> Result<Vec<u32>> { Ok(codes.get(r)?.to_vec1::<u32>()?) };
+        let ref_codes = match self.index.ref_grid {
+            Some(_) if !e.refs.is_empty() => Some(get("ref_codes")?),
+            _ => None,
+        };
+        let ref_row = |r: usize| -> Result<Vec<u32>> {
+            match ref_codes {
+                Some(t) => Ok(t.get(r)?.to_vec1::<u32>()?),
+                None => row(r),
+            }
+        };
         let text = match e.text {
             Some(r) => {
                 let mask = get("text_mask")?.get(r)?.to_vec1::<u8>()?;
@@ -507,16 +563,29 @@ impl CacheReader {
         };
         Ok(CachedSample {
             id: e.id.clone(),
-            refs: e.refs.iter().map(|&r| row(r)).collect::<Result<_>>()?,
+            refs: e.refs.iter().map(|&r| ref_row(r)).collect::<Result<_>>()?,
             background: row(e.background)?,
             target: e.target.map(row).transpose()?.unwrap_or_default(),
             grid,
+            ref_grid: self.index.ref_grid,
             prompt: e.prompt.clone(),
             text,
             owners: e.owners.map(|r| get("owners")?.get(r)?.to_vec1::<u8>().map_err(Error::from)).transpose()?,
             distill: e.distill.map(|r| get("distill")?.get(r).map_err(Error::from)).transpose()?,
         })
     }
+}
+
+/// Codes of `images` (all one size) through `encode_images`: one row-major list per image,
+/// and their grid.
+fn encode_codes(images: &[image::RgbImage], encode_images: ImageEncoder) -> Result<(Vec<Vec<u32>>, (usize, usize))> {
+    let ts = images.iter().map(|i| rgb_to_tensor(i, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
+    let codes = encode_images(&Tensor::stack(&ts, 0)?)?;
+    let (b, h, w) = codes.dims3()?;
+    if b != images.len() {
+        return Err(Error::invalid("image encoder output", format!("{b} code grids for {} images", images.len())));
+    }
+    Ok((codes.to_dtype(DType::U32)?.flatten_from(1)?.to_vec2::<u32>()?, (h, w)))
 }
 
 /// The image encoder: (B, 3, H, W) in [-1, 1] -> (B, h, w) u32 codes.
@@ -558,11 +627,15 @@ pub struct EncodeOptions {
     pub maker: Option<CacheMaker>,
     /// Delete a cache made otherwise instead of refusing it.
     pub force: bool,
+    /// Encode each reference cropped to its subject at this side
+    /// ([`crate::imageio::reference_view`]), on a code grid of its own, instead of whole at
+    /// `size` (`None`). Recorded in the maker.
+    pub ref_size: Option<u32>,
 }
 
 impl EncodeOptions {
     pub fn new(size: u32, batch: usize) -> Self {
-        Self { size, batch, shard_samples: DEFAULT_SHARD_SAMPLES, maker: None, force: false }
+        Self { size, batch, shard_samples: DEFAULT_SHARD_SAMPLES, maker: None, force: false, ref_size: None }
     }
 }
 
@@ -623,7 +696,11 @@ pub fn encode_with_features(
     progress: Option<&dyn Fn(usize, usize)>,
 ) -> Result<EncodeSummary> {
     let (size, batch) = (opts.size, opts.batch);
-    let mut w = CacheWriter::create_or_resume_for(out, size, opts.shard_samples, opts.maker.as_ref(), opts.force)?;
+    if opts.ref_size == Some(0) {
+        return Err(Error::invalid("reference size", "0 px (must be at least 1)"));
+    }
+    let maker = opts.maker.clone().map(|m| CacheMaker { ref_size: opts.ref_size, ..m });
+    let mut w = CacheWriter::create_or_resume_for(out, size, opts.shard_samples, maker.as_ref(), opts.force)?;
     let done = w.done_ids();
     let todo: Vec<_> = ds.samples.iter().filter(|s| !done.contains(&s.id)).collect();
     let total = ds.samples.len();
@@ -645,17 +722,27 @@ pub fn encode_with_features(
         }
         if !loaded.is_empty() {
             let mut images = Vec::new();
+            let mut ref_images = Vec::new();
             for (_, l) in &loaded {
-                for img in l.refs.iter().chain([&l.background]).chain(l.target.iter()) {
-                    images.push(rgb_to_tensor(img, &Device::Cpu)?);
+                match opts.ref_size {
+                    None => images.extend(l.refs.iter().cloned()),
+                    Some(side) => ref_images.extend(l.refs.iter().map(|r| crate::imageio::reference_view(r, side))),
                 }
+                images.push(l.background.clone());
+                images.extend(l.target.iter().cloned());
             }
-            let codes = encode_images(&Tensor::stack(&images, 0)?)?;
-            let (b, h, gw) = codes.dims3()?;
-            if b != images.len() {
-                return Err(Error::invalid("image encoder output", format!("{b} code grids for {} images", images.len())));
-            }
-            let codes = codes.to_dtype(DType::U32)?.flatten_from(1)?.to_vec2::<u32>()?;
+            let (codes, (h, gw)) = encode_codes(&images, encode_images)?;
+            let (ref_codes, ref_grid) = match opts.ref_size {
+                Some(_) if !ref_images.is_empty() => {
+                    let (c, g) = encode_codes(&ref_images, encode_images)?;
+                    (c, Some(g))
+                }
+                // No reference in this chunk: the grid its references would have, so that
+                // the cache's reference grid stays one.
+                Some(side) => (Vec::new(), Some(w.ref_grid().unwrap_or((side as usize * h / size as usize, side as usize * gw / size as usize)))),
+                None => (Vec::new(), None),
+            };
+            let mut ref_rows = ref_codes.into_iter();
             let text = match encode_text.as_mut() {
                 Some(f) => {
                     let prompts: Vec<String> = loaded.iter().map(|(_, l)| l.prompt.clone()).collect();
@@ -682,8 +769,11 @@ pub fn encode_with_features(
             let mut feat_row = 0usize;
             let mut rows = codes.into_iter();
             for (k, (s, l)) in loaded.iter().enumerate() {
+                let refs = match ref_grid {
+                    None => (0..l.refs.len()).map(|_| rows.next().unwrap_or_default()).collect(),
+                    Some(_) => (0..l.refs.len()).map(|_| ref_rows.next().unwrap_or_default()).collect(),
+                };
                 let mut next = || rows.next().unwrap_or_default();
-                let refs = (0..l.refs.len()).map(|_| next()).collect();
                 let background = next();
                 let target = if l.target.is_some() { next() } else { Vec::new() };
                 let text = match &text {
@@ -701,7 +791,7 @@ pub fn encode_with_features(
                     }
                     _ => None,
                 };
-                w.push(CachedSample { id: s.id.clone(), refs, background, target, grid: (h, gw), prompt: l.prompt.clone(), text, owners, distill })?;
+                w.push(CachedSample { id: s.id.clone(), refs, background, target, grid: (h, gw), ref_grid, prompt: l.prompt.clone(), text, owners, distill })?;
             }
         }
         finished += chunk.len();
@@ -852,6 +942,44 @@ mod tests {
         // Resuming at another image size is refused.
         let mut enc = block_codes;
         assert!(encode_dataset(&ds, &out, 64, &mut enc, None, 2, None).is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// `ref_size`: each reference cropped to its subject and encoded at 16 px (a 2x2 grid)
+    /// beside 4x4 backgrounds and targets, stored apart and read back; a resume with another
+    /// reference size is refused by name.
+    #[test]
+    fn references_on_their_own_grid_round_trip() {
+        let root = std::env::temp_dir().join(format!("tokenar-cache-refs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        generate(&data, &SynthOptions { n: 5, seed: 3, size: 32, subjects: (1, 3), ..Default::default() }, None).unwrap();
+        let ds = Dataset::open(&data, &OpenOptions::default()).unwrap();
+        let out = root.join("cache");
+        // The maker fingerprints a tokenizer file; the codes here come from `block_codes`.
+        std::fs::write(root.join("vq.safetensors"), b"tokenizer").unwrap();
+        let maker = CacheMaker::new(&ds, &root.join("vq.safetensors"), None, None).unwrap();
+        let opts = EncodeOptions { ref_size: Some(16), maker: Some(maker.clone()), shard_samples: 2, ..EncodeOptions::new(32, 2) };
+        let mut enc = block_codes;
+        encode(&ds, &out, &opts, &mut enc, None, None).unwrap();
+        let cache = CacheReader::open(&out).unwrap();
+        assert_eq!(cache.len(), 5);
+        let enc_one = |img: &RgbImage| {
+            let t = rgb_to_tensor(img, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            block_codes(&t).unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap()
+        };
+        for i in [4, 0, 2] {
+            let c = cache.get(i).unwrap();
+            let l = ds.samples[i].load(32).unwrap();
+            let (_, bg, target) = expected(&ds, i);
+            let refs: Vec<Vec<u32>> = l.refs.iter().map(|r| enc_one(&crate::imageio::reference_view(r, 16))).collect();
+            assert_eq!((c.grid, c.ref_grid), ((4, 4), Some((2, 2))));
+            assert_eq!((&c.refs, &c.background, &c.target), (&refs, &bg, &target), "{}", c.id);
+            assert!(c.refs.iter().all(|r| r.len() == 4));
+        }
+        let whole = EncodeOptions { ref_size: None, ..opts };
+        let e = encode(&ds, &out, &whole, &mut enc, None, None).unwrap_err().to_string();
+        assert!(e.contains("references encoded at") && e.contains("16 px"), "{e}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -26,7 +26,7 @@ use image::{GrayImage, RgbImage};
 pub const MIN_REFERENCE_DISTANCE: f64 = 0.1;
 
 /// A pixel with all channels at or above this level counts as white background in a reference.
-pub const WHITE_LEVEL: u8 = 235;
+pub use crate::imageio::WHITE_LEVEL;
 const LEVELS: usize = 4;
 
 /// One subject: its region in the generated image and its reference image.

@@ -80,8 +80,12 @@ pub struct GptConfig {
     #[serde(default)]
     pub cell_embedding: bool,
     pub scheme: Scheme,
-    /// Token grid of one image (rows, cols).
+    /// Token grid of one image (rows, cols): the background's and the target's.
     pub grid: (usize, usize),
+    /// Token grid of the references (and their ITD copies) when smaller than `grid` (`None`:
+    /// `grid`, as in every public checkpoint). Tiles scheme only.
+    #[serde(default)]
+    pub ref_grid: Option<(usize, usize)>,
     /// `img_uncond_embedding`: the null image used for image CFG dropout.
     pub img_uncond: bool,
     /// Output width of the `alignment` distillation head (EditAR/TokenAR: 768), if any.
@@ -113,12 +117,31 @@ impl GptConfig {
         self.grid.0 * self.grid.1
     }
 
+    /// The grid of the references and their ITD copies.
+    pub fn ref_grid(&self) -> (usize, usize) {
+        self.ref_grid.unwrap_or(self.grid)
+    }
+
+    /// Tokens of one reference.
+    pub fn ref_tokens(&self) -> usize {
+        let (h, w) = self.ref_grid();
+        h * w
+    }
+
+    /// Rows of `img_uncond_embedding`: the null image of every reference slot (at the
+    /// reference grid), then the background's (at the image grid).
+    pub fn null_image_rows(&self) -> usize {
+        let ref_slots = self.cond_slots() - self.background as usize;
+        ref_slots * self.ref_tokens() + self.background as usize * self.image_tokens()
+    }
+
     /// The layout of a sample with `n_refs` references under this configuration.
     pub fn layout_spec(&self, n_refs: usize) -> LayoutSpec {
         LayoutSpec {
             n_refs,
             max_refs: self.max_refs,
             grid: self.grid,
+            ref_grid: self.ref_grid,
             text_len: self.caption_len,
             n_instruct: self.n_instruct,
             itd: self.itd,
@@ -142,6 +165,14 @@ impl GptConfig {
         if self.grid.0 == 0 || self.grid.1 == 0 {
             return bad(format!("grid {:?} must be positive", self.grid));
         }
+        if let Some((rh, rw)) = self.ref_grid {
+            if rh == 0 || rw == 0 || rh > self.grid.0 || rw > self.grid.1 || self.scheme != Scheme::Tiles {
+                return bad(format!(
+                    "ref_grid {rh}x{rw} must be positive, within the grid {:?}, and needs the Tiles scheme (this one: {:?})",
+                    self.grid, self.scheme
+                ));
+            }
+        }
         if let Some(a) = self.align_dim {
             if a == 0 || self.grid.0 % 2 != 0 || self.grid.1 % 2 != 0 {
                 return bad(format!("alignment head needs align_dim > 0 and an even grid, got {a} and {:?}", self.grid));
@@ -157,7 +188,8 @@ impl GptConfig {
     /// [`MAX_SEQ_LEN`]; run first by [`Self::validate`], so that nothing derived from the sizes
     /// (parameter counts, tables) can overflow or ask for impossible memory.
     pub fn check_limits(&self) -> Result<()> {
-        let fields: [(&str, usize, usize); 11] = [
+        let (ref_rows, ref_cols) = self.ref_grid();
+        let fields: [(&str, usize, usize); 13] = [
             ("vocab_size", self.vocab_size, MAX_VOCAB),
             ("ffn_multiple_of", self.ffn_multiple_of, MAX_DIM),
             ("n_layer", self.n_layer, MAX_LAYERS),
@@ -169,6 +201,8 @@ impl GptConfig {
             ("n_instruct", self.n_instruct, MAX_INSTRUCT),
             ("grid rows", self.grid.0, MAX_GRID_SIDE),
             ("grid columns", self.grid.1, MAX_GRID_SIDE),
+            ("ref_grid rows", ref_rows, MAX_GRID_SIDE),
+            ("ref_grid columns", ref_cols, MAX_GRID_SIDE),
         ];
         for (name, value, max) in fields {
             if value > max {
@@ -205,9 +239,10 @@ impl GptConfig {
     /// caption, instruct tokens, every condition slot, the ITD copies and the target. Only
     /// meaningful once the fields are within their limits.
     pub fn max_seq_len(&self) -> usize {
-        let slots = self.cond_slots().max(self.max_refs + self.background as usize);
-        let images = slots + if self.itd { self.max_refs } else { 0 } + 1;
-        self.caption_len + self.n_instruct + images * self.image_tokens()
+        let ref_slots = self.cond_slots().max(self.max_refs + self.background as usize) - self.background as usize;
+        let refs = ref_slots + if self.itd { self.max_refs } else { 0 };
+        let images = self.background as usize + 1;
+        self.caption_len + self.n_instruct + refs * self.ref_tokens() + images * self.image_tokens()
     }
 
     /// A configuration read from a checkpoint must describe the tensors beside it: the
@@ -276,6 +311,7 @@ impl GptConfig {
             cell_embedding: false,
             scheme: Scheme::Reference { pad_to: None, quirk_index: false },
             grid: (32, 32),
+            ref_grid: None,
             img_uncond: false,
             align_dim: None,
             dropouts: Dropouts::default(),
@@ -347,6 +383,7 @@ impl GptConfig {
         c.n_layer = o.n_layer.unwrap_or(c.n_layer);
         c.n_head = o.n_head.unwrap_or(c.n_head);
         c.grid = o.grid.unwrap_or(c.grid);
+        c.ref_grid = o.ref_grid.or(c.ref_grid);
         c.caption_dim = o.caption_dim.unwrap_or(c.caption_dim);
         c.caption_len = o.caption_len.unwrap_or(c.caption_len);
         c.max_refs = o.max_refs.unwrap_or(c.max_refs);
@@ -399,6 +436,8 @@ pub struct Overrides {
     pub dim: Option<usize>,
     /// Token grid of one image (rows, cols).
     pub grid: Option<(usize, usize)>,
+    /// Token grid of the references, when smaller than `grid`.
+    pub ref_grid: Option<(usize, usize)>,
     pub caption_dim: Option<usize>,
     pub caption_len: Option<usize>,
     pub max_refs: Option<usize>,

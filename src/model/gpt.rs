@@ -361,7 +361,7 @@ impl TokenAr {
             .collect::<Result<Vec<_>>>()?;
         let img_uncond = if cfg.img_uncond {
             let init = Init::Randn { mean: 0.0, stdev: 1.0 / (d as f64).sqrt() };
-            Some(vb.get_with_hints((cfg.cond_slots() * cfg.image_tokens(), d), "img_uncond_embedding", init)?)
+            Some(vb.get_with_hints((cfg.null_image_rows(), d), "img_uncond_embedding", init)?)
         } else {
             None
         };
@@ -408,10 +408,13 @@ impl TokenAr {
 
     /// The layout of `cond`'s sequence (validates the shapes of `cond`).
     pub fn layout_for(&self, cond: &Condition) -> Result<Layout> {
-        let (b, n, hw) = cond.refs.dims3()?;
+        let (b, n, rhw) = cond.refs.dims3()?;
         let want_hw = self.cfg.image_tokens();
-        if hw != want_hw && n > 0 {
-            return Err(Error::invalid("condition", format!("reference codes have {hw} tokens, the model's grid {:?} needs {want_hw}", self.cfg.grid)));
+        if rhw != self.cfg.ref_tokens() && n > 0 {
+            return Err(Error::invalid(
+                "condition",
+                format!("reference codes have {rhw} tokens, the model's reference grid {:?} needs {}", self.cfg.ref_grid(), self.cfg.ref_tokens()),
+            ));
         }
         let layout = Layout::new(&self.cfg.layout_spec(n))?;
         if layout.ref_slots() != n {
@@ -441,7 +444,7 @@ impl TokenAr {
     /// Embeddings of the prefix (conditions, text, instruct): (B, prefix_len, dim).
     pub(crate) fn embed_prefix(&self, cond: &Condition, layout: &Layout) -> Result<Tensor> {
         let b = cond.batch()?;
-        let hw = self.cfg.image_tokens();
+        let rhw = self.cfg.ref_tokens();
         let d = self.cfg.dim;
         let mut parts: Vec<Tensor> = Vec::new();
         // Condition images in layout order, with their img_uncond rows and index ids.
@@ -449,12 +452,14 @@ impl TokenAr {
         let mut null_rows: Vec<u32> = Vec::new();
         let mut ids = Vec::new();
         for seg in layout.segments().iter().filter(|s| s.kind.is_image_condition()) {
-            let (c, slot) = match seg.kind {
-                SegmentKind::Ref(i) => (cond.refs.narrow(1, i, 1)?.squeeze(1)?, i),
-                _ => (cond.background.clone(), self.cfg.cond_slots() - 1),
+            // `img_uncond_embedding` holds every reference slot's null image, then the
+            // background's (see GptConfig::null_image_rows).
+            let (c, first_row) = match seg.kind {
+                SegmentKind::Ref(i) => (cond.refs.narrow(1, i, 1)?.squeeze(1)?, i * rhw),
+                _ => (cond.background.clone(), (self.cfg.cond_slots() - 1) * rhw),
             };
             codes.push(c);
-            null_rows.extend((slot * hw..(slot + 1) * hw).map(|r| r as u32));
+            null_rows.extend((first_row..first_row + seg.len).map(|r| r as u32));
             ids.extend_from_slice(&layout.index_ids()[seg.start..seg.start + seg.len]);
         }
         if !codes.is_empty() {

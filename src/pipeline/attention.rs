@@ -354,7 +354,7 @@ mod tests {
 
     #[test]
     fn groups_cover_every_key_once_and_shares_sum_to_one() {
-        let spec = LayoutSpec { n_refs: 2, max_refs: 3, grid: (2, 2), text_len: 3, n_instruct: 2, itd: true, background: true, scheme: Scheme::Tiles };
+        let spec = LayoutSpec { n_refs: 2, max_refs: 3, grid: (2, 2), ref_grid: None, text_len: 3, n_instruct: 2, itd: true, background: true, scheme: Scheme::Tiles };
         let layout = Layout::new(&spec).unwrap();
         let groups = key_groups(&layout);
         let kinds: Vec<GroupKind> = groups.iter().map(|g| g.kind).collect();
@@ -429,6 +429,7 @@ mod tests {
             cell_embedding: true,
             scheme: Scheme::Tiles,
             grid: (2, 3),
+            ref_grid: None,
             img_uncond: true,
             align_dim: None,
             dropouts: Dropouts::default(),

@@ -352,6 +352,13 @@ impl Bundle {
         self.gpt.config().grid.0 * self.vq.config().downsample()
     }
 
+    /// Side of a reference as the model sees it: the image size, or for a model with
+    /// references on a grid of their own, that grid x tokenizer downsampling (references are
+    /// then cropped to their subject, see [`crate::imageio::reference_view`]).
+    pub fn ref_image_size(&self) -> usize {
+        self.gpt.config().ref_grid().0 * self.vq.config().downsample()
+    }
+
     pub fn config(&self) -> &GptConfig {
         self.gpt.config()
     }

@@ -75,11 +75,11 @@ fn encode_images(bundle: &Bundle, images: &[RgbImage], size: u32) -> Result<Vec<
     Ok(flat.to_vec2::<u32>()?)
 }
 
-fn decode_codes(bundle: &Bundle, codes: &[Vec<u32>]) -> Result<Vec<RgbImage>> {
+/// Images of code lists on the grid `(h, w)`.
+fn decode_codes(bundle: &Bundle, codes: &[Vec<u32>], (h, w): (usize, usize)) -> Result<Vec<RgbImage>> {
     if codes.is_empty() {
         return Ok(Vec::new());
     }
-    let (h, w) = bundle.gpt.config().grid;
     let flat: Vec<u32> = codes.iter().flatten().copied().collect();
     let t = Tensor::from_vec(flat, (codes.len(), h, w), bundle.gpt.device())?;
     let imgs = bundle.vq.decode(&t)?;
@@ -205,7 +205,20 @@ fn prepare(bundle: &Bundle, req: &GenerateRequest) -> Result<(Vec<RgbImage>, Rgb
             format!("{} references given but this model supports at most {}", req.refs.len(), cfg.max_refs),
         ));
     }
-    let refs: Vec<RgbImage> = req.refs.iter().map(|r| imageio::resize_rgb(r, size, size)).collect();
+    // The references as the model sees them: at the image size, or cropped to their subject at
+    // the reference size of a model with references on a grid of their own (as `data encode
+    // --ref-size` stores them for training).
+    let refs: Vec<RgbImage> = req
+        .refs
+        .iter()
+        .map(|r| {
+            let r = imageio::resize_rgb(r, size, size);
+            match cfg.ref_grid {
+                Some(_) => imageio::reference_view(&r, bundle.ref_image_size() as u32),
+                None => r,
+            }
+        })
+        .collect();
     let mask = req.mask.as_ref().map(|m| image::imageops::resize(m, size, size, image::imageops::FilterType::Nearest));
     let (bg_full, mask) = match &req.background {
         Some(bg) => (Some(imageio::resize_rgb(bg, size, size)), mask),
@@ -232,6 +245,11 @@ fn encode_condition(bundle: &Bundle, mut refs: Vec<RgbImage>, cond_bg: RgbImage)
     if refs.is_empty() && !cfg.background {
         return Ok((Vec::new(), vec![0; cfg.image_tokens()]));
     }
+    if cfg.ref_grid.is_some() {
+        let bg = encode_images(bundle, &[cond_bg], bundle.image_size() as u32)?.pop().unwrap_or_default();
+        let codes = if refs.is_empty() { Vec::new() } else { encode_images(bundle, &refs, bundle.ref_image_size() as u32)? };
+        return Ok((codes, bg));
+    }
     refs.push(cond_bg);
     let mut codes = encode_images(bundle, &refs, bundle.image_size() as u32)?;
     let bg = codes.pop().unwrap_or_default();
@@ -250,7 +268,7 @@ fn build_condition(bundle: &Bundle, refs: Vec<RgbImage>, cond_bg: RgbImage, prom
     let nr = ref_codes.len();
     // One condition; the session repeats its prefix for the samples.
     let ref_flat: Vec<u32> = ref_codes.iter().flatten().copied().collect();
-    let refs_t = Tensor::from_vec(ref_flat, (1, nr, hw), dev)?;
+    let refs_t = Tensor::from_vec(ref_flat, (1, nr, cfg.ref_tokens()), dev)?;
     let bg_t = Tensor::from_vec(bg_codes, (1, hw), dev)?;
     let (text, mask_t) = bundle.text.encode(&[prompt.to_string()], cfg.caption_len)?;
     let cond = Condition::new(refs_t, bg_t, text, Some(mask_t));
@@ -297,7 +315,7 @@ pub fn generate(
     };
     let mut rng = req.options.rng();
     let out = sample::generate(&mut session, &first, &plan, &req.options, &mut rng, progress)?;
-    let mut imgs = decode_codes(bundle, &out.target)?;
+    let mut imgs = decode_codes(bundle, &out.target, cfg.grid)?;
     if req.paste_back {
         if let (Some(bg), Some(m)) = (&bg_full, &mask) {
             for img in &mut imgs {
@@ -309,8 +327,8 @@ pub fn generate(
     if req.decode_itd {
         let n_slots = cond.refs.dim(1)?;
         for p in &out.prefix {
-            let per: Vec<Vec<u32>> = p.chunks(hw).take(n_slots).map(|c| c.to_vec()).collect();
-            itd_refs.push(decode_codes(bundle, &per)?);
+            let per: Vec<Vec<u32>> = p.chunks(cfg.ref_tokens()).take(n_slots).map(|c| c.to_vec()).collect();
+            itd_refs.push(decode_codes(bundle, &per, cfg.ref_grid())?);
         }
     }
     Ok(GenerateResult { images: imgs, target_codes: out.target, itd_refs, stats: out.stats, itd })

@@ -122,15 +122,17 @@ pub struct ModelSection {
 }
 
 impl ModelSection {
-    /// The section's changes to its preset, with the code vocabulary and grid of the data and
-    /// the text encoder's width and length.
-    pub fn overrides(&self, vocab: usize, grid: (usize, usize), text: &BuiltinConfig) -> Overrides {
+    /// The section's changes to its preset, with the code vocabulary and grids of the data
+    /// (`ref_grid`: the references' when the cache holds them on a smaller grid) and the text
+    /// encoder's width and length.
+    pub fn overrides(&self, vocab: usize, grid: (usize, usize), ref_grid: Option<(usize, usize)>, text: &BuiltinConfig) -> Overrides {
         Overrides {
             vocab_size: Some(vocab),
             n_layer: self.n_layer,
             n_head: self.n_head,
             dim: self.dim,
             grid: Some(grid),
+            ref_grid,
             caption_dim: Some(text.dim),
             caption_len: Some(text.max_len),
             max_refs: self.max_refs,
@@ -180,9 +182,10 @@ impl TrainJobConfig {
         self.text.validate()
     }
 
-    /// The GPT config: the preset, the overrides, and what the data and the text encoder fix.
-    pub fn gpt_config(&self, vocab: usize, grid: (usize, usize)) -> Result<GptConfig> {
-        GptConfig::from_preset(&self.model.preset, &self.model.overrides(vocab, grid, &self.text))
+    /// The GPT config: the preset, the overrides, and what the data (code vocabulary, image
+    /// grid, reference grid) and the text encoder fix.
+    pub fn gpt_config(&self, vocab: usize, grid: (usize, usize), ref_grid: Option<(usize, usize)>) -> Result<GptConfig> {
+        GptConfig::from_preset(&self.model.preset, &self.model.overrides(vocab, grid, ref_grid, &self.text))
     }
 }
 
@@ -194,17 +197,17 @@ mod tests {
     fn shipped_config_parses_and_overrides_apply() {
         let text = include_str!("../../configs/tokenar-builtin.toml");
         let cfg = TrainJobConfig::from_toml(text, &[], Path::new("configs/tokenar-builtin.toml")).unwrap();
-        let g = cfg.gpt_config(1024, (8, 8)).unwrap();
+        let g = cfg.gpt_config(1024, (8, 8), None).unwrap();
         assert!(g.itd && g.index_embedding && g.n_instruct > 0);
         assert_eq!((g.caption_dim, g.caption_len), (cfg.text.dim, cfg.text.max_len));
         let sets = vec!["model.itd=false".to_string(), "model.n_instruct=0".to_string(), "steps=7".to_string()];
         let ab = TrainJobConfig::from_toml(text, &sets, Path::new("x.toml")).unwrap();
-        let g = ab.gpt_config(1024, (8, 8)).unwrap();
+        let g = ab.gpt_config(1024, (8, 8), None).unwrap();
         assert!(!g.itd && g.n_instruct == 0 && ab.steps == 7);
         let binding = include_str!("../../configs/tokenar-binding.toml");
         let bc = TrainJobConfig::from_toml(binding, &[], Path::new("configs/tokenar-binding.toml")).unwrap();
         assert!(bc.binding_loss > 0.0 && bc.binding_first > 0 && bc.binding_token_loss > 0.0);
-        assert!(bc.gpt_config(1024, (8, 8)).unwrap().cell_embedding && !g.cell_embedding);
+        assert!(bc.gpt_config(1024, (8, 8), None).unwrap().cell_embedding && !g.cell_embedding);
         let e = TrainJobConfig::from_toml(text, &["model.colour=3".to_string()], Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
         let e = TrainJobConfig::from_toml(text, &["drop_text=0.99".to_string()], Path::new("x.toml")).unwrap_err();

@@ -78,7 +78,7 @@ impl TrainJob {
         let grid = samples[0].grid;
         let (vq, vq_vars) = tokenizer::load(&cfg.tokenizer, None, device)?;
         let vocab = vq.config().codebook_size;
-        let mut gcfg = cfg.gpt_config(vocab, grid)?;
+        let mut gcfg = cfg.gpt_config(vocab, grid, samples[0].ref_grid)?;
         if cfg.distill_weight > 0.0 {
             // The alignment head's width is the cached features' width.
             gcfg.align_dim = Some(train::distill::feature_width(&cfg.cache, &samples, grid)?);
@@ -345,17 +345,18 @@ impl JobParts {
         let plan = DecodePlan { known, n_target: cfg.image_tokens(), itd };
         let out = sample::generate(&mut session, &first, &plan, &opts, &mut rng, None)?;
         let (h, w) = cfg.grid;
-        let decode = |codes: &Tensor| -> Result<Vec<image::RgbImage>> {
+        let decode = |codes: &Tensor, (h, w): (usize, usize)| -> Result<Vec<image::RgbImage>> {
             let imgs = self.vq.decode(&codes.reshape(((), h, w))?)?;
             (0..imgs.dim(0)?).map(|i| crate::imageio::tensor_to_rgb(&imgs.get(i)?)).collect()
         };
         let gen_flat: Vec<u32> = out.target.iter().flatten().copied().collect();
-        let generated = decode(&Tensor::from_vec(gen_flat, (idx.len(), h * w), &device)?)?;
-        let real = decode(&target)?;
-        let bg = decode(&cond.background)?;
+        let generated = decode(&Tensor::from_vec(gen_flat, (idx.len(), h * w), &device)?, (h, w))?;
+        let real = decode(&target, (h, w))?;
+        let bg = decode(&cond.background, (h, w))?;
         for (i, _) in idx.iter().enumerate() {
-            let refs = decode(&cond.refs.get(i)?)?;
-            rows.extend(refs);
+            // References on a smaller grid are shown at the image size.
+            let refs = decode(&cond.refs.get(i)?, cfg.ref_grid())?;
+            rows.extend(refs.iter().map(|r| crate::imageio::resize_rgb(r, bg[i].width(), bg[i].height())));
             rows.push(bg[i].clone());
             rows.push(generated[i].clone());
             rows.push(real[i].clone());

@@ -29,6 +29,7 @@ fn small(scheme: Scheme) -> GptConfig {
         cell_embedding: true,
         scheme,
         grid: (4, 4),
+        ref_grid: None,
         img_uncond: true,
         align_dim: None,
         dropouts: Dropouts::default(),

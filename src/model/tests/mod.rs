@@ -28,6 +28,7 @@ fn tiny(scheme: Scheme) -> GptConfig {
         cell_embedding: true,
         scheme,
         grid: (2, 4),
+        ref_grid: None,
         img_uncond: true,
         align_dim: Some(6),
         dropouts: Dropouts::default(),
@@ -43,7 +44,7 @@ fn rand_codes(rng: &mut crate::util::Rng, shape: &[usize], vocab: usize) -> Tens
 fn condition(cfg: &GptConfig, b: usize, n_refs: usize, seed: u64) -> (Condition, Tensor) {
     let mut rng = crate::util::rng(seed);
     let hw = cfg.image_tokens();
-    let refs = rand_codes(&mut rng, &[b, n_refs, hw], cfg.vocab_size);
+    let refs = rand_codes(&mut rng, &[b, n_refs, cfg.ref_tokens()], cfg.vocab_size);
     let bg = rand_codes(&mut rng, &[b, hw], cfg.vocab_size);
     let target = rand_codes(&mut rng, &[b, hw], cfg.vocab_size);
     let text = Tensor::randn(0f32, 1.0, (b, cfg.caption_len, cfg.caption_dim), &Device::Cpu).unwrap();
@@ -158,6 +159,37 @@ fn kv_cache_decoding_equals_full_forward_tiles() {
 fn kv_cache_decoding_equals_full_forward_reference_scheme() {
     let cfg = tiny(Scheme::Reference { pad_to: Some(3), quirk_index: true });
     check_cache_matches_full(&cfg, 3);
+}
+
+/// References on a 1x2 grid beside 2x4 images: the cache decodes as the full forward, the
+/// sequence and the null image have the reference grid's sizes, and a dropped image row's
+/// prefix does not depend on its references (their null rows replace them).
+#[test]
+fn a_smaller_reference_grid_decodes_like_the_full_forward_and_drops_its_references() {
+    let base = tiny(Scheme::Tiles);
+    assert_eq!(base.null_image_rows(), base.cond_slots() * base.image_tokens());
+    let cfg = GptConfig { ref_grid: Some((1, 2)), ..base };
+    check_cache_matches_full(&cfg, 2);
+    let (m, vm) = model(&cfg, 3);
+    assert_eq!(vm.data().lock().unwrap()["img_uncond_embedding"].dims(), &[3 * 2 + 8, cfg.dim]);
+    let (mut cond, target) = condition(&cfg, 2, 2, 4);
+    cond.drop_image = vec![false, true];
+    let layout = m.layout_for(&cond).unwrap();
+    assert_eq!(layout.generated_len(), 2 * 2 + 8);
+    let run = |c: &Condition| m.forward_train_full(c, &target, false, &mut crate::util::rng(0)).unwrap();
+    let a = run(&cond);
+    assert_eq!(a.targets.dims(), &[2, 12]);
+    let mut other = cond.clone();
+    other.refs = condition(&cfg, 2, 2, 6).0.refs;
+    let b = run(&other);
+    // The first loss position is the prefix's last: row 1 (images dropped) is unchanged.
+    let last_prefix = |o: &crate::model::gpt::TrainOutput, r: usize| o.hidden.get(r).unwrap().get(0).unwrap();
+    assert!(max_diff(&last_prefix(&a, 1), &last_prefix(&b, 1)) == 0.0);
+    assert!(max_diff(&last_prefix(&a, 0), &last_prefix(&b, 0)) > 1e-4);
+    // Reference codes of the image grid's size are refused with both sizes named.
+    let (wrong, _) = condition(&GptConfig { ref_grid: None, ..cfg.clone() }, 1, 2, 5);
+    let e = m.layout_for(&wrong).unwrap_err().to_string();
+    assert!(e.contains("8 tokens") && e.contains("(1, 2)"), "{e}");
 }
 
 #[test]

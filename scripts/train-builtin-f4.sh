@@ -16,7 +16,9 @@
 #   tokenizer  the 16 x 16-code tokenizer: by default the trained assets/vq-small-f4.safetensors
 #              (configs/tokenizer-f4.toml, then configs/tokenizer-f4-decoder.toml); with
 #              RETRAIN_TOKENIZER=1 trained again on this data with those two configs
-#   encode     the code cache of the first ENCODE_N training samples (resumable by shard)
+#   encode     the code cache of the first ENCODE_N training samples (resumable by shard):
+#              backgrounds and targets at 64 px (16 x 16 codes), each reference cropped to
+#              its subject at REF_SIZE px (default 32: 8 x 8 codes; `data encode --ref-size`)
 #   train      the GPT (configs/tokenar-builtin-f4.toml), checkpoints every 100 steps,
 #              resumed from the newest one
 #   eval       the model on the three test splits, beside the tokenizer's round trip, as one
@@ -67,10 +69,12 @@ TEST_SEED=${TEST_SEED:-20261205}
 VAL_SEED=${VAL_SEED:-31337}
 STEPS=${STEPS:-}
 # Training samples encoded (the first ENCODE_N of the split, every count in equal shares; `all`
-# for every one). 9,216 as the shipped recipe: encoding runs at about 2.5 samples/s on the
-# shared 2-core machine. Growing the cache later changes what a resumed run trains on, which
-# `train --resume` refuses without --force.
-ENCODE_N=${ENCODE_N:-9216}
+# for every one). Encoding with 32 px references runs at about 35 samples/s on 2 idle cores
+# (20,000 in about 10 minutes). Growing the cache later changes what a resumed run trains on,
+# which `train --resume` refuses without --force.
+ENCODE_N=${ENCODE_N:-all}
+# Side of the references' subject crops (see the encode stage).
+REF_SIZE=${REF_SIZE:-32}
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
 mkdir -p "$RUN"
 LOG=$RUN/record.log
@@ -147,7 +151,8 @@ stage_tokenizer() {
 stage_encode() {
   local n=()
   [ "$ENCODE_N" = all ] || n=(--max-samples "$ENCODE_N")
-  record $T data encode "$RUN/data/train" --tokenizer "$RUN/tokenizer/vq.safetensors" --out "$RUN/cache/train" --max-refs 3 "${n[@]}"
+  record $T data encode "$RUN/data/train" --tokenizer "$RUN/tokenizer/vq.safetensors" --out "$RUN/cache/train" --max-refs 3 \
+    --ref-size "$REF_SIZE" "${n[@]}"
 }
 
 stage_train() {

@@ -75,8 +75,11 @@ pub enum Pick {
 pub struct AttentionMaps {
     pub layers: usize,
     pub heads: usize,
-    /// The token grid of one image (rows, cols).
+    /// The token grid of one image (rows, cols): the target's, the background's.
     pub grid: (usize, usize),
+    /// The token grid of a reference (`grid` unless the model has references on a grid of
+    /// their own).
+    pub ref_grid: (usize, usize),
     /// Keys every query row spans (the training input's length; a cell sees those before it).
     pub keys: usize,
     pub groups: Vec<KeyGroup>,
@@ -99,7 +102,7 @@ impl AttentionMaps {
         if let Some(r) = groups.iter().flat_map(|g| &g.ranges).find(|r| r.end > keys) {
             return Err(Error::invalid("attention", format!("key group {r:?} beyond the {keys} keys")));
         }
-        Ok(Self { layers: per_layer.len(), heads, grid, keys, groups, probs: per_layer })
+        Ok(Self { layers: per_layer.len(), heads, grid, ref_grid: grid, keys, groups, probs: per_layer })
     }
 
     fn picks(pick: Pick, n: usize, what: &str) -> Result<Vec<usize>> {
@@ -139,6 +142,14 @@ impl AttentionMaps {
                 Ok(self.groups.iter().map(|g| g.ranges.iter().map(|r| p[r.clone()].iter().sum::<f32>()).sum()).collect())
             })
             .collect()
+    }
+
+    /// The token grid of a group's image (a reference's grid for a reference).
+    pub fn image_grid(&self, kind: GroupKind) -> (usize, usize) {
+        match kind {
+            GroupKind::Reference(_) => self.ref_grid,
+            _ => self.grid,
+        }
     }
 
     /// The attention of target cell `cell` over the keys of group `group` (the group's keys in
@@ -218,7 +229,8 @@ pub fn attention_of(bundle: &Bundle, req: &GenerateRequest, image: RgbImage, cod
             (0..heads).map(|h| Ok(p.get(h)?.flatten_all()?.to_vec1::<f32>()?)).collect()
         })
         .collect::<Result<Vec<_>>>()?;
-    let maps = AttentionMaps::new(gpt.config().grid, keys, key_groups(&layout), per_layer)?;
+    let mut maps = AttentionMaps::new(gpt.config().grid, keys, key_groups(&layout), per_layer)?;
+    maps.ref_grid = gpt.config().ref_grid();
     Ok(AttentionResult { image, refs, background, maps })
 }
 
@@ -341,7 +353,7 @@ pub fn cell_figure(r: &AttentionResult, rows: &[(Pick, Pick)], cell: (usize, usi
         for &(g, img) in &images {
             let v = m.cell_over(l, h, index, g)?;
             let scale = max_of([&v]);
-            panels.push(overlay(img, &v, m.grid, size, scale));
+            panels.push(overlay(img, &v, m.image_grid(m.groups[g].kind), size, scale));
         }
     }
     Ok(crate::imageio::grid(&panels, images.len() + 1, 2))

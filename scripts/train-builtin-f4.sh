@@ -75,6 +75,8 @@ STEPS=${STEPS:-}
 ENCODE_N=${ENCODE_N:-all}
 # Side of the references' subject crops (see the encode stage).
 REF_SIZE=${REF_SIZE:-32}
+# Sampling settings the model is evaluated and shipped with (generate's defaults for it).
+SAMPLING=${SAMPLING:-assets/builtin/sampling.toml}
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
 mkdir -p "$RUN"
 LOG=$RUN/record.log
@@ -180,6 +182,8 @@ eval_model() {
 
 stage_eval() {
   local k
+  # The model samples as it will ship: with the built-in model's sampling settings.
+  cp "$SAMPLING" "$RUN/gpt/export/sampling.toml"
   for k in 1 2 3; do
     eval_model "$k"
     record roundtrip "$RUN/data/test$k" "$RUN/tokenizer/vq.safetensors" "$N_TEST" "$RUN/eval/rt-$k"
@@ -207,6 +211,7 @@ stage_pack() {
   [ "$GPU" = 1 ] && dest=$RUN/builtin
   mkdir -p "$dest"
   cp "$ex/model.safetensors" "$ex/text.safetensors" "$dest/"
+  [ "$dest" = assets/builtin ] || cp "$SAMPLING" "$dest/sampling.toml"
   cp "$RUN/tokenizer/vq.safetensors" "$dest/tokenizer.safetensors"
   echo "$(date -u +%FT%TZ) pack: $bytes bytes into $dest (into assets/builtin, then rebuild, to compile them in)" >> "$LOG"
 }

@@ -188,7 +188,14 @@ pub fn bench_inputs(model: &TokenAr, n_refs: usize, batch: usize, codes: Option<
             Tensor::from_vec(repeat(&one, batch), (batch, cfg.caption_len, cfg.caption_dim), dev)?
         }
     };
-    let cond = Condition::new(refs, bg, text, None);
+    let mut cond = Condition::new(refs, bg, text, None);
+    // A scheme with a fixed number of reference slots (tokenar-xl: 3) gets the missing ones
+    // padded, as generation pads them with a grey image's codes (here one repeated code).
+    if let crate::layout::Scheme::Reference { pad_to: Some(slots), .. } = cfg.scheme {
+        if n_refs < slots {
+            cond = cond.pad_refs(slots, &Tensor::zeros(hw, DType::U32, dev)?)?;
+        }
+    }
     model.layout_for(&cond)?;
     Ok(BenchInputs { cond, draft: one_refs })
 }

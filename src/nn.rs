@@ -15,7 +15,7 @@ pub mod rope;
 pub use attention::attention_qkv;
 pub use kv_attention::{cached_attention, CachedStep};
 pub use kv_cache::LayerCache;
-pub use linear::{autocast, linear, AutocastGuard, Weight, WeightDtype, FEW_ROWS};
+pub use linear::{autocast, bf16_products_available, linear, AutocastGuard, Weight, WeightDtype, FEW_ROWS};
 pub(crate) use linear::mm;
 
 use crate::error::Result;

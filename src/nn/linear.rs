@@ -321,7 +321,8 @@ impl Weight {
     /// `x @ w^T` over the last dimension of `x` (f32, `(..., in)`) -> f32 `(..., out)`, for
     /// inference (no gradient). On the CPU, up to [`FEW_ROWS`] rows read the weight once, row
     /// by row, widening bf16/f16 on the fly (a decoding step is bound by reading the weights);
-    /// more rows go through gemm (a 16-bit or 8-bit weight widened to f32 first). Quantized
+    /// more rows go through gemm, except bf16 and Q8_0 weights on a CPU with AVX-512 BF16,
+    /// multiplied in bf16 (`bf16dot`; elsewhere widened to f32 for gemm). Quantized
     /// weights are read in place from candle's blocks, a few rows by integer dot products
     /// against the rows quantized likewise (`quant`); candle's own quantized matmul, whose
     /// thread pool spins, serves other devices.
@@ -489,8 +490,8 @@ impl CustomOp2 for DenseProduct {
 }
 
 /// `x (n, in) @ w^T` for a Q8_0 or Q4_K weight on the CPU, its blocks read in place: up to
-/// [`FEW_ROWS`] rows by integer block dot products (`quant`), more by gemm on the weight
-/// widened to f32.
+/// [`FEW_ROWS`] rows by integer block dot products (`quant`), more in bf16 (`bf16dot`, Q8_0
+/// on AVX-512 BF16) or by gemm on the weight widened to f32.
 fn quant_forward(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     let (dout, din) = q.shape().dims2()?;
     let (n, _) = x.dims2()?;

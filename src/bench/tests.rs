@@ -124,3 +124,14 @@ fn references_are_padded_to_the_schemes_slots() {
     assert_eq!(inputs.cond.refs.dims(), [1, 3, hw]);
     assert_eq!(model.layout_for(&inputs.cond).unwrap().ref_slots(), 3);
 }
+
+#[test]
+fn a_training_step_with_the_reference_counts_two_training_states() {
+    let cfg = bench_config("XL", &Overrides::default()).unwrap();
+    let one = memory_estimate(&cfg, 1);
+    assert_eq!(memory_estimate_with(&cfg, 1, true), 2 * one);
+    assert_eq!(memory_estimate_with(&cfg, 1, false), one);
+    assert_eq!(memory_estimate_with(&cfg, 0, true), memory_estimate(&cfg, 0));
+    // XL's training state alone is over 12 GB (weights, gradients, two AdamW moments).
+    assert!(one > 12 * (1u64 << 30), "{one}");
+}

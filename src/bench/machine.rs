@@ -18,6 +18,9 @@ pub struct Isa {
     pub q8_0: String,
     /// f16 weights are widened with F16C where the CPU has it.
     pub f16c: bool,
+    /// Many-row products (prefill, verification passes) of bf16 and Q8_0 weights:
+    /// "avx512bf16" (bf16 products, `vdpbf16ps`) or "widened" (to f32 for gemm).
+    pub reduced_many_rows: String,
 }
 
 /// Detect the instruction sets the kernels dispatch to (gemm and this project's kernels pick
@@ -31,13 +34,17 @@ pub fn isa() -> Isa {
         let pick = |wide: bool| if wide { "avx512f" } else if avx2 { "avx2+fma" } else { "baseline" }.to_string();
         let vnni = avx2 && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("f16c");
         let q8_0 = if avx512 && vnni { "avx512vnni" } else if avx2 { "avx2+fma" } else { "baseline" };
-        Isa { gemm_f32: pick(avx512), vmath: pick(vl), q8_0: q8_0.into(), f16c: std::is_x86_feature_detected!("f16c") }
+        Isa { gemm_f32: pick(avx512), vmath: pick(vl), q8_0: q8_0.into(), f16c: std::is_x86_feature_detected!("f16c"), reduced_many_rows: reduced_many_rows() }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let arch = std::env::consts::ARCH.to_string();
-        Isa { gemm_f32: arch.clone(), vmath: arch.clone(), q8_0: arch, f16c: false }
+        Isa { gemm_f32: arch.clone(), vmath: arch.clone(), q8_0: arch, f16c: false, reduced_many_rows: reduced_many_rows() }
     }
+}
+
+fn reduced_many_rows() -> String {
+    if crate::nn::bf16_products_available() { "avx512bf16" } else { "widened" }.to_string()
 }
 
 /// Memory bandwidth of a streaming read on the current thread pool.

@@ -73,12 +73,26 @@ pub fn memory_estimate(cfg: &GptConfig, train_batch: usize) -> u64 {
     params * 4 + (train_batch as u64) * cfg.n_layer as u64 * per_layer * 4
 }
 
-/// The memory budget check of a benchmark (see [`memory_estimate`]): an error saying what the
-/// shapes need and what is available, before anything is allocated.
-pub fn check_memory(cfg: &GptConfig, train_batch: usize) -> Result<()> {
+/// [`memory_estimate`] with the PyTorch reference (`torch`): after a training step this process
+/// still holds its training state's memory (its allocator keeps freed pages) while the
+/// reference builds one of the same size, so twice the estimate; inference alone is counted
+/// once (the reference's model is the size of ours and both fit where one training state does).
+pub fn memory_estimate_with(cfg: &GptConfig, train_batch: usize, torch: bool) -> u64 {
+    let one = memory_estimate(cfg, train_batch);
+    if torch && train_batch > 0 {
+        2 * one
+    } else {
+        one
+    }
+}
+
+/// The memory budget check of a benchmark (see [`memory_estimate_with`]): an error saying what
+/// the shapes need and what is available, before anything is allocated.
+pub fn check_memory(cfg: &GptConfig, train_batch: usize, torch: bool) -> Result<()> {
+    let with = if torch && train_batch > 0 { " and the PyTorch reference's at once (--torch; run bench/torch_gpt.py alone instead)" } else { "" };
     crate::util::check_memory(
-        &format!("benchmark model (dim {}, {} layers, vocab {}, training batch {train_batch})", cfg.dim, cfg.n_layer, cfg.vocab_size),
-        memory_estimate(cfg, train_batch),
+        &format!("benchmark model (dim {}, {} layers, vocab {}, training batch {train_batch}){with}", cfg.dim, cfg.n_layer, cfg.vocab_size),
+        memory_estimate_with(cfg, train_batch, torch),
     )
 }
 
@@ -188,7 +202,14 @@ pub fn bench_inputs(model: &TokenAr, n_refs: usize, batch: usize, codes: Option<
             Tensor::from_vec(repeat(&one, batch), (batch, cfg.caption_len, cfg.caption_dim), dev)?
         }
     };
-    let cond = Condition::new(refs, bg, text, None);
+    let mut cond = Condition::new(refs, bg, text, None);
+    // A scheme with a fixed number of reference slots (tokenar-xl: 3) gets the missing ones
+    // padded, as generation pads them with a grey image's codes (here one repeated code).
+    if let crate::layout::Scheme::Reference { pad_to: Some(slots), .. } = cfg.scheme {
+        if n_refs < slots {
+            cond = cond.pad_refs(slots, &Tensor::zeros(hw, DType::U32, dev)?)?;
+        }
+    }
     model.layout_for(&cond)?;
     Ok(BenchInputs { cond, draft: one_refs })
 }

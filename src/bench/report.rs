@@ -172,13 +172,14 @@ pub fn render_table(r: &BenchReport) -> String {
     let _ = writeln!(s, "sequence: prefix {} positions, {} generated; cfg {} top-k {}", r.prefix_len, r.generated_len, r.cfg_scale, r.top_k);
     let _ = writeln!(
         s,
-        "weights {} ({:.0} MiB per decoding step); kernels: gemm f32 {}, few-row/attention {}, q8_0 {}{}",
+        "weights {} ({:.0} MiB per decoding step); kernels: gemm f32 {}, few-row/attention {}, q8_0 {}{}, bf16/q8_0 many rows {}",
         r.dtype,
         r.weights_mib,
         r.isa.gemm_f32,
         r.isa.vmath,
         r.isa.q8_0,
-        if r.isa.f16c { ", f16c" } else { "" }
+        if r.isa.f16c { ", f16c" } else { "" },
+        r.isa.reduced_many_rows
     );
     let _ = writeln!(
         s,

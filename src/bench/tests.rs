@@ -104,3 +104,34 @@ fn pass_sizes_are_timed_and_checked_against_the_layout() {
         assert!(e.contains("--pass-sizes") && e.contains(&format!("{n} positions")), "{e}");
     }
 }
+
+#[test]
+fn references_are_padded_to_the_schemes_slots() {
+    let mut cfg = bench_config("tiny", &Overrides { layers: Some(1), dim: Some(64), ..Default::default() }).unwrap();
+    cfg.max_refs = 3;
+    cfg.scheme = crate::layout::Scheme::Reference { pad_to: Some(3), quirk_index: true };
+    let (model, _) = crate::model::build(&cfg, &Device::Cpu, 0).unwrap();
+    let hw = cfg.image_tokens();
+    let codes = ConditionCodes { refs: vec![vec![1; hw], vec![2; hw]], background: vec![3; hw] };
+    let mut rng = crate::util::rng(0);
+    let inputs = bench_inputs(&model, 2, 2, Some(&codes), None, &mut rng).unwrap();
+    // Two given grids, the third slot the pad code; the draft holds the given grids only.
+    assert_eq!(inputs.draft, [vec![1u32; hw], vec![2; hw]].concat());
+    let refs = inputs.cond.refs.to_dtype(candle_core::DType::U32).unwrap().to_vec3::<u32>().unwrap();
+    assert!(refs.iter().all(|r| r.len() == 3 && r[0] == vec![1; hw] && r[1] == vec![2; hw] && r[2] == vec![0; hw]), "{refs:?}");
+    // Random codes likewise; the layout is the one of three slots.
+    let inputs = bench_inputs(&model, 2, 1, None, None, &mut rng).unwrap();
+    assert_eq!(inputs.cond.refs.dims(), [1, 3, hw]);
+    assert_eq!(model.layout_for(&inputs.cond).unwrap().ref_slots(), 3);
+}
+
+#[test]
+fn a_training_step_with_the_reference_counts_two_training_states() {
+    let cfg = bench_config("XL", &Overrides::default()).unwrap();
+    let one = memory_estimate(&cfg, 1);
+    assert_eq!(memory_estimate_with(&cfg, 1, true), 2 * one);
+    assert_eq!(memory_estimate_with(&cfg, 1, false), one);
+    assert_eq!(memory_estimate_with(&cfg, 0, true), memory_estimate(&cfg, 0));
+    // XL's training state alone is over 12 GB (weights, gradients, two AdamW moments).
+    assert!(one > 12 * (1u64 << 30), "{one}");
+}

@@ -252,7 +252,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
                 caption_dim: a.caption_dim,
             };
             let cfg = bench::bench_config(&a.preset, &o)?;
-            bench::check_memory(&cfg, a.train_batch)?;
+            bench::check_memory(&cfg, a.train_batch, a.torch)?;
             if a.train_batch == 0 {
                 // Inference only: the linear weights drawn and converted one at a time, never
                 // all in f32 (the same values as the f32 build of this seed).

@@ -7,7 +7,10 @@
 //! step. Here the op reads the activations and the weight where they lie and its backward
 //! pass is two matrix products.
 
+mod bf16dot;
 mod quant;
+
+pub use bf16dot::available as bf16_products_available;
 
 use super::rows_of;
 use crate::error::Result;
@@ -318,7 +321,8 @@ impl Weight {
     /// `x @ w^T` over the last dimension of `x` (f32, `(..., in)`) -> f32 `(..., out)`, for
     /// inference (no gradient). On the CPU, up to [`FEW_ROWS`] rows read the weight once, row
     /// by row, widening bf16/f16 on the fly (a decoding step is bound by reading the weights);
-    /// more rows go through gemm (a 16-bit or 8-bit weight widened to f32 first). Quantized
+    /// more rows go through gemm, except bf16 and Q8_0 weights on a CPU with AVX-512 BF16,
+    /// multiplied in bf16 (`bf16dot`; elsewhere widened to f32 for gemm). Quantized
     /// weights are read in place from candle's blocks, a few rows by integer dot products
     /// against the rows quantized likewise (`quant`); candle's own quantized matmul, whose
     /// thread pool spins, serves other devices.
@@ -415,14 +419,33 @@ fn rows_product(x: &[f32], n: usize, w: Rows, dout: usize, din: usize) -> candle
         }
         return Ok(y);
     }
-    let mut y = vec![0f32; n * dout];
     if let Rows::F32(w32) = w {
+        let mut y = vec![0f32; n * dout];
         // y = x w^T: w^T (in x out) is w read with row stride 1, column stride in.
         mm(n, dout, din, &mut y, x, din, 1, w32, 1, din)?;
         return Ok(y);
     }
-    // A reduced weight is widened a block of output rows at a time (never the whole weight in
-    // f32: GPT-XL's largest is 80 MiB), each block's columns of y computed by gemm.
+    // bf16 and Q8_0 weights (an even input width) on a CPU with AVX-512 BF16: products in
+    // bf16 (`bf16dot`).
+    if bf16dot::available() && din % 2 == 0 {
+        match w {
+            Rows::Bf16(v) => {
+                // SAFETY: bf16 is a transparent wrapper of its u16 bits.
+                let bits = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) };
+                return bf16dot::product(x, n, bf16dot::Source::Bf16(bits), dout, din);
+            }
+            Rows::Q8(b) => return bf16dot::product(x, n, bf16dot::Source::Q8_0(b), dout, din),
+            _ => {}
+        }
+    }
+    widened_product(x, n, w, dout, din)
+}
+
+/// `x (n, din) @ w^T` for a reduced weight, widened to f32 a block
+/// of output rows at a time (never the whole weight in f32: GPT-XL's largest is 80 MiB), each
+/// block's columns of y computed by gemm.
+fn widened_product(x: &[f32], n: usize, w: Rows, dout: usize, din: usize) -> candle_core::Result<Vec<f32>> {
+    let mut y = vec![0f32; n * dout];
     let block = WIDEN_BLOCK.min(dout);
     let mut wide = vec![0f32; block * din];
     let mut part = vec![0f32; n * block];
@@ -467,8 +490,8 @@ impl CustomOp2 for DenseProduct {
 }
 
 /// `x (n, in) @ w^T` for a Q8_0 or Q4_K weight on the CPU, its blocks read in place: up to
-/// [`FEW_ROWS`] rows by integer block dot products (`quant`), more by gemm on the weight
-/// widened to f32.
+/// [`FEW_ROWS`] rows by integer block dot products (`quant`), more in bf16 (`bf16dot`, Q8_0
+/// on AVX-512 BF16) or by gemm on the weight widened to f32.
 fn quant_forward(x: &Tensor, q: &QTensor) -> Result<Tensor> {
     let (dout, din) = q.shape().dims2()?;
     let (n, _) = x.dims2()?;
@@ -497,20 +520,80 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Many rows through a reduced weight wider than one widening block (600 outputs): the
-    /// product of the weight's own values (as widened to f32), every block in its place.
+    /// `x w^T` in f64 from f32 values.
+    fn reference(x: &[f32], n: usize, w: &[f32], dout: usize, din: usize) -> Vec<f64> {
+        let mut y = vec![0f64; n * dout];
+        for r in 0..n {
+            for o in 0..dout {
+                y[r * dout + o] = (0..din).map(|k| x[r * din + k] as f64 * w[o * din + k] as f64).sum();
+            }
+        }
+        y
+    }
+
+    /// Largest error of `got` relative to the largest magnitude of `want`.
+    fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        got.iter().zip(want).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs())) / scale
+    }
+
+    /// Many rows (1 to 600) through reduced weights, sizes on and off the kernels' tiles and
+    /// panels (600 outputs: wider than one widening block): the product of the weight's own
+    /// values (as widened to f32), every block in its place. The widened path (gemm) agrees to
+    /// f32 rounding (1e-5 of the largest output); the bf16 kernel, where the CPU has it,
+    /// rounds each input to bf16 (relative 2^-9; 1e-2 of the largest output bounds it here).
     #[test]
     fn many_rows_through_reduced_weights_match_the_widened_product() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (600, 64), &dev).expect("w");
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).expect("x");
-        for dtype in [WeightDtype::Bf16, WeightDtype::Q8_0] {
-            let q = Weight::from_f32(&w, dtype).expect("convert");
-            let want = x.reshape((6, 64)).expect("r").matmul(&q.to_f32().expect("f32").t().expect("t")).expect("mm");
-            let got = q.forward(&x).expect("forward");
-            assert_eq!(got.dims(), [2, 3, 600]);
-            let d = (got.reshape((6, 600)).expect("r") - want).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("s");
-            assert!(d < 1e-3, "{dtype}: {d}");
+        for (dout, din) in [(600, 64), (37, 96), (70, 32)] {
+            let w = Tensor::randn(0f32, 1.0, (dout, din), &dev).expect("w");
+            for dtype in [WeightDtype::Bf16, WeightDtype::Q8_0] {
+                let q = Weight::from_f32(&w, dtype).expect("convert");
+                let wide = q.to_f32().expect("f32").flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+                for n in [1, 3, 5, 8, 9, 61, 600] {
+                    let x = Tensor::randn(0f32, 1.0, (n, din), &dev).expect("x");
+                    let xs = x.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+                    let want = reference(&xs, n, &wide, dout, din);
+                    let got = q.forward(&x.reshape((1, n, din)).expect("r")).expect("forward");
+                    assert_eq!(got.dims(), [1, n, dout]);
+                    let got = got.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+                    let tol = if n > FEW_ROWS && bf16dot::available() { 1e-2 } else if n > FEW_ROWS || dtype == WeightDtype::Bf16 { 1e-5 } else { 1.5e-2 };
+                    let e = rel_err(&got, &want);
+                    assert!(e < tol, "{dtype} {n} x ({dout}, {din}): relative error {e}");
+                    // The portable path (widening for gemm) on every CPU.
+                    if n > FEW_ROWS {
+                        let data;
+                        let bits;
+                        let rows = match &q {
+                            Weight::Dense(t) => {
+                                bits = t.flatten_all().expect("flat").to_vec1::<half::bf16>().expect("vec");
+                                Rows::Bf16(&bits)
+                            }
+                            Weight::Quantized(qt) => {
+                                data = qt.data().expect("data").into_owned();
+                                Rows::Q8(&data)
+                            }
+                        };
+                        let e = rel_err(&widened_product(&xs, n, rows, dout, din).expect("widened"), &want);
+                        assert!(e < 1e-5, "widened {dtype} {n} x ({dout}, {din}): relative error {e}");
+                    }
+                }
+            }
         }
+    }
+
+    /// An odd input width cannot go through bf16 pairs: the bf16 weight is widened instead,
+    /// with the same result.
+    #[test]
+    fn odd_input_widths_take_the_widened_path() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (45, 33), &dev).expect("w");
+        let q = Weight::from_f32(&w, WeightDtype::Bf16).expect("convert");
+        let wide = q.to_f32().expect("f32").flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+        let x = Tensor::randn(0f32, 1.0, (17, 33), &dev).expect("x");
+        let xs = x.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+        let got = q.forward(&x).expect("forward").flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+        let e = rel_err(&got, &reference(&xs, 17, &wide, 45, 33));
+        assert!(e < 1e-5, "{e}");
     }
 }

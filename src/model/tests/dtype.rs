@@ -149,7 +149,10 @@ fn reduced_weights_keep_the_f32_distributions() {
 /// model's): decoding through it (prefill, 40 single steps, then a chunk of 4 positions)
 /// against the composed attention over an f32 cache with the same weights. Dense bf16 / f16
 /// weights: logits within 0.05 (largest logit about 12), mean KL below 1e-5, top-1 at least
-/// 98% (when written: 2.6e-3, 1.3e-7, 100%). Q8_0 re-quantizes every product's activations
+/// 98% (when written: 2.6e-3, 1.3e-7, 100%). Where the CPU multiplies many rows of bf16
+/// weights in bf16 (AVX-512 BF16: the prefill's and the chunk's activations rounded to bf16,
+/// relative 2^-9, as PyTorch's bf16 does), that rounding amplifies the cache's: bf16 within
+/// 0.1 and mean KL below 5e-5 (measured 5.6e-2, 1.0e-5, top-1 100%). Q8_0 re-quantizes every product's activations
 /// to 8 bits, which turns the f16 rounding of the keys into whole quantization steps: bounds
 /// as for Q8_0 against f32 (mean KL below 2e-3, top-1 at least 95%; when written 8e-4 and
 /// 97.8%; the same weights with an f32 cache agree within 0.05).
@@ -161,7 +164,8 @@ fn f16_kv_cache_decodes_like_the_f32_cache() {
     let mut rng = crate::util::rng(9);
     let tokens: Vec<u32> = (0..44).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
     let f32_bytes = inference_model(&cfg, &vm, WeightDtype::F32).start(&cond, true).expect("start").0.cache_bytes();
-    for (dtype, max_diff, max_mean_kl, min_agree) in [(WeightDtype::Bf16, 0.05, 1e-5, 0.98), (WeightDtype::F16, 0.05, 1e-5, 0.98), (WeightDtype::Q8_0, f32::INFINITY, 2e-3, 0.95)] {
+    let (bf16_diff, bf16_kl) = if crate::nn::bf16_products_available() { (0.1, 5e-5) } else { (0.05, 1e-5) };
+    for (dtype, max_diff, max_mean_kl, min_agree) in [(WeightDtype::Bf16, bf16_diff, bf16_kl, 0.98), (WeightDtype::F16, 0.05, 1e-5, 0.98), (WeightDtype::Q8_0, f32::INFINITY, 2e-3, 0.95)] {
         let m = inference_model(&cfg, &vm, dtype);
         let run = |fused: bool| {
             let (mut s, first) = m.start_with(&cond, true, fused).expect("start");

@@ -160,6 +160,51 @@ fn train_resume_export_generate() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// References encoded on a grid of their own (`data encode --ref-size`): the cache, the trained
+/// model and its export keep the reference grid, and generation crops a request's references
+/// the same way, decoding ITD copies at that grid.
+#[test]
+fn references_on_their_own_grid_train_and_generate() {
+    let root = tmp("refgrid");
+    let (ds_dir, tok, _) = fixture(&root);
+    let cache = root.join("cache-refs");
+    let (code, err) = tokenar_cmd(&[
+        "data", "encode", ds_dir.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap(), "--out", cache.to_str().unwrap(),
+        "--size", "16", "--ref-size", "8",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let samples = tokenar::data::batch::load_training_samples(&cache).unwrap();
+    assert_eq!((samples[0].grid, samples[0].ref_grid), ((4, 4), Some((2, 2))));
+    let out = root.join("run");
+    TrainJob::new(config(&tok, &cache, &out, 4), false, &Device::Cpu).unwrap().run(false).unwrap();
+    let bundle = Bundle::load(&out.join("export"), &Default::default(), &Device::Cpu).unwrap();
+    assert_eq!((bundle.config().ref_grid, bundle.image_size(), bundle.ref_image_size()), (Some((2, 2)), 16, 8));
+    let sample = ds_dir.join("sample_1");
+    let load = |p: &str| tokenar::imageio::load_rgb(sample.join(p), None).unwrap();
+    let req = GenerateRequest {
+        refs: vec![load("ref/0.png"), load("ref/1.png")],
+        background: Some(load("real.png")),
+        mask: Some(tokenar::imageio::load_mask(sample.join("mask.png"), None).unwrap()),
+        prompt: "a star left of a ring".into(),
+        options: SampleOptions { top_k: 4, seed: 2, ..Default::default() },
+        itd: Some(ItdMode::Exact),
+        num_samples: 1,
+        paste_back: false,
+        decode_itd: true,
+    };
+    let out = generate(&bundle, &req, None).unwrap();
+    assert_eq!(out.images[0].dimensions(), (16, 16));
+    assert_eq!(out.target_codes[0].len(), 16);
+    assert_eq!(out.itd_refs[0].iter().map(|i| i.dimensions()).collect::<Vec<_>>(), [(8, 8), (8, 8)]);
+    // The condition holds each reference's crop codes: those of `reference_view` at 8 px.
+    let (refs, _) = tokenar::pipeline::generate::condition_codes(&bundle, &req).unwrap();
+    let view = tokenar::imageio::reference_view(&tokenar::imageio::resize_rgb(&req.refs[0], 16, 16), 8);
+    let x = tokenar::imageio::rgb_to_tensor(&view, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let want = bundle.vq.encode(&x).unwrap().flatten_all().unwrap().to_dtype(candle_core::DType::U32).unwrap().to_vec1::<u32>().unwrap();
+    assert_eq!(refs[0], want);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 /// The binding loss: logged with its accuracy, trained (its head is checkpointed and resumes
 /// exactly) but not exported; a cache without owner grids is refused by name.
 #[test]

@@ -179,6 +179,8 @@ fn references_on_their_own_grid_train_and_generate() {
     TrainJob::new(config(&tok, &cache, &out, 4), false, &Device::Cpu).unwrap().run(false).unwrap();
     let bundle = Bundle::load(&out.join("export"), &Default::default(), &Device::Cpu).unwrap();
     assert_eq!((bundle.config().ref_grid, bundle.image_size(), bundle.ref_image_size()), (Some((2, 2)), 16, 8));
+    let (code, info) = tokenar_cmd(&["info", "--weights", out.join("export").to_str().unwrap()]);
+    assert!(code == 0 && info.contains("grid 4x4 (references 2x2, cropped to their subject)"), "{info}");
     let sample = ds_dir.join("sample_1");
     let load = |p: &str| tokenar::imageio::load_rgb(sample.join(p), None).unwrap();
     let req = GenerateRequest {

@@ -29,8 +29,12 @@ pub struct InfoArgs {
 }
 
 fn describe_gpt(c: &GptConfig) -> String {
+    let refs = match c.ref_grid {
+        Some((h, w)) => format!(" (references {h}x{w}, cropped to their subject)"),
+        None => String::new(),
+    };
     format!(
-        "family {:?}, {} layers x {} heads x dim {}, vocab {}, grid {}x{}, {} params ({} backbone); additions: index embedding {}, instruct tokens {}, ITD {}; max refs {}; layout {:?}",
+        "family {:?}, {} layers x {} heads x dim {}, vocab {}, grid {}x{}{refs}, {} params ({} backbone); additions: index embedding {}, instruct tokens {}, ITD {}; max refs {}; layout {:?}",
         c.family,
         c.n_layer,
         c.n_head,

@@ -352,36 +352,20 @@ impl CacheWriter {
         }
         let k = self.index.shards.len();
         let n = self.index.grid.map_or(0, |g| g.0 * g.1);
-        let mut codes: Vec<u32> = Vec::new();
-        let mut ref_codes: Vec<u32> = Vec::new();
-        let mut ref_rows = 0usize;
         let apart = self.index.ref_grid;
+        let mut codes = CodeRows::default();
+        // References stored apart (`ref_codes`), or among the other codes.
+        let mut ref_codes = CodeRows::default();
         let mut texts = Vec::new();
         let mut masks: Vec<u8> = Vec::new();
         let mut owners: Vec<u8> = Vec::new();
         let mut feats = Vec::new();
-        let mut rows = 0usize;
-        let mut take = |c: &[u32], codes: &mut Vec<u32>| {
-            codes.extend_from_slice(c);
-            rows += 1;
-            rows - 1
-        };
         let mut entries = Vec::new();
         for s in self.pending.drain(..) {
-            let refs = match apart {
-                None => s.refs.iter().map(|c| take(c, &mut codes)).collect(),
-                Some(_) => s
-                    .refs
-                    .iter()
-                    .map(|c| {
-                        ref_codes.extend_from_slice(c);
-                        ref_rows += 1;
-                        ref_rows - 1
-                    })
-                    .collect(),
-            };
-            let background = take(&s.background, &mut codes);
-            let target = (!s.target.is_empty()).then(|| take(&s.target, &mut codes));
+            let ref_dst = if apart.is_some() { &mut ref_codes } else { &mut codes };
+            let refs = s.refs.iter().map(|c| ref_dst.push(c)).collect();
+            let background = codes.push(&s.background);
+            let target = (!s.target.is_empty()).then(|| codes.push(&s.target));
             let text = match &s.text {
                 Some((t, m)) => {
                     texts.push(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.unsqueeze(0)?);
@@ -404,9 +388,9 @@ impl CacheWriter {
             entries.push(Entry { id: s.id, shard: k, refs, background, target, prompt: s.prompt, text, owners: owner_row, distill });
         }
         let mut tensors = HashMap::new();
-        tensors.insert("codes".to_string(), Tensor::from_vec(codes, (rows, n), &Device::Cpu)?);
+        tensors.insert("codes".to_string(), Tensor::from_vec(codes.values, (codes.rows, n), &Device::Cpu)?);
         if let Some((rh, rw)) = apart {
-            tensors.insert("ref_codes".to_string(), Tensor::from_vec(ref_codes, (ref_rows, rh * rw), &Device::Cpu)?);
+            tensors.insert("ref_codes".to_string(), Tensor::from_vec(ref_codes.values, (ref_codes.rows, rh * rw), &Device::Cpu)?);
         }
         if !owners.is_empty() {
             let r = owners.len() / n.max(1);
@@ -440,6 +424,22 @@ impl CacheWriter {
         self.flush()?;
         self.index.complete = true;
         self.write_index()
+    }
+}
+
+/// The code lists of one shard tensor, a row each.
+#[derive(Default)]
+struct CodeRows {
+    values: Vec<u32>,
+    rows: usize,
+}
+
+impl CodeRows {
+    /// Append `codes` as the next row; its index.
+    fn push(&mut self, codes: &[u32]) -> usize {
+        self.values.extend_from_slice(codes);
+        self.rows += 1;
+        self.rows - 1
     }
 }
 

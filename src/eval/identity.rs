@@ -596,7 +596,7 @@ mod calibration {
     #[test]
     #[ignore]
     fn measure_reference_round_trips() {
-        use image::imageops::{crop_imm, resize, FilterType};
+        use image::imageops::{resize, FilterType};
         let dev = candle_core::Device::Cpu;
         let (vq, _) = crate::tokenizer::load(std::path::Path::new("assets/vq-small-f4.safetensors"), None, &dev).unwrap();
         let n: usize = std::env::var("CAL_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
@@ -611,18 +611,8 @@ mod calibration {
             let s = render_sample(sample_seed(20261205, Split::Test, i), 64, (2, 2));
             for r in &s.refs {
                 let orig = fg(r).unwrap();
-                let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
-                for (x, y, p) in r.enumerate_pixels() {
-                    if p.0.iter().any(|&c| c < WHITE_LEVEL) {
-                        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-                    }
-                }
-                let side = (x1 - x0).max(y1 - y0) + 1;
-                let (cx, cy) = ((x0 + x1) / 2, (y0 + y1) / 2);
-                let left = (cx as i64 - side as i64 / 2).clamp(0, (64 - side) as i64) as u32;
-                let top = (cy as i64 - side as i64 / 2).clamp(0, (64 - side) as i64) as u32;
-                let cropped = crop_imm(r, left, top, side, side).to_image();
-                let variants = [r.clone(), resize(r, 32, 32, FilterType::Triangle), resize(&cropped, 32, 32, FilterType::Triangle)];
+                // The subject crop as the recipe makes it (`data encode --ref-size 32`).
+                let variants = [r.clone(), resize(r, 32, 32, FilterType::Triangle), crate::imageio::reference_view(r, 32)];
                 for (k, v) in variants.iter().enumerate() {
                     let out = rt(v);
                     let mse = v.as_raw().iter().zip(out.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum::<f64>()

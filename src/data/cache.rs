@@ -576,9 +576,13 @@ impl CacheReader {
     }
 }
 
+/// Each image's codes, flattened row by row, and the grid they lie on.
+type EncodedImages = (Vec<Vec<u32>>, (usize, usize));
+
 /// Codes of `images` (all one size) through `encode_images`: one row-major list per image,
 /// and their grid.
-fn encode_codes(images: &[image::RgbImage], encode_images: ImageEncoder) -> Result<(Vec<Vec<u32>>, (usize, usize))> {
+
+fn encode_codes(images: &[image::RgbImage], encode_images: ImageEncoder) -> Result<EncodedImages> {
     let ts = images.iter().map(|i| rgb_to_tensor(i, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
     let codes = encode_images(&Tensor::stack(&ts, 0)?)?;
     let (b, h, w) = codes.dims3()?;

@@ -131,8 +131,14 @@ impl GptConfig {
     /// Rows of `img_uncond_embedding`: the null image of every reference slot (at the
     /// reference grid), then the background's (at the image grid).
     pub fn null_image_rows(&self) -> usize {
+        self.null_image_offset(None) + self.background as usize * self.image_tokens()
+    }
+
+    /// First row of `img_uncond_embedding` that belongs to reference slot `Some(i)`, or to
+    /// the background (`None`), in the order [`Self::null_image_rows`] gives.
+    pub fn null_image_offset(&self, slot: Option<usize>) -> usize {
         let ref_slots = self.cond_slots() - self.background as usize;
-        ref_slots * self.ref_tokens() + self.background as usize * self.image_tokens()
+        slot.unwrap_or(ref_slots) * self.ref_tokens()
     }
 
     /// The layout of a sample with `n_refs` references under this configuration.

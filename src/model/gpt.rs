@@ -444,7 +444,6 @@ impl TokenAr {
     /// Embeddings of the prefix (conditions, text, instruct): (B, prefix_len, dim).
     pub(crate) fn embed_prefix(&self, cond: &Condition, layout: &Layout) -> Result<Tensor> {
         let b = cond.batch()?;
-        let rhw = self.cfg.ref_tokens();
         let d = self.cfg.dim;
         let mut parts: Vec<Tensor> = Vec::new();
         // Condition images in layout order, with their img_uncond rows and index ids.
@@ -452,12 +451,11 @@ impl TokenAr {
         let mut null_rows: Vec<u32> = Vec::new();
         let mut ids = Vec::new();
         for seg in layout.segments().iter().filter(|s| s.kind.is_image_condition()) {
-            // `img_uncond_embedding` holds every reference slot's null image, then the
-            // background's (see GptConfig::null_image_rows).
-            let (c, first_row) = match seg.kind {
-                SegmentKind::Ref(i) => (cond.refs.narrow(1, i, 1)?.squeeze(1)?, i * rhw),
-                _ => (cond.background.clone(), (self.cfg.cond_slots() - 1) * rhw),
+            let (c, slot) = match seg.kind {
+                SegmentKind::Ref(i) => (cond.refs.narrow(1, i, 1)?.squeeze(1)?, Some(i)),
+                _ => (cond.background.clone(), None),
             };
+            let first_row = self.cfg.null_image_offset(slot);
             codes.push(c);
             null_rows.extend((first_row..first_row + seg.len).map(|r| r as u32));
             ids.extend_from_slice(&layout.index_ids()[seg.start..seg.start + seg.len]);

@@ -172,6 +172,9 @@ fn a_smaller_reference_grid_decodes_like_the_full_forward_and_drops_its_referenc
     check_cache_matches_full(&cfg, 2);
     let (m, vm) = model(&cfg, 3);
     assert_eq!(vm.data().lock().unwrap()["img_uncond_embedding"].dims(), &[3 * 2 + 8, cfg.dim]);
+    // Slot i's null image starts at 2i, the background's after the three slots.
+    assert_eq!([0, 1, 2].map(|i| cfg.null_image_offset(Some(i))), [0, 2, 4]);
+    assert_eq!(cfg.null_image_offset(None), 6);
     let (mut cond, target) = condition(&cfg, 2, 2, 4);
     cond.drop_image = vec![false, true];
     let layout = m.layout_for(&cond).unwrap();

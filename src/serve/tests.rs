@@ -62,7 +62,7 @@ fn pages_info_and_demo_images_are_served() {
     assert_eq!(info.status, 200);
     let v: serde_json::Value = serde_json::from_slice(&info.body).unwrap();
     assert_eq!(v["image_size"], 64);
-    assert_eq!(v["max_refs"], 2);
+    assert_eq!(v["max_refs"], app().bundle().config().max_refs);
     assert_eq!(v["itd"], true);
     assert_eq!(v["sampling"]["top_k"], app().bundle().sampling.top_k);
 
@@ -200,11 +200,14 @@ fn bad_requests_are_refused_naming_the_field() {
     let (_, msg) = refused(r);
     assert!(msg.contains("invalid num_samples"), "{msg}");
 
+    // One reference more than the model takes: refused, naming its maximum.
+    let max = app().bundle().config().max_refs;
     let mut r = demo_request();
-    let third = r["refs"][0].clone();
-    r["refs"].as_array_mut().unwrap().push(third);
+    let first = r["refs"][0].clone();
+    let refs = r["refs"].as_array_mut().unwrap();
+    refs.resize(max + 1, first);
     let (_, msg) = refused(r);
-    assert!(msg.contains("invalid refs") && msg.contains("at most 2"), "{msg}");
+    assert!(msg.contains("invalid refs") && msg.contains(&format!("at most {max}")), "{msg}");
 
     let mut r = demo_request();
     r["itd"] = "off".into();

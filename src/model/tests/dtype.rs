@@ -69,7 +69,8 @@ fn condition(cfg: &GptConfig, n_refs: usize, seed: u64) -> Condition {
     let hw = cfg.image_tokens();
     let v = cfg.vocab_size as u32;
     let codes = |n: usize, rng: &mut crate::util::Rng| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..v)).collect() };
-    let refs = Tensor::from_vec(codes(n_refs * hw, &mut rng), (1, n_refs, hw), &Device::Cpu).expect("refs");
+    let rt = cfg.ref_tokens();
+    let refs = Tensor::from_vec(codes(n_refs * rt, &mut rng), (1, n_refs, rt), &Device::Cpu).expect("refs");
     let bg = Tensor::from_vec(codes(hw, &mut rng), (1, hw), &Device::Cpu).expect("bg");
     let text: Vec<f32> = (0..cfg.caption_len * cfg.caption_dim).map(|_| crate::weights::builders::normal(&mut rng)).collect();
     let text = Tensor::from_vec(text, (1, cfg.caption_len, cfg.caption_dim), &Device::Cpu).expect("text");

@@ -19,6 +19,12 @@
 #   encode     the code cache of the first ENCODE_N training samples (resumable by shard):
 #              backgrounds and targets at 64 px (16 x 16 codes), each reference cropped to
 #              its subject at REF_SIZE px (default 32: 8 x 8 codes; `data encode --ref-size`)
+#   warm       continue the run saved in assets/warm-start/builtin-f4/ (its newest checkpoint
+#              with the optimiser state, run.json, config and logs) instead of starting from
+#              scratch: copied into $RUN/gpt when that folder has no checkpoint yet, and the
+#              next train stage resumes it with --force (the cache was encoded again, in
+#              another folder, so its fingerprint differs; the change is recorded in
+#              checkpoints/changes.jsonl). WARM=0 skips it.
 #   train      the GPT (configs/tokenar-builtin-f4.toml), checkpoints every 100 steps,
 #              resumed from the newest one
 #   eval       the model on the three test splits, beside the tokenizer's round trip, as one
@@ -157,12 +163,32 @@ stage_encode() {
     --ref-size "$REF_SIZE" "${n[@]}"
 }
 
+WARM_SRC=assets/warm-start/builtin-f4
+stage_warm() {
+  if [ "${WARM:-1}" = 0 ] || [ ! -d "$WARM_SRC" ]; then
+    echo "warm: not used (WARM=0 or no $WARM_SRC)"
+    return
+  fi
+  if compgen -G "$RUN/gpt/checkpoints/ckpt-*.safetensors" > /dev/null; then
+    echo "warm: $RUN/gpt already has checkpoints; left as they are"
+    return
+  fi
+  mkdir -p "$RUN/gpt/checkpoints"
+  cp "$WARM_SRC"/ckpt-*.safetensors "$WARM_SRC"/metrics.jsonl "$WARM_SRC"/probe.jsonl "$RUN/gpt/checkpoints/"
+  cp "$WARM_SRC"/run.json "$WARM_SRC"/config.toml "$RUN/gpt/"
+  touch "$RUN/gpt/warm-start"
+  echo "$(date -u +%FT%TZ) warm: $RUN/gpt from $WARM_SRC ($(ls "$WARM_SRC" | grep ckpt-))" >> "$LOG"
+}
+
 stage_train() {
   local extra=()
   [ -n "$STEPS" ] && extra=(--set "steps=$STEPS")
   [ "$GPU" = 1 ] && extra+=(--gpu)
+  # A warm start's first resume: the cache is this machine's encoding of the same data.
+  [ -f "$RUN/gpt/warm-start" ] && extra+=(--force)
   record $T train --config "$CONFIG" --set cache="$RUN/cache/train" --set out="$RUN/gpt" \
     --set tokenizer="$RUN/tokenizer/vq.safetensors" "${extra[@]}" --resume
+  rm -f "$RUN/gpt/warm-start"
 }
 
 # The model on one test split: one process, or (GPU mode) SHARDS processes of 2 threads merged.
@@ -221,17 +247,17 @@ stage_pack() {
 main() {
   local s stages=("$@")
   if [ ${#stages[@]} -eq 0 ]; then
-    stages=(data ceiling tokenizer encode train eval pack)
+    stages=(data ceiling tokenizer encode warm train eval pack)
     # GPU mode: the ceiling stage (600 CLI round trips) is left out; eval scores the round trip.
-    [ "$GPU" = 1 ] && stages=(data tokenizer encode train eval pack)
+    [ "$GPU" = 1 ] && stages=(data tokenizer encode warm train eval pack)
   fi
   if [ -z "${TOKENAR:-}" ]; then
     if [ "$GPU" = 1 ]; then cargo build --release --features cuda; else cargo build --release; fi
   fi
   for s in "${stages[@]}"; do
     case $s in
-      data | ceiling | tokenizer | encode | train | eval | pack) ;;
-      *) echo "unknown stage \`$s\` (data ceiling tokenizer encode train eval pack)" >&2; exit 2 ;;
+      data | ceiling | tokenizer | encode | warm | train | eval | pack) ;;
+      *) echo "unknown stage \`$s\` (data ceiling tokenizer encode warm train eval pack)" >&2; exit 2 ;;
     esac
     # train and eval always run (train resumes to STEPS; eval scores the newest export).
     if is_done "$s" && [ "$s" != train ] && [ "$s" != eval ]; then

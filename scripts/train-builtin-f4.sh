@@ -45,6 +45,8 @@
 # of 2 threads. Not run yet: the step time on the GPU and the encoding rate on 16 cores are
 # guesses; read record.log's stage times after a first run and adjust STEPS / ENCODE_N.
 #   GPU=1 OUT=/some/folder scripts/train-builtin-f4.sh
+# The warm stage applies here too: the GPU then continues the saved run, so STEPS must lie
+# beyond its checkpoint's step (WARM=0 trains from scratch).
 # On a shared machine, run it in the background at low priority:
 #   mkdir -p runs/builtin-f4 && cp target/release/tokenar runs/builtin-f4/tokenar
 #   TOKENAR=runs/builtin-f4/tokenar nohup nice -n 19 scripts/train-builtin-f4.sh >> runs/builtin-f4/log.txt 2>&1 &

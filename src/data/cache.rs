@@ -581,7 +581,6 @@ type EncodedImages = (Vec<Vec<u32>>, (usize, usize));
 
 /// Codes of `images` (all one size) through `encode_images`: one row-major list per image,
 /// and their grid.
-
 fn encode_codes(images: &[image::RgbImage], encode_images: ImageEncoder) -> Result<EncodedImages> {
     let ts = images.iter().map(|i| rgb_to_tensor(i, &Device::Cpu)).collect::<Result<Vec<_>>>()?;
     let codes = encode_images(&Tensor::stack(&ts, 0)?)?;
